@@ -1,0 +1,37 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "vhost-iotlb",
+    products: [
+        .executable(name: "iotlbd", targets: ["iotlbd"]),
+        .library(name: "IOTLB", targets: ["IOTLB"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // Data structures only: the device IOTLB and the memory table. No dependencies.
+        .target(name: "IOTLB"),
+        // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
+        .target(name: "Vhost", dependencies: ["IOTLB"]),
+        // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
+        .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
+        .systemLibrary(name: "CJansson", pkgConfig: "jansson",
+                       providers: [.apt(["libjansson-dev"])]),
+        // HTTP, JSON, routes, long-poll, metrics.
+        .target(name: "ControlPlane", dependencies: [
+            "IOTLB", "Vhost", "CMicroHTTPD", "CJansson",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "iotlbd", dependencies: [
+            "ControlPlane",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "IOTLBTests", dependencies: ["IOTLB"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

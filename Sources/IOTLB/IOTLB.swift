@@ -1,0 +1,363 @@
+// The device IOTLB: IOVA ranges -> (user address, permission).
+//
+// Ranges are closed, [first, last] (see Address.swift). Unlike the kernel, no
+// two entries ever overlap: an update first removes every entry it overlaps,
+// whole, so the newest translation always wins and a look-up is a plain
+// "greatest first <= iova" search. Capacity is bounded; a full table evicts
+// the oldest-inserted entry (FIFO), as the kernel's max_iotlb_entries does.
+//
+// Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
+// threaded by a FIFO list. Look-up and update are O(log n); a look-up touches
+// no reference-counted object and allocates nothing. What a miss means is left
+// to the caller.
+
+/// One translation: the IOVAs of `range` map to `uaddr` onwards, with permission `perm`.
+public struct IOTLBEntry: Hashable, Sendable {
+    /// The IOVAs covered.
+    public var range: AddressRange<IOVA>
+    /// The user address of `range.first`.
+    public var uaddr: UserAddr
+    /// What the device may do through this entry.
+    public var perm: Permissions
+
+    public init(range: AddressRange<IOVA>, uaddr: UserAddr, perm: Permissions) {
+        self.range = range
+        self.uaddr = uaddr
+        self.perm = perm
+    }
+
+    /// The user addresses covered, or nil when `uaddr` plus the range size would wrap.
+    public var uaddrRange: AddressRange<UserAddr>? {
+        guard let last = uaddr.checkedAdd(range.sizeMinusOne) else { return nil }
+        return AddressRange(first: uaddr, last: last)
+    }
+}
+
+/// The answer of a look-up. Failures are values: the caller decides what a miss means.
+public enum Translation: Equatable, Sendable {
+    /// `iova` maps to `uaddr`; `length` bytes from there are contiguous (capped at the size asked).
+    case mapped(uaddr: UserAddr, length: UInt64, perm: Permissions)
+    /// No entry holds the IOVA.
+    case miss
+    /// An entry holds the IOVA but lacks a requested permission.
+    case denied(perm: Permissions)
+}
+
+/// Why an entry left the table (reported to `onRemove` callbacks).
+public enum RemovalReason: Sendable {
+    /// An update overlapped it.
+    case replaced
+    /// The table was full and it was the oldest.
+    case evicted
+    /// An invalidation overlapped it.
+    case invalidated
+    /// The table was flushed.
+    case flushed
+}
+
+/// Counts of what an update did.
+public struct UpdateOutcome: Equatable, Sendable {
+    /// Entries removed because the new range overlapped them.
+    public var replaced = 0
+    /// Entries removed by FIFO replacement.
+    public var evicted = 0
+    public init(replaced: Int = 0, evicted: Int = 0) {
+        self.replaced = replaced
+        self.evicted = evicted
+    }
+}
+
+/// The device IOTLB. Not thread-safe: owned by one thread (the device's datapath worker).
+public final class IOTLB {
+    /// The most entries the table holds before FIFO replacement.
+    public let maxEntries: Int
+    /// The hard ceiling for `maxEntries` (bounds memory: ~48 bytes an entry).
+    public static let entriesCeiling = 1 << 20
+
+    /// Entries now held.
+    public private(set) var count = 0
+    /// Bumped whenever an entry leaves the table: a cached translation tagged
+    /// with an older generation may be stale.
+    public private(set) var generation: UInt64 = 0
+
+    private struct Node {
+        var first: UInt64
+        var last: UInt64
+        var uaddr: UInt64
+        var left: Int32      // AVL children; `left` doubles as the free-list link
+        var right: Int32
+        var older: Int32     // FIFO neighbours
+        var newer: Int32
+        var height: Int8
+        var perm: UInt8
+    }
+
+    private var nodes: UnsafeMutablePointer<Node>
+    private var capacity: Int
+    private var used = 0           // nodes ever handed out (high-water mark)
+    private var freeList: Int32 = -1
+    private var root: Int32 = -1
+    private var oldest: Int32 = -1
+    private var newest: Int32 = -1
+    private var scratch: [UInt64] = []  // keys to remove, reused between calls
+
+    /// A table holding at most `maxEntries` (1 ... `entriesCeiling`) entries.
+    public init(maxEntries: Int) {
+        precondition(maxEntries >= 1 && maxEntries <= IOTLB.entriesCeiling, "maxEntries out of range")
+        self.maxEntries = maxEntries
+        capacity = min(maxEntries, 64)
+        nodes = .allocate(capacity: capacity)
+    }
+
+    deinit { nodes.deallocate() }
+
+    // MARK: Look-up
+
+    /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
+    public func translate(_ iova: IOVA, access: Permissions, size: UInt64 = .max) -> Translation {
+        guard let e = entry(containing: iova) else { return .miss }
+        if !e.perm.contains(access) { return .denied(perm: e.perm) }
+        let offset = iova.raw &- e.range.first.raw
+        // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
+        let leftMinusOne = e.range.last.raw &- iova.raw
+        let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
+        return .mapped(uaddr: UserAddr(e.uaddr.raw &+ offset), length: length, perm: e.perm)
+    }
+
+    /// The entry holding `iova`, if any.
+    public func entry(containing iova: IOVA) -> IOTLBEntry? {
+        var n = root
+        var best: Int32 = -1
+        let key = iova.raw
+        while n >= 0 {
+            let node = nodes[Int(n)]
+            if node.first <= key {
+                best = n
+                if node.first == key { break }
+                n = node.right
+            } else {
+                n = node.left
+            }
+        }
+        guard best >= 0 else { return nil }
+        let b = nodes[Int(best)]
+        guard b.last >= key else { return nil }
+        return entry(b)
+    }
+
+    /// Calls `body` with every entry overlapping `range`, in IOVA order.
+    public func forEachOverlapping(_ range: AddressRange<IOVA>, _ body: (IOTLBEntry) -> Void) {
+        visit(root, range.first.raw, range.last.raw) { body(self.entry(self.nodes[Int($0)])) }
+    }
+
+    /// Every entry overlapping `range` (all of them when nil), in IOVA order.
+    public func entries(overlapping range: AddressRange<IOVA>? = nil) -> [IOTLBEntry] {
+        var out: [IOTLBEntry] = []
+        out.reserveCapacity(range == nil ? count : 8)
+        forEachOverlapping(range ?? AddressRange(first: IOVA(0), last: IOVA(.max))) { out.append($0) }
+        return out
+    }
+
+    /// Entries from oldest to newest inserted (the FIFO order eviction follows).
+    public func entriesByAge() -> [IOTLBEntry] {
+        var out: [IOTLBEntry] = []
+        out.reserveCapacity(count)
+        var n = oldest
+        while n >= 0 {
+            out.append(entry(nodes[Int(n)]))
+            n = nodes[Int(n)].newer
+        }
+        return out
+    }
+
+    // MARK: Mutation
+
+    /// Inserts `e` after removing, whole, every entry it overlaps; evicts the
+    /// oldest entry first when the table is full.
+    @discardableResult
+    public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
+        var outcome = UpdateOutcome()
+        outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
+        if count == maxEntries, oldest >= 0 {
+            let victim = nodes[Int(oldest)]
+            removeNode(key: victim.first)
+            onRemove(entry(victim), .evicted)
+            outcome.evicted = 1
+        }
+        let n = allocateNode()
+        nodes[Int(n)] = Node(first: e.range.first.raw, last: e.range.last.raw, uaddr: e.uaddr.raw,
+                             left: -1, right: -1, older: newest, newer: -1, height: 1,
+                             perm: e.perm.rawValue)
+        if newest >= 0 { nodes[Int(newest)].newer = n } else { oldest = n }
+        newest = n
+        root = insert(root, n)
+        count += 1
+        return outcome
+    }
+
+    /// Removes, whole, every entry overlapping `range`; returns how many.
+    @discardableResult
+    public func invalidate(_ range: AddressRange<IOVA>, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> Int {
+        removeOverlapping(range, reason: .invalidated, onRemove)
+    }
+
+    /// Removes every entry; returns how many.
+    @discardableResult
+    public func flush(onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> Int {
+        let removed = count
+        var n = oldest
+        while n >= 0 {
+            onRemove(entry(nodes[Int(n)]), .flushed)
+            n = nodes[Int(n)].newer
+        }
+        root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0
+        if removed > 0 { generation &+= 1 }
+        return removed
+    }
+
+    // MARK: Internals
+
+    private func entry(_ n: Node) -> IOTLBEntry {
+        IOTLBEntry(range: AddressRange(first: IOVA(n.first), last: IOVA(n.last)),
+                   uaddr: UserAddr(n.uaddr), perm: Permissions(rawValue: n.perm))
+    }
+
+    private func removeOverlapping(_ range: AddressRange<IOVA>, reason: RemovalReason,
+                                   _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
+        scratch.removeAll(keepingCapacity: true)
+        visit(root, range.first.raw, range.last.raw) { self.scratch.append(self.nodes[Int($0)].first) }
+        for key in scratch {
+            if let removed = removeNode(key: key) { onRemove(removed, reason) }
+        }
+        return scratch.count
+    }
+
+    /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
+    /// so a node ending below `lo` has nothing useful on its left, and a node
+    /// starting above `hi` nothing on its right.
+    private func visit(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
+        if n < 0 { return }
+        let node = nodes[Int(n)]
+        if node.first > hi { visit(node.left, lo, hi, body); return }
+        if node.last < lo { visit(node.right, lo, hi, body); return }
+        visit(node.left, lo, hi, body)
+        body(n)
+        visit(node.right, lo, hi, body)
+    }
+
+    private func allocateNode() -> Int32 {
+        if freeList >= 0 {
+            let n = freeList
+            freeList = nodes[Int(n)].left
+            return n
+        }
+        if used == capacity {
+            let bigger = min(capacity * 2, maxEntries)
+            let fresh = UnsafeMutablePointer<Node>.allocate(capacity: bigger)
+            fresh.moveInitialize(from: nodes, count: used)
+            nodes.deallocate()
+            nodes = fresh
+            capacity = bigger
+        }
+        used += 1
+        return Int32(used - 1)
+    }
+
+    /// Unlinks the node whose range starts at `key` from tree and FIFO list.
+    @discardableResult
+    private func removeNode(key: UInt64) -> IOTLBEntry? {
+        var found: Int32 = -1
+        root = remove(root, key, &found)
+        guard found >= 0 else { return nil }
+        let node = nodes[Int(found)]
+        if node.older >= 0 { nodes[Int(node.older)].newer = node.newer } else { oldest = node.newer }
+        if node.newer >= 0 { nodes[Int(node.newer)].older = node.older } else { newest = node.older }
+        nodes[Int(found)].left = freeList
+        freeList = found
+        count -= 1
+        generation &+= 1
+        return entry(node)
+    }
+
+    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : nodes[Int(n)].height }
+
+    private func refresh(_ n: Int32) {
+        nodes[Int(n)].height = max(height(nodes[Int(n)].left), height(nodes[Int(n)].right)) + 1
+    }
+
+    private func rotateRight(_ n: Int32) -> Int32 {
+        let l = nodes[Int(n)].left
+        nodes[Int(n)].left = nodes[Int(l)].right
+        nodes[Int(l)].right = n
+        refresh(n); refresh(l)
+        return l
+    }
+
+    private func rotateLeft(_ n: Int32) -> Int32 {
+        let r = nodes[Int(n)].right
+        nodes[Int(n)].right = nodes[Int(r)].left
+        nodes[Int(r)].left = n
+        refresh(n); refresh(r)
+        return r
+    }
+
+    private func rebalance(_ n: Int32) -> Int32 {
+        refresh(n)
+        let l = nodes[Int(n)].left, r = nodes[Int(n)].right
+        let balance = Int(height(l)) - Int(height(r))
+        if balance > 1 {
+            if height(nodes[Int(l)].left) < height(nodes[Int(l)].right) {
+                nodes[Int(n)].left = rotateLeft(l)
+            }
+            return rotateRight(n)
+        }
+        if balance < -1 {
+            if height(nodes[Int(r)].right) < height(nodes[Int(r)].left) {
+                nodes[Int(n)].right = rotateRight(r)
+            }
+            return rotateLeft(n)
+        }
+        return n
+    }
+
+    private func insert(_ t: Int32, _ n: Int32) -> Int32 {
+        if t < 0 { return n }
+        if nodes[Int(n)].first < nodes[Int(t)].first {
+            nodes[Int(t)].left = insert(nodes[Int(t)].left, n)
+        } else {
+            nodes[Int(t)].right = insert(nodes[Int(t)].right, n)
+        }
+        return rebalance(t)
+    }
+
+    private func remove(_ t: Int32, _ key: UInt64, _ found: inout Int32) -> Int32 {
+        if t < 0 { return -1 }
+        let k = nodes[Int(t)].first
+        if key < k {
+            nodes[Int(t)].left = remove(nodes[Int(t)].left, key, &found)
+        } else if key > k {
+            nodes[Int(t)].right = remove(nodes[Int(t)].right, key, &found)
+        } else {
+            found = t
+            let l = nodes[Int(t)].left, r = nodes[Int(t)].right
+            if l < 0 { return r }
+            if r < 0 { return l }
+            var successor: Int32 = -1
+            let newRight = removeMin(r, &successor)
+            nodes[Int(successor)].left = l
+            nodes[Int(successor)].right = newRight
+            return rebalance(successor)
+        }
+        return rebalance(t)
+    }
+
+    private func removeMin(_ t: Int32, _ minNode: inout Int32) -> Int32 {
+        let l = nodes[Int(t)].left
+        if l < 0 {
+            minNode = t
+            return nodes[Int(t)].right
+        }
+        nodes[Int(t)].left = removeMin(l, &minNode)
+        return rebalance(t)
+    }
+}

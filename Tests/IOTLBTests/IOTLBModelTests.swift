@@ -1,0 +1,193 @@
+import Testing
+@testable import IOTLB
+
+/// A deterministic generator so a failing seed can be replayed.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// The obviously-correct model: a list in insertion order, scanned linearly.
+struct NaiveIOTLB {
+    let max: Int
+    var entries: [IOTLBEntry] = []
+
+    mutating func update(_ e: IOTLBEntry) -> UpdateOutcome {
+        let before = entries.count
+        entries.removeAll { $0.range.overlaps(e.range) }
+        var out = UpdateOutcome(replaced: before - entries.count, evicted: 0)
+        if entries.count == max { entries.removeFirst(); out.evicted = 1 }
+        entries.append(e)
+        return out
+    }
+
+    mutating func invalidate(_ r: AddressRange<IOVA>) -> Int {
+        let before = entries.count
+        entries.removeAll { $0.range.overlaps(r) }
+        return before - entries.count
+    }
+
+    func translate(_ iova: IOVA, _ access: Permissions, _ size: UInt64) -> Translation {
+        guard let e = entries.first(where: { $0.range.contains(iova) }) else { return .miss }
+        guard e.perm.contains(access) else { return .denied(perm: e.perm) }
+        let left = UInt128(e.range.last.raw) - UInt128(iova.raw) + 1
+        return .mapped(uaddr: UserAddr(e.uaddr.raw &+ (iova.raw - e.range.first.raw)),
+                       length: UInt64(min(left, UInt128(size))), perm: e.perm)
+    }
+}
+
+/// Addresses clustered near 0, near 2^64-1 and in a small middle window, so ranges collide often.
+func randomAddress(_ g: inout SplitMix) -> UInt64 {
+    switch g.next() % 4 {
+    case 0: return g.next() % 4096
+    case 1: return UInt64.max - g.next() % 4096
+    case 2: return 0x1_0000 + g.next() % 0x1_0000
+    default: return g.next()
+    }
+}
+
+func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
+    let a = randomAddress(&g)
+    let size: UInt64 = g.next() % 8 == 0 ? g.next() : 1 + g.next() % 8192
+    let last = a.addingReportingOverflow(size).overflow ? UInt64.max : a + size - 1
+    return AddressRange(first: IOVA(a), last: IOVA(max(a, last)))
+}
+
+@Suite struct IOTLBModelTests {
+    @Test(arguments: [1, 2, 7, 64, 2048])
+    func randomizedAgainstModel(maxEntries: Int) {
+        var g = SplitMix(state: UInt64(maxEntries) * 7919)
+        let tlb = IOTLB(maxEntries: maxEntries)
+        var model = NaiveIOTLB(max: maxEntries)
+        for step in 0..<6000 {
+            switch g.next() % 10 {
+            case 0...4:
+                let r = randomRange(&g)
+                let e = IOTLBEntry(range: r, uaddr: UserAddr(g.next() % (1 << 40)),
+                                   perm: Permissions(rawValue: UInt8(1 + g.next() % 3)))
+                var removed: [IOTLBEntry] = []
+                let got = tlb.update(e) { r, _ in removed.append(r) }
+                let want = model.update(e)
+                #expect(got == want, "step \(step)")
+                #expect(removed.count == want.replaced + want.evicted)
+            case 5, 6:
+                let r = randomRange(&g)
+                #expect(tlb.invalidate(r) == model.invalidate(r), "step \(step)")
+            case 7 where g.next() % 50 == 0:
+                model.entries.removeAll()
+                _ = tlb.flush()
+            default:
+                for _ in 0..<8 {
+                    let iova = IOVA(randomAddress(&g))
+                    let access = Permissions(rawValue: UInt8(1 + g.next() % 3))
+                    let size = g.next() % 2 == 0 ? UInt64.max : 1 + g.next() % 10000
+                    #expect(tlb.translate(iova, access: access, size: size) == model.translate(iova, access, size),
+                            "step \(step) iova \(iova)")
+                }
+            }
+            #expect(tlb.count == model.entries.count)
+            if step % 500 == 0 {
+                #expect(tlb.entriesByAge() == model.entries)
+                #expect(tlb.entries() == model.entries.sorted { $0.range.first < $1.range.first })
+                let q = randomRange(&g)
+                #expect(tlb.entries(overlapping: q) ==
+                        model.entries.filter { $0.range.overlaps(q) }.sorted { $0.range.first < $1.range.first })
+            }
+        }
+        #expect(tlb.entriesByAge() == model.entries)
+    }
+}
+
+@Suite struct IOTLBEdgeTests {
+    func entry(_ first: UInt64, _ last: UInt64, _ uaddr: UInt64 = 0x1000, _ perm: Permissions = .readWrite) -> IOTLBEntry {
+        IOTLBEntry(range: AddressRange(first: IOVA(first), last: IOVA(last)), uaddr: UserAddr(uaddr), perm: perm)
+    }
+
+    @Test func wholeSpaceEntryTranslatesEverywhere() {
+        let tlb = IOTLB(maxEntries: 4)
+        tlb.update(entry(0, .max, 0))
+        #expect(tlb.translate(IOVA(0), access: .read) == .mapped(uaddr: UserAddr(0), length: .max, perm: .readWrite))
+        #expect(tlb.translate(IOVA(.max), access: .write) == .mapped(uaddr: UserAddr(.max), length: 1, perm: .readWrite))
+        #expect(tlb.translate(IOVA(.max - 9), access: .write, size: 100) ==
+                .mapped(uaddr: UserAddr(.max - 9), length: 10, perm: .readWrite))
+    }
+
+    @Test func rangeConstructionRejectsZeroAndWrap() {
+        #expect(AddressRange(start: IOVA(5), size: 0) == nil)
+        #expect(AddressRange(start: IOVA(.max), size: 2) == nil)
+        #expect(AddressRange(start: IOVA(.max), size: 1)?.last == IOVA(.max))
+        #expect(AddressRange(start: IOVA(0), size: .max)?.last == IOVA(.max - 1))
+        #expect(AddressRange(first: IOVA(0), last: IOVA(.max)).size == nil)
+    }
+
+    @Test func newestWinsAndRemovesOverlapsWhole() {
+        let tlb = IOTLB(maxEntries: 8)
+        tlb.update(entry(0x1000, 0x1fff, 0xa000))
+        tlb.update(entry(0x2000, 0x2fff, 0xb000))
+        let out = tlb.update(entry(0x1800, 0x27ff, 0xc000, .read))
+        #expect(out == UpdateOutcome(replaced: 2, evicted: 0))
+        #expect(tlb.translate(IOVA(0x1000), access: .read) == .miss)
+        #expect(tlb.translate(IOVA(0x2800), access: .read) == .miss)
+        #expect(tlb.translate(IOVA(0x2000), access: .read) == .mapped(uaddr: UserAddr(0xc800), length: 0x800, perm: .read))
+    }
+
+    @Test func fifoEvictsOldestInserted() {
+        let tlb = IOTLB(maxEntries: 2)
+        tlb.update(entry(0x3000, 0x3fff))
+        tlb.update(entry(0x1000, 0x1fff))
+        var evicted: [IOTLBEntry] = []
+        let out = tlb.update(entry(0x2000, 0x2fff)) { e, why in if why == .evicted { evicted.append(e) } }
+        #expect(out.evicted == 1)
+        #expect(evicted.map(\.range.first) == [IOVA(0x3000)])
+        #expect(tlb.translate(IOVA(0x3000), access: .read) == .miss)
+        #expect(tlb.entries().map(\.range.first) == [IOVA(0x1000), IOVA(0x2000)])
+    }
+
+    @Test func limitOneKeepsOnlyNewest() {
+        let tlb = IOTLB(maxEntries: 1)
+        for i in 0..<100 as Range<UInt64> {
+            tlb.update(entry(i * 0x1000, i * 0x1000 + 0xfff))
+            #expect(tlb.count == 1)
+            #expect(tlb.entries().first?.range.first == IOVA(i * 0x1000))
+        }
+    }
+
+    @Test func permissionChecks() {
+        let tlb = IOTLB(maxEntries: 4)
+        tlb.update(entry(0, 0xfff, 0x10, .read))
+        tlb.update(entry(0x1000, 0x1fff, 0x20, .write))
+        #expect(tlb.translate(IOVA(0x10), access: .write) == .denied(perm: .read))
+        #expect(tlb.translate(IOVA(0x1010), access: .read) == .denied(perm: .write))
+        #expect(tlb.translate(IOVA(0x1010), access: .readWrite) == .denied(perm: .write))
+        if case .mapped = tlb.translate(IOVA(0x1010), access: .write) {} else { Issue.record("write should map") }
+    }
+
+    @Test func generationMovesOnlyOnRemoval() {
+        let tlb = IOTLB(maxEntries: 4)
+        let g0 = tlb.generation
+        tlb.update(entry(0, 0xfff))
+        #expect(tlb.generation == g0)
+        tlb.invalidate(AddressRange(first: IOVA(0x2000), last: IOVA(0x2fff)))
+        #expect(tlb.generation == g0)
+        tlb.invalidate(AddressRange(first: IOVA(0xfff), last: IOVA(0xfff)))
+        #expect(tlb.generation > g0)
+    }
+
+    @Test func flushEmptiesAndReportsEach() {
+        let tlb = IOTLB(maxEntries: 16)
+        for i in 0..<10 as Range<UInt64> { tlb.update(entry(i << 12, (i << 12) | 0xfff)) }
+        var reasons: [RemovalReason] = []
+        let removed = tlb.flush { _, why in reasons.append(why) }
+        #expect(removed == 10 && reasons.count == 10 && reasons.allSatisfy { $0 == .flushed })
+        let seen = reasons.count
+        #expect(seen == 10 && tlb.count == 0 && tlb.entries().isEmpty)
+        tlb.update(entry(0, 0))
+        #expect(tlb.count == 1)
+    }
+}

@@ -1,0 +1,81 @@
+import Testing
+@testable import IOTLB
+
+@Suite struct MemoryTableTests {
+    func region(_ gpa: UInt64, _ size: UInt64, _ uaddr: UInt64) -> MemoryRegion {
+        MemoryRegion(guestPhysAddr: GuestPhysAddr(gpa), memorySize: size, userspaceAddr: UserAddr(uaddr))
+    }
+
+    @Test func lookupsByBothSpaces() throws {
+        let t = try MemoryTable(regions: [region(0x10_0000, 0x1000, 0x7000_0000), region(0, 0x1000, 0x7000_1000)])
+        #expect(t.lookup(gpa: GuestPhysAddr(0x10_0010)) == RegionHit(region: 0, offset: 0x10, contiguous: 0xff0))
+        #expect(t.lookup(gpa: GuestPhysAddr(0x1000)) == nil)
+        #expect(t.lookup(uaddr: UserAddr(0x7000_1fff)) == RegionHit(region: 1, offset: 0xfff, contiguous: 1))
+        #expect(t.lookup(uaddr: UserAddr(0x6fff_ffff)) == nil)
+        #expect(t.lookup(uaddr: UserAddr(0x7000_2000)) == nil)
+    }
+
+    @Test func backedAcrossAdjacentRegions() throws {
+        let t = try MemoryTable(regions: [region(0, 0x1000, 0x1000), region(0x8000, 0x1000, 0x2000),
+                                          region(0x20000, 0x1000, 0x4000)])
+        #expect(t.isBacked(AddressRange(first: UserAddr(0x1000), last: UserAddr(0x2fff))))
+        #expect(!t.isBacked(AddressRange(first: UserAddr(0x1000), last: UserAddr(0x3000))))
+        #expect(!t.isBacked(AddressRange(first: UserAddr(0x0fff), last: UserAddr(0x1000))))
+        #expect(t.isBacked(AddressRange(first: UserAddr(0x4fff), last: UserAddr(0x4fff))))
+    }
+
+    @Test func regionEndingAtTopOfSpace() throws {
+        let t = try MemoryTable(regions: [region(.max - 0xfff, 0x1000, .max - 0xfff)])
+        #expect(t.lookup(gpa: GuestPhysAddr(.max))?.contiguous == 1)
+        #expect(t.isBacked(AddressRange(first: UserAddr(.max - 0xfff), last: UserAddr(.max))))
+    }
+
+    @Test func rejections() {
+        #expect(throws: MemoryTableError.empty) { try MemoryTable(regions: []) }
+        #expect(throws: MemoryTableError.overflow(index: 0, field: "memory_size")) {
+            try MemoryTable(regions: [region(0, 0, 0)])
+        }
+        #expect(throws: MemoryTableError.overflow(index: 1, field: "memory_size")) {
+            try MemoryTable(regions: [region(0, 1, 0), region(.max, 2, 0x10)])
+        }
+        #expect(throws: MemoryTableError.overflow(index: 0, field: "userspace_addr")) {
+            try MemoryTable(regions: [region(0, 2, .max)])
+        }
+        #expect(throws: MemoryTableError.gpaOverlap(index: 1, other: 0)) {
+            try MemoryTable(regions: [region(0, 0x2000, 0), region(0x1fff, 1, 0x10000)])
+        }
+        #expect(throws: MemoryTableError.uaddrOverlap(index: 1, other: 0)) {
+            try MemoryTable(regions: [region(0, 0x1000, 0x5000), region(0x10000, 0x1000, 0x5fff)])
+        }
+        #expect(throws: MemoryTableError.tooManyRegions(count: 3, max: 2)) {
+            try MemoryTable(regions: [region(0, 1, 0), region(1, 1, 1), region(2, 1, 2)], maxRegions: 2)
+        }
+        #expect(throws: MemoryTableError.tooLarge(total: 0x2000, max: 0x1000)) {
+            try MemoryTable(regions: [region(0, 0x2000, 0)], maxTotalBytes: 0x1000)
+        }
+    }
+
+    @Test func randomizedLookupsAgainstScan() throws {
+        var g = SplitMix(state: 42)
+        for _ in 0..<50 {
+            var regions: [MemoryRegion] = []
+            var gpa: UInt64 = 0, ua: UInt64 = 1 << 40
+            for _ in 0..<Int(1 + g.next() % 64) {
+                let size = 1 + g.next() % 0x10000
+                regions.append(region(gpa, size, ua))
+                gpa += size + g.next() % 3 * 0x1000
+                ua += size + g.next() % 2 * 0x800
+            }
+            regions.shuffle(using: &g)
+            let t = try MemoryTable(regions: regions)
+            for _ in 0..<500 {
+                let q = g.next() % (gpa + 0x1000)
+                let want = regions.firstIndex { $0.gpaRange!.contains(GuestPhysAddr(q)) }
+                #expect(t.lookup(gpa: GuestPhysAddr(q))?.region == want)
+                let u = (1 << 40) + g.next() % (ua - (1 << 40) + 0x1000)
+                let wantU = regions.firstIndex { $0.uaddrRange!.contains(UserAddr(u)) }
+                #expect(t.lookup(uaddr: UserAddr(u))?.region == wantU)
+            }
+        }
+    }
+}
