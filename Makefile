@@ -1,0 +1,39 @@
+# vhost-iotlb: `make run` builds and starts the daemon with its demo;
+# `make test` installs what is missing, builds and runs every test.
+SWIFT      ?= swift
+LISTEN     ?= 127.0.0.1:8080
+APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
+PYTHON     ?= python3
+
+.PHONY: all deps build release run test test-swift test-readme clean
+
+all: build
+
+# Installs the Debian packages only when pkg-config cannot find the libraries.
+deps:
+	@if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libmicrohttpd jansson; then :; else \
+	  echo "installing $(APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+run: release
+	.build/release/iotlbd --listen $(LISTEN) --demo
+
+test: test-swift test-readme
+
+test-swift: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test
+
+# Runs the README's curl walk-through against a live daemon and compares every answer.
+test-readme: build
+	$(PYTHON) tests/readme_walkthrough.py .build/debug/iotlbd README.md
+
+clean:
+	rm -rf .build

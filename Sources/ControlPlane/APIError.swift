@@ -1,0 +1,82 @@
+import IOTLB
+import Vhost
+
+/// An error answer: status, code, message and (when one field is at fault) its path.
+public struct APIError: Error, Equatable, Sendable {
+    public var status: Int
+    public var code: String
+    public var message: String
+    public var field: String?
+
+    public init(_ status: Int, _ code: String, _ message: String, field: String? = nil) {
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+    }
+
+    /// `{"error":{"code","message","field"?}}`
+    public var body: JSON {
+        var inner: [(String, JSON)] = [("code", .string(code)), ("message", .string(message))]
+        if let field { inner.append(("field", .string(field))) }
+        return .object([("error", .object(inner))])
+    }
+
+    public static func invalidField(_ field: String, _ message: String) -> APIError {
+        APIError(400, "invalid_field", message, field: field)
+    }
+    public static func unknownField(_ field: String) -> APIError {
+        APIError(400, "unknown_field", "unknown field \"\(field)\"", field: field)
+    }
+    public static func notFound(_ message: String) -> APIError { APIError(404, "not_found", message) }
+    public static let unavailable = APIError(503, "unavailable", "the daemon is shutting down")
+}
+
+extension APIError {
+    /// Maps an engine refusal to its HTTP answer; `paths[i]` names the request's i-th entry
+    /// ("entries[3]", or "" for a body that is one entry).
+    init(_ e: EngineError, paths: [String] = []) {
+        func at(_ i: Int, _ f: String) -> String {
+            let p = i < paths.count ? paths[i] : "entries[\(i)]"
+            return p.isEmpty ? f : "\(p).\(f)"
+        }
+        switch e {
+        case .noMemTable:
+            self.init(409, "no_mem_table", "the device has no memory table; PUT …/mem-table first")
+        case .uaddrNotMapped(let i):
+            self.init(422, "uaddr_not_mapped", "the range [uaddr, uaddr+size) is not wholly backed by the memory table",
+                      field: at(i, "uaddr"))
+        case .rangeOverflow(let i, let f):
+            self.init(422, "range_overflow", "\(f)+size passes 2^64-1", field: at(i, f))
+        case .invalidMemTable(let m):
+            self = APIError(memTable: m)
+        case .memoryUnavailable(let why):
+            self.init(422, "invalid_mem_table", "the memory could not be mapped: \(why)")
+        case .conflict(let m): self.init(409, "conflict", m)
+        case .notFound(let m): self.init(404, "not_found", m)
+        case .invalidField(let f, let m): self.init(400, "invalid_field", m, field: f)
+        case .unavailable: self = .unavailable
+        }
+    }
+
+    init(memTable e: MemoryTableError) {
+        switch e {
+        case .empty:
+            self.init(422, "invalid_mem_table", "a memory table needs at least one region", field: "regions")
+        case .tooManyRegions(let n, let max):
+            self.init(422, "invalid_mem_table", "\(n) regions, at most \(max) allowed", field: "regions")
+        case .overflow(let i, let f):
+            self.init(422, "range_overflow", "region is empty or \(f == "memory_size" ? "guest_phys_addr" : f)+memory_size passes 2^64-1",
+                      field: "regions[\(i)].\(f)")
+        case .gpaOverlap(let i, let o):
+            self.init(422, "invalid_mem_table", "region \(i) overlaps region \(o) in guest-physical space",
+                      field: "regions[\(i)].guest_phys_addr")
+        case .uaddrOverlap(let i, let o):
+            self.init(422, "invalid_mem_table", "region \(i) overlaps region \(o) in userspace address space",
+                      field: "regions[\(i)].userspace_addr")
+        case .tooLarge(let total, let max):
+            self.init(422, "invalid_mem_table", "regions total \(hexText(total)) bytes, at most \(hexText(max)) allowed (--max-guest-memory)",
+                      field: "regions")
+        }
+    }
+}

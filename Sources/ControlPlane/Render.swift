@@ -1,0 +1,60 @@
+// How engine values are written in answers: addresses and sizes as "0x…".
+import IOTLB
+import Vhost
+
+extension JSON {
+    static func entry(_ e: IOTLBEntry) -> JSON {
+        ["iova": .hex(e.range.first.raw), "size": sizeOf(e.range), "uaddr": .hex(e.uaddr.raw),
+         "perm": .string(e.perm.description)]
+    }
+
+    /// A range's size; the whole 2^64-byte space, whose size has no 64-bit form, is written as the decimal string.
+    static func sizeOf<A>(_ r: AddressRange<A>) -> JSON {
+        r.size.map { .hex($0) } ?? .string("0x10000000000000000")
+    }
+
+    static func region(_ r: MemoryRegion) -> JSON {
+        ["guest_phys_addr": .hex(r.guestPhysAddr.raw), "memory_size": .hex(r.memorySize),
+         "userspace_addr": .hex(r.userspaceAddr.raw)]
+    }
+
+    static func memTable(_ t: MemoryTable) -> JSON {
+        ["regions": .array(t.regions.map(region))]
+    }
+
+    static func device(_ c: DeviceConfig, detail: DeviceDetail? = nil) -> JSON {
+        var pairs: [(String, JSON)] = [
+            ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
+            ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.backend.rawValue)),
+            ("translator", .string(c.translator.rawValue)),
+        ]
+        if let detail {
+            pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
+            pairs.append(("vrings", .array(detail.vrings)))
+        }
+        return .object(pairs)
+    }
+
+    static func stats(_ s: IOTLBStats) -> JSON {
+        let lookups = s.hits + s.misses
+        return [
+            "entries": .count(s.entries), "max_entries": .count(s.maxEntries),
+            "hits": .count(s.hits), "misses": .count(s.misses),
+            "hit_rate": .double(lookups == 0 ? 0 : Double(s.hits) / Double(lookups)),
+            "updates": .count(s.updates), "invalidations": .count(s.invalidations),
+            "evictions": .count(s.evictions), "access_failures": .count(s.accessFailures),
+            "pending_misses": .count(s.pendingMisses),
+            "miss_resolution_us": ["count": 0, "p50": 0, "p99": 0, "max": 0],
+            "vqs": [],
+        ]
+    }
+}
+
+/// What a device answer adds to its configuration.
+struct DeviceDetail: Sendable {
+    var memTable: MemoryTable?
+    var vrings: [JSON]
+}
+
+/// "0x…" for messages.
+func hexText(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -1,0 +1,100 @@
+// The routes of the contract (DESIGN.md, "HTTP contract (v1)").
+import IOTLB
+import Vhost
+import Logging
+
+extension ControlPlane {
+    static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger) {
+        r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
+        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger)
+        addIOTLBRoutes(to: &r, engine: engine)
+    }
+
+    static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger) {
+        r.post("/v1/devices") { req throws(APIError) in
+            let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
+            var f = try FieldReader(body)
+            var config = DeviceConfig(id: "")
+            if let id = try f.string("id") {
+                guard isValidDeviceId(id) else {
+                    throw .invalidField("id", "1 to 64 characters of A-Z a-z 0-9 _ . -")
+                }
+                config.id = id
+            }
+            config.queues = try f.int("queues", default: 2, in: 1...DeviceConfig.maxQueues)
+            config.iotlb = try f.bool("iotlb", default: true)
+            config.iotlbMaxEntries = try f.int("iotlb_max_entries", default: settings.iotlbMaxEntries,
+                                               in: 1...IOTLB.entriesCeiling)
+            config.backend = try f.choice("backend", default: .loopback)
+            config.translator = try f.choice("translator", default: .builtin)
+            if f.value("vhost_user") != nil {
+                throw .invalidField("vhost_user", "the vhost-user backend is not available in this build")
+            }
+            try f.finish()
+            let h: DeviceHandle
+            do throws(EngineError) { h = try engine.createDevice(config) } catch { throw APIError(error) }
+            logger.info("device created", metadata: ["device": "\(h.config.id)", "queues": "\(h.config.queues)",
+                                                     "iotlb": "\(h.config.iotlb)"])
+            return h.reply({ d throws(EngineError) in d.detail }) { .json(201, .device(h.config, detail: $0)) }
+        }
+
+        r.get("/v1/devices") { _ in
+            .json(200, ["devices": .array(engine.devices().map { .device($0.config) })])
+        }
+
+        r.get("/v1/devices/{id}") { req throws(APIError) in
+            let h = try engine.device(for: req)
+            return h.reply({ d throws(EngineError) in d.detail }) { .json(200, .device(h.config, detail: $0)) }
+        }
+
+        r.delete("/v1/devices/{id}") { req throws(APIError) in
+            let id = req.params["id"] ?? ""
+            return .later { complete in
+                let found = engine.deleteDevice(id) {
+                    logger.info("device deleted", metadata: ["device": "\(id)"])
+                    complete(.noContent)
+                }
+                if !found { complete(.error(.notFound("device \(id) not found"))) }
+            }
+        }
+
+        r.put("/v1/devices/{id}/mem-table") { req throws(APIError) in
+            let h = try engine.device(for: req)
+            var f = try FieldReader(req.json())
+            guard case .array(let items) = try f.required("regions") else {
+                throw .invalidField("regions", "expected an array of regions")
+            }
+            try f.finish()
+            var regions: [MemoryRegion] = []
+            for (i, item) in items.enumerated() {
+                var rf = try FieldReader(item, path: "regions[\(i)]")
+                regions.append(MemoryRegion(guestPhysAddr: GuestPhysAddr(try rf.number("guest_phys_addr")),
+                                            memorySize: try rf.number("memory_size"),
+                                            userspaceAddr: UserAddr(try rf.number("userspace_addr"))))
+                try rf.finish()
+            }
+            let wanted = regions
+            return h.reply({ d throws(EngineError) in try d.setMemTable(wanted) }) { .json(200, .memTable($0)) }
+        }
+
+        r.get("/v1/devices/{id}/mem-table") { req throws(APIError) in
+            let h = try engine.device(for: req)
+            return h.reply({ d throws(EngineError) in
+                guard let t = d.memTable else { throw .noMemTable }
+                return t
+            }) { .json(200, .memTable($0)) }
+        }
+    }
+
+    static func isValidDeviceId(_ id: String) -> Bool {
+        let u = id.utf8
+        return (1...64).contains(u.count) && u.allSatisfy { c in
+            (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 95 || c == 46 || c == 45
+        }
+    }
+}
+
+extension Device {
+    /// The parts of a device answer only its worker knows.
+    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: []) }
+}

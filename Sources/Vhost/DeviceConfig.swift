@@ -1,0 +1,57 @@
+import IOTLB
+
+/// Where TX frames go.
+public enum Backend: String, Sendable, CaseIterable {
+    /// TX frames are delivered to the same device's RX queue.
+    case loopback
+    /// TX frames are consumed and dropped.
+    case sink
+}
+
+/// Who answers IOTLB misses.
+public enum TranslatorKind: String, Sendable, CaseIterable {
+    /// The in-process vIOMMU walks the guest IOMMU and posts updates.
+    case builtin
+    /// Misses wait for an orchestrator long-polling them.
+    case external
+}
+
+/// What a device is created with. Immutable for the device's life.
+public struct DeviceConfig: Sendable, Equatable {
+    /// Unique name.
+    public var id: String
+    /// Number of virtqueues (even index RX, odd TX).
+    public var queues: Int
+    /// Whether the device IOTLB is on (VIRTIO_F_ACCESS_PLATFORM).
+    public var iotlb: Bool
+    /// IOTLB capacity before FIFO replacement.
+    public var iotlbMaxEntries: Int
+    /// Where TX frames go.
+    public var backend: Backend
+    /// Who answers misses.
+    public var translator: TranslatorKind
+
+    public init(id: String, queues: Int = 2, iotlb: Bool = true, iotlbMaxEntries: Int = 2048,
+                backend: Backend = .loopback, translator: TranslatorKind = .builtin) {
+        self.id = id
+        self.queues = queues
+        self.iotlb = iotlb
+        self.iotlbMaxEntries = iotlbMaxEntries
+        self.backend = backend
+        self.translator = translator
+    }
+
+    /// The most queues a device may have.
+    public static let maxQueues = 64
+}
+
+/// Engine-wide limits, from the command line.
+public struct EngineLimits: Sendable {
+    /// Most regions in a memory table.
+    public var maxMemRegions = MemoryTable.defaultMaxRegions
+    /// Most bytes of guest memory one device may map.
+    public var maxGuestMemory: UInt64 = 8 << 30
+    /// Whether to try explicit huge pages for guest memory.
+    public var hugePages = true
+    public init() {}
+}

@@ -1,0 +1,103 @@
+// The engine: datapath workers and the registry of devices.
+import Synchronization
+import IOTLB
+
+/// A device as seen from outside its worker: configuration and a way to run
+/// operations on it. Thread-safe.
+public final class DeviceHandle: Sendable {
+    /// Creation parameters.
+    public let config: DeviceConfig
+    /// The worker that owns the device.
+    public let worker: DatapathWorker
+
+    init(config: DeviceConfig, worker: DatapathWorker) {
+        self.config = config
+        self.worker = worker
+    }
+
+    /// Runs `op` on the owning thread between batches, then `done` with its
+    /// result. `op` receives nil when the device is gone (deleted, shutting down).
+    public func perform<T: Sendable>(_ op: @escaping @Sendable (Device?) -> T,
+                                     then done: @escaping @Sendable (T) -> Void) {
+        let id = config.id
+        worker.submit { w in done(op(w.devices[id])) }
+    }
+
+    /// Runs `op` on the owning thread and waits for its result.
+    public func performSync<T: Sendable>(_ op: @escaping @Sendable (Device?) -> T) -> T {
+        let id = config.id
+        return worker.sync { w in op(w.devices[id]) }
+    }
+}
+
+/// Workers plus the device registry.
+public final class Engine: Sendable {
+    /// Limits applied to every device.
+    public let limits: EngineLimits
+    private let workers: [DatapathWorker]
+    private let registry = Mutex<(byId: [String: DeviceHandle], order: [String], nextId: Int, open: Bool)>(([:], [], 0, true))
+
+    /// An engine with `datapathThreads` workers, started at once.
+    public init(datapathThreads: Int = 1, limits: EngineLimits = EngineLimits()) {
+        precondition(datapathThreads >= 1)
+        self.limits = limits
+        self.workers = (0..<datapathThreads).map { DatapathWorker(index: $0) }
+        for w in workers { w.start() }
+    }
+
+    /// Registers a device and has its worker create it. An empty `config.id`
+    /// gets a generated one ("dev0", "dev1", ...).
+    public func createDevice(_ requested: DeviceConfig) throws(EngineError) -> DeviceHandle {
+        let limits = self.limits
+        let handle: DeviceHandle = try registry.withLock { r throws(EngineError) -> DeviceHandle in
+            guard r.open else { throw .unavailable }
+            var config = requested
+            if config.id.isEmpty {
+                repeat { config.id = "dev\(r.nextId)"; r.nextId += 1 } while r.byId[config.id] != nil
+            }
+            guard r.byId[config.id] == nil else { throw .conflict("device \(config.id) exists") }
+            // Spread devices over workers: the least loaded one.
+            let load = Dictionary(grouping: r.byId.values, by: { $0.worker.index }).mapValues(\.count)
+            let worker = workers.min { load[$0.index, default: 0] < load[$1.index, default: 0] }!
+            let h = DeviceHandle(config: config, worker: worker)
+            r.byId[config.id] = h
+            r.order.append(config.id)
+            let frozen = config
+            worker.submit { w in w.devices[frozen.id] = Device(config: frozen, limits: limits) }
+            return h
+        }
+        return handle
+    }
+
+    /// The device named `id`.
+    public func device(_ id: String) -> DeviceHandle? { registry.withLock { $0.byId[id] } }
+
+    /// Every device, in creation order.
+    public func devices() -> [DeviceHandle] { registry.withLock { r in r.order.compactMap { r.byId[$0] } } }
+
+    /// Unregisters `id`; its worker drops the device (and its memory) after
+    /// the commands queued before. `done` runs once it is gone.
+    public func deleteDevice(_ id: String, then done: @escaping @Sendable () -> Void) -> Bool {
+        guard let h = registry.withLock({ r -> DeviceHandle? in
+            guard let h = r.byId.removeValue(forKey: id) else { return nil }
+            r.order.removeAll { $0 == id }
+            return h
+        }) else { return false }
+        h.worker.submit { w in
+            w.devices[id]?.detach()
+            w.devices[id] = nil
+            done()
+        }
+        return true
+    }
+
+    /// Stops every worker after their queued commands ran; later commands see no devices.
+    public func shutdown() {
+        let handles = registry.withLock { r -> [DeviceHandle] in
+            r.open = false
+            return Array(r.byId.values)
+        }
+        for h in handles { h.performSync { $0?.detach() } }
+        for w in workers { w.stop() }
+    }
+}

@@ -1,0 +1,100 @@
+// A datapath worker: one thread that owns a set of devices. Every mutation
+// of a device is a command this thread applies between batches, so once a
+// command's completion has run, no datapath access uses what it replaced.
+import Glibc
+import Synchronization
+
+/// One datapath thread and the devices it owns.
+public final class DatapathWorker: @unchecked Sendable {
+    /// A unit of work run on the worker thread; the device map is the worker's own.
+    public typealias Command = @Sendable (DatapathWorker) -> Void
+
+    /// The worker's number (for thread names and logs).
+    public let index: Int
+    private let queue = Mutex<(commands: [Command], stopped: Bool)>(([], false))
+    private let queued = Atomic<Int>(0)
+    private let wake = WakeSignal()
+    private var thread: pthread_t?
+    private let running = Atomic<Bool>(true)
+
+    /// Devices owned by this worker, by id. Touched only on the worker thread.
+    public internal(set) var devices: [String: Device] = [:]
+
+    init(index: Int) {
+        self.index = index
+    }
+
+    func start() {
+        thread = startThread(name: "datapath-\(index)") { [self] in run() }
+    }
+
+    /// Queues `command`; it runs on the worker thread, in submission order.
+    /// After `stop()` the command runs at once on the caller's thread with an
+    /// empty device map, so every completion still fires exactly once.
+    public func submit(_ command: @escaping Command) {
+        let accepted = queue.withLock { q -> Bool in
+            if q.stopped { return false }
+            q.commands.append(command)
+            return true
+        }
+        if accepted {
+            queued.add(1, ordering: .releasing)
+            wake.signal()
+        } else {
+            command(DatapathWorker(index: -1))
+        }
+    }
+
+    /// Runs `body` on the worker thread and waits for its result (tests, tools).
+    public func sync<T: Sendable>(_ body: @escaping @Sendable (DatapathWorker) -> T) -> T {
+        let box = Mutex<T?>(nil)
+        let done = WakeSignal()
+        submit { w in
+            let v = body(w)
+            box.withLock { $0 = v }
+            done.signal()
+        }
+        while true {
+            if let v = box.withLock({ $0 }) { return v }
+            done.wait(timeoutNanos: 100_000_000)
+        }
+    }
+
+    /// Stops the thread after it has run every queued command.
+    func stop() {
+        queue.withLock { $0.stopped = true }
+        running.store(false, ordering: .releasing)
+        wake.signal()
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+    }
+
+    private func drainCommands() {
+        guard queued.load(ordering: .acquiring) > 0 else { return }
+        let batch = queue.withLock { q -> [Command] in
+            let b = q.commands
+            q.commands.removeAll(keepingCapacity: true)
+            return b
+        }
+        queued.subtract(batch.count, ordering: .relaxed)
+        for c in batch { c(self) }
+    }
+
+    private func run() {
+        var idleNanos: UInt64 = 0
+        while running.load(ordering: .acquiring) {
+            drainCommands()
+            var busy = false
+            for d in devices.values where d.poll() { busy = true }
+            if busy {
+                idleNanos = 0
+            } else {
+                // Back off while idle so an idle daemon costs next to nothing;
+                // a command wakes the thread at once.
+                idleNanos = min(max(idleNanos * 2, 20_000), 2_000_000)
+                wake.wait(timeoutNanos: idleNanos)
+            }
+        }
+        drainCommands()
+    }
+}

@@ -1,0 +1,67 @@
+import ControlPlane
+import Testing
+import Vhost
+
+/// A real daemon on an ephemeral loopback port, with a client.
+final class LiveDaemon {
+    let daemon: Daemon
+    let client: HTTPClient
+
+    init(token: String? = nil, maxBodyBytes: Int = 8 << 20, maxConnections: Int = 1024,
+         limits: EngineLimits = EngineLimits()) throws {
+        var options = ServerOptions()
+        options.port = 0
+        options.maxBodyBytes = maxBodyBytes
+        options.maxConnections = maxConnections
+        var settings = ControlPlaneSettings()
+        settings.token = token
+        daemon = Daemon(server: options, settings: settings, limits: limits)
+        try daemon.start()
+        client = HTTPClient(port: daemon.port)
+        if let token { client.defaultHeaders = [("Authorization", "Bearer \(token)")] }
+    }
+
+    deinit { daemon.stop() }
+
+    @discardableResult
+    func call(_ method: String, _ path: String, _ body: String? = nil) throws -> HTTPClient.Answer {
+        try client.request(method, path, body: body.map { Array($0.utf8) })
+    }
+
+    /// Calls and checks the status; returns the JSON body.
+    @discardableResult
+    func expect(_ status: Int, _ method: String, _ path: String, _ body: String? = nil,
+                sourceLocation: SourceLocation = #_sourceLocation) throws -> JSON {
+        let a = try call(method, path, body)
+        #expect(a.status == status, "\(method) \(path) → \(a.status) \(a.text)", sourceLocation: sourceLocation)
+        if a.status >= 400 {
+            #expect(a.headers["content-type"] == "application/json", sourceLocation: sourceLocation)
+        }
+        return a.json
+    }
+
+    /// Expects an error answer with `code` (and `field` when given).
+    func expectError(_ status: Int, _ code: String, field: String? = nil, _ method: String, _ path: String,
+                     _ body: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let j = try expect(status, method, path, body, sourceLocation: sourceLocation)
+        #expect(j["error"]?["code"] == .string(code), "\(j.text)", sourceLocation: sourceLocation)
+        #expect(j["error"]?["message"] != nil, sourceLocation: sourceLocation)
+        if let field {
+            #expect(j["error"]?["field"] == .string(field), "\(j.text)", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Everything observable about a device, to prove a refused request changed nothing.
+    func snapshot(_ id: String) throws -> String {
+        let parts = try ["/v1/devices/\(id)", "/v1/devices/\(id)/iotlb/entries", "/v1/devices/\(id)/iotlb/stats"]
+            .map { try call("GET", $0).text }
+        return parts.joined(separator: "\n") + (try call("GET", "/v1/devices").text)
+    }
+
+    /// Creates `id` with a 1 GiB memory table at GPA 0 / uaddr 0x7f00_0000_0000.
+    func deviceWithMemory(_ id: String, extra: String = "") throws {
+        try expect(201, "POST", "/v1/devices", #"{"id":"\#(id)"\#(extra)}"#)
+        try expect(200, "PUT", "/v1/devices/\(id)/mem-table",
+                   #"{"regions":[{"guest_phys_addr":0,"memory_size":"0x40000000","userspace_addr":"0x7f0000000000"}]}"#)
+    }
+}
