@@ -15,7 +15,11 @@ let package = Package(
         // Data structures only: the device IOTLB and the memory table. No dependencies.
         .target(name: "IOTLB"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB"]),
+        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics"]),
+        // Acquire/release on ring indices in guest memory (header-only C).
+        .target(name: "CRingAtomics"),
+        // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
+        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",
@@ -31,7 +35,8 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
     ],
     swiftLanguageModes: [.v6]
 )

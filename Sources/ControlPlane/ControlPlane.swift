@@ -21,15 +21,19 @@ public final class ControlPlane: Sendable {
     let logger: Logger
     /// The route table (built once).
     public let router: Router
+    let timer = LongPollTimer()
 
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
         self.logger = logger
         var r = Router()
-        ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger)
+        ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer)
         self.router = r
     }
+
+    /// Answers every waiting long-poll and stops the timer thread.
+    public func stop() { timer.stop() }
 
     /// Answers one request: authentication, then routing.
     public func respond(_ request: Request) -> Reply {

@@ -31,6 +31,7 @@ public final class Daemon: Sendable {
     /// Stops the workers (answering every queued command), then the server.
     public func stop() {
         engine.shutdown()
+        controlPlane.stop()
         server.stop()
     }
 }

@@ -35,7 +35,8 @@ extension JSON {
         return .object(pairs)
     }
 
-    static func stats(_ s: IOTLBStats) -> JSON {
+    static func stats(_ s: IOTLBStats, resolution r: (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32),
+                      vqs: [VringSnapshot]) -> JSON {
         let lookups = s.hits + s.misses
         return [
             "entries": .count(s.entries), "max_entries": .count(s.maxEntries),
@@ -44,8 +45,9 @@ extension JSON {
             "updates": .count(s.updates), "invalidations": .count(s.invalidations),
             "evictions": .count(s.evictions), "access_failures": .count(s.accessFailures),
             "pending_misses": .count(s.pendingMisses),
-            "miss_resolution_us": ["count": 0, "p50": 0, "p99": 0, "max": 0],
-            "vqs": [],
+            "miss_resolution_us": ["count": .count(r.count), "p50": .count(r.p50), "p99": .count(r.p99),
+                                   "max": .count(r.max)],
+            "vqs": .array(vqs.map(vringStats)),
         ]
     }
 }

@@ -97,7 +97,9 @@ extension ControlPlane {
 
         r.get("/v1/devices/{id}/iotlb/stats") { req throws(APIError) in
             let h = try engine.device(for: req)
-            return h.reply({ d throws(EngineError) in d.stats() }) { .json(200, .stats($0)) }
+            return h.reply({ d throws(EngineError) in (d.stats(), d.resolutionTimes(), d.vrings()) }) {
+                .json(200, .stats($0.0, resolution: $0.1, vqs: $0.2))
+            }
         }
     }
 

@@ -4,10 +4,12 @@ import Vhost
 import Logging
 
 extension ControlPlane {
-    static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger) {
+    static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
+                          timer: LongPollTimer) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
         addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger)
         addIOTLBRoutes(to: &r, engine: engine)
+        addVringRoutes(to: &r, engine: engine, timer: timer)
     }
 
     static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger) {
@@ -96,5 +98,5 @@ extension ControlPlane {
 
 extension Device {
     /// The parts of a device answer only its worker knows.
-    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: []) }
+    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring)) }
 }

@@ -37,13 +37,28 @@ public final class Device {
     public let iotlb: IOTLB
     /// Guest memory and its table, once set.
     public private(set) var memory: GuestMemory?
+    /// Bumped whenever the memory table is replaced (cached translations die with it).
+    var memoryGeneration: UInt64 = 0
+    /// The virtqueues: even index RX, odd TX.
+    public let queues: [VirtQueue]
+    /// Where misses and access failures are published.
+    public let missLog: MissLog
     let limits: EngineLimits
     var counters = IOTLBStats()
+    /// Frames cut short because the RX chain was smaller than the TX frame.
+    var truncatedFrames: UInt64 = 0
+    /// Miss resolution times (µs): the most recent samples, their count and maximum.
+    var resolutionSamples: [UInt32] = []
+    var resolutionCount: UInt64 = 0
+    var resolutionMax: UInt32 = 0
+    static let resolutionWindow = 4096
 
-    init(config: DeviceConfig, limits: EngineLimits) {
+    init(config: DeviceConfig, limits: EngineLimits, missLog: MissLog) {
         self.config = config
         self.limits = limits
+        self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
+        self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
     }
 
     /// The memory table, once set.
@@ -61,7 +76,9 @@ public final class Device {
             throw .memoryUnavailable(error.description)
         }
         memory = mem
+        memoryGeneration &+= 1
         iotlb.flush()
+        for vq in queues { vq.dropTranslations() }
         return table
     }
 
@@ -88,6 +105,7 @@ public final class Device {
         counters.updates += UInt64(report.applied)
         counters.evictions += UInt64(report.evicted)
         report.entries = iotlb.count
+        report.resolvedMisses = resolveMisses()
         return report
     }
 
@@ -124,14 +142,80 @@ public final class Device {
         var s = counters
         s.entries = iotlb.count
         s.maxEntries = iotlb.maxEntries
+        s.pendingMisses = queues.reduce(0) { $0 + ($1.pending?.kind == .miss ? 1 : 0) }
         return s
     }
-}
 
-extension Device {
-    /// One datapath round over the device's queues; true when it did work.
-    func poll() -> Bool { false }
+    /// Miss resolution times in µs: count, p50, p99, max.
+    public func resolutionTimes() -> (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32) {
+        let sorted = resolutionSamples.sorted()
+        func pct(_ p: Double) -> UInt32 {
+            sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+        }
+        return (resolutionCount, pct(0.5), pct(0.99), resolutionMax)
+    }
+
+    /// Each queue's state and counters.
+    public func vrings() -> [VringSnapshot] { queues.map(\.snapshot) }
+
+    /// Sets (or re-sets) vring `index`: drops its outstanding event, restarts it
+    /// from `lastAvailIdx`, and checks its rings at once when enabled.
+    public func setVring(_ index: Int, _ c: VringConfig) throws(EngineError) -> VringSnapshot {
+        guard index >= 0 && index < queues.count else {
+            throw .notFound("vring \(index) not found: the device has \(queues.count) queues")
+        }
+        if let (field, why) = c.problem() { throw .invalidField(field: field, message: why) }
+        let vq = queues[index]
+        if let p = vq.pending { missLog.remove(seq: p.seq) }
+        vq.pending = nil
+        vq.failure = nil
+        vq.config = c
+        vq.lastAvailIdx = c.lastAvailIdx
+        vq.needsUsedInit = true
+        vq.dropTranslations()
+        vq.state = c.enabled ? .running : .disabled
+        if c.enabled && memory != nil { prepareRings(vq) }
+        return vq.snapshot
+    }
+
+    /// The queue `index`.
+    public func vring(_ index: Int) throws(EngineError) -> VringSnapshot {
+        guard index >= 0 && index < queues.count else {
+            throw .notFound("vring \(index) not found: the device has \(queues.count) queues")
+        }
+        return queues[index].snapshot
+    }
+
+    /// Resumes every waiting queue whose missed IOVA now translates with the
+    /// permission it needs; returns how many.
+    func resolveMisses() -> Int {
+        var resolved = 0
+        let now = monotonicNanos()
+        for vq in queues where vq.state == .waitingIOTLB {
+            guard let p = vq.pending, p.kind == .miss else { continue }
+            guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else { continue }
+            missLog.remove(seq: p.seq)
+            vq.pending = nil
+            vq.state = .running
+            resolved += 1
+            let us = UInt32(clamping: (now &- p.postedAt) / 1000)
+            if resolutionSamples.count < Device.resolutionWindow {
+                resolutionSamples.append(us)
+            } else {
+                resolutionSamples[Int(resolutionCount % UInt64(Device.resolutionWindow))] = us
+            }
+            resolutionCount &+= 1
+            resolutionMax = max(resolutionMax, us)
+        }
+        return resolved
+    }
 
     /// Called when the device leaves its worker (deletion, shutdown).
-    func detach() {}
+    func detach() {
+        for vq in queues {
+            vq.state = .disabled
+            vq.dropTranslations()
+        }
+        missLog.close()
+    }
 }

@@ -9,6 +9,8 @@ public final class DeviceHandle: Sendable {
     public let config: DeviceConfig
     /// The worker that owns the device.
     public let worker: DatapathWorker
+    /// The device's misses and access failures (long-polled directly, not through the worker).
+    public let missLog = MissLog()
 
     init(config: DeviceConfig, worker: DatapathWorker) {
         self.config = config
@@ -63,7 +65,8 @@ public final class Engine: Sendable {
             r.byId[config.id] = h
             r.order.append(config.id)
             let frozen = config
-            worker.submit { w in w.devices[frozen.id] = Device(config: frozen, limits: limits) }
+            let log = h.missLog
+            worker.submit { w in w.devices[frozen.id] = Device(config: frozen, limits: limits, missLog: log) }
             return h
         }
         return handle
@@ -86,6 +89,7 @@ public final class Engine: Sendable {
         h.worker.submit { w in
             w.devices[id]?.detach()
             w.devices[id] = nil
+            h.missLog.close()
             done()
         }
         return true

@@ -39,16 +39,20 @@ public final class GuestMemory: @unchecked Sendable {
         let huge = wantHuge && table.regions.allSatisfy { $0.memorySize % twoMiB == 0 }
         var bases: [UnsafeMutableRawPointer] = []
         var lengths: [Int] = []
+        var fellBack = false
         for r in table.regions {
             guard r.memorySize <= UInt64(Int.max) else {
                 GuestMemory.unmap(bases, lengths)
                 throw SystemCallError(call: "mmap", errno: ENOMEM)
             }
             let len = Int(r.memorySize)
-            var flags = MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE
-            if huge { flags |= 0x40000 /* MAP_HUGETLB */ }
+            // Huge pages are reserved at mmap time (no MAP_NORESERVE): with too few
+            // free, mmap fails and we fall back, instead of SIGBUS on first touch.
+            let flags = huge ? MAP_SHARED | MAP_ANONYMOUS | 0x40000 /* MAP_HUGETLB */
+                             : MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE
             var p = mmap(nil, len, PROT_READ | PROT_WRITE, flags, -1, 0)
             if p == MAP_FAILED && huge {
+                fellBack = true
                 p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
             }
             guard let base = p, base != MAP_FAILED else {
@@ -56,14 +60,14 @@ public final class GuestMemory: @unchecked Sendable {
                 GuestMemory.unmap(bases, lengths)
                 throw SystemCallError(call: "mmap", errno: e)
             }
-            if !huge { _ = madvise(base, len, 14 /* MADV_HUGEPAGE */) }
+            if !huge || fellBack { _ = madvise(base, len, 14 /* MADV_HUGEPAGE */) }
             bases.append(base)
             lengths.append(len)
         }
         self.bases = bases
         self.lengths = lengths
         self.table = table
-        self.hugePages = huge
+        self.hugePages = huge && !fellBack
     }
 
     deinit { GuestMemory.unmap(bases, lengths) }

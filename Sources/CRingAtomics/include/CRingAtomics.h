@@ -1,0 +1,33 @@
+// Acquire/release accesses to ring indices in guest memory.
+// Why a shim: Swift's Atomic needs storage it owns; ring indices live in
+// shared guest memory, so the driver/device ordering (virtio 1.x, 2.7.13)
+// is expressed with C11 atomics on raw pointers. All inline, no calls.
+#ifndef CRINGATOMICS_H
+#define CRINGATOMICS_H
+#include <stdint.h>
+
+/// Reads a 16-bit index with acquire ordering (ring entries after it are visible).
+static inline uint16_t CRingAtomics_load_acquire_u16(const void *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+
+/// Publishes a 16-bit index with release ordering (entries written before it are visible first).
+static inline void CRingAtomics_store_release_u16(void *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/// Full fence: orders a store before a later load (EVENT_IDX checks).
+static inline void CRingAtomics_fence_seq_cst(void) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/// Acquire fence.
+static inline void CRingAtomics_fence_acquire(void) {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+}
+
+/// Release fence.
+static inline void CRingAtomics_fence_release(void) {
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+#endif

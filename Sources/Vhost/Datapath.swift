@@ -1,0 +1,196 @@
+// One processing round of a device: ring prefetch for every running queue,
+// then TX chains delivered to the paired RX queue (loopback) or consumed
+// (sink). Per descriptor: no locks, no allocation, no reference counting —
+// only the worker-owned device, its queues and guest memory are touched.
+import IOTLB
+
+extension Device {
+    /// Chains one queue processes per round before others get their turn.
+    static let batch = 256
+
+    /// One datapath round over the device's queues; true when it did work.
+    func poll() -> Bool {
+        guard memory != nil else { return false }
+        var work = false
+        for vq in queues where vq.state == .running { _ = prepareRings(vq) }
+        var i = 1
+        while i < queues.count {
+            if processTX(queues[i]) { work = true }
+            i += 2
+        }
+        return work
+    }
+
+    /// Checks the three ring areas for their whole length (the kernel's
+    /// vq_meta_prefetch) unless still valid; a gap is a miss, a permission
+    /// mismatch an access failure.
+    @discardableResult
+    func prepareRings(_ vq: VirtQueue) -> Bool {
+        guard let c = vq.config, vq.state == .running else { return false }
+        if vq.ringsReady && vq.ringGeneration == translationGeneration { return true }
+        vq.dropTranslations()
+        let desc = checkRange(c.descAddr, c.descBytes, .read, ringSpace, vq)
+        if let f = desc.fault { stop(vq, f); return false }
+        let avail = checkRange(c.availAddr, c.availBytes, .read, ringSpace, vq)
+        if let f = avail.fault { stop(vq, f); return false }
+        let used = checkRange(c.usedAddr, c.usedBytes, .write, ringSpace, vq)
+        if let f = used.fault { stop(vq, f); return false }
+        vq.descHost = desc.contiguous; vq.availHost = avail.contiguous; vq.usedHost = used.contiguous
+        vq.ringsReady = true
+        vq.ringGeneration = translationGeneration
+        if vq.needsUsedInit {
+            vq.usedIdx = ringLoad16(vq, vq.usedHost, c.usedAddr, 2)
+            vq.needsUsedInit = false
+        }
+        return true
+    }
+
+    /// Stops `vq` on a fault: a miss waits for an update, anything else fails it.
+    func stop(_ vq: VirtQueue, _ fault: AccessFault) {
+        switch fault {
+        case .miss(let iova, let perm):
+            vq.state = .waitingIOTLB
+            post(vq, .miss, iova, perm)
+        case .denied(let iova, let perm):
+            vq.state = .failed
+            vq.accessFailures &+= 1
+            counters.accessFailures &+= 1
+            vq.failure = "access failure: \(perm) access to iova \(iova) denied by the IOTLB entry"
+            post(vq, .accessFail, iova, perm)
+        case .badAddress(let addr, let space):
+            fail(vq, "address 0x\(String(addr, radix: 16)) (\(space == .guestPhys ? "guest-physical" : "user")) is not in the memory table")
+        }
+        vq.dropTranslations()
+    }
+
+    /// Fails `vq` until its vring is set again.
+    func fail(_ vq: VirtQueue, _ why: String) {
+        vq.state = .failed
+        vq.failure = why
+        vq.dropTranslations()
+    }
+
+    private func post(_ vq: VirtQueue, _ kind: MissEvent.Kind, _ iova: IOVA, _ perm: Permissions) {
+        precondition(vq.pending == nil, "a stopped queue posts no second event")
+        let now = monotonicNanos()
+        let seq = missLog.post(vq: vq.index, kind: kind, iova: iova, perm: perm, now: now)
+        vq.pending = PendingEvent(seq: seq, kind: kind, iova: iova, perm: perm, postedAt: now)
+    }
+
+    /// Processes up to `batch` TX chains; false when there was nothing to do.
+    func processTX(_ tx: VirtQueue) -> Bool {
+        guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
+        let availIdx = ringLoad16(tx, tx.availHost, c.availAddr, 2, acquire: true)
+        if availIdx == tx.lastAvailIdx { return false }
+        if UInt16(truncatingIfNeeded: availIdx &- tx.lastAvailIdx) > UInt16(c.num) {
+            fail(tx, "avail index moved \(availIdx &- tx.lastAvailIdx) entries past last_avail_idx; the ring has \(c.num)")
+            return false
+        }
+        let loopback = config.backend == .loopback
+        let rx = queues[tx.index - 1]
+        var rxAvail: UInt16 = 0
+        if loopback {
+            guard rx.state == .running, rx.ringsReady, let rc = rx.config else { return false }
+            rxAvail = ringLoad16(rx, rx.availHost, rc.availAddr, 2, acquire: true)
+        }
+        let txOld = tx.usedIdx, rxOld = rx.usedIdx
+        var done = 0
+        let mask = c.num - 1
+        while tx.lastAvailIdx != availIdx && done < Device.batch {
+            let head = ringLoad16(tx, tx.availHost, c.availAddr, 4 + 2 * (Int(tx.lastAvailIdx) & mask))
+            var sent = 0
+            if loopback {
+                guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break }  // no RX buffer: wait
+                let rxHead = ringLoad16(rx, rx.availHost, rc.availAddr, 4 + 2 * (Int(rx.lastAvailIdx) & (rc.num - 1)))
+                guard let (read, written) = copyChain(from: tx, head, to: rx, rxHead) else { break }
+                putUsed(rx, id: rxHead, len: UInt32(written))
+                rx.lastAvailIdx &+= 1
+                rx.chains &+= 1
+                rx.bytes &+= UInt64(written)
+                sent = read
+            } else {
+                guard let read = consumeChain(tx, head) else { break }
+                sent = read
+            }
+            putUsed(tx, id: head, len: 0)
+            tx.lastAvailIdx &+= 1
+            tx.chains &+= 1
+            tx.bytes &+= UInt64(sent)
+            done += 1
+        }
+        if done > 0 {
+            publishUsed(tx, from: txOld)
+            if loopback { publishUsed(rx, from: rxOld) }
+        }
+        return done > 0
+    }
+
+    /// Copies a TX chain's bytes into an RX chain; nil when a fault or a
+    /// malformed chain stopped a queue (nothing is published then).
+    private func copyChain(from tx: VirtQueue, _ txHead: UInt16, to rx: VirtQueue, _ rxHead: UInt16) -> (Int, Int)? {
+        var src = ChainCursor(head: txHead, num: tx.config!.num)
+        var dst = ChainCursor(head: rxHead, num: rx.config!.num)
+        var read = 0, written = 0
+        while true {
+            switch src.fill(self, tx) {
+            case .end: return (read, written)
+            case .error(let e): chainError(tx, e); return nil
+            case .ready: break
+            }
+            if src.writable { fail(tx, "device-writable descriptor in TX chain \(txHead)"); return nil }
+            switch dst.fill(self, rx) {
+            case .end:
+                // The RX buffers are full: the rest of the frame is dropped, as a NIC would.
+                truncatedFrames &+= 1
+                return (read + Int(src.left), written)
+            case .error(let e): chainError(rx, e); return nil
+            case .ready: break
+            }
+            if !dst.writable { fail(rx, "device-readable descriptor in RX chain \(rxHead)"); return nil }
+            let want = Int(min(src.left, dst.left))
+            let s: Segment
+            switch segment(src.addr, want, .read, bufferSpace, &tx.bufferCache, tx) {
+            case .fault(let f): stop(tx, f); return nil
+            case .ok(let seg): s = seg
+            }
+            switch segment(dst.addr, s.length, .write, bufferSpace, &rx.bufferCache, rx) {
+            case .fault(let f): stop(rx, f); return nil
+            case .ok(let d):
+                d.host.copyMemory(from: s.host, byteCount: d.length)
+                src.advance(d.length)
+                dst.advance(d.length)
+                read += d.length
+                written += d.length
+            }
+        }
+    }
+
+    /// Translates every byte of a TX chain (the sink backend); nil on a fault.
+    private func consumeChain(_ tx: VirtQueue, _ head: UInt16) -> Int? {
+        var chain = DescriptorChain(head: head, num: tx.config!.num)
+        var total = 0
+        while true {
+            switch chain.next(self, tx) {
+            case .end: return total
+            case .error(let e): chainError(tx, e); return nil
+            case .buffer(let addr, let len, let writable):
+                if writable { fail(tx, "device-writable descriptor in TX chain \(head)"); return nil }
+                var off = 0
+                while off < Int(len) {
+                    switch segment(addr &+ UInt64(off), Int(len) - off, .read, bufferSpace, &tx.bufferCache, tx) {
+                    case .fault(let f): stop(tx, f); return nil
+                    case .ok(let s): off += s.length
+                    }
+                }
+                total += Int(len)
+            }
+        }
+    }
+
+    private func chainError(_ vq: VirtQueue, _ e: ChainError) {
+        switch e {
+        case .fault(let f): stop(vq, f)
+        case .malformed(let why): fail(vq, why)
+        }
+    }
+}

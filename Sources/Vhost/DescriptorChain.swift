@@ -1,0 +1,119 @@
+// Walking a descriptor chain (virtio 1.x, 2.7.5 and 2.7.5.3). A malicious or
+// buggy driver can hand us a loop, an index past the table, nested indirect
+// tables, or readable buffers after writable ones: each is a typed error
+// that fails the queue, never the daemon. A ttl bounds every walk.
+import IOTLB
+
+/// Why a chain could not be walked.
+enum ChainError {
+    /// An address in the chain (an indirect table) could not be read.
+    case fault(AccessFault)
+    /// The chain breaks the ring rules.
+    case malformed(String)
+}
+
+/// One step of a walk.
+enum ChainStep {
+    case buffer(addr: UInt64, len: UInt32, writable: Bool)
+    case end
+    case error(ChainError)
+}
+
+/// The descriptors of one chain, in order, direct and indirect alike.
+struct DescriptorChain {
+    /// The head index, as named by the avail ring.
+    let head: UInt16
+    private var nextIndex: UInt16?
+    private var indirectBase: UInt64 = 0
+    private var indirectCount = 0  // 0: walking the queue's own table
+    private var ttl: Int
+    private var sawWritable = false
+
+    init(head: UInt16, num: Int) {
+        self.head = head
+        self.nextIndex = head
+        self.ttl = num
+    }
+
+    /// The next descriptor's buffer, the end, or why the walk stopped.
+    mutating func next(_ device: Device, _ vq: VirtQueue) -> ChainStep {
+        while let i = nextIndex {
+            ttl -= 1
+            guard ttl >= 0 else { return .error(.malformed("descriptor chain from head \(head) loops or is longer than its table")) }
+            var d: Descriptor
+            if indirectCount > 0 {
+                guard Int(i) < indirectCount else {
+                    return .error(.malformed("indirect descriptor \(i) is past its table of \(indirectCount)"))
+                }
+                d = Descriptor(addr: 0, len: 0, flags: 0, next: 0)
+                var fault: AccessFault?
+                withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
+                    fault = device.copyFromGuest(indirectBase &+ 16 &* UInt64(i), buf.baseAddress!, 16,
+                                                 device.bufferSpace, &vq.bufferCache, vq)
+                    if fault == nil { d = Descriptor.decode(buf.baseAddress!) }
+                }
+                if let fault { return .error(.fault(fault)) }
+            } else {
+                guard Int(i) < vq.config!.num else {
+                    return .error(.malformed("descriptor index \(i) is past the ring of \(vq.config!.num)"))
+                }
+                d = device.descriptor(vq, i)
+            }
+            if d.flags & Descriptor.indirect != 0 {
+                guard indirectCount == 0 else { return .error(.malformed("nested indirect descriptor table")) }
+                guard d.flags & Descriptor.next == 0 else {
+                    return .error(.malformed("indirect descriptor with the NEXT flag"))
+                }
+                guard d.len >= 16, d.len % 16 == 0 else {
+                    return .error(.malformed("indirect table length \(d.len) is not a positive multiple of 16"))
+                }
+                indirectBase = d.addr
+                indirectCount = Int(d.len / 16)
+                ttl = indirectCount
+                nextIndex = 0
+                continue
+            }
+            if d.len > 0 && d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow {
+                return .error(.malformed("buffer at 0x\(String(d.addr, radix: 16)) of \(d.len) bytes wraps past 2^64-1"))
+            }
+            nextIndex = d.flags & Descriptor.next != 0 ? d.next : nil
+            let writable = d.flags & Descriptor.write != 0
+            if !writable && sawWritable {
+                return .error(.malformed("device-readable descriptor after a device-writable one"))
+            }
+            sawWritable = sawWritable || writable
+            return .buffer(addr: d.addr, len: d.len, writable: writable)
+        }
+        return .end
+    }
+}
+
+/// A position inside a chain's buffers, for copying chain to chain.
+struct ChainCursor {
+    var chain: DescriptorChain
+    var addr: UInt64 = 0
+    var left: UInt32 = 0
+    var writable = false
+
+    init(head: UInt16, num: Int) { chain = DescriptorChain(head: head, num: num) }
+
+    enum Status { case ready, end, error(ChainError) }
+
+    /// Moves to a buffer with bytes left, unless the current one has some.
+    mutating func fill(_ device: Device, _ vq: VirtQueue) -> Status {
+        while left == 0 {
+            switch chain.next(device, vq) {
+            case .end: return .end
+            case .error(let e): return .error(e)
+            case .buffer(let a, let l, let w):
+                addr = a; left = l; writable = w
+            }
+        }
+        return .ready
+    }
+
+    mutating func advance(_ n: Int) {
+        addr &+= UInt64(n)
+        left -= UInt32(n)
+    }
+}

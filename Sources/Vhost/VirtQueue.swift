@@ -1,0 +1,261 @@
+// A split virtqueue (virtio 1.x, 2.7): its configuration, state, ring
+// translations and counters. Owned by the device's worker.
+import IOTLB
+import CRingAtomics
+
+/// What `PUT …/vrings/{n}` sets.
+public struct VringConfig: Sendable, Equatable {
+    /// Ring size: a power of 2, at most 32768.
+    public var num: Int
+    /// Descriptor table (16-byte aligned), avail ring (2), used ring (4): IOVAs with
+    /// the IOTLB on, user addresses without.
+    public var descAddr: UInt64
+    public var availAddr: UInt64
+    public var usedAddr: UInt64
+    /// A disabled ring is not processed.
+    public var enabled: Bool
+    /// VIRTIO_F_RING_EVENT_IDX: rings carry used_event / avail_event.
+    public var eventIdx: Bool
+    /// Where processing starts in the avail ring (VHOST_SET_VRING_BASE).
+    public var lastAvailIdx: UInt16
+
+    public init(num: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64, enabled: Bool = true,
+                eventIdx: Bool = false, lastAvailIdx: UInt16 = 0) {
+        self.num = num
+        self.descAddr = descAddr
+        self.availAddr = availAddr
+        self.usedAddr = usedAddr
+        self.enabled = enabled
+        self.eventIdx = eventIdx
+        self.lastAvailIdx = lastAvailIdx
+    }
+
+    /// The most entries a split ring may have.
+    public static let maxNum = 32768
+
+    /// Bytes of each ring area (the kernel's vq_meta_prefetch lengths).
+    public var descBytes: Int { 16 * num }
+    public var availBytes: Int { 4 + 2 * num + (eventIdx ? 2 : 0) }
+    public var usedBytes: Int { 4 + 8 * num + (eventIdx ? 2 : 0) }
+
+    /// The first field that breaks the ring rules, with why.
+    public func problem() -> (field: String, message: String)? {
+        if num < 1 || num > VringConfig.maxNum || num & (num - 1) != 0 {
+            return ("num", "num must be a power of 2 from 1 to \(VringConfig.maxNum)")
+        }
+        if descAddr % 16 != 0 { return ("desc_addr", "the descriptor table must be 16-byte aligned") }
+        if availAddr % 2 != 0 { return ("avail_addr", "the avail ring must be 2-byte aligned") }
+        if usedAddr % 4 != 0 { return ("used_addr", "the used ring must be 4-byte aligned") }
+        for (f, a, n) in [("desc_addr", descAddr, descBytes), ("avail_addr", availAddr, availBytes),
+                          ("used_addr", usedAddr, usedBytes)] where a.addingReportingOverflow(UInt64(n - 1)).overflow {
+            return (f, "the ring passes 2^64-1")
+        }
+        return nil
+    }
+}
+
+/// A queue's state as the contract names it.
+public enum VringState: String, Sendable {
+    case running
+    case waitingIOTLB = "waiting_iotlb"
+    case failed
+    case disabled
+}
+
+/// The event a stopped queue posted.
+struct PendingEvent {
+    var seq: UInt64
+    var kind: MissEvent.Kind
+    var iova: IOVA
+    var perm: Permissions
+    var postedAt: UInt64
+}
+
+/// Per-queue counters and state, as published to readers.
+public struct VringSnapshot: Sendable, Equatable {
+    public var index: Int
+    public var config: VringConfig?
+    public var state: VringState
+    public var lastAvailIdx: UInt16
+    public var usedIdx: UInt16
+    /// The outstanding miss or access failure: seq, kind, iova, perm.
+    public var pending: (seq: UInt64, kind: String, iova: UInt64, perm: Permissions)?
+    public var failure: String?
+    public var hits: UInt64
+    public var misses: UInt64
+    public var accessFailures: UInt64
+    public var chains: UInt64
+    public var bytes: UInt64
+    public var notifications: UInt64
+
+    public static func == (a: VringSnapshot, b: VringSnapshot) -> Bool {
+        a.index == b.index && a.config == b.config && a.state == b.state && a.lastAvailIdx == b.lastAvailIdx
+            && a.usedIdx == b.usedIdx && a.pending?.seq == b.pending?.seq && a.failure == b.failure
+    }
+}
+
+/// One virtqueue. Not thread-safe: only the device's worker touches it.
+public final class VirtQueue {
+    /// Index in the device (even RX, odd TX).
+    public let index: Int
+    var config: VringConfig?
+    var state: VringState = .disabled
+    var lastAvailIdx: UInt16 = 0
+    var usedIdx: UInt16 = 0
+    var needsUsedInit = true
+    var pending: PendingEvent?
+    var failure: String?
+
+    // Ring translations, checked for the whole ring length ("prefetch") and
+    // valid while the device's translation generation is unchanged. A nil
+    // host pointer with `ringsReady` means the area spans several mappings:
+    // accessed through the general accessors.
+    var ringsReady = false
+    var ringGeneration: UInt64 = .max
+    var descHost: UnsafeMutableRawPointer?
+    var availHost: UnsafeMutableRawPointer?
+    var usedHost: UnsafeMutableRawPointer?
+    var ringCache = TranslationCache()
+    var bufferCache = TranslationCache()
+    var peerCache = TranslationCache()  // the RX side of a loopback copy
+
+    // Counters.
+    var hits: UInt64 = 0
+    var misses: UInt64 = 0
+    var accessFailures: UInt64 = 0
+    var chains: UInt64 = 0
+    var bytes: UInt64 = 0
+    var notifications: UInt64 = 0
+
+    init(index: Int) { self.index = index }
+
+    /// Drops every cached translation.
+    func dropTranslations() {
+        ringsReady = false
+        descHost = nil; availHost = nil; usedHost = nil
+        ringCache.clear(); bufferCache.clear(); peerCache.clear()
+    }
+
+    var snapshot: VringSnapshot {
+        VringSnapshot(index: index, config: config, state: state, lastAvailIdx: lastAvailIdx, usedIdx: usedIdx,
+                      pending: pending.map { ($0.seq, $0.kind.rawValue, $0.iova.raw, $0.perm) }, failure: failure,
+                      hits: hits, misses: misses, accessFailures: accessFailures, chains: chains, bytes: bytes,
+                      notifications: notifications)
+    }
+}
+
+/// A descriptor as laid in guest memory (virtio 1.x, 2.7.5).
+struct Descriptor {
+    var addr: UInt64
+    var len: UInt32
+    var flags: UInt16
+    var next: UInt16
+
+    static let next: UInt16 = 1
+    static let write: UInt16 = 2
+    static let indirect: UInt16 = 4
+}
+
+// MARK: Ring field access, after a successful prefetch of the round.
+
+extension Device {
+    /// The space ring addresses live in: IOVAs with the IOTLB on, user addresses without.
+    @inline(__always) var ringSpace: AddressSpace { config.iotlb ? .iova : .user }
+    /// The space descriptor addresses live in: IOVAs with the IOTLB on, guest-physical without.
+    @inline(__always) var bufferSpace: AddressSpace { config.iotlb ? .iova : .guestPhys }
+
+    @inline(__always)
+    func ringLoad16(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: UInt64, _ offset: Int,
+                    acquire: Bool = false) -> UInt16 {
+        if let host {
+            // SAFETY: prefetch checked the whole area maps to this contiguous host range.
+            let p = host + offset
+            return UInt16(littleEndian: acquire ? CRingAtomics_load_acquire_u16(p) : p.loadUnaligned(as: UInt16.self))
+        }
+        var v: UInt16 = 0
+        _ = withUnsafeMutableBytes(of: &v) {
+            copyFromGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache, vq)
+        }
+        if acquire { CRingAtomics_fence_acquire() }
+        return UInt16(littleEndian: v)
+    }
+
+    @inline(__always)
+    func ringStore16(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: UInt64, _ offset: Int, _ value: UInt16,
+                     release: Bool = false) {
+        if let host {
+            let p = host + offset
+            if release { CRingAtomics_store_release_u16(p, value.littleEndian) } else {
+                p.storeBytes(of: value.littleEndian, toByteOffset: 0, as: UInt16.self)
+            }
+            return
+        }
+        if release { CRingAtomics_fence_release() }
+        var v = value.littleEndian
+        _ = withUnsafeBytes(of: &v) {
+            copyToGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache, vq)
+        }
+    }
+
+    /// Descriptor `i` of the queue's table (`i` < num).
+    @inline(__always)
+    func descriptor(_ vq: VirtQueue, _ i: UInt16) -> Descriptor {
+        var d = Descriptor(addr: 0, len: 0, flags: 0, next: 0)
+        if let host = vq.descHost {
+            let p = host + 16 * Int(i)
+            d.addr = UInt64(littleEndian: p.loadUnaligned(as: UInt64.self))
+            d.len = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+            d.flags = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+            d.next = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
+            return d
+        }
+        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
+            _ = copyFromGuest(vq.config!.descAddr &+ 16 * UInt64(i), buf.baseAddress!, 16, ringSpace, &vq.ringCache, vq)
+            d = Descriptor.decode(buf.baseAddress!)
+        }
+        return d
+    }
+
+    /// Writes used element `(id, len)` at the queue's current used index (not yet published).
+    @inline(__always)
+    func putUsed(_ vq: VirtQueue, id: UInt16, len: UInt32) {
+        let slot = Int(vq.usedIdx) & (vq.config!.num - 1)
+        let offset = 4 + 8 * slot
+        if let host = vq.usedHost {
+            (host + offset).storeBytes(of: UInt32(id).littleEndian, as: UInt32.self)
+            (host + offset + 4).storeBytes(of: len.littleEndian, as: UInt32.self)
+        } else {
+            var elem = (UInt32(id).littleEndian, len.littleEndian)
+            _ = withUnsafeBytes(of: &elem) {
+                copyToGuest(vq.config!.usedAddr &+ UInt64(offset), $0.baseAddress!, 8, ringSpace, &vq.ringCache, vq)
+            }
+        }
+        vq.usedIdx &+= 1
+    }
+
+    /// Publishes the used index (release: elements first) and, with EVENT_IDX,
+    /// decides whether the driver asked to be notified.
+    func publishUsed(_ vq: VirtQueue, from old: UInt16) {
+        guard let c = vq.config else { return }
+        ringStore16(vq, vq.usedHost, c.usedAddr, 2, vq.usedIdx, release: true)
+        if c.eventIdx {
+            ringStore16(vq, vq.usedHost, c.usedAddr, 4 + 8 * c.num, vq.lastAvailIdx)  // avail_event
+            CRingAtomics_fence_seq_cst()
+            let usedEvent = ringLoad16(vq, vq.availHost, c.availAddr, 4 + 2 * c.num)
+            // vring_need_event: notify when used_event lies in (old, new].
+            if vq.usedIdx &- usedEvent &- 1 < vq.usedIdx &- old { vq.notifications &+= 1 }
+        } else {
+            let flags = ringLoad16(vq, vq.availHost, c.availAddr, 0)
+            if flags & 1 == 0 { vq.notifications &+= 1 }  // VRING_AVAIL_F_NO_INTERRUPT clear
+        }
+    }
+}
+
+extension Descriptor {
+    static func decode(_ p: UnsafeRawPointer) -> Descriptor {
+        Descriptor(addr: UInt64(littleEndian: p.loadUnaligned(as: UInt64.self)),
+                   len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
+                   flags: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
+                   next: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 14, as: UInt16.self)))
+    }
+}
