@@ -26,7 +26,7 @@ let package = Package(
                        providers: [.apt(["libjansson-dev"])]),
         // HTTP, JSON, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Vhost", "CMicroHTTPD", "CJansson",
+            "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "iotlbd", dependencies: [

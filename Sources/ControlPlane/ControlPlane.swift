@@ -1,6 +1,7 @@
 // The control plane: routes over the engine, authentication, and the server.
 import IOTLB
 import Vhost
+import Guest
 import Logging
 
 /// Settings of the HTTP/JSON control plane.
@@ -22,15 +23,45 @@ public final class ControlPlane: Sendable {
     /// The route table (built once).
     public let router: Router
     let timer = LongPollTimer()
+    let workloads = WorkloadRegistry()
 
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
         self.logger = logger
         var r = Router()
-        ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer)
+        ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer,
+                               workloads: workloads)
         self.router = r
     }
+
+    /// Creates device `demo0` with a looping built-in guest (64 B frames,
+    /// 2 MiB pages, static mappings) so figures move at once.
+    public func startDemo(then done: @escaping @Sendable (Result<String, APIError>) -> Void) {
+        let h: DeviceHandle
+        do throws(EngineError) {
+            h = try engine.createDevice(DeviceConfig(id: "demo0", iotlbMaxEntries: settings.iotlbMaxEntries))
+        } catch { return done(.failure(APIError(error))) }
+        guard workloads.claim("demo0") else { return done(.failure(APIError(409, "conflict", "demo0 is busy"))) }
+        var c = WorkloadConfig()
+        c.packetSize = 64
+        c.pageSize = .m2
+        c.mapping = .static
+        let registry = workloads
+        Workload.start(c, on: h) { result in
+            switch result {
+            case .success(let w):
+                registry.started("demo0", w)
+                done(.success("demo0"))
+            case .failure(let e):
+                registry.started("demo0", nil)
+                done(.failure(APIError(409, "conflict", "\(e)")))
+            }
+        }
+    }
+
+    /// Stops the built-in guests (before the engine stops the devices).
+    public func stopWorkloads() { workloads.stopAll() }
 
     /// Answers every waiting long-poll and stops the timer thread.
     public func stop() { timer.stop() }

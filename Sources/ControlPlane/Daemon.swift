@@ -30,6 +30,7 @@ public final class Daemon: Sendable {
 
     /// Stops the workers (answering every queued command), then the server.
     public func stop() {
+        controlPlane.stopWorkloads()
         engine.shutdown()
         controlPlane.stop()
         server.stop()

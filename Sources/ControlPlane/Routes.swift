@@ -5,14 +5,16 @@ import Logging
 
 extension ControlPlane {
     static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
-                          timer: LongPollTimer) {
+                          timer: LongPollTimer, workloads: WorkloadRegistry) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
-        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger)
+        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger, workloads: workloads)
         addIOTLBRoutes(to: &r, engine: engine)
         addVringRoutes(to: &r, engine: engine, timer: timer)
+        addWorkloadRoutes(to: &r, engine: engine, workloads: workloads)
     }
 
-    static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger) {
+    static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
+                                workloads: WorkloadRegistry) {
         r.post("/v1/devices") { req throws(APIError) in
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             var f = try FieldReader(body)
@@ -51,12 +53,18 @@ extension ControlPlane {
 
         r.delete("/v1/devices/{id}") { req throws(APIError) in
             let id = req.params["id"] ?? ""
+            guard engine.device(id) != nil else { throw .notFound("device \(id) not found") }
             return .later { complete in
-                let found = engine.deleteDevice(id) {
-                    logger.info("device deleted", metadata: ["device": "\(id)"])
-                    complete(.noContent)
+                // The built-in guest stops first (it must not outlive the device's queues);
+                // joining its thread is not for a server thread.
+                _ = startThread(name: "delete-device") {
+                    _ = workloads.remove(id)
+                    let found = engine.deleteDevice(id) {
+                        logger.info("device deleted", metadata: ["device": "\(id)"])
+                        complete(.noContent)
+                    }
+                    if !found { complete(.error(.notFound("device \(id) not found"))) }
                 }
-                if !found { complete(.error(.notFound("device \(id) not found"))) }
             }
         }
 

@@ -72,7 +72,7 @@ public final class Device {
                                     maxTotalBytes: limits.maxGuestMemory)
         } catch { throw .invalidMemTable(error) }
         let mem: GuestMemory
-        do { mem = try GuestMemory(table: table, hugePages: limits.hugePages) } catch {
+        do { mem = try GuestMemory(table: table, hugePages: limits.hugePages, previous: memory) } catch {
             throw .memoryUnavailable(error.description)
         }
         memory = mem

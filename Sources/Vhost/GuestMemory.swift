@@ -19,63 +19,69 @@ func syscall<T: FixedWidthInteger>(_ name: String, _ body: () -> T) throws(Syste
     }
 }
 
-/// Host mappings backing each region of a memory table. Unmapped on deinit,
-/// so it must outlive every pointer handed out (the owning worker drops it
-/// only between batches).
+/// One region's host mapping; unmapped when the last table using it goes.
+final class RegionMapping: @unchecked Sendable {
+    let region: MemoryRegion
+    let base: UnsafeMutableRawPointer
+    let length: Int
+    let huge: Bool
+
+    /// Maps `region`: MAP_HUGETLB (2 MiB) when asked and the size allows,
+    /// else plain shared anonymous memory with transparent-huge-page advice.
+    init(_ region: MemoryRegion, hugePages: Bool) throws(SystemCallError) {
+        guard region.memorySize <= UInt64(Int.max) else { throw SystemCallError(call: "mmap", errno: ENOMEM) }
+        let len = Int(region.memorySize)
+        let wantHuge = hugePages && region.memorySize % (2 << 20) == 0
+        var p: UnsafeMutableRawPointer? = MAP_FAILED
+        if wantHuge {
+            // Huge pages are reserved at mmap time (no MAP_NORESERVE): with too few
+            // free, mmap fails and we fall back, instead of SIGBUS on first touch.
+            p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | 0x40000 /* MAP_HUGETLB */, -1, 0)
+        }
+        let huge = p != MAP_FAILED
+        if !huge {
+            p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        }
+        guard let base = p, base != MAP_FAILED else { throw SystemCallError(call: "mmap", errno: errno) }
+        if !huge { _ = madvise(base, len, 14 /* MADV_HUGEPAGE */) }
+        self.region = region
+        self.base = base
+        self.length = len
+        self.huge = huge
+    }
+
+    deinit { munmap(base, length) }
+}
+
+/// Host mappings backing each region of a memory table. Kept alive by every
+/// holder (the device, a built-in guest), so no pointer into it dangles; the
+/// owning worker drops the device's reference only between batches.
 public final class GuestMemory: @unchecked Sendable {
     /// Base of each region's mapping, in the table's region order.
     public let bases: [UnsafeMutableRawPointer]
     /// The table this memory backs.
     public let table: MemoryTable
-    /// Whether explicit huge pages back the regions.
+    /// Whether explicit huge pages back every region.
     public let hugePages: Bool
-    private let lengths: [Int]
+    private let mappings: [RegionMapping]
 
-    /// Maps every region of `table`: MAP_HUGETLB (2 MiB) when `hugePages`
-    /// and every size is a multiple of 2 MiB, else plain shared anonymous
-    /// memory with transparent-huge-page advice. Pages are touched lazily.
-    public init(table: MemoryTable, hugePages wantHuge: Bool = false) throws(SystemCallError) {
-        let twoMiB: UInt64 = 2 << 20
-        let huge = wantHuge && table.regions.allSatisfy { $0.memorySize % twoMiB == 0 }
-        var bases: [UnsafeMutableRawPointer] = []
-        var lengths: [Int] = []
-        var fellBack = false
+    /// Maps every region of `table`. A region identical to one of `previous`
+    /// (same guest-physical address, size and user address) keeps its memory,
+    /// as RAM stays in place when a VMM re-sends its table.
+    public init(table: MemoryTable, hugePages: Bool = false, previous: GuestMemory? = nil) throws(SystemCallError) {
+        var mappings: [RegionMapping] = []
         for r in table.regions {
-            guard r.memorySize <= UInt64(Int.max) else {
-                GuestMemory.unmap(bases, lengths)
-                throw SystemCallError(call: "mmap", errno: ENOMEM)
+            if let same = previous?.mappings.first(where: { $0.region == r }) {
+                mappings.append(same)
+            } else {
+                mappings.append(try RegionMapping(r, hugePages: hugePages))
             }
-            let len = Int(r.memorySize)
-            // Huge pages are reserved at mmap time (no MAP_NORESERVE): with too few
-            // free, mmap fails and we fall back, instead of SIGBUS on first touch.
-            let flags = huge ? MAP_SHARED | MAP_ANONYMOUS | 0x40000 /* MAP_HUGETLB */
-                             : MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE
-            var p = mmap(nil, len, PROT_READ | PROT_WRITE, flags, -1, 0)
-            if p == MAP_FAILED && huge {
-                fellBack = true
-                p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-            }
-            guard let base = p, base != MAP_FAILED else {
-                let e = errno
-                GuestMemory.unmap(bases, lengths)
-                throw SystemCallError(call: "mmap", errno: e)
-            }
-            if !huge || fellBack { _ = madvise(base, len, 14 /* MADV_HUGEPAGE */) }
-            bases.append(base)
-            lengths.append(len)
         }
-        self.bases = bases
-        self.lengths = lengths
+        self.mappings = mappings
+        self.bases = mappings.map(\.base)
         self.table = table
-        self.hugePages = huge && !fellBack
+        self.hugePages = mappings.allSatisfy(\.huge)
     }
-
-    deinit { GuestMemory.unmap(bases, lengths) }
-
-    private static func unmap(_ bases: [UnsafeMutableRawPointer], _ lengths: [Int]) {
-        for (b, l) in zip(bases, lengths) { munmap(b, l) }
-    }
-
     /// The host pointer of guest-physical `gpa` and the bytes contiguous from it.
     public func host(gpa: GuestPhysAddr) -> (UnsafeMutableRawPointer, UInt64)? {
         table.lookup(gpa: gpa).map { (bases[$0.region] + Int($0.offset), $0.contiguous) }

@@ -16,6 +16,7 @@ public final class DatapathWorker: @unchecked Sendable {
     private let wake = WakeSignal()
     private var thread: pthread_t?
     private let running = Atomic<Bool>(true)
+    private let sleeping = Atomic<Bool>(false)
 
     /// Devices owned by this worker, by id. Touched only on the worker thread.
     public internal(set) var devices: [String: Device] = [:]
@@ -43,6 +44,12 @@ public final class DatapathWorker: @unchecked Sendable {
         } else {
             command(DatapathWorker(index: -1))
         }
+    }
+
+    /// A driver's notification ("kick"): wakes the thread if it is backing off idle.
+    /// Costs one atomic load when the thread is busy polling.
+    public func kick() {
+        if sleeping.load(ordering: .sequentiallyConsistent) { wake.signal() }
     }
 
     /// Runs `body` on the worker thread and waits for its result (tests, tools).
@@ -91,8 +98,10 @@ public final class DatapathWorker: @unchecked Sendable {
             } else {
                 // Back off while idle so an idle daemon costs next to nothing;
                 // a command wakes the thread at once.
-                idleNanos = min(max(idleNanos * 2, 20_000), 2_000_000)
+                idleNanos = min(max(idleNanos * 2, 20_000), 4_000_000)
+                sleeping.store(true, ordering: .sequentiallyConsistent)
                 wake.wait(timeoutNanos: idleNanos)
+                sleeping.store(false, ordering: .relaxed)
             }
         }
         drainCommands()

@@ -110,7 +110,16 @@ struct IOTLBDaemon: ParsableCommand {
                                             "datapath_threads": "\(datapathThreads)",
                                             "auth": "\(settings.token == nil ? "off" : "bearer")"])
         if demo {
-            logger.warning("--demo: the built-in guest is not available in this build yet; no demo device created")
+            let base = "http://\(options.host):\(daemon.port)"
+            daemon.controlPlane.startDemo { result in
+                switch result {
+                case .success(let id):
+                    logger.info("demo running: curl -s \(base)/v1/devices/\(id)/iotlb/stats",
+                                metadata: ["device": "\(id)"])
+                case .failure(let e):
+                    logger.error("demo failed: \(e.message)")
+                }
+            }
         }
         var caught: Int32 = 0
         sigwait(&signals, &caught)

@@ -1,0 +1,360 @@
+// The built-in guest ("l2fwd in the guest" of the seed benchmark): on its own
+// thread it lays RX/TX rings and buffers in guest memory, maps them in its
+// IOMMU (static or dynamic), sends frames on TX, refills RX, and verifies
+// every byte that comes back through the device's loopback.
+import Glibc
+import Synchronization
+import IOTLB
+import Vhost
+
+/// Why a workload could not start.
+public enum WorkloadError: Error, Equatable, Sendable {
+    case engine(EngineError)
+    case unsuitable(String)
+}
+
+/// One running built-in guest, bound to one device's queues 0 (RX) and 1 (TX).
+public final class Workload: @unchecked Sendable {
+    /// What it was asked to do.
+    public let config: WorkloadConfig
+    /// The device it drives.
+    public let handle: DeviceHandle
+    /// Its IOMMU (nil with the device IOTLB off: no IOMMU, addresses are guest-physical).
+    public private(set) var iommu: GuestIOMMU?
+    /// Guest memory, as the guest sees it.
+    public private(set) var memory: GuestPhysicalMemory?
+
+    /// Static mappings (and rings): IOVA = guest-physical address + this (1 GiB aligned, so pages line up).
+    public static let iovaBase: UInt64 = 0x10_0000_0000
+    /// Dynamic mappings: each buffer slot has its own IOVA window from here, as
+    /// a Linux guest's IOVA allocator hands every dma_map its own range.
+    public static let dynamicIOVABase: UInt64 = 0x100_0000_0000
+    /// The user address the daemon gives a workload's memory when the device has none.
+    public static let uaddrBase: UInt64 = 0x7f00_0000_0000
+
+    private let stopFlag = Atomic<Bool>(false)
+    private let published = Mutex(WorkloadStats())
+    private var thread: pthread_t?
+    private var translator: BuiltinTranslator?
+    private let startResult = Mutex<Result<Void, WorkloadError>?>(nil)
+    private let started = WakeSignal()
+
+    private init(config: WorkloadConfig, handle: DeviceHandle) {
+        self.config = config
+        self.handle = handle
+    }
+
+    /// Sets up memory, rings and mappings on a new guest thread and starts
+    /// traffic; `ready` runs once set-up succeeded or failed.
+    public static func start(_ config: WorkloadConfig, on handle: DeviceHandle,
+                             ready: @escaping @Sendable (Result<Workload, WorkloadError>) -> Void) {
+        let w = Workload(config: config, handle: handle)
+        w.thread = startThread(name: "guest") {
+            do throws(WorkloadError) {
+                let run = try w.setUp()
+                w.published.withLock { $0.state = "running" }
+                ready(.success(w))
+                run.loop()
+                w.finishStats(run, state: w.stopFlag.load(ordering: .acquiring) ? "stopped" : "done")
+            } catch {
+                w.published.withLock { $0.state = "failed"; $0.error = "\(error)" }
+                ready(.failure(error))
+            }
+            w.translator?.stop()
+        }
+    }
+
+    /// Stops the guest thread (and its translator) and returns the final figures.
+    public func stop() -> WorkloadStats {
+        stopFlag.store(true, ordering: .releasing)
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+        return stats
+    }
+
+    /// The latest published figures.
+    public var stats: WorkloadStats {
+        var s = published.withLock { $0 }
+        s.translatorAnswers = translator?.answered.load(ordering: .relaxed) ?? 0
+        return s
+    }
+
+    private func finishStats(_ run: GuestRun, state: String) {
+        run.publish(final: true)
+        published.withLock { $0.state = state }
+    }
+
+    // MARK: Set-up
+
+    private func setUp() throws(WorkloadError) -> GuestRun {
+        let c = config
+        let slot = c.slotBytes
+        let ringLayoutSize = RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(0)).span
+        let ringsBytes = (ringLayoutSize + 4095) & ~4095
+        let need = 2 * ringsBytes + 2 * UInt64(c.ringSize) * UInt64(slot)
+        // A memory table if the device has none: one region at GPA 0, 2 MiB-rounded, at least 16 MiB.
+        let size = max(16 << 20, (need + (2 << 20) - 1) & ~((2 << 20) - 1))
+        let region = MemoryRegion(guestPhysAddr: GuestPhysAddr(0), memorySize: size, userspaceAddr: UserAddr(Workload.uaddrBase))
+        let got = handle.performSync { d -> Result<(GuestMemory, DeviceConfig), WorkloadError> in
+            guard let d else { return .failure(.engine(.notFound("device gone"))) }
+            if d.memTable == nil {
+                do throws(EngineError) { _ = try d.setMemTable([region]) } catch { return .failure(.engine(error)) }
+            }
+            return .success((d.memory!, d.config))
+        }
+        let (mem, device) = try got.get()
+        guard device.queues >= 2 else { throw .unsuitable("the device needs at least 2 queues (RX 0, TX 1)") }
+        let table = mem.table
+        // Lay everything in the first region large enough.
+        guard let base = table.regions.first(where: { $0.memorySize >= need + 4096 }) else {
+            throw .unsuitable("no memory region holds the workload's \(need) bytes of rings and buffers")
+        }
+        let gpa0 = (base.guestPhysAddr.raw + 4095) & ~4095
+        let guestMemory = GuestPhysicalMemory(mem)
+        memory = guestMemory
+        let iommu = device.iotlb ? GuestIOMMU(pageSize: c.pageSize) : nil
+        self.iommu = iommu
+        let run = GuestRun(workload: self, memory: guestMemory, table: table, iotlb: device.iotlb, iommu: iommu,
+                           rxRing: RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(gpa0)),
+                           txRing: RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(gpa0 + ringsBytes)),
+                           rxBuffers: gpa0 + 2 * ringsBytes,
+                           txBuffers: gpa0 + 2 * ringsBytes + UInt64(c.ringSize) * UInt64(slot))
+        published.withLock { $0.guestMemoryBytes = table.totalBytes }
+        if device.iotlb && device.translator == .builtin, let iommu {
+            translator = BuiltinTranslator(handle: handle, iommu: iommu, table: table)
+        }
+        try run.mapStatic()
+        try run.setVrings()
+        return run
+    }
+
+    fileprivate var stopping: Bool { stopFlag.load(ordering: .relaxed) }
+    fileprivate func publish(_ s: WorkloadStats) {
+        published.withLock { p in
+            let state = p.state == "starting" ? "running" : p.state
+            let mem = p.guestMemoryBytes
+            p = s
+            p.state = state
+            p.guestMemoryBytes = mem
+        }
+    }
+}
+
+/// The guest thread's own state: rings, slots, counters. Touched only by that thread.
+final class GuestRun {
+    unowned let workload: Workload
+    let config: WorkloadConfig
+    let memory: GuestPhysicalMemory
+    let table: MemoryTable
+    let iotlb: Bool
+    let iommu: GuestIOMMU?
+    let rx: SplitRingDriver
+    let tx: SplitRingDriver
+    let rxBuffers: UInt64
+    let txBuffers: UInt64
+    let slot: Int
+
+    var rxFree: [UInt16]
+    var txFree: [UInt16]
+    var reapedRX: [UInt16] = []
+    var reapedTX: [UInt16] = []
+    var stats = WorkloadStats()
+    let startTime = monotonicNanos()
+    var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
+
+    init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
+         rxRing: RingLayout, txRing: RingLayout, rxBuffers: UInt64, txBuffers: UInt64) {
+        self.workload = workload
+        self.config = workload.config
+        self.memory = memory
+        self.table = table
+        self.iotlb = iotlb
+        self.iommu = iommu
+        self.rx = SplitRingDriver(memory: memory, layout: rxRing)
+        self.tx = SplitRingDriver(memory: memory, layout: txRing)
+        self.rxBuffers = rxBuffers
+        self.txBuffers = txBuffers
+        self.slot = config.slotBytes
+        rxFree = Array((0..<config.ringSize).map { UInt16(truncatingIfNeeded: $0) }.reversed())
+        txFree = rxFree
+        reapedRX.reserveCapacity(config.ringSize)
+        reapedTX.reserveCapacity(config.ringSize)
+    }
+
+    /// What a descriptor names for guest-physical `gpa` under a static mapping.
+    @inline(__always) func dma(_ gpa: UInt64) -> UInt64 { iotlb ? gpa + Workload.iovaBase : gpa }
+
+    func rxGPA(_ i: UInt16) -> UInt64 { rxBuffers + UInt64(i) * UInt64(slot) }
+    func txGPA(_ i: UInt16) -> UInt64 { txBuffers + UInt64(i) * UInt64(slot) }
+
+    /// The IOVA a dynamic mapping gives buffer `i` (RX when `rx`) at guest-physical
+    /// `gpa`: its own page-aligned window, the buffer at its page offset.
+    func dynamicIOVA(rx: Bool, _ i: UInt16, _ gpa: UInt64) -> UInt64 {
+        let page = config.pageSize.bytes
+        let stride = (UInt64(slot) + page - 1) / page * page + page
+        let window = UInt64((rx ? 0 : config.ringSize) + Int(i)) * stride
+        return Workload.dynamicIOVABase + window + gpa % page
+    }
+
+    // MARK: Commands to the device (the same path the HTTP API takes)
+
+    private func update(_ entries: [IOTLBEntry]) throws(WorkloadError) {
+        guard !entries.isEmpty else { return }
+        let r = workload.handle.performSync { d -> Result<UpdateReport, EngineError> in
+            guard let d else { return .failure(.notFound("device gone")) }
+            do throws(EngineError) { return .success(try d.updateIOTLB(entries)) } catch { return .failure(error) }
+        }
+        if case .failure(let e) = r { throw .engine(e) }
+        stats.eagerUpdates &+= 1
+    }
+
+    private func invalidate(_ ranges: [AddressRange<IOVA>]) {
+        guard !ranges.isEmpty else { return }
+        _ = workload.handle.performSync { d in try? d?.invalidateIOTLB(ranges) }
+        stats.invalidations &+= 1
+    }
+
+    /// Maps guest-physical [gpa, gpa+len) at `iova` (by default its static IOVA) in the
+    /// guest IOMMU; with `eager`, pushes new pages to the device.
+    private func map(_ gpa: UInt64, _ len: Int, _ perm: Permissions, at iova: UInt64? = nil, pushing: inout [IOTLBEntry]) {
+        guard let iommu else { return }
+        let fresh = iommu.map(iova: IOVA(iova ?? dma(gpa)), gpa: GuestPhysAddr(gpa), size: UInt64(len), perm: perm)
+        if config.eager {
+            for page in fresh {
+                if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first) { pushing.append(e) }
+            }
+        }
+    }
+
+    func mapStatic() throws(WorkloadError) {
+        guard iommu != nil else { return }
+        var push: [IOTLBEntry] = []
+        for ring in [rx.layout, tx.layout] {
+            map(ring.descGPA.raw, Int(ring.span), .readWrite, pushing: &push)
+        }
+        if config.mapping == .static {
+            map(rxBuffers, config.ringSize * slot, .write, pushing: &push)
+            map(txBuffers, config.ringSize * slot, .read, pushing: &push)
+        }
+        try update(push)
+    }
+
+    func setVrings() throws(WorkloadError) {
+        for (n, ring) in [(0, rx.layout), (1, tx.layout)] {
+            let ringAddr: (GuestPhysAddr) -> UInt64 = { gpa in
+                self.iotlb ? gpa.raw + Workload.iovaBase
+                           : self.table.regions[self.table.lookup(gpa: gpa)!.region].userspaceAddr.raw + self.table.lookup(gpa: gpa)!.offset
+            }
+            let c = VringConfig(num: ring.num, descAddr: ringAddr(ring.descGPA), availAddr: ringAddr(ring.availGPA),
+                                usedAddr: ringAddr(ring.usedGPA))
+            let r = workload.handle.performSync { d -> Result<VringSnapshot, EngineError> in
+                guard let d else { return .failure(.notFound("device gone")) }
+                do throws(EngineError) { return .success(try d.setVring(n, c)) } catch { return .failure(error) }
+            }
+            if case .failure(let e) = r { throw .engine(e) }
+        }
+    }
+
+    // MARK: Traffic
+
+    func loop() {
+        var idle = 0
+        var lastPublish = monotonicNanos()
+        let limit = config.packets
+        let dynamic = config.mapping == .dynamic && iommu != nil
+        var push: [IOTLBEntry] = []
+        var unmapped: [AddressRange<IOVA>] = []
+        push.reserveCapacity(config.ringSize)
+        while !workload.stopping {
+            var progress = false
+            // Reap: TX buffers back, RX frames in (verified).
+            while let u = tx.takeUsed() { reapedTX.append(u.id); progress = true }
+            while let u = rx.takeUsed() {
+                let p = memory.at(GuestPhysAddr(rxGPA(u.id)), slot)
+                if !Frame.verify(p, length: Int(u.len), seq: stats.received, payload: config.packetSize) {
+                    stats.verifyErrors &+= 1
+                    if stats.error == nil {
+                        stats.error = "frame \(stats.received): \(u.len) bytes did not match what was sent"
+                    }
+                }
+                stats.received &+= 1
+                reapedRX.append(u.id)
+                progress = true
+            }
+            // Dynamic: unmap what came back; pages no longer mapped are invalidated
+            // in the device IOTLB (one command) before any slot is reused.
+            if dynamic && !(reapedRX.isEmpty && reapedTX.isEmpty) {
+                unmapped.removeAll(keepingCapacity: true)
+                for i in reapedRX {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, i, rxGPA(i))), size: UInt64(slot))
+                }
+                for i in reapedTX {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, i, txGPA(i))), size: UInt64(slot))
+                }
+                invalidate(unmapped)
+            }
+            rxFree += reapedRX
+            txFree += reapedTX
+            reapedRX.removeAll(keepingCapacity: true)
+            reapedTX.removeAll(keepingCapacity: true)
+
+            // Refill RX, then send while TX slots are free.
+            push.removeAll(keepingCapacity: true)
+            var rxPosted = false, txPosted = false
+            while let i = rxFree.popLast() {
+                let gpa = rxGPA(i)
+                var addr = dma(gpa)
+                if dynamic {
+                    addr = dynamicIOVA(rx: true, i, gpa)
+                    map(gpa, slot, .write, at: addr, pushing: &push)
+                }
+                rx.setDescriptor(Int(i), addr: addr, len: UInt32(slot), flags: 2)
+                rx.stage(i)
+                rxPosted = true
+            }
+            while (limit == 0 || stats.sent < limit), let i = txFree.popLast() {
+                let gpa = txGPA(i)
+                Frame.write(memory.at(GuestPhysAddr(gpa), slot), seq: stats.sent, payload: config.packetSize)
+                var addr = dma(gpa)
+                if dynamic {
+                    addr = dynamicIOVA(rx: false, i, gpa)
+                    map(gpa, slot, .read, at: addr, pushing: &push)
+                }
+                tx.setDescriptor(Int(i), addr: addr, len: UInt32(Frame.headerBytes + config.packetSize))
+                tx.stage(i)
+                stats.sent &+= 1
+                txPosted = true
+            }
+            if !push.isEmpty { try? update(push) }
+            if rxPosted { rx.publish() }
+            if txPosted { tx.publish() }
+            if rxPosted || txPosted {
+                workload.handle.worker.kick()
+                progress = true
+            }
+            let now = monotonicNanos()
+            if now - lastPublish > 20_000_000 {
+                publish(now: now)
+                lastPublish = now
+            }
+            if limit > 0 && stats.received >= limit { break }
+            if progress {
+                idle = 0
+            } else {
+                idle += 1
+                if idle > 2000 { usleep(idle > 100_000 ? 1000 : 50) } else if idle > 200 { sched_yield() }
+            }
+        }
+    }
+
+    func publish(now: UInt64 = monotonicNanos(), final: Bool = false) {
+        stats.elapsed = Double(now - startTime) / 1e9
+        window.append((now, stats.received))
+        while let first = window.first, now - first.0 > 1_000_000_000, window.count > 2 { window.removeFirst() }
+        let (t0, r0) = final ? (startTime, 0) : window.first!
+        let dt = Double(now - t0) / 1e9
+        stats.pps = dt > 0 ? Double(stats.received - r0) / dt : 0
+        stats.gbps = stats.pps * Double(config.packetSize) * 8 / 1e9
+        workload.publish(stats)
+    }
+}
