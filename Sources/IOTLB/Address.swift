@@ -98,12 +98,14 @@ public struct Permissions: OptionSet, Hashable, Sendable, CustomStringConvertibl
     public let rawValue: UInt8
     @inlinable public init(rawValue: UInt8) { self.rawValue = rawValue }
 
+    // Computed and inlinable rather than stored: a stored static in another
+    // module costs a lazy-initialisation check on every use in the datapath.
     /// The device may read (VHOST_ACCESS_RO = 1).
-    public static let read = Permissions(rawValue: 1)
+    @inlinable public static var read: Permissions { Permissions(rawValue: 1) }
     /// The device may write (VHOST_ACCESS_WO = 2).
-    public static let write = Permissions(rawValue: 2)
+    @inlinable public static var write: Permissions { Permissions(rawValue: 2) }
     /// Both (VHOST_ACCESS_RW = 3).
-    public static let readWrite: Permissions = [.read, .write]
+    @inlinable public static var readWrite: Permissions { Permissions(rawValue: 3) }
 
     /// "ro", "wo", "rw" or "none".
     public var description: String {

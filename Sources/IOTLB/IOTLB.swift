@@ -80,19 +80,24 @@ public final class IOTLB {
     /// with an older generation may be stale.
     public private(set) var generation: UInt64 = 0
 
-    private struct Node {
+    // Nodes are split by use: what a look-up walks (16 bytes, so a 2048-entry
+    // tree's keys stay in L1) and the rest.
+    private struct Hot {
         var first: UInt64
-        var last: UInt64
-        var uaddr: UInt64
         var left: Int32      // AVL children; `left` doubles as the free-list link
         var right: Int32
+    }
+    private struct Cold {
+        var last: UInt64
+        var uaddr: UInt64
         var older: Int32     // FIFO neighbours
         var newer: Int32
         var height: Int8
         var perm: UInt8
     }
 
-    private var nodes: UnsafeMutablePointer<Node>
+    private var hot: UnsafeMutablePointer<Hot>
+    private var cold: UnsafeMutablePointer<Cold>
     private var capacity: Int
     private var used = 0           // nodes ever handed out (high-water mark)
     private var freeList: Int32 = -1
@@ -106,48 +111,59 @@ public final class IOTLB {
         precondition(maxEntries >= 1 && maxEntries <= IOTLB.entriesCeiling, "maxEntries out of range")
         self.maxEntries = maxEntries
         capacity = min(maxEntries, 64)
-        nodes = .allocate(capacity: capacity)
+        hot = .allocate(capacity: capacity)
+        cold = .allocate(capacity: capacity)
     }
 
-    deinit { nodes.deallocate() }
+    deinit {
+        hot.deallocate()
+        cold.deallocate()
+    }
 
     // MARK: Look-up
 
     /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
     public func translate(_ iova: IOVA, access: Permissions, size: UInt64 = .max) -> Translation {
-        guard let e = entry(containing: iova) else { return .miss }
-        if !e.perm.contains(access) { return .denied(perm: e.perm) }
-        let offset = iova.raw &- e.range.first.raw
+        let key = iova.raw
+        let n = floor(key)
+        guard n >= 0 else { return .miss }
+        let c = cold[Int(n)]
+        guard c.last >= key else { return .miss }
+        let perm = Permissions(rawValue: c.perm)
+        if !perm.contains(access) { return .denied(perm: perm) }
+        let offset = key &- hot[Int(n)].first
         // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
-        let leftMinusOne = e.range.last.raw &- iova.raw
+        let leftMinusOne = c.last &- key
         let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
-        return .mapped(uaddr: UserAddr(e.uaddr.raw &+ offset), length: length, perm: e.perm)
+        return .mapped(uaddr: UserAddr(c.uaddr &+ offset), length: length, perm: perm)
     }
 
     /// The entry holding `iova`, if any.
     public func entry(containing iova: IOVA) -> IOTLBEntry? {
+        let n = floor(iova.raw)
+        guard n >= 0, cold[Int(n)].last >= iova.raw else { return nil }
+        return entry(n)
+    }
+
+    /// The node with the greatest first <= key, or -1. The descent is written
+    /// to compile to conditional moves: random look-ups would otherwise pay a
+    /// mispredicted branch per level.
+    @inline(__always)
+    private func floor(_ key: UInt64) -> Int32 {
         var n = root
         var best: Int32 = -1
-        let key = iova.raw
         while n >= 0 {
-            let node = nodes[Int(n)]
-            if node.first <= key {
-                best = n
-                if node.first == key { break }
-                n = node.right
-            } else {
-                n = node.left
-            }
+            let h = hot[Int(n)]
+            let right = h.first <= key
+            best = right ? n : best
+            n = right ? h.right : h.left
         }
-        guard best >= 0 else { return nil }
-        let b = nodes[Int(best)]
-        guard b.last >= key else { return nil }
-        return entry(b)
+        return best
     }
 
     /// Calls `body` with every entry overlapping `range`, in IOVA order.
     public func forEachOverlapping(_ range: AddressRange<IOVA>, _ body: (IOTLBEntry) -> Void) {
-        visit(root, range.first.raw, range.last.raw) { body(self.entry(self.nodes[Int($0)])) }
+        visit(root, range.first.raw, range.last.raw) { body(self.entry($0)) }
     }
 
     /// Every entry overlapping `range` (all of them when nil), in IOVA order.
@@ -164,8 +180,8 @@ public final class IOTLB {
         out.reserveCapacity(count)
         var n = oldest
         while n >= 0 {
-            out.append(entry(nodes[Int(n)]))
-            n = nodes[Int(n)].newer
+            out.append(entry(n))
+            n = cold[Int(n)].newer
         }
         return out
     }
@@ -179,16 +195,14 @@ public final class IOTLB {
         var outcome = UpdateOutcome()
         outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
         if count == maxEntries, oldest >= 0 {
-            let victim = nodes[Int(oldest)]
-            removeNode(key: victim.first)
-            onRemove(entry(victim), .evicted)
+            if let victim = removeNode(key: hot[Int(oldest)].first) { onRemove(victim, .evicted) }
             outcome.evicted = 1
         }
         let n = allocateNode()
-        nodes[Int(n)] = Node(first: e.range.first.raw, last: e.range.last.raw, uaddr: e.uaddr.raw,
-                             left: -1, right: -1, older: newest, newer: -1, height: 1,
-                             perm: e.perm.rawValue)
-        if newest >= 0 { nodes[Int(newest)].newer = n } else { oldest = n }
+        hot[Int(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
+        cold[Int(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
+                            perm: e.perm.rawValue)
+        if newest >= 0 { cold[Int(newest)].newer = n } else { oldest = n }
         newest = n
         root = insert(root, n)
         count += 1
@@ -207,8 +221,8 @@ public final class IOTLB {
         let removed = count
         var n = oldest
         while n >= 0 {
-            onRemove(entry(nodes[Int(n)]), .flushed)
-            n = nodes[Int(n)].newer
+            onRemove(entry(n), .flushed)
+            n = cold[Int(n)].newer
         }
         root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0
         if removed > 0 { generation &+= 1 }
@@ -217,15 +231,16 @@ public final class IOTLB {
 
     // MARK: Internals
 
-    private func entry(_ n: Node) -> IOTLBEntry {
-        IOTLBEntry(range: AddressRange(first: IOVA(n.first), last: IOVA(n.last)),
-                   uaddr: UserAddr(n.uaddr), perm: Permissions(rawValue: n.perm))
+    private func entry(_ n: Int32) -> IOTLBEntry {
+        let c = cold[Int(n)]
+        return IOTLBEntry(range: AddressRange(first: IOVA(hot[Int(n)].first), last: IOVA(c.last)),
+                          uaddr: UserAddr(c.uaddr), perm: Permissions(rawValue: c.perm))
     }
 
     private func removeOverlapping(_ range: AddressRange<IOVA>, reason: RemovalReason,
                                    _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
         scratch.removeAll(keepingCapacity: true)
-        visit(root, range.first.raw, range.last.raw) { self.scratch.append(self.nodes[Int($0)].first) }
+        visit(root, range.first.raw, range.last.raw) { self.scratch.append(self.hot[Int($0)].first) }
         for key in scratch {
             if let removed = removeNode(key: key) { onRemove(removed, reason) }
         }
@@ -237,26 +252,30 @@ public final class IOTLB {
     /// starting above `hi` nothing on its right.
     private func visit(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
         if n < 0 { return }
-        let node = nodes[Int(n)]
-        if node.first > hi { visit(node.left, lo, hi, body); return }
-        if node.last < lo { visit(node.right, lo, hi, body); return }
-        visit(node.left, lo, hi, body)
+        let h = hot[Int(n)]
+        if h.first > hi { visit(h.left, lo, hi, body); return }
+        if cold[Int(n)].last < lo { visit(h.right, lo, hi, body); return }
+        visit(h.left, lo, hi, body)
         body(n)
-        visit(node.right, lo, hi, body)
+        visit(h.right, lo, hi, body)
     }
 
     private func allocateNode() -> Int32 {
         if freeList >= 0 {
             let n = freeList
-            freeList = nodes[Int(n)].left
+            freeList = hot[Int(n)].left
             return n
         }
         if used == capacity {
             let bigger = min(capacity * 2, maxEntries)
-            let fresh = UnsafeMutablePointer<Node>.allocate(capacity: bigger)
-            fresh.moveInitialize(from: nodes, count: used)
-            nodes.deallocate()
-            nodes = fresh
+            let freshHot = UnsafeMutablePointer<Hot>.allocate(capacity: bigger)
+            freshHot.moveInitialize(from: hot, count: used)
+            hot.deallocate()
+            hot = freshHot
+            let freshCold = UnsafeMutablePointer<Cold>.allocate(capacity: bigger)
+            freshCold.moveInitialize(from: cold, count: used)
+            cold.deallocate()
+            cold = freshCold
             capacity = bigger
         }
         used += 1
@@ -269,51 +288,52 @@ public final class IOTLB {
         var found: Int32 = -1
         root = remove(root, key, &found)
         guard found >= 0 else { return nil }
-        let node = nodes[Int(found)]
-        if node.older >= 0 { nodes[Int(node.older)].newer = node.newer } else { oldest = node.newer }
-        if node.newer >= 0 { nodes[Int(node.newer)].older = node.older } else { newest = node.older }
-        nodes[Int(found)].left = freeList
+        let removed = entry(found)
+        let c = cold[Int(found)]
+        if c.older >= 0 { cold[Int(c.older)].newer = c.newer } else { oldest = c.newer }
+        if c.newer >= 0 { cold[Int(c.newer)].older = c.older } else { newest = c.older }
+        hot[Int(found)].left = freeList
         freeList = found
         count -= 1
         generation &+= 1
-        return entry(node)
+        return removed
     }
 
-    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : nodes[Int(n)].height }
+    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[Int(n)].height }
 
     private func refresh(_ n: Int32) {
-        nodes[Int(n)].height = max(height(nodes[Int(n)].left), height(nodes[Int(n)].right)) + 1
+        cold[Int(n)].height = max(height(hot[Int(n)].left), height(hot[Int(n)].right)) + 1
     }
 
     private func rotateRight(_ n: Int32) -> Int32 {
-        let l = nodes[Int(n)].left
-        nodes[Int(n)].left = nodes[Int(l)].right
-        nodes[Int(l)].right = n
+        let l = hot[Int(n)].left
+        hot[Int(n)].left = hot[Int(l)].right
+        hot[Int(l)].right = n
         refresh(n); refresh(l)
         return l
     }
 
     private func rotateLeft(_ n: Int32) -> Int32 {
-        let r = nodes[Int(n)].right
-        nodes[Int(n)].right = nodes[Int(r)].left
-        nodes[Int(r)].left = n
+        let r = hot[Int(n)].right
+        hot[Int(n)].right = hot[Int(r)].left
+        hot[Int(r)].left = n
         refresh(n); refresh(r)
         return r
     }
 
     private func rebalance(_ n: Int32) -> Int32 {
         refresh(n)
-        let l = nodes[Int(n)].left, r = nodes[Int(n)].right
+        let l = hot[Int(n)].left, r = hot[Int(n)].right
         let balance = Int(height(l)) - Int(height(r))
         if balance > 1 {
-            if height(nodes[Int(l)].left) < height(nodes[Int(l)].right) {
-                nodes[Int(n)].left = rotateLeft(l)
+            if height(hot[Int(l)].left) < height(hot[Int(l)].right) {
+                hot[Int(n)].left = rotateLeft(l)
             }
             return rotateRight(n)
         }
         if balance < -1 {
-            if height(nodes[Int(r)].right) < height(nodes[Int(r)].left) {
-                nodes[Int(n)].right = rotateRight(r)
+            if height(hot[Int(r)].right) < height(hot[Int(r)].left) {
+                hot[Int(n)].right = rotateRight(r)
             }
             return rotateLeft(n)
         }
@@ -322,42 +342,42 @@ public final class IOTLB {
 
     private func insert(_ t: Int32, _ n: Int32) -> Int32 {
         if t < 0 { return n }
-        if nodes[Int(n)].first < nodes[Int(t)].first {
-            nodes[Int(t)].left = insert(nodes[Int(t)].left, n)
+        if hot[Int(n)].first < hot[Int(t)].first {
+            hot[Int(t)].left = insert(hot[Int(t)].left, n)
         } else {
-            nodes[Int(t)].right = insert(nodes[Int(t)].right, n)
+            hot[Int(t)].right = insert(hot[Int(t)].right, n)
         }
         return rebalance(t)
     }
 
     private func remove(_ t: Int32, _ key: UInt64, _ found: inout Int32) -> Int32 {
         if t < 0 { return -1 }
-        let k = nodes[Int(t)].first
+        let k = hot[Int(t)].first
         if key < k {
-            nodes[Int(t)].left = remove(nodes[Int(t)].left, key, &found)
+            hot[Int(t)].left = remove(hot[Int(t)].left, key, &found)
         } else if key > k {
-            nodes[Int(t)].right = remove(nodes[Int(t)].right, key, &found)
+            hot[Int(t)].right = remove(hot[Int(t)].right, key, &found)
         } else {
             found = t
-            let l = nodes[Int(t)].left, r = nodes[Int(t)].right
+            let l = hot[Int(t)].left, r = hot[Int(t)].right
             if l < 0 { return r }
             if r < 0 { return l }
             var successor: Int32 = -1
             let newRight = removeMin(r, &successor)
-            nodes[Int(successor)].left = l
-            nodes[Int(successor)].right = newRight
+            hot[Int(successor)].left = l
+            hot[Int(successor)].right = newRight
             return rebalance(successor)
         }
         return rebalance(t)
     }
 
     private func removeMin(_ t: Int32, _ minNode: inout Int32) -> Int32 {
-        let l = nodes[Int(t)].left
+        let l = hot[Int(t)].left
         if l < 0 {
             minNode = t
-            return nodes[Int(t)].right
+            return hot[Int(t)].right
         }
-        nodes[Int(t)].left = removeMin(l, &minNode)
+        hot[Int(t)].left = removeMin(l, &minNode)
         return rebalance(t)
     }
 }

@@ -10,12 +10,20 @@ extension Device {
 
     /// One datapath round over the device's queues; true when it did work.
     func poll() -> Bool {
-        guard memory != nil else { return false }
+        guard regions.count > 0 else { return false }
         var work = false
-        for vq in queues where vq.state == .running { _ = prepareRings(vq) }
+        let n = config.queues
+        for i in 0..<n {
+            queueRefs[i]._withUnsafeGuaranteedRef { vq in
+                if vq.state == .running { _ = prepareRings(vq) }
+            }
+        }
         var i = 1
-        while i < queues.count {
-            if processTX(queues[i]) { work = true }
+        while i < n {
+            let busy = queueRefs[i - 1]._withUnsafeGuaranteedRef { rx in
+                queueRefs[i]._withUnsafeGuaranteedRef { tx in processTX(tx, rx) }
+            }
+            if busy { work = true }
             i += 2
         }
         return work
@@ -77,8 +85,9 @@ extension Device {
         vq.pending = PendingEvent(seq: seq, kind: kind, iova: iova, perm: perm, postedAt: now)
     }
 
-    /// Processes up to `batch` TX chains; false when there was nothing to do.
-    func processTX(_ tx: VirtQueue) -> Bool {
+    /// Processes up to `batch` TX chains (into `rx` with the loopback backend);
+    /// false when there was nothing to do.
+    func processTX(_ tx: VirtQueue, _ rx: VirtQueue) -> Bool {
         guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
         let availIdx = ringLoad16(tx, tx.availHost, c.availAddr, 2, acquire: true)
         if availIdx == tx.lastAvailIdx { return false }
@@ -87,7 +96,6 @@ extension Device {
             return false
         }
         let loopback = config.backend == .loopback
-        let rx = queues[tx.index - 1]
         var rxAvail: UInt16 = 0
         if loopback {
             guard rx.state == .running, rx.ringsReady, let rc = rx.config else { return false }

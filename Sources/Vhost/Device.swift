@@ -39,6 +39,10 @@ public final class Device {
     public private(set) var memory: GuestMemory?
     /// Bumped whenever the memory table is replaced (cached translations die with it).
     var memoryGeneration: UInt64 = 0
+    /// The memory table flattened for the datapath.
+    var regions = RegionIndex()
+    /// The queues without reference counting, for the datapath (`queues` owns them).
+    let queueRefs: UnsafeMutablePointer<Unmanaged<VirtQueue>>
     /// The virtqueues: even index RX, odd TX.
     public let queues: [VirtQueue]
     /// Where misses and access failures are published.
@@ -59,6 +63,13 @@ public final class Device {
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
         self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
+        queueRefs = .allocate(capacity: queues.count)
+        for (i, q) in queues.enumerated() { (queueRefs + i).initialize(to: .passUnretained(q)) }
+    }
+
+    deinit {
+        queueRefs.deallocate()
+        regions.free()
     }
 
     /// The memory table, once set.
@@ -76,6 +87,8 @@ public final class Device {
             throw .memoryUnavailable(error.description)
         }
         memory = mem
+        self.regions.free()
+        self.regions = RegionIndex(mem)
         memoryGeneration &+= 1
         iotlb.flush()
         for vq in queues { vq.dropTranslations() }

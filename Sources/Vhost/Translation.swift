@@ -72,7 +72,7 @@ extension Device {
     @inline(never)
     func slowSegment(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
                      _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
-        guard let memory else {
+        guard regions.count > 0 else {
             if space == .iova { counters.misses &+= 1; vq.misses &+= 1; return .fault(.miss(iova: IOVA(addr), perm: access)) }
             return .fault(.badAddress(addr, space))
         }
@@ -85,20 +85,19 @@ extension Device {
             }
             guard e.perm.contains(access) else { return .fault(.denied(iova: IOVA(addr), perm: access)) }
             counters.hits &+= 1; vq.hits &+= 1
-            let uaddr = UserAddr(e.uaddr.raw &+ (addr &- e.range.first.raw))
+            let uaddr = e.uaddr.raw &+ (addr &- e.range.first.raw)
             // Verify-on-update keeps every entry backed; a miss here would be a bug, reported as a bad address.
-            guard let hit = memory.table.lookup(uaddr: uaddr) else { return .fault(.badAddress(addr, space)) }
-            lo = addr &- min(hit.offset, addr &- e.range.first.raw)
-            hi = addr &+ min(hit.contiguous &- 1, e.range.last.raw &- addr)
-            host = memory.bases[hit.region] + Int(hit.offset &- (addr &- lo))
+            guard let span = regions.find(uaddr, user: true) else { return .fault(.badAddress(addr, space)) }
+            // The IOVAs where this entry and this region overlap.
+            lo = addr &- min(uaddr &- span.first, addr &- e.range.first.raw)
+            hi = addr &+ min(span.last &- uaddr, e.range.last.raw &- addr)
+            host = span.host + Int(uaddr &- span.first) - Int(addr &- lo)
             perm = e.perm
         case .guestPhys, .user:
-            let found = space == .guestPhys ? memory.table.lookup(gpa: GuestPhysAddr(addr))
-                                            : memory.table.lookup(uaddr: UserAddr(addr))
-            guard let hit = found else { return .fault(.badAddress(addr, space)) }
-            lo = addr &- hit.offset
-            hi = addr &+ (hit.contiguous &- 1)
-            host = memory.bases[hit.region]
+            guard let span = regions.find(addr, user: space == .user) else { return .fault(.badAddress(addr, space)) }
+            lo = span.first
+            hi = span.last
+            host = span.host
             perm = .readWrite
         }
         cache = TranslationCache(first: lo, last: hi, host: host, perm: perm, generation: translationGeneration)

@@ -19,7 +19,22 @@ public final class DatapathWorker: @unchecked Sendable {
     private let sleeping = Atomic<Bool>(false)
 
     /// Devices owned by this worker, by id. Touched only on the worker thread.
-    public internal(set) var devices: [String: Device] = [:]
+    public internal(set) var devices: [String: Device] = [:] {
+        didSet { rebuildPollList() }
+    }
+    // The devices again, without reference counting, for the polling loop.
+    private var pollList = UnsafeMutablePointer<Unmanaged<Device>>.allocate(capacity: 1)
+    private var pollCount = 0
+
+    private func rebuildPollList() {
+        pollList.deallocate()
+        pollList = .allocate(capacity: max(devices.count, 1))
+        pollCount = 0
+        for d in devices.values {
+            (pollList + pollCount).initialize(to: .passUnretained(d))
+            pollCount += 1
+        }
+    }
 
     init(index: Int) {
         self.index = index
@@ -92,7 +107,7 @@ public final class DatapathWorker: @unchecked Sendable {
         while running.load(ordering: .acquiring) {
             drainCommands()
             var busy = false
-            for d in devices.values where d.poll() { busy = true }
+            for i in 0..<pollCount where pollList[i]._withUnsafeGuaranteedRef({ $0.poll() }) { busy = true }
             if busy {
                 idleNanos = 0
             } else {

@@ -1,0 +1,161 @@
+// Datapath: frames through the engine, IOTLB on vs off side by side.
+import ArgumentParser
+import CBenchCounters
+import ControlPlane
+import Foundation
+import Guest
+import IOTLB
+import Synchronization
+import Vhost
+
+struct DatapathBench: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "datapath",
+                                                    abstract: "Mpps, Gbit/s and hit rate per cell; IOTLB on/off ratio.")
+
+    @Option(help: "Payload sizes in bytes.") var sizes = "64,1500"
+    @Option(help: "Guest IOMMU page sizes.") var pages = "4k,2m,1g"
+    @Option(help: "Guest mappings.") var mappings = "static,dynamic"
+    @Option(help: "Seconds measured per run (after warm-up).") var seconds = 1.5
+    @Option(help: "Warm-up seconds per run.") var warmup = 0.4
+    @Option(help: "Runs per side (on, off alternately).") var repeats = 3
+    @Option(help: "Ring size.") var ringSize = 256
+    @Flag(help: "Builtin translator pushes guest mappings eagerly (dynamic).") var eager = false
+    @Flag(help: "JSON instead of a Markdown table.") var json = false
+
+    func run() throws {
+        let sizeList = sizes.split(separator: ",").compactMap { Int($0) }
+        let pageList = pages.split(separator: ",").compactMap { PageSize(rawValue: String($0)) }
+        let mapList = mappings.split(separator: ",").compactMap { MappingMode(rawValue: String($0)) }
+        guard !sizeList.isEmpty, !pageList.isEmpty, !mapList.isEmpty else {
+            throw ValidationError("nothing to run: check --sizes, --pages, --mappings")
+        }
+        var cells: [Cell] = []
+        let total = sizeList.count * pageList.count * mapList.count * repeats * 2
+        var done = 0
+        for size in sizeList {
+            for page in pageList {
+                for mapping in mapList {
+                    var cell = Cell(size: size, page: page, mapping: mapping)
+                    for _ in 0..<repeats {
+                        for on in [true, false] {
+                            done += 1
+                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") …")
+                            var c = WorkloadConfig()
+                            c.packetSize = size
+                            c.pageSize = page
+                            c.mapping = mapping
+                            c.ringSize = ringSize
+                            c.eager = eager
+                            let r = try measure(c, iotlb: on, warmup: warmup, seconds: seconds)
+                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") \(fmt(r.mpps)) Mpps")
+                            if on { cell.on.append(r) } else { cell.off.append(r) }
+                        }
+                    }
+                    cells.append(cell)
+                }
+            }
+        }
+        progressDone()
+        print(json ? Cell.json(cells).text : Cell.markdown(cells))
+    }
+}
+
+/// One run's figures.
+struct RunResult {
+    var mpps: Double
+    var gbps: Double
+    var frames: UInt64
+    var hits: UInt64
+    var misses: UInt64
+    var invalidations: UInt64
+    var verifyErrors: UInt64
+    /// Heap allocations and retain/release calls on the datapath thread per frame, net of the measurement's own.
+    var allocationsPerFrame: Double
+    var refcountsPerFrame: Double
+    var hitRate: Double { hits + misses == 0 ? 0 : Double(hits) / Double(hits + misses) }
+}
+
+/// Runs one workload for `seconds` after `warmup` and reads its figures.
+func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double) throws -> RunResult {
+    var limits = EngineLimits()
+    limits.hugePages = true
+    let engine = Engine(datapathThreads: 1, limits: limits)
+    defer { engine.shutdown() }
+    let h = try engine.createDevice(DeviceConfig(id: "bench", iotlb: iotlb))
+    let started = Mutex<Result<Workload, WorkloadError>?>(nil)
+    Workload.start(c, on: h) { r in started.withLock { $0 = r } }
+    var w: Workload?
+    while w == nil {
+        if let r = started.withLock({ $0 }) { w = try r.get() } else { usleep(1000) }
+    }
+    let workload = w!
+    defer { _ = workload.stop() }
+    sleepSeconds(warmup)
+    // What the datapath thread counted, read on that thread; two reads back to back
+    // give what reading itself costs.
+    let probe: @Sendable (Device?) -> (UInt64, UInt64, IOTLBStats) = { d in
+        (CBenchCounters_allocations(), CBenchCounters_refcounts(), d!.stats())
+    }
+    let b0 = h.performSync(probe), b1 = h.performSync(probe)
+    let baseAlloc = b1.0 - b0.0, baseRef = b1.1 - b0.1
+    let s0 = workload.stats
+    let p0 = h.performSync(probe)
+    sleepSeconds(seconds)
+    let p1 = h.performSync(probe)
+    let s1 = workload.stats
+    let frames = s1.received - s0.received
+    let dt = s1.elapsed - s0.elapsed
+    let mpps = dt > 0 ? Double(frames) / dt / 1e6 : 0
+    let f = Double(max(frames, 1))
+    return RunResult(mpps: mpps, gbps: mpps * 1e6 * Double(c.packetSize) * 8 / 1e9, frames: frames,
+                     hits: p1.2.hits - p0.2.hits, misses: p1.2.misses - p0.2.misses,
+                     invalidations: s1.invalidations - s0.invalidations, verifyErrors: s1.verifyErrors,
+                     allocationsPerFrame: Double(Int64(p1.0 - p0.0) - Int64(baseAlloc)) / f,
+                     refcountsPerFrame: Double(Int64(p1.1 - p0.1) - Int64(baseRef)) / f)
+}
+
+/// One cell of the table: the on and off runs of one configuration.
+struct Cell {
+    var size: Int
+    var page: PageSize
+    var mapping: MappingMode
+    var on: [RunResult] = []
+    var off: [RunResult] = []
+
+    /// on/off ratios of the runs made side by side.
+    var ratios: [Double] { zip(on, off).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 } }
+
+    static func markdown(_ cells: [Cell]) -> String {
+        let rows = cells.map { c -> [String] in
+            let r = c.ratios
+            let onM = median(c.on.map(\.mpps)), offM = median(c.off.map(\.mpps))
+            let hits = c.on.reduce(0) { $0 + $1.hits }, misses = c.on.reduce(0) { $0 + $1.misses }
+            let rate = hits + misses == 0 ? 0 : Double(hits) / Double(hits + misses)
+            return ["\(c.size)", c.page.rawValue, c.mapping.rawValue, fmt(onM), fmt(offM),
+                    fmt(median(c.on.map(\.gbps))),
+                    "\(fmt(r.min() ?? 0, 3)) / \(fmt(median(r), 3)) / \(fmt(r.max() ?? 0, 3))",
+                    String(format: "%.5f", rate * 100) + " %", "\(misses)",
+                    "\(c.on.reduce(0) { $0 + $1.invalidations })",
+                    fmt(c.on.map(\.allocationsPerFrame).max() ?? 0, 4),
+                    fmt(c.on.map(\.refcountsPerFrame).max() ?? 0, 4),
+                    "\(c.on.reduce(0) { $0 + $1.verifyErrors } + c.off.reduce(0) { $0 + $1.verifyErrors })"]
+        }
+        return table(["bytes", "page", "mapping", "on Mpps", "off Mpps", "on Gbit/s", "on/off min / median / max",
+                      "hit rate", "misses", "invalidations", "allocs/frame", "retains/frame", "verify errors"], rows)
+    }
+
+    static func json(_ cells: [Cell]) -> JSON {
+        .array(cells.map { c in
+            func runs(_ rs: [RunResult]) -> JSON {
+                .array(rs.map { r in
+                    ["mpps": .double(r.mpps), "gbps": .double(r.gbps), "frames": .count(r.frames), "hits": .count(r.hits),
+                     "misses": .count(r.misses), "hit_rate": .double(r.hitRate), "invalidations": .count(r.invalidations),
+                     "verify_errors": .count(r.verifyErrors), "allocations_per_frame": .double(r.allocationsPerFrame),
+                     "refcounts_per_frame": .double(r.refcountsPerFrame)]
+                })
+            }
+            return ["packet_size": .count(c.size), "page_size": .string(c.page.rawValue), "mapping": .string(c.mapping.rawValue),
+                    "on": runs(c.on), "off": runs(c.off), "ratios": .array(c.ratios.map { .double($0) })]
+        })
+    }
+}

@@ -1,0 +1,19 @@
+// iotlb-bench: the figures behind BENCHMARKS.md. Release build:
+//   swift build -c release && .build/release/iotlb-bench all
+import ArgumentParser
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "iotlb-bench",
+        abstract: "Benchmarks of the vhost engine and its device IOTLB.",
+        discussion: """
+            datapath: built-in guest traffic, IOTLB on and off run alternately (A B A B …) so their \
+            ratio is measured side by side; also counts heap allocations and retain/release on the \
+            datapath thread per frame. lookup: IOTLB translate cost. control: the HTTP API on loopback. \
+            Progress goes to stderr, a Markdown table (or --json) to stdout.
+            """,
+        subcommands: [DatapathBench.self, LookupBench.self, ControlBench.self],
+        defaultSubcommand: DatapathBench.self)
+}
+
+Bench.main()
