@@ -25,9 +25,9 @@ struct RegionIndex {
         let g = UnsafeMutablePointer<RegionSpan>.allocate(capacity: count)
         let u = UnsafeMutablePointer<RegionSpan>.allocate(capacity: count)
         let spans = regions.indices.map { i in
-            (gpa: RegionSpan(first: regions[i].guestPhysAddr.raw, last: regions[i].guestPhysAddr.raw + regions[i].memorySize - 1,
+            (gpa: RegionSpan(first: regions[i].guestPhysAddr.raw, last: regions[i].guestPhysAddr.raw + (regions[i].memorySize - 1),
                              host: memory.bases[i]),
-             user: RegionSpan(first: regions[i].userspaceAddr.raw, last: regions[i].userspaceAddr.raw + regions[i].memorySize - 1,
+             user: RegionSpan(first: regions[i].userspaceAddr.raw, last: regions[i].userspaceAddr.raw + (regions[i].memorySize - 1),
                               host: memory.bases[i]))
         }
         for (k, s) in spans.map(\.gpa).sorted(by: { $0.first < $1.first }).enumerated() { (g + k).initialize(to: s) }
