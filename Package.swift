@@ -23,7 +23,8 @@ let package = Package(
         // Acquire/release on ring indices in guest memory (header-only C).
         .target(name: "CRingAtomics"),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
-        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"]),
+        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"],
+                swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",

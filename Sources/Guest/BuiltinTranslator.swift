@@ -38,9 +38,12 @@ final class BuiltinTranslator: @unchecked Sendable {
         while running.load(ordering: .acquiring) {
             guard case .events(let events, _) = log.events(after: cursor, limit: 256) else { return }
             if events.isEmpty {
-                let w = log.poll(after: cursor, limit: 1) { [wake] _ in wake.signal() }
+                let w = log.poll(after: cursor, limit: 1) { [wake] answer in
+                    if case .events(let e, _) = answer, e.isEmpty { return }  // withdrawn below
+                    wake.signal()
+                }
                 wake.wait(timeoutNanos: 50_000_000)
-                w.finish(.closed)  // withdraw if still parked
+                w.finish(.events([], lastSeq: cursor))  // withdraw if still parked
                 continue
             }
             var entries: [IOTLBEntry] = []

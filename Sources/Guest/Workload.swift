@@ -258,7 +258,7 @@ final class GuestRun {
     // MARK: Traffic
 
     func loop() {
-        var idle = 0
+        var idleSince: UInt64 = 0
         var lastPublish = monotonicNanos()
         let limit = config.packets
         let dynamic = config.mapping == .dynamic && iommu != nil
@@ -339,10 +339,12 @@ final class GuestRun {
             }
             if limit > 0 && stats.received >= limit { break }
             if progress {
-                idle = 0
-            } else {
-                idle += 1
-                if idle > 2000 { usleep(idle > 100_000 ? 1000 : 50) } else if idle > 200 { sched_yield() }
+                idleSince = 0
+            } else if idleSince == 0 {
+                idleSince = now
+            } else if now - idleSince > 100_000 {
+                // Spin first (the device answers within microseconds), then doze.
+                usleep(now - idleSince > 100_000_000 ? 1000 : 20)
             }
         }
     }

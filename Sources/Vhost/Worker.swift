@@ -36,6 +36,11 @@ public final class DatapathWorker: @unchecked Sendable {
         }
     }
 
+    /// Empty rounds the thread keeps polling before it starts sleeping (a round
+    /// is ~0.1 µs per queue): long enough to bridge a driver's gaps between
+    /// batches, short enough that an idle daemon sleeps.
+    static let spinRounds = 2000
+
     init(index: Int) {
         self.index = index
     }
@@ -104,15 +109,19 @@ public final class DatapathWorker: @unchecked Sendable {
 
     private func run() {
         var idleNanos: UInt64 = 0
+        var idleRounds = 0
         while running.load(ordering: .acquiring) {
             drainCommands()
             var busy = false
             for i in 0..<pollCount where pollList[i]._withUnsafeGuaranteedRef({ $0.poll() }) { busy = true }
             if busy {
                 idleNanos = 0
+                idleRounds = 0
+            } else if idleRounds < Self.spinRounds {
+                idleRounds += 1
             } else {
-                // Back off while idle so an idle daemon costs next to nothing;
-                // a command wakes the thread at once.
+                // Back off while idle so an idle daemon costs next to nothing; a
+                // command or a driver's kick wakes the thread at once.
                 idleNanos = min(max(idleNanos * 2, 20_000), 4_000_000)
                 sleeping.store(true, ordering: .sequentiallyConsistent)
                 wake.wait(timeoutNanos: idleNanos)

@@ -21,8 +21,13 @@ struct DatapathBench: ParsableCommand {
     @Option(help: "Ring size.") var ringSize = 256
     @Flag(help: "Builtin translator pushes guest mappings eagerly (dynamic).") var eager = false
     @Flag(help: "JSON instead of a Markdown table.") var json = false
+    @Option(help: "Which sides to run: on,off (alternately), or one of them (profiling).") var sides = "on,off"
 
     func run() throws {
+        let sideList = sides.split(separator: ",").map { $0 == "on" }
+        guard !sideList.isEmpty, sides.split(separator: ",").allSatisfy({ $0 == "on" || $0 == "off" }) else {
+            throw ValidationError("--sides takes on, off, or on,off")
+        }
         let sizeList = sizes.split(separator: ",").compactMap { Int($0) }
         let pageList = pages.split(separator: ",").compactMap { PageSize(rawValue: String($0)) }
         let mapList = mappings.split(separator: ",").compactMap { MappingMode(rawValue: String($0)) }
@@ -30,14 +35,14 @@ struct DatapathBench: ParsableCommand {
             throw ValidationError("nothing to run: check --sizes, --pages, --mappings")
         }
         var cells: [Cell] = []
-        let total = sizeList.count * pageList.count * mapList.count * repeats * 2
+        let total = sizeList.count * pageList.count * mapList.count * repeats * sideList.count
         var done = 0
         for size in sizeList {
             for page in pageList {
                 for mapping in mapList {
                     var cell = Cell(size: size, page: page, mapping: mapping)
                     for _ in 0..<repeats {
-                        for on in [true, false] {
+                        for on in sideList {
                             done += 1
                             progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") …")
                             var c = WorkloadConfig()
