@@ -24,6 +24,7 @@ public final class ControlPlane: Sendable {
     public let router: Router
     let timer = LongPollTimer()
     let workloads = WorkloadRegistry()
+    let requests = RequestCounter()
 
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
@@ -68,6 +69,26 @@ public final class ControlPlane: Sendable {
 
     /// Answers one request: authentication, then routing.
     public func respond(_ request: Request) -> Reply {
+        // Counted by route pattern (not path: ids would make labels unbounded).
+        let route = router.pattern(for: request) ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
+        let method = ["GET", "HEAD", "POST", "PUT", "DELETE"].contains(request.method) ? request.method : "other"
+        let counter = requests
+        let reply = authorizedReply(request)
+        switch reply {
+        case .now(let r):
+            counter.count(route: route, method: method, status: r.status)
+            return reply
+        case .later(let start):
+            return .later { complete in
+                start { r in
+                    counter.count(route: route, method: method, status: r.status)
+                    complete(r)
+                }
+            }
+        }
+    }
+
+    private func authorizedReply(_ request: Request) -> Reply {
         if let token = settings.token, request.path.hasPrefix("/v1") {
             let given = request.headers["authorization"] ?? ""
             guard constantTimeEqual(Array(given.utf8), Array(("Bearer " + token).utf8)) else {
@@ -75,6 +96,14 @@ public final class ControlPlane: Sendable {
                 resp.headers.append(("WWW-Authenticate", "Bearer"))
                 return .now(resp)
             }
+        }
+        if request.path == "/metrics" {
+            guard request.method == "GET" || request.method == "HEAD" else {
+                var resp = Response.error(APIError(405, "method_not_allowed", "\(request.method) is not allowed here; allowed: GET"))
+                resp.headers.append(("Allow", "GET"))
+                return .now(resp)
+            }
+            return .later { complete in self.metrics(complete: complete) }
         }
         return router.route(request)
     }

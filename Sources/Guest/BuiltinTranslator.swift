@@ -34,6 +34,7 @@ final class BuiltinTranslator: @unchecked Sendable {
 
     private func run() {
         var cursor: UInt64 = 0
+        var recentCursor: UInt64 = 0
         let log = handle.missLog
         while running.load(ordering: .acquiring) {
             guard case .events(let events, _) = log.events(after: cursor, limit: 256) else { return }
@@ -47,16 +48,34 @@ final class BuiltinTranslator: @unchecked Sendable {
                 continue
             }
             var entries: [IOTLBEntry] = []
+            var missed = false
             for e in events {
                 cursor = e.seq
                 guard e.kind == .miss, let page = iommu.translate(e.iova),
                       let entry = page.iotlbEntry(clippedTo: table, around: e.iova) else { continue }
+                missed = true
                 if !entries.contains(entry) { entries.append(entry) }
             }
-            if entries.isEmpty { continue }
+            if !missed { continue }
+            // With the missed pages, the guest's other recent mappings: the buffers
+            // posted in the same batch would miss one after another otherwise.
+            let (recent, next) = iommu.recentMappings(since: recentCursor, limit: 256)
+            recentCursor = next
+            for page in recent {
+                if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first), !entries.contains(e) { entries.append(e) }
+            }
             let batch = entries
-            let ok = handle.performSync { d -> Bool in (try? d?.updateIOTLB(batch)) != nil }
-            if ok { answered.add(UInt64(batch.count), ordering: .relaxed) }
+            let iommu = self.iommu, table = self.table
+            // Applied on the device's worker, each entry checked against the guest
+            // IOMMU there: a page the guest unmapped meanwhile is not installed, so
+            // no entry outlives the guest's invalidation (which the worker orders).
+            let applied = handle.performSync { d -> Int in
+                let live = batch.filter { e in
+                    iommu.translate(e.range.first)?.iotlbEntry(clippedTo: table, around: e.range.first) == e
+                }
+                return (try? d?.updateIOTLB(live))?.applied ?? 0
+            }
+            answered.add(UInt64(applied), ordering: .relaxed)
         }
     }
 }

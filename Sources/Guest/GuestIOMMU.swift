@@ -41,7 +41,13 @@ public final class GuestIOMMU: Sendable {
         var perm: Permissions
         var refs: Int
     }
-    private let pages = Mutex<[UInt64: Page]>([:])  // by IOVA page number
+    private struct Table {
+        var pages: [UInt64: Page] = [:]  // by IOVA page number
+        var recent: [UInt64] = []        // page numbers mapped or widened, a ring of `recentCapacity`
+        var recentCount: UInt64 = 0      // ever appended
+    }
+    private let table = Mutex(Table())
+    private static let recentCapacity = 4096
 
     public init(pageSize: PageSize) { self.pageSize = pageSize }
 
@@ -56,18 +62,19 @@ public final class GuestIOMMU: Sendable {
         let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
         let gpaFirst = gpa.raw >> shift
         var fresh: [GuestPageMapping] = []
-        pages.withLock { t in
+        table.withLock { t in
             for n in first...last {
-                if var p = t[n] {
+                if var p = t.pages[n] {
                     p.refs += 1
                     let grew = !p.perm.isSuperset(of: perm)
                     p.perm.formUnion(perm)
-                    t[n] = p
-                    if grew { fresh.append(mapping(n, p)) }
+                    t.pages[n] = p
+                    if grew { fresh.append(mapping(n, p)); GuestIOMMU.remember(n, in: &t) }
                 } else {
                     let page = Page(gpaPage: gpaFirst + (n - first), perm: perm, refs: 1)
-                    t[n] = page
+                    t.pages[n] = page
                     fresh.append(mapping(n, page))
+                    GuestIOMMU.remember(n, in: &t)
                 }
             }
         }
@@ -80,15 +87,15 @@ public final class GuestIOMMU: Sendable {
     public func unmap(iova: IOVA, size: UInt64) -> [AddressRange<IOVA>] {
         let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
         var gone: [AddressRange<IOVA>] = []
-        pages.withLock { t in
+        table.withLock { t in
             for n in first...last {
-                guard var p = t[n] else { continue }
+                guard var p = t.pages[n] else { continue }
                 p.refs -= 1
                 if p.refs == 0 {
-                    t[n] = nil
+                    t.pages[n] = nil
                     gone.append(mapping(n, p).iova)
                 } else {
-                    t[n] = p
+                    t.pages[n] = p
                 }
             }
         }
@@ -98,11 +105,33 @@ public final class GuestIOMMU: Sendable {
     /// The page holding `iova`, if mapped.
     public func translate(_ iova: IOVA) -> GuestPageMapping? {
         let n = iova.raw >> shift
-        return pages.withLock { t in t[n].map { mapping(n, $0) } }
+        return table.withLock { t in t.pages[n].map { mapping(n, $0) } }
     }
 
     /// Pages mapped now.
-    public var mappedPages: Int { pages.withLock { $0.count } }
+    public var mappedPages: Int { table.withLock { $0.pages.count } }
+
+    /// Pages mapped (or widened) since `cursor` that are still mapped, at most
+    /// `limit`, and the cursor to continue from. A translator answering a miss
+    /// pushes these too, so one miss brings in a whole batch of new buffers.
+    public func recentMappings(since cursor: UInt64, limit: Int) -> ([GuestPageMapping], UInt64) {
+        table.withLock { t in
+            let cap = UInt64(GuestIOMMU.recentCapacity)
+            var from = max(cursor, t.recentCount > cap ? t.recentCount - cap : 0)
+            var out: [GuestPageMapping] = []
+            while from < t.recentCount && out.count < limit {
+                let n = t.recent[Int(from % cap)]
+                if let p = t.pages[n], !out.contains(where: { $0.iova.first.raw == n << shift }) { out.append(mapping(n, p)) }
+                from += 1
+            }
+            return (out, from)
+        }
+    }
+
+    private static func remember(_ n: UInt64, in t: inout Table) {
+        if t.recent.count < recentCapacity { t.recent.append(n) } else { t.recent[Int(t.recentCount % UInt64(recentCapacity))] = n }
+        t.recentCount += 1
+    }
 
     private func mapping(_ n: UInt64, _ p: Page) -> GuestPageMapping {
         GuestPageMapping(iova: AddressRange(first: IOVA(n << shift), last: IOVA((n << shift) | (pageSize.bytes - 1))),

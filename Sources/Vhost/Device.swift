@@ -56,6 +56,11 @@ public final class Device {
     var resolutionCount: UInt64 = 0
     var resolutionMax: UInt32 = 0
     static let resolutionWindow = 4096
+    /// Cumulative-free bucket counts of resolution times (µs) for the Prometheus histogram.
+    var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
+    var resolutionSumMicros: UInt64 = 0
+    /// Upper bounds (µs) of the resolution histogram's buckets.
+    public static let resolutionBounds: [UInt32] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000, 1_000_000]
 
     init(config: DeviceConfig, limits: EngineLimits, missLog: MissLog) {
         self.config = config
@@ -168,6 +173,9 @@ public final class Device {
         return (resolutionCount, pct(0.5), pct(0.99), resolutionMax)
     }
 
+    /// The resolution histogram: per-bucket counts (last one above every bound) and the sum in µs.
+    public func resolutionHistogram() -> (buckets: [UInt64], sumMicros: UInt64) { (resolutionBuckets, resolutionSumMicros) }
+
     /// Each queue's state and counters.
     public func vrings() -> [VringSnapshot] { queues.map(\.snapshot) }
 
@@ -219,6 +227,8 @@ public final class Device {
             }
             resolutionCount &+= 1
             resolutionMax = max(resolutionMax, us)
+            resolutionSumMicros &+= UInt64(us)
+            resolutionBuckets[Device.resolutionBounds.firstIndex { us <= $0 } ?? Device.resolutionBounds.count] &+= 1
         }
         return resolved
     }

@@ -1,0 +1,150 @@
+// GET /metrics: Prometheus text exposition. Device figures are snapshots the
+// owning worker takes between batches (one command per device per scrape);
+// the datapath keeps plain counters, no per-frame atomics.
+import Synchronization
+import Vhost
+
+/// HTTP requests by route pattern, method and status.
+final class RequestCounter: Sendable {
+    private let counts = Mutex<[String: (route: String, method: String, status: Int, n: UInt64)]>([:])
+
+    func count(route: String, method: String, status: Int) {
+        let key = "\(method) \(route) \(status)"
+        counts.withLock { c in
+            c[key, default: (route, method, status, 0)].n += 1
+        }
+    }
+
+    var all: [(route: String, method: String, status: Int, n: UInt64)] {
+        counts.withLock { Array($0.values) }.sorted { ($0.route, $0.method, $0.status) < ($1.route, $1.method, $1.status) }
+    }
+}
+
+/// One device's figures for a scrape.
+struct DeviceMetrics: Sendable {
+    var id: String
+    var stats: IOTLBStats
+    var vqs: [VringSnapshot]
+    var buckets: [UInt64]
+    var sumMicros: UInt64
+    var resolutionCount: UInt64
+}
+
+/// Writes the exposition format: every family with HELP and TYPE, counters ending in _total.
+struct MetricsWriter {
+    var text = ""
+
+    mutating func family(_ name: String, _ type: String, _ help: String, _ samples: [(labels: [(String, String)], value: String)]) {
+        text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+        for s in samples {
+            let labels = MetricsWriter.labels(s.labels)
+            text += "\(name)\(labels) \(s.value)\n"
+        }
+    }
+
+    static func labels(_ l: [(String, String)]) -> String {
+        guard !l.isEmpty else { return "" }
+        return "{" + l.map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",") + "}"
+    }
+
+    static func escape(_ v: String) -> String {
+        v.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            .replacingOccurrences(of: "\n", with: "\\n")
+    }
+}
+
+extension String {
+    fileprivate func replacingOccurrences(of a: String, with b: String) -> String {
+        split(separator: a, omittingEmptySubsequences: false).joined(separator: b)
+    }
+}
+
+extension ControlPlane {
+    /// Gathers every device's snapshot from its worker, then renders.
+    func metrics(complete: @escaping @Sendable (Response) -> Void) {
+        let handles = engine.devices()
+        let gathered = Mutex<[DeviceMetrics]>([])
+        let left = Mutex(handles.count)
+        let finish: @Sendable () -> Void = { [self] in
+            let all = gathered.withLock { $0 }.sorted { $0.id < $1.id }
+            complete(Response(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                              body: Array(render(all).utf8)))
+        }
+        if handles.isEmpty { return finish() }
+        for h in handles {
+            let id = h.config.id
+            h.perform({ d -> DeviceMetrics? in
+                guard let d else { return nil }
+                let (b, sum) = d.resolutionHistogram()
+                return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(), buckets: b, sumMicros: sum,
+                                     resolutionCount: d.resolutionTimes().count)
+            }, then: { m in
+                if let m { gathered.withLock { $0.append(m) } }
+                if left.withLock({ $0 -= 1; return $0 }) == 0 { finish() }
+            })
+        }
+    }
+
+    private func render(_ devices: [DeviceMetrics]) -> String {
+        var w = MetricsWriter()
+        func perDevice(_ name: String, _ type: String, _ help: String, _ value: (DeviceMetrics) -> UInt64) {
+            w.family(name, type, help, devices.map { ([("device", $0.id)], "\(value($0))") })
+        }
+        w.family("iotlbd_devices", "gauge", "Devices configured.", [([], "\(devices.count)")])
+        perDevice("iotlbd_iotlb_hits_total", "counter", "IOTLB translations that hit.") { $0.stats.hits }
+        perDevice("iotlbd_iotlb_misses_total", "counter", "IOTLB translations that missed.") { $0.stats.misses }
+        perDevice("iotlbd_iotlb_updates_total", "counter", "IOTLB entries inserted.") { $0.stats.updates }
+        perDevice("iotlbd_iotlb_invalidations_total", "counter", "IOTLB invalidation ranges and flushes applied.") { $0.stats.invalidations }
+        perDevice("iotlbd_iotlb_evictions_total", "counter", "IOTLB entries removed by FIFO replacement.") { $0.stats.evictions }
+        perDevice("iotlbd_iotlb_access_failures_total", "counter", "Accesses refused by an entry's permission.") { $0.stats.accessFailures }
+        perDevice("iotlbd_iotlb_entries", "gauge", "IOTLB entries held.") { UInt64($0.stats.entries) }
+        perDevice("iotlbd_iotlb_max_entries", "gauge", "IOTLB capacity before FIFO replacement.") { UInt64($0.stats.maxEntries) }
+        perDevice("iotlbd_iotlb_pending_misses", "gauge", "Queues waiting for an IOTLB update.") { UInt64($0.stats.pendingMisses) }
+        // The resolution histogram, in seconds.
+        var hs: [(labels: [(String, String)], value: String)] = []
+        for d in devices {
+            var cumulative: UInt64 = 0
+            for (i, bound) in Device.resolutionBounds.enumerated() {
+                cumulative += d.buckets[i]
+                hs.append(([("device", d.id), ("le", "\(Double(bound) / 1e6)")], "\(cumulative)"))
+            }
+            hs.append(([("device", d.id), ("le", "+Inf")], "\(d.resolutionCount)"))
+        }
+        w.text += "# HELP iotlbd_miss_resolution_seconds Time from a miss posted to the update resolving it.\n"
+        w.text += "# TYPE iotlbd_miss_resolution_seconds histogram\n"
+        for s in hs {
+            let labels = MetricsWriter.labels(s.labels)
+            w.text += "iotlbd_miss_resolution_seconds_bucket\(labels) \(s.value)\n"
+        }
+        for d in devices {
+            let labels = MetricsWriter.labels([("device", d.id)])
+            w.text += "iotlbd_miss_resolution_seconds_sum\(labels) \(Double(d.sumMicros) / 1e6)\n"
+            w.text += "iotlbd_miss_resolution_seconds_count\(labels) \(d.resolutionCount)\n"
+        }
+        func perQueue(_ name: String, _ type: String, _ help: String, _ value: (VringSnapshot) -> UInt64) {
+            w.family(name, type, help, devices.flatMap { d in d.vqs.map { ([("device", d.id), ("vq", "\($0.index)")], "\(value($0))") } })
+        }
+        perQueue("iotlbd_vq_hits_total", "counter", "Translations that hit, per virtqueue.") { $0.hits }
+        perQueue("iotlbd_vq_misses_total", "counter", "Translations that missed, per virtqueue.") { $0.misses }
+        perQueue("iotlbd_vq_access_failures_total", "counter", "Access failures, per virtqueue.") { $0.accessFailures }
+        perQueue("iotlbd_vq_chains_total", "counter", "Descriptor chains processed, per virtqueue.") { $0.chains }
+        perQueue("iotlbd_vq_bytes_total", "counter", "Bytes moved, per virtqueue.") { $0.bytes }
+        w.family("iotlbd_vq_state", "gauge", "1 for the state each virtqueue is in.", devices.flatMap { d in
+            d.vqs.flatMap { v in
+                ["running", "waiting_iotlb", "failed", "disabled"].map {
+                    ([("device", d.id), ("vq", "\(v.index)"), ("state", $0)], v.state.rawValue == $0 ? "1" : "0")
+                }
+            }
+        })
+        let loads = devices.compactMap { d in workloads.get(d.id).map { (d.id, $0.stats) } }
+        w.family("iotlbd_workload_frames_sent_total", "counter", "Frames the built-in guest sent.",
+                 loads.map { ([("device", $0.0)], "\($0.1.sent)") })
+        w.family("iotlbd_workload_frames_received_total", "counter", "Frames the built-in guest received back.",
+                 loads.map { ([("device", $0.0)], "\($0.1.received)") })
+        w.family("iotlbd_workload_verify_errors_total", "counter", "Frames that came back different.",
+                 loads.map { ([("device", $0.0)], "\($0.1.verifyErrors)") })
+        w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
+                 requests.all.map { ([("route", $0.route), ("method", $0.method), ("status", "\($0.status)")], "\($0.n)") })
+        return w.text
+    }
+}
