@@ -14,7 +14,9 @@ let package = Package(
     ],
     targets: [
         // Data structures only: the device IOTLB and the memory table. No dependencies.
-        .target(name: "IOTLB"),
+        .target(name: "IOTLB",
+                // One owner thread per table; see Vhost below.
+                swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
         .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics"],
                 // The datapath owns its state on one thread by design (commands between

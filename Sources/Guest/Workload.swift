@@ -208,10 +208,29 @@ final class GuestRun {
         stats.eagerUpdates &+= 1
     }
 
-    private func invalidate(_ ranges: [AddressRange<IOVA>]) {
-        guard !ranges.isEmpty else { return }
-        _ = workload.handle.performSync { d in try? d?.invalidateIOTLB(ranges) }
-        stats.invalidations &+= 1
+    /// One command for one round of the guest: invalidate what it unmapped
+    /// (adjacent ranges merged), then install what it mapped (eager). Both
+    /// are applied before the guest publishes the buffers that reuse the IOVAs.
+    private func invalidateThenUpdate(_ ranges: inout [AddressRange<IOVA>], _ entries: [IOTLBEntry]) {
+        guard !ranges.isEmpty || !entries.isEmpty else { return }
+        ranges.sort { $0.first < $1.first }
+        var merged: [AddressRange<IOVA>] = []
+        for r in ranges {
+            if let last = merged.last, last.last.raw != .max, last.last.raw + 1 >= r.first.raw {
+                merged[merged.count - 1] = AddressRange(first: last.first, last: max(last.last, r.last))
+            } else {
+                merged.append(r)
+            }
+        }
+        let invalidations = merged
+        _ = workload.handle.performSync { d -> Bool in
+            guard let d else { return false }
+            if !invalidations.isEmpty { _ = try? d.invalidateIOTLB(invalidations) }
+            if !entries.isEmpty { _ = try? d.updateIOTLB(entries) }
+            return true
+        }
+        if !invalidations.isEmpty { stats.invalidations &+= 1 }
+        if !entries.isEmpty { stats.eagerUpdates &+= 1 }
     }
 
     /// Maps guest-physical [gpa, gpa+len) at `iova` (by default its static IOVA) in the
@@ -282,16 +301,14 @@ final class GuestRun {
                 progress = true
             }
             // Dynamic: unmap what came back; pages no longer mapped are invalidated
-            // in the device IOTLB (one command) before any slot is reused.
+            // in the device IOTLB before any of them is handed out again (below).
             if dynamic && !(reapedRX.isEmpty && reapedTX.isEmpty) {
-                unmapped.removeAll(keepingCapacity: true)
                 for i in reapedRX {
                     unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, i, rxGPA(i))), size: UInt64(slot))
                 }
                 for i in reapedTX {
                     unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, i, txGPA(i))), size: UInt64(slot))
                 }
-                invalidate(unmapped)
             }
             rxFree += reapedRX
             txFree += reapedTX
@@ -325,7 +342,10 @@ final class GuestRun {
                 stats.sent &+= 1
                 txPosted = true
             }
-            if !push.isEmpty { try? update(push) }
+            // Before anything is published: the unmapped IOVAs leave the device
+            // IOTLB (Linux strict mode), and eager mappings enter it.
+            invalidateThenUpdate(&unmapped, push)
+            unmapped.removeAll(keepingCapacity: true)
             if rxPosted { rx.publish() }
             if txPosted { tx.publish() }
             if rxPosted || txPosted {

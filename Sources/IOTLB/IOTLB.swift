@@ -104,7 +104,6 @@ public final class IOTLB {
     private var root: Int32 = -1
     private var oldest: Int32 = -1
     private var newest: Int32 = -1
-    private var scratch: [UInt64] = []  // keys to remove, reused between calls
 
     /// A table holding at most `maxEntries` (1 ... `entriesCeiling`) entries.
     public init(maxEntries: Int) {
@@ -239,12 +238,33 @@ public final class IOTLB {
 
     private func removeOverlapping(_ range: AddressRange<IOVA>, reason: RemovalReason,
                                    _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
-        scratch.removeAll(keepingCapacity: true)
-        visit(root, range.first.raw, range.last.raw) { self.scratch.append(self.hot[Int($0)].first) }
-        for key in scratch {
-            if let removed = removeNode(key: key) { onRemove(removed, reason) }
+        // Entries never overlap, so the overlapping ones form a run in key order:
+        // take the lowest one each time (the entry holding `first`, else the
+        // first entry starting after it) until the run ends. No walk state to
+        // keep across removals.
+        var removed = 0
+        let lo = range.first.raw, hi = range.last.raw
+        while true {
+            var n = floor(lo)
+            if n < 0 || cold[Int(n)].last < lo { n = ceiling(lo) }
+            guard n >= 0, hot[Int(n)].first <= hi else { return removed }
+            if let e = removeNode(key: hot[Int(n)].first) { onRemove(e, reason) }
+            removed += 1
         }
-        return scratch.count
+    }
+
+    /// The node with the least first >= key, or -1.
+    @inline(__always)
+    private func ceiling(_ key: UInt64) -> Int32 {
+        var n = root
+        var best: Int32 = -1
+        while n >= 0 {
+            let h = hot[Int(n)]
+            let left = h.first >= key
+            best = left ? n : best
+            n = left ? h.left : h.right
+        }
+        return best
     }
 
     /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
@@ -299,8 +319,10 @@ public final class IOTLB {
         return removed
     }
 
+    @inline(__always)
     private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[Int(n)].height }
 
+    @inline(__always)
     private func refresh(_ n: Int32) {
         cold[Int(n)].height = max(height(hot[Int(n)].left), height(hot[Int(n)].right)) + 1
     }

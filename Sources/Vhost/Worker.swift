@@ -81,6 +81,12 @@ public final class DatapathWorker: @unchecked Sendable {
             box.withLock { $0 = v }
             done.signal()
         }
+        // The worker picks commands up between batches, within microseconds
+        // when busy: spin briefly before sleeping, a futex round trip costs more.
+        let spinUntil = monotonicNanos() + 50_000
+        while monotonicNanos() < spinUntil {
+            if let v = box.withLock({ $0 }) { return v }
+        }
         while true {
             if let v = box.withLock({ $0 }) { return v }
             done.wait(timeoutNanos: 100_000_000)
