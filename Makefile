@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps build release run test test-swift test-readme clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples bench clean
 
 all: build
 
@@ -16,6 +16,14 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
 
+# What the example and operator tests use: promtool (Debian's prometheus) and
+# openapi-spec-validator (PyPI); installed only when missing.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@$(PYTHON) -c 'import openapi_spec_validator, yaml' 2>/dev/null || \
+	  $(PYTHON) -m pip install -q openapi-spec-validator pyyaml
+
 build: deps
 	$(SWIFT) build
 
@@ -25,7 +33,7 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme
+test: test-swift test-readme test-examples
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -34,6 +42,16 @@ test-swift: deps
 # Runs the README's curl walk-through against a live daemon and compares every answer.
 test-readme: build
 	$(PYTHON) tests/readme_walkthrough.py .build/debug/iotlbd README.md
+
+# Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
+test-examples: build tools
+	$(PYTHON) tests/test_examples.py
+
+# The benchmark tables of BENCHMARKS.md (release build; minutes, not for CI).
+bench: release
+	.build/release/iotlb-bench lookup
+	.build/release/iotlb-bench control
+	.build/release/iotlb-bench datapath --repeats 5
 
 clean:
 	rm -rf .build
