@@ -142,7 +142,9 @@ public final class Workload: @unchecked Sendable {
 
 /// The guest thread's own state: rings, slots, counters. Touched only by that thread.
 final class GuestRun {
-    unowned let workload: Workload
+    // The run lives inside its workload's thread; unowned(unsafe): no reference
+    // counting on every access from the loop.
+    unowned(unsafe) let workload: Workload
     let config: WorkloadConfig
     let memory: GuestPhysicalMemory
     let table: MemoryTable
@@ -156,8 +158,6 @@ final class GuestRun {
 
     var rxFree: [UInt16]
     var txFree: [UInt16]
-    var reapedRX: [UInt16] = []
-    var reapedTX: [UInt16] = []
     var stats = WorkloadStats()
     let startTime = monotonicNanos()
     var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
@@ -177,8 +177,6 @@ final class GuestRun {
         self.slot = config.slotBytes
         rxFree = Array((0..<config.ringSize).map { UInt16(truncatingIfNeeded: $0) }.reversed())
         txFree = rxFree
-        reapedRX.reserveCapacity(config.ringSize)
-        reapedTX.reserveCapacity(config.ringSize)
     }
 
     /// What a descriptor names for guest-physical `gpa` under a static mapping.
@@ -279,85 +277,105 @@ final class GuestRun {
     func loop() {
         var idleSince: UInt64 = 0
         var lastPublish = monotonicNanos()
+        var rounds = 0
         let limit = config.packets
         let dynamic = config.mapping == .dynamic && iommu != nil
+        let frameBytes = UInt32(Frame.headerBytes + config.packetSize)
+        // Host pointers of every buffer, resolved once: the guest's CPU view of its RAM.
+        let rxHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(rxGPA(UInt16($0))), slot) }
+        let txHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(txGPA(UInt16($0))), slot) }
         var push: [IOTLBEntry] = []
         var unmapped: [AddressRange<IOVA>] = []
         push.reserveCapacity(config.ringSize)
-        while !workload.stopping {
+        unmapped.reserveCapacity(2 * config.ringSize)
+        rxFree.reserveCapacity(config.ringSize)
+        txFree.reserveCapacity(config.ringSize)
+        var stopping = false
+        while !stopping {
             var progress = false
-            // Reap: TX buffers back, RX frames in (verified).
-            while let u = tx.takeUsed() { reapedTX.append(u.id); progress = true }
+            // Reap: TX buffers back, RX frames in (verified). Dynamic: unmap each;
+            // pages no longer mapped leave the device IOTLB before any of them is
+            // handed out again (below).
+            while let u = tx.takeUsed() {
+                if dynamic {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, u.id, txGPA(u.id))), size: UInt64(slot))
+                }
+                txFree.append(u.id)
+                progress = true
+            }
             while let u = rx.takeUsed() {
-                let p = memory.at(GuestPhysAddr(rxGPA(u.id)), slot)
-                if !Frame.verify(p, length: Int(u.len), seq: stats.received, payload: config.packetSize) {
+                if !Frame.verify(rxHost[Int(u.id)], length: Int(u.len), seq: stats.received, payload: config.packetSize) {
                     stats.verifyErrors &+= 1
                     if stats.error == nil {
                         stats.error = "frame \(stats.received): \(u.len) bytes did not match what was sent"
                     }
                 }
                 stats.received &+= 1
-                reapedRX.append(u.id)
+                if dynamic {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, u.id, rxGPA(u.id))), size: UInt64(slot))
+                }
+                rxFree.append(u.id)
                 progress = true
             }
-            // Dynamic: unmap what came back; pages no longer mapped are invalidated
-            // in the device IOTLB before any of them is handed out again (below).
-            if dynamic && !(reapedRX.isEmpty && reapedTX.isEmpty) {
-                for i in reapedRX {
-                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, i, rxGPA(i))), size: UInt64(slot))
-                }
-                for i in reapedTX {
-                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, i, txGPA(i))), size: UInt64(slot))
-                }
-            }
-            rxFree += reapedRX
-            txFree += reapedTX
-            reapedRX.removeAll(keepingCapacity: true)
-            reapedTX.removeAll(keepingCapacity: true)
 
             // Refill RX, then send while TX slots are free.
             push.removeAll(keepingCapacity: true)
             var rxPosted = false, txPosted = false
             while let i = rxFree.popLast() {
-                let gpa = rxGPA(i)
-                var addr = dma(gpa)
+                var addr = dma(rxGPA(i))
                 if dynamic {
-                    addr = dynamicIOVA(rx: true, i, gpa)
-                    map(gpa, slot, .write, at: addr, pushing: &push)
+                    addr = dynamicIOVA(rx: true, i, rxGPA(i))
+                    map(rxGPA(i), slot, .write, at: addr, pushing: &push)
                 }
                 rx.setDescriptor(Int(i), addr: addr, len: UInt32(slot), flags: 2)
                 rx.stage(i)
                 rxPosted = true
             }
-            while (limit == 0 || stats.sent < limit), let i = txFree.popLast() {
-                let gpa = txGPA(i)
-                Frame.write(memory.at(GuestPhysAddr(gpa), slot), seq: stats.sent, payload: config.packetSize)
-                var addr = dma(gpa)
+            while limit == 0 || stats.sent < limit, let i = txFree.popLast() {
+                Frame.write(txHost[Int(i)], seq: stats.sent, payload: config.packetSize)
+                var addr = dma(txGPA(i))
                 if dynamic {
-                    addr = dynamicIOVA(rx: false, i, gpa)
-                    map(gpa, slot, .read, at: addr, pushing: &push)
+                    addr = dynamicIOVA(rx: false, i, txGPA(i))
+                    map(txGPA(i), slot, .read, at: addr, pushing: &push)
                 }
-                tx.setDescriptor(Int(i), addr: addr, len: UInt32(Frame.headerBytes + config.packetSize))
+                tx.setDescriptor(Int(i), addr: addr, len: frameBytes)
                 tx.stage(i)
                 stats.sent &+= 1
                 txPosted = true
+                // Static mappings: offer frames in small groups so the device starts
+                // while we write the rest (dynamic ones wait for their command below).
+                if !dynamic && stats.sent & 31 == 0 {
+                    if rxPosted { rx.publish(); rxPosted = false }
+                    tx.publish()
+                    workload.handle.worker.kick()
+                    progress = true
+                }
             }
             // Before anything is published: the unmapped IOVAs leave the device
             // IOTLB (Linux strict mode), and eager mappings enter it.
-            invalidateThenUpdate(&unmapped, push)
-            unmapped.removeAll(keepingCapacity: true)
+            if dynamic {
+                invalidateThenUpdate(&unmapped, push)
+                unmapped.removeAll(keepingCapacity: true)
+            }
             if rxPosted { rx.publish() }
             if txPosted { tx.publish() }
             if rxPosted || txPosted {
                 workload.handle.worker.kick()
                 progress = true
             }
+            if limit > 0 && stats.received >= limit { break }
+            // The clock and the stop flag, every 64 rounds or when idle.
+            rounds &+= 1
+            if progress && rounds & 63 != 0 {
+                idleSince = 0
+                continue
+            }
+            stopping = workload.stopping
             let now = monotonicNanos()
             if now - lastPublish > 20_000_000 {
                 publish(now: now)
                 lastPublish = now
             }
-            if limit > 0 && stats.received >= limit { break }
             if progress {
                 idleSince = 0
             } else if idleSince == 0 {

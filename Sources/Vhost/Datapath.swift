@@ -7,15 +7,19 @@ import IOTLB
 extension Device {
     /// Chains one queue processes per round before others get their turn.
     static let batch = 256
+    /// Used elements are published every this many chains (a power of 2).
+    static let publishEvery = 32
 
     /// One datapath round over the device's queues; true when it did work.
     func poll() -> Bool {
         guard regions.count > 0 else { return false }
         var work = false
         let n = config.queues
+        let generation = translationGeneration
         for i in 0..<n {
             queueRefs[i]._withUnsafeGuaranteedRef { vq in
-                if vq.state == .running { _ = prepareRings(vq) }
+                // Re-check the rings only when a translation may have changed.
+                if vq.state == .running && !(vq.ringsReady && vq.ringGeneration == generation) { _ = prepareRings(vq) }
             }
         }
         var i = 1
@@ -101,7 +105,7 @@ extension Device {
             guard rx.state == .running, rx.ringsReady, let rc = rx.config else { return false }
             rxAvail = ringLoad16(rx, rx.availHost, rc.availAddr, 2, acquire: true)
         }
-        let txOld = tx.usedIdx, rxOld = rx.usedIdx
+        var txOld = tx.usedIdx, rxOld = rx.usedIdx
         var done = 0
         let mask = c.num - 1
         while tx.lastAvailIdx != availIdx && done < Device.batch {
@@ -125,11 +129,16 @@ extension Device {
             tx.chains &+= 1
             tx.bytes &+= UInt64(sent)
             done += 1
+            // Hand buffers back in small groups, so the driver refills while we go on.
+            if done & (Device.publishEvery - 1) == 0 {
+                publishUsed(tx, from: txOld)
+                if loopback { publishUsed(rx, from: rxOld) }
+                txOld = tx.usedIdx
+                rxOld = rx.usedIdx
+            }
         }
-        if done > 0 {
-            publishUsed(tx, from: txOld)
-            if loopback { publishUsed(rx, from: rxOld) }
-        }
+        if tx.usedIdx != txOld { publishUsed(tx, from: txOld) }
+        if loopback && rx.usedIdx != rxOld { publishUsed(rx, from: rxOld) }
         return done > 0
     }
 
