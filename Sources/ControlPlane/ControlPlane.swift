@@ -85,6 +85,13 @@ public final class ControlPlane: Sendable {
                     complete(r)
                 }
             }
+        case .deferred(let start):
+            return .deferred { complete in
+                start { r in
+                    counter.count(route: route, method: method, status: r.status)
+                    complete(r)
+                }
+            }
         }
     }
 

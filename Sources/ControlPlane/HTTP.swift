@@ -65,7 +65,11 @@ public struct Response: Sendable {
 /// (a command applied by a datapath worker, a long-poll), exactly once.
 public enum Reply: Sendable {
     case now(Response)
+    /// A command for a datapath worker: usually done within microseconds, so
+    /// the server waits a moment before it suspends the connection.
     case later(@Sendable (_ complete: @escaping @Sendable (Response) -> Void) -> Void)
+    /// A long wait (long-poll, stopping a guest): the connection is suspended at once.
+    case deferred(@Sendable (_ complete: @escaping @Sendable (Response) -> Void) -> Void)
 
     /// A JSON answer now.
     public static func json(_ status: Int, _ value: JSON) -> Reply { .now(.json(status, value)) }

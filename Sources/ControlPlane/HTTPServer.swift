@@ -8,6 +8,7 @@
 import CMicroHTTPD
 import Glibc
 import Synchronization
+import Vhost
 
 /// How the server listens and what it accepts.
 public struct ServerOptions: Sendable {
@@ -39,6 +40,9 @@ private final class ConnectionState: @unchecked Sendable {
     var body: [UInt8] = []
     var tooLarge = false
     let completed = Mutex<Response?>(nil)
+    /// 0: waiting for a deferred reply; 1: it came before the connection was
+    /// suspended; 2: the connection is suspended, the completer resumes it.
+    let phase = Atomic<Int>(0)
 }
 
 /// libmicrohttpd behind a Swift responder.
@@ -186,16 +190,43 @@ public final class HTTPServer: @unchecked Sendable {
         case .now(let response):
             return queue(c, response)
         case .later(let start):
-            let ref = ConnectionRef(raw: c)
-            suspended.add(1, ordering: .relaxed)
-            MHD_suspend_connection(c)
-            start { [self] response in
-                state.completed.withLock { $0 = response }
-                MHD_resume_connection(ref.raw)
-                suspended.subtract(1, ordering: .releasing)
-            }
-            return .YES
+            return deferReply(c, state, start, waitNanos: HTTPServer.fastPathNanos)
+        case .deferred(let start):
+            return deferReply(c, state, start, waitNanos: 0)
         }
+    }
+
+    /// How long a server thread waits for a worker's command before it suspends
+    /// the connection: a resume costs a trip through the event loop.
+    static let fastPathNanos: UInt64 = 150_000
+
+    private func deferReply(_ c: OpaquePointer, _ state: ConnectionState,
+                            _ start: @Sendable (@escaping @Sendable (Response) -> Void) -> Void,
+                            waitNanos: UInt64) -> MHD_Result {
+        let ref = ConnectionRef(raw: c)
+        start { [self] response in
+            state.completed.withLock { $0 = response }
+            // Before suspension: the waiting server thread takes it. After: resume, exactly once.
+            if state.phase.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged { return }
+            MHD_resume_connection(ref.raw)
+            suspended.subtract(1, ordering: .releasing)
+        }
+        if waitNanos > 0 {
+            let until = monotonicNanos() + waitNanos
+            repeat {
+                if state.phase.load(ordering: .acquiring) == 1, let r = state.completed.withLock({ $0.take() }) {
+                    return queue(c, r)
+                }
+            } while monotonicNanos() < until
+        }
+        suspended.add(1, ordering: .relaxed)
+        MHD_suspend_connection(c)
+        if !state.phase.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged {
+            // It completed between the wait and the suspension: nobody else will resume.
+            MHD_resume_connection(c)
+            suspended.subtract(1, ordering: .releasing)
+        }
+        return .YES
     }
 
     private var tooLarge: APIError {

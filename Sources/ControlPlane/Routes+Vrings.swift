@@ -43,7 +43,7 @@ extension ControlPlane {
             let id = h.config.id
             let log = h.missLog
             if timeout == 0 { return .now(renderMisses(log.events(after: after, limit: Int(limit)), device: id)) }
-            return .later { complete in
+            return .deferred { complete in
                 let w = log.poll(after: after, limit: Int(limit)) { complete(renderMisses($0, device: id)) }
                 if !w.isFinished {
                     timer.schedule(deadline: monotonicNanos() + timeout * 1_000_000, waiter: w) {

@@ -53,7 +53,7 @@ extension ControlPlane {
             guard workloads.claim(h.config.id) else {
                 throw APIError(409, "conflict", "a workload is already running on \(h.config.id); DELETE it first")
             }
-            return .later { complete in
+            return .deferred { complete in
                 Workload.start(config, on: h) { result in
                     switch result {
                     case .success(let w):
@@ -80,7 +80,7 @@ extension ControlPlane {
             let h = try engine.device(for: req)
             guard workloads.get(h.config.id) != nil else { throw .notFound("no workload on \(h.config.id)") }
             // Joining the guest thread may take a moment: not on a server thread.
-            return .later { complete in
+            return .deferred { complete in
                 _ = startThread(name: "stop-workload") {
                     guard let (w, final) = workloads.remove(h.config.id) else {
                         complete(.error(.notFound("no workload on \(h.config.id)")))

@@ -54,7 +54,7 @@ extension ControlPlane {
         r.delete("/v1/devices/{id}") { req throws(APIError) in
             let id = req.params["id"] ?? ""
             guard engine.device(id) != nil else { throw .notFound("device \(id) not found") }
-            return .later { complete in
+            return .deferred { complete in
                 // The built-in guest stops first (it must not outlive the device's queues);
                 // joining its thread is not for a server thread.
                 _ = startThread(name: "delete-device") {

@@ -190,8 +190,13 @@ public final class Device {
         if let p = vq.pending { missLog.remove(seq: p.seq) }
         vq.pending = nil
         vq.failure = nil
+        let same = vq.config.map { $0.sameRing(as: c) } ?? false
         vq.config = c
-        vq.lastAvailIdx = c.lastAvailIdx
+        if let base = c.lastAvailIdx {
+            vq.lastAvailIdx = base
+        } else if !same {
+            vq.lastAvailIdx = 0
+        }  // else: the same ring again (re-enabled, or recovering): carry on where it stopped
         vq.needsUsedInit = true
         vq.dropTranslations()
         vq.state = c.enabled ? .running : .disabled

@@ -16,11 +16,13 @@ public struct VringConfig: Sendable, Equatable {
     public var enabled: Bool
     /// VIRTIO_F_RING_EVENT_IDX: rings carry used_event / avail_event.
     public var eventIdx: Bool
-    /// Where processing starts in the avail ring (VHOST_SET_VRING_BASE).
-    public var lastAvailIdx: UInt16
+    /// Where processing starts in the avail ring (VHOST_SET_VRING_BASE). Nil:
+    /// continue where the queue is when its ring stays the same (num and the
+    /// three addresses), else 0.
+    public var lastAvailIdx: UInt16?
 
     public init(num: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64, enabled: Bool = true,
-                eventIdx: Bool = false, lastAvailIdx: UInt16 = 0) {
+                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil) {
         self.num = num
         self.descAddr = descAddr
         self.availAddr = availAddr
@@ -32,6 +34,12 @@ public struct VringConfig: Sendable, Equatable {
 
     /// The most entries a split ring may have.
     public static let maxNum = 32768
+
+    /// Whether `other` describes the same ring memory (so indices carry over).
+    public func sameRing(as other: VringConfig) -> Bool {
+        num == other.num && descAddr == other.descAddr && availAddr == other.availAddr && usedAddr == other.usedAddr
+            && eventIdx == other.eventIdx
+    }
 
     /// Bytes of each ring area (the kernel's vq_meta_prefetch lengths).
     public var descBytes: Int { 16 * num }

@@ -37,9 +37,9 @@ public final class DatapathWorker: @unchecked Sendable {
     }
 
     /// Empty rounds the thread keeps polling before it starts sleeping (a round
-    /// is ~0.1 µs per queue): long enough to bridge a driver's gaps between
+    /// is well under a microsecond): long enough to bridge a driver's gaps between
     /// batches, short enough that an idle daemon sleeps.
-    static let spinRounds = 2000
+    static let spinRounds = 20_000
 
     init(index: Int) {
         self.index = index
@@ -102,8 +102,9 @@ public final class DatapathWorker: @unchecked Sendable {
         thread = nil
     }
 
-    private func drainCommands() {
-        guard queued.load(ordering: .acquiring) > 0 else { return }
+    @discardableResult
+    private func drainCommands() -> Bool {
+        guard queued.load(ordering: .acquiring) > 0 else { return false }
         let batch = queue.withLock { q -> [Command] in
             let b = q.commands
             q.commands.removeAll(keepingCapacity: true)
@@ -111,13 +112,15 @@ public final class DatapathWorker: @unchecked Sendable {
         }
         queued.subtract(batch.count, ordering: .relaxed)
         for c in batch { c(self) }
+        return true
     }
 
     private func run() {
         var idleNanos: UInt64 = 0
         var idleRounds = 0
         while running.load(ordering: .acquiring) {
-            drainCommands()
+            // Commands come in bursts (an orchestrator's answers): keep polling after one.
+            if drainCommands() { idleRounds = 0 }
             var busy = false
             for i in 0..<pollCount where pollList[i]._withUnsafeGuaranteedRef({ $0.poll() }) { busy = true }
             if busy {
