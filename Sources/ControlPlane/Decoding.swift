@@ -9,6 +9,9 @@ func parseNumber(_ v: JSON, field: String) throws(APIError) -> UInt64 {
     case .int(let i):
         guard i >= 0 else { throw .invalidField(field, "must be >= 0") }
         return UInt64(i)
+    case .double(let d) where d >= 0 && d <= 9_007_199_254_740_992 && d.rounded(.towardZero) == d:
+        // 4096.0 is an integer to JSON Schema; beyond 2^53 a double is not exact, so not accepted.
+        return UInt64(d)
     case .string(let s):
         guard let n = parseNumber(text: s) else {
             throw .invalidField(field, "\"\(s.prefix(40))\" is not a number: use \"0x…\" hex or decimal digits, up to 2^64-1")
@@ -84,7 +87,9 @@ struct FieldReader {
 
     mutating func int(_ key: String, default d: Int, in range: ClosedRange<Int>) throws(APIError) -> Int {
         guard let v = value(key) else { return d }
-        guard case .int(let i) = v, range.contains(Int(clamping: i)) else {
+        var whole = v
+        if case .double(let x) = v, x.rounded(.towardZero) == x, abs(x) < 1e15 { whole = .int(Int64(x)) }
+        guard case .int(let i) = whole, range.contains(Int(clamping: i)) else {
             throw .invalidField(pathOf(key), "expected an integer in \(range.lowerBound)...\(range.upperBound)")
         }
         return Int(i)

@@ -87,7 +87,7 @@ struct IOTLBDaemon: ParsableCommand {
         settings.iotlbMaxEntries = iotlbMaxEntries
         if let tokenFile {
             guard let text = try? readFile(tokenFile) else { throw ValidationError("cannot read --token-file \(tokenFile)") }
-            let token = text.trimmingCharacters(in: " \t\r\n")
+            let token = text.trimmingWhitespace()
             guard !token.isEmpty else { throw ValidationError("--token-file \(tokenFile) is empty") }
             settings.token = token
         }
@@ -165,11 +165,11 @@ func readFile(_ path: String) throws -> String {
 }
 
 extension String {
-    func trimmingCharacters(in set: String) -> String {
-        let chars = Set(set)
+    /// Without leading and trailing white space (a token file usually ends in a newline).
+    func trimmingWhitespace() -> String {
         var s = Substring(self)
-        while let f = s.first, chars.contains(f) { s = s.dropFirst() }
-        while let l = s.last, chars.contains(l) { s = s.dropLast() }
+        while let f = s.first, f.isWhitespace { s = s.dropFirst() }
+        while let l = s.last, l.isWhitespace { s = s.dropLast() }
         return String(s)
     }
 }
