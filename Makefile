@@ -17,13 +17,14 @@ deps:
 	fi
 
 # What the example and operator tests use: promtool (Debian's prometheus),
-# openapi-spec-validator and schemathesis (PyPI); installed only when missing.
+# wrk (Debian), openapi-spec-validator and schemathesis (PyPI); installed only when missing.
 tools:
 	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@$(PYTHON) -c 'import openapi_spec_validator, yaml' 2>/dev/null || \
 	  $(PYTHON) -m pip install -q openapi-spec-validator pyyaml
 	@command -v st >/dev/null 2>&1 || $(PYTHON) -m pip install -q schemathesis
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 build: deps
 	$(SWIFT) build

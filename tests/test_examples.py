@@ -203,5 +203,47 @@ class Examples(unittest.TestCase):
         self.assertIn(result.get("status"), (404, 503))
 
 
+class Load(unittest.TestCase):
+    """wrk against the stats and update routes while the demo's traffic runs."""
+
+    def wrk(self, url, script=None, seconds=3, connections=50):
+        cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+        if script:
+            cmd += ["-s", script]
+        out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotIn("Non-2xx", out.stdout, out.stdout)
+        self.assertNotIn("Socket errors", out.stdout, out.stdout)
+        rps = float(out.stdout.split("Requests/sec:")[1].split()[0])
+        print(f"\n  wrk {url.split('/v1/')[-1]}: {rps:.0f} req/s", file=sys.stderr)
+        return rps
+
+    def test_stats_and_updates_under_traffic(self):
+        d = Daemon("--demo")
+        try:
+            self.assertEqual(d.call("POST", "/v1/devices", {"id": "w"})[0], 201)
+            self.assertEqual(d.call("PUT", "/v1/devices/w/mem-table", {"regions": [
+                {"guest_phys_addr": 0, "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}]})[0], 200)
+            script = os.path.join(ROOT, ".build", "wrk-update.lua")
+            with open(script, "w") as f:
+                f.write('wrk.method = "POST"\n'
+                        'wrk.headers["Content-Type"] = "application/json"\n'
+                        'local n = 0\n'
+                        'request = function()\n'
+                        '  n = n + 1\n'
+                        '  local body = string.format(\'{"iova":%d,"size":4096,"uaddr":"0x7f0000000000","perm":"rw"}\', (n % 4096) * 4096)\n'
+                        '  return wrk.format(nil, "/v1/devices/w/iotlb/updates", nil, body)\n'
+                        'end\n')
+            before = d.call("GET", "/v1/devices/demo0/workload")[1]["received"]
+            self.assertGreater(self.wrk(d.url + "/v1/devices/demo0/iotlb/stats"), 500)
+            self.assertGreater(self.wrk(d.url + "/v1/devices/w/iotlb/updates", script), 500)
+            w = d.call("GET", "/v1/devices/demo0/workload")[1]
+            self.assertGreater(w["received"], before)
+            self.assertEqual(w["verify_errors"], 0)
+            self.assertEqual(d.call("GET", "/v1/devices/w/iotlb/stats")[1]["entries"], 2048)
+        finally:
+            d.stop()
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
