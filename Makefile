@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-tsan test-asan bench clean
 
 all: build
 
@@ -48,6 +48,13 @@ test-readme: build
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
 	$(PYTHON) tests/test_examples.py
+
+# The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
+test-tsan: deps
+	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
+
+test-asan: deps
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp $(SWIFT) test --sanitize=address --scratch-path .build-asan
 
 # The benchmark tables of BENCHMARKS.md (release build; minutes, not for CI).
 bench: release

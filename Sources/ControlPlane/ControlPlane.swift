@@ -43,6 +43,7 @@ public final class ControlPlane: Sendable {
         do throws(EngineError) {
             h = try engine.createDevice(DeviceConfig(id: "demo0", iotlbMaxEntries: settings.iotlbMaxEntries))
         } catch { return done(.failure(APIError(error))) }
+        ControlPlane.watchMisses(h, logger: logger)
         guard workloads.claim("demo0") else { return done(.failure(APIError(409, "conflict", "demo0 is busy"))) }
         var c = WorkloadConfig()
         c.packetSize = 64

@@ -39,7 +39,7 @@ private struct ConnectionRef: @unchecked Sendable { let raw: OpaquePointer }
 private final class ConnectionState: @unchecked Sendable {
     var body: [UInt8] = []
     var tooLarge = false
-    let completed = Mutex<Response?>(nil)
+    let completed = Locked<Response?>(nil)
     /// 0: waiting for a deferred reply; 1: it came before the connection was
     /// suspended; 2: the connection is suspended, the completer resumes it.
     let phase = Atomic<Int>(0)

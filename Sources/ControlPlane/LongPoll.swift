@@ -12,7 +12,7 @@ final class LongPollTimer: @unchecked Sendable {
         let waiter: MissWaiter
         let expire: @Sendable () -> Void
     }
-    private let entries = Mutex<(list: [Entry], running: Bool)>(([], true))
+    private let entries = Locked<(list: [Entry], running: Bool)>(([], true))
     private let wake = WakeSignal()
     private var thread: pthread_t?
 

@@ -6,7 +6,7 @@ import Vhost
 
 /// HTTP requests by route pattern, method and status.
 final class RequestCounter: Sendable {
-    private let counts = Mutex<[String: (route: String, method: String, status: Int, n: UInt64)]>([:])
+    private let counts = Locked<[String: (route: String, method: String, status: Int, n: UInt64)]>([:])
 
     func count(route: String, method: String, status: Int) {
         let key = "\(method) \(route) \(status)"
@@ -63,8 +63,8 @@ extension ControlPlane {
     /// Gathers every device's snapshot from its worker, then renders.
     func metrics(complete: @escaping @Sendable (Response) -> Void) {
         let handles = engine.devices()
-        let gathered = Mutex<[DeviceMetrics]>([])
-        let left = Mutex(handles.count)
+        let gathered = Locked<[DeviceMetrics]>([])
+        let left = Locked(handles.count)
         let finish: @Sendable () -> Void = { [self] in
             let all = gathered.withLock { $0 }.sorted { $0.id < $1.id }
             complete(Response(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],

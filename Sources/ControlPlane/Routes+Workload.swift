@@ -7,8 +7,8 @@ import Vhost
 
 /// The built-in guests, by device id.
 final class WorkloadRegistry: Sendable {
-    private let byDevice = Mutex<[String: Workload]>([:])
-    private let starting = Mutex<Set<String>>([])
+    private let byDevice = Locked<[String: Workload]>([:])
+    private let starting = Locked<Set<String>>([])
 
     func get(_ id: String) -> Workload? { byDevice.withLock { $0[id] } }
 
@@ -81,7 +81,7 @@ extension ControlPlane {
             guard workloads.get(h.config.id) != nil else { throw .notFound("no workload on \(h.config.id)") }
             // Joining the guest thread may take a moment: not on a server thread.
             return .deferred { complete in
-                _ = startThread(name: "stop-workload") {
+                startDetachedThread(name: "stop-workload") {
                     guard let (w, final) = workloads.remove(h.config.id) else {
                         complete(.error(.notFound("no workload on \(h.config.id)")))
                         return

@@ -39,6 +39,7 @@ extension ControlPlane {
             do throws(EngineError) { h = try engine.createDevice(config) } catch { throw APIError(error) }
             logger.info("device created", metadata: ["device": "\(h.config.id)", "queues": "\(h.config.queues)",
                                                      "iotlb": "\(h.config.iotlb)"])
+            watchMisses(h, logger: logger)
             return h.reply({ d throws(EngineError) in d.detail }) { .json(201, .device(h.config, detail: $0)) }
         }
 
@@ -57,7 +58,7 @@ extension ControlPlane {
             return .deferred { complete in
                 // The built-in guest stops first (it must not outlive the device's queues);
                 // joining its thread is not for a server thread.
-                _ = startThread(name: "delete-device") {
+                startDetachedThread(name: "delete-device") {
                     _ = workloads.remove(id)
                     let found = engine.deleteDevice(id) {
                         logger.info("device deleted", metadata: ["device": "\(id)"])
@@ -95,6 +96,32 @@ extension ControlPlane {
             }) { .json(200, .memTable($0)) }
         }
     }
+
+    /// One log line per access failure; one per miss storm (more than
+    /// `stormPerSecond` misses in a second), at most every 10 s per device.
+    static func watchMisses(_ h: DeviceHandle, logger: Logger) {
+        let id = h.config.id
+        let window = Locked<(start: UInt64, count: Int, lastWarned: UInt64)>((0, 0, 0))
+        h.missLog.observe { e in
+            if e.kind == .accessFail {
+                logger.warning("access failure: vq stopped until its vring is set again",
+                               metadata: ["device": "\(id)", "vq": "\(e.vq)", "iova": "\(e.iova)", "perm": "\(e.perm)"])
+                return
+            }
+            let storm = window.withLock { w -> Int? in
+                if e.postedAt - w.start > 1_000_000_000 { w.start = e.postedAt; w.count = 0 }
+                w.count += 1
+                guard w.count == stormPerSecond, e.postedAt - w.lastWarned > 10_000_000_000 else { return nil }
+                w.lastWarned = e.postedAt
+                return w.count
+            }
+            if let n = storm {
+                logger.warning("miss storm: \(n)+ IOTLB misses in a second", metadata: ["device": "\(id)", "last_iova": "\(e.iova)"])
+            }
+        }
+    }
+
+    static let stormPerSecond = 1000
 
     static func isValidDeviceId(_ id: String) -> Bool {
         let u = id.utf8

@@ -4,6 +4,7 @@
 // of what its buffers asked. Thread-safe: the guest maps and unmaps, a
 // translator reads.
 import Synchronization
+import Vhost
 import IOTLB
 
 /// A guest IOMMU page size.
@@ -46,7 +47,7 @@ public final class GuestIOMMU: Sendable {
         var recent: [UInt64] = []        // page numbers mapped or widened, a ring of `recentCapacity`
         var recentCount: UInt64 = 0      // ever appended
     }
-    private let table = Mutex(Table())
+    private let table = Locked(Table())
     private static let recentCapacity = 4096
 
     public init(pageSize: PageSize) { self.pageSize = pageSize }

@@ -33,10 +33,10 @@ public final class Workload: @unchecked Sendable {
     public static let uaddrBase: UInt64 = 0x7f00_0000_0000
 
     private let stopFlag = Atomic<Bool>(false)
-    private let published = Mutex(WorkloadStats())
+    private let published = Locked(WorkloadStats())
     private var thread: pthread_t?
     private var translator: BuiltinTranslator?
-    private let startResult = Mutex<Result<Void, WorkloadError>?>(nil)
+    private let startResult = Locked<Result<Void, WorkloadError>?>(nil)
     private let started = WakeSignal()
 
     private init(config: WorkloadConfig, handle: DeviceHandle) {

@@ -37,7 +37,7 @@ public final class Engine: Sendable {
     /// Limits applied to every device.
     public let limits: EngineLimits
     private let workers: [DatapathWorker]
-    private let registry = Mutex<(byId: [String: DeviceHandle], order: [String], nextId: Int, open: Bool)>(([:], [], 0, true))
+    private let registry = Locked<(byId: [String: DeviceHandle], order: [String], nextId: Int, open: Bool)>(([:], [], 0, true))
 
     /// An engine with `datapathThreads` workers, started at once.
     public init(datapathThreads: Int = 1, limits: EngineLimits = EngineLimits()) {

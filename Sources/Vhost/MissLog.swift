@@ -63,9 +63,16 @@ public final class MissLog: Sendable {
         var waiters: [MissWaiter] = []
         var closed = false
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
+    private let observer = Locked<(@Sendable (MissEvent) -> Void)?>(nil)
 
     public init() {}
+
+    /// Called (outside the log's lock, on the posting thread) for every event
+    /// posted: logging and alerting hang here.
+    public func observe(_ body: @escaping @Sendable (MissEvent) -> Void) {
+        observer.withLock { $0 = body }
+    }
 
     /// Appends an event and wakes the pollers it concerns; returns its seq.
     func post(vq: Int, kind: MissEvent.Kind, iova: IOVA, perm: Permissions, now: UInt64) -> UInt64 {
@@ -77,6 +84,9 @@ public final class MissLog: Sendable {
             return (s.head, woken.map { ($0, MissLog.answer(s, after: $0.after, limit: $0.limit)) })
         }
         for (w, a) in ready { w.finish(a) }
+        if let o = observer.withLock({ $0 }) {
+            o(MissEvent(seq: seq, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now))
+        }
         return seq
     }
 

@@ -63,6 +63,11 @@ private final class ThreadBody {
     init(_ run: @escaping () -> Void) { self.run = run }
 }
 
+/// Starts a thread nobody joins: its resources go when it ends.
+public func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) {
+    pthread_detach(startThread(name: name, body))
+}
+
 /// Starts a joinable pthread (`name` is for diagnostics).
 public func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {
     var thread = pthread_t()
@@ -74,4 +79,27 @@ public func startThread(name: String, _ body: @escaping @Sendable () -> Void) ->
     }, box)
     precondition(rc == 0, "pthread_create failed: \(rc)")
     return thread
+}
+
+/// A value behind a pthread mutex. Used instead of the standard library's
+/// `Mutex` because ThreadSanitizer understands pthread locks (it does not see
+/// the futex calls `Mutex` makes on Linux, and reports false races).
+public final class Locked<Value>: @unchecked Sendable {
+    private var mutex = pthread_mutex_t()
+    private var value: Value
+
+    public init(_ value: Value) {
+        self.value = value
+        pthread_mutex_init(&mutex, nil)
+    }
+
+    deinit { pthread_mutex_destroy(&mutex) }
+
+    /// Runs `body` with the value, holding the lock.
+    @inline(__always)
+    public func withLock<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return try body(&value)
+    }
 }

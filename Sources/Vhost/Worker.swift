@@ -11,7 +11,7 @@ public final class DatapathWorker: @unchecked Sendable {
 
     /// The worker's number (for thread names and logs).
     public let index: Int
-    private let queue = Mutex<(commands: [Command], stopped: Bool)>(([], false))
+    private let queue = Locked<(commands: [Command], stopped: Bool)>(([], false))
     private let queued = Atomic<Int>(0)
     private let wake = WakeSignal()
     private var thread: pthread_t?
@@ -45,6 +45,8 @@ public final class DatapathWorker: @unchecked Sendable {
         self.index = index
     }
 
+    deinit { pollList.deallocate() }
+
     func start() {
         thread = startThread(name: "datapath-\(index)") { [self] in run() }
     }
@@ -74,7 +76,7 @@ public final class DatapathWorker: @unchecked Sendable {
 
     /// Runs `body` on the worker thread and waits for its result (tests, tools).
     public func sync<T: Sendable>(_ body: @escaping @Sendable (DatapathWorker) -> T) -> T {
-        let box = Mutex<T?>(nil)
+        let box = Locked<T?>(nil)
         let done = WakeSignal()
         submit { w in
             let v = body(w)

@@ -87,7 +87,7 @@ func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double) 
     let engine = Engine(datapathThreads: 1, limits: limits)
     defer { engine.shutdown() }
     let h = try engine.createDevice(DeviceConfig(id: "bench", iotlb: iotlb))
-    let started = Mutex<Result<Workload, WorkloadError>?>(nil)
+    let started = Locked<Result<Workload, WorkloadError>?>(nil)
     Workload.start(c, on: h) { r in started.withLock { $0 = r } }
     var w: Workload?
     while w == nil {

@@ -47,6 +47,9 @@ struct IOTLBDaemon: ParsableCommand {
     @Option(name: .long, help: "HTTP worker threads.")
     var httpThreads = 2
 
+    @Option(name: .long, help: "Seconds an idle or half-sent connection may stay open.")
+    var requestTimeout = 30
+
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -63,6 +66,7 @@ struct IOTLBDaemon: ParsableCommand {
         guard parseBytes(maxGuestMemory) != nil else { throw ValidationError("--max-guest-memory: e.g. 8G, 512M, 1073741824") }
         guard (1...100_000).contains(maxConnections) else { throw ValidationError("--max-connections must be in 1...100000") }
         guard (1...64).contains(httpThreads) else { throw ValidationError("--http-threads must be in 1...64") }
+        guard (1...3600).contains(requestTimeout) else { throw ValidationError("--request-timeout must be in 1...3600") }
         guard splitHostPort(listen) != nil else { throw ValidationError("--listen must be HOST:PORT, e.g. 127.0.0.1:8080") }
     }
 
@@ -99,6 +103,7 @@ struct IOTLBDaemon: ParsableCommand {
         options.maxBodyBytes = maxBodyBytes
         options.maxConnections = maxConnections
         options.threads = httpThreads
+        options.connectionTimeout = requestTimeout
 
         let daemon = Daemon(server: options, settings: settings, datapathThreads: datapathThreads,
                             limits: limits, logger: logger)

@@ -19,7 +19,7 @@ import Vhost
         let port = d.daemon.port
         let stop = Atomic<Bool>(false)
         let storms = Atomic<Int>(0)
-        let failures = Mutex<[String]>([])
+        let failures = Locked<[String]>([])
         let group = DispatchGroup()
         // Three invalidators over the guest's IOVA windows (static rings, dynamic buffers), with flushes.
         for k in 0..<3 {
@@ -187,7 +187,9 @@ import Vhost
         churn(100)  // a million updates and a million invalidations
         let after = rss()
         #expect(h.performSync { $0!.iotlb.count } <= 2048)
-        #expect(after - before < 8 << 20, "RSS grew from \(before) to \(after)")
+        // AddressSanitizer keeps freed memory in quarantine: RSS says nothing there.
+        let underASan = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__asan_init") != nil
+        #expect(underASan || after - before < 8 << 20, "RSS grew from \(before) to \(after)")
         print("bounded memory: RSS \(before >> 10) KiB before, \(after >> 10) KiB after 1,000,000 updates + 1,000,000 invalidations")
         #expect(h.missLog.outstandingCount == 0)
     }
@@ -228,7 +230,7 @@ import Vhost
         switch reply {
         case .now(let r): return r
         case .later(let start), .deferred(let start):
-            let box = Mutex<Response?>(nil)
+            let box = Locked<Response?>(nil)
             let sem = DispatchSemaphore(value: 0)
             start { r in box.withLock { $0 = r }; sem.signal() }
             _ = sem.wait(timeout: .now() + 30)

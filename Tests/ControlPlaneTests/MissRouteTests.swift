@@ -110,7 +110,7 @@ import Vhost
         #expect(misses(empty).isEmpty && empty["last_seq"] == 0)
         // A waiter is woken by the miss a vring set posts.
         let port = d.daemon.port
-        let got = Mutex<(JSON, Double)?>(nil)
+        let got = Locked<(JSON, Double)?>(nil)
         let done = DispatchSemaphore(value: 0)
         DispatchQueue.global().async {
             let c = HTTPClient(port: port)
@@ -131,7 +131,7 @@ import Vhost
         let (_, rx, _) = try setUp(d)
         let n = 200
         let port = d.daemon.port
-        let answered = Mutex(0)
+        let answered = Locked(0)
         let group = DispatchGroup()
         for _ in 0..<n {
             group.enter()
@@ -157,7 +157,7 @@ import Vhost
         let d = try LiveDaemon()
         _ = try setUp(d)
         let port = d.daemon.port
-        let status = Mutex<Int?>(nil)
+        let status = Locked<Int?>(nil)
         let done = DispatchSemaphore(value: 0)
         DispatchQueue.global().async {
             let a = try? HTTPClient(port: port).request("GET", "/v1/devices/q/iotlb/misses?timeout_ms=30000")
