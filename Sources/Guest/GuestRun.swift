@@ -1,0 +1,267 @@
+// The built-in guest's traffic loop: refill RX, send frames, reap and verify,
+// map and unmap (dynamic) with the device IOTLB kept in step. Runs on the
+// workload's thread only.
+import Glibc
+import IOTLB
+import Vhost
+
+/// The guest thread's own state: rings, slots, counters. Touched only by that thread.
+final class GuestRun {
+    // The run lives inside its workload's thread; unowned(unsafe): no reference
+    // counting on every access from the loop.
+    unowned(unsafe) let workload: Workload
+    let config: WorkloadConfig
+    let memory: GuestPhysicalMemory
+    let table: MemoryTable
+    let iotlb: Bool
+    let iommu: GuestIOMMU?
+    let rx: SplitRingDriver
+    let tx: SplitRingDriver
+    let rxBuffers: UInt64
+    let txBuffers: UInt64
+    let slot: Int
+
+    var rxFree: [UInt16]
+    var txFree: [UInt16]
+    var stats = WorkloadStats()
+    let startTime = monotonicNanos()
+    var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
+
+    init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
+         rxRing: RingLayout, txRing: RingLayout, rxBuffers: UInt64, txBuffers: UInt64) {
+        self.workload = workload
+        self.config = workload.config
+        self.memory = memory
+        self.table = table
+        self.iotlb = iotlb
+        self.iommu = iommu
+        self.rx = SplitRingDriver(memory: memory, layout: rxRing)
+        self.tx = SplitRingDriver(memory: memory, layout: txRing)
+        self.rxBuffers = rxBuffers
+        self.txBuffers = txBuffers
+        self.slot = config.slotBytes
+        rxFree = Array((0..<config.ringSize).map { UInt16(truncatingIfNeeded: $0) }.reversed())
+        txFree = rxFree
+    }
+
+    /// What a descriptor names for guest-physical `gpa` under a static mapping.
+    @inline(__always) func dma(_ gpa: UInt64) -> UInt64 { iotlb ? gpa + Workload.iovaBase : gpa }
+
+    func rxGPA(_ i: UInt16) -> UInt64 { rxBuffers + UInt64(i) * UInt64(slot) }
+    func txGPA(_ i: UInt16) -> UInt64 { txBuffers + UInt64(i) * UInt64(slot) }
+
+    /// The IOVA a dynamic mapping gives buffer `i` (RX when `rx`) at guest-physical
+    /// `gpa`: its own page-aligned window, the buffer at its page offset.
+    func dynamicIOVA(rx: Bool, _ i: UInt16, _ gpa: UInt64) -> UInt64 {
+        let page = config.pageSize.bytes
+        let stride = (UInt64(slot) + page - 1) / page * page + page
+        let window = UInt64((rx ? 0 : config.ringSize) + Int(i)) * stride
+        return Workload.dynamicIOVABase + window + gpa % page
+    }
+
+    // MARK: Commands to the device (the same path the HTTP API takes)
+
+    private func update(_ entries: [IOTLBEntry]) throws(WorkloadError) {
+        guard !entries.isEmpty else { return }
+        let r = workload.handle.performSync { d -> Result<UpdateReport, EngineError> in
+            guard let d else { return .failure(.notFound("device gone")) }
+            do throws(EngineError) { return .success(try d.updateIOTLB(entries)) } catch { return .failure(error) }
+        }
+        if case .failure(let e) = r { throw .engine(e) }
+        stats.eagerUpdates &+= 1
+    }
+
+    /// One command for one round of the guest: invalidate what it unmapped
+    /// (adjacent ranges merged), then install what it mapped (eager). Both
+    /// are applied before the guest publishes the buffers that reuse the IOVAs.
+    private func invalidateThenUpdate(_ ranges: inout [AddressRange<IOVA>], _ entries: [IOTLBEntry]) {
+        guard !ranges.isEmpty || !entries.isEmpty else { return }
+        ranges.sort { $0.first < $1.first }
+        var merged: [AddressRange<IOVA>] = []
+        for r in ranges {
+            if let last = merged.last, last.last.raw != .max, last.last.raw + 1 >= r.first.raw {
+                merged[merged.count - 1] = AddressRange(first: last.first, last: max(last.last, r.last))
+            } else {
+                merged.append(r)
+            }
+        }
+        let invalidations = merged
+        _ = workload.handle.performSync { d -> Bool in
+            guard let d else { return false }
+            if !invalidations.isEmpty { _ = try? d.invalidateIOTLB(invalidations) }
+            if !entries.isEmpty { _ = try? d.updateIOTLB(entries) }
+            return true
+        }
+        if !invalidations.isEmpty { stats.invalidations &+= 1 }
+        if !entries.isEmpty { stats.eagerUpdates &+= 1 }
+    }
+
+    /// Maps guest-physical [gpa, gpa+len) at `iova` (by default its static IOVA) in the
+    /// guest IOMMU; with `eager`, pushes new pages to the device.
+    private func map(_ gpa: UInt64, _ len: Int, _ perm: Permissions, at iova: UInt64? = nil, pushing: inout [IOTLBEntry]) {
+        guard let iommu else { return }
+        let fresh = iommu.map(iova: IOVA(iova ?? dma(gpa)), gpa: GuestPhysAddr(gpa), size: UInt64(len), perm: perm)
+        if config.eager {
+            for page in fresh {
+                if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first) { pushing.append(e) }
+            }
+        }
+    }
+
+    func mapStatic() throws(WorkloadError) {
+        guard iommu != nil else { return }
+        var push: [IOTLBEntry] = []
+        for ring in [rx.layout, tx.layout] {
+            map(ring.descGPA.raw, Int(ring.span), .readWrite, pushing: &push)
+        }
+        if config.mapping == .static {
+            map(rxBuffers, config.ringSize * slot, .write, pushing: &push)
+            map(txBuffers, config.ringSize * slot, .read, pushing: &push)
+        }
+        try update(push)
+    }
+
+    func setVrings() throws(WorkloadError) {
+        for (n, ring) in [(0, rx.layout), (1, tx.layout)] {
+            // The device sees rings at IOVAs with the IOTLB on, at user addresses without.
+            let ringAddr: (GuestPhysAddr) -> UInt64 = { gpa in
+                if self.iotlb { return gpa.raw + Workload.iovaBase }
+                let hit = self.table.lookup(gpa: gpa)!
+                return self.table.regions[hit.region].userspaceAddr.raw + hit.offset
+            }
+            let c = VringConfig(num: ring.num, descAddr: ringAddr(ring.descGPA), availAddr: ringAddr(ring.availGPA),
+                                usedAddr: ringAddr(ring.usedGPA))
+            let r = workload.handle.performSync { d -> Result<VringSnapshot, EngineError> in
+                guard let d else { return .failure(.notFound("device gone")) }
+                do throws(EngineError) { return .success(try d.setVring(n, c)) } catch { return .failure(error) }
+            }
+            if case .failure(let e) = r { throw .engine(e) }
+        }
+    }
+
+    // MARK: Traffic
+
+    func loop() {
+        var idleSince: UInt64 = 0
+        var lastPublish = monotonicNanos()
+        var rounds = 0
+        let limit = config.packets
+        let dynamic = config.mapping == .dynamic && iommu != nil
+        let frameBytes = UInt32(Frame.headerBytes + config.packetSize)
+        // Host pointers of every buffer, resolved once: the guest's CPU view of its RAM.
+        let rxHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(rxGPA(UInt16($0))), slot) }
+        let txHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(txGPA(UInt16($0))), slot) }
+        var push: [IOTLBEntry] = []
+        var unmapped: [AddressRange<IOVA>] = []
+        push.reserveCapacity(config.ringSize)
+        unmapped.reserveCapacity(2 * config.ringSize)
+        rxFree.reserveCapacity(config.ringSize)
+        txFree.reserveCapacity(config.ringSize)
+        var stopping = false
+        while !stopping {
+            var progress = false
+            // Reap: TX buffers back, RX frames in (verified). Dynamic: unmap each;
+            // pages no longer mapped leave the device IOTLB before any of them is
+            // handed out again (below).
+            while let u = tx.takeUsed() {
+                if dynamic {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, u.id, txGPA(u.id))), size: UInt64(slot))
+                }
+                txFree.append(u.id)
+                progress = true
+            }
+            while let u = rx.takeUsed() {
+                if !Frame.verify(rxHost[Int(u.id)], length: Int(u.len), seq: stats.received, payload: config.packetSize) {
+                    stats.verifyErrors &+= 1
+                    if stats.error == nil {
+                        stats.error = "frame \(stats.received): \(u.len) bytes did not match what was sent"
+                    }
+                }
+                stats.received &+= 1
+                if dynamic {
+                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, u.id, rxGPA(u.id))), size: UInt64(slot))
+                }
+                rxFree.append(u.id)
+                progress = true
+            }
+
+            // Refill RX, then send while TX slots are free.
+            push.removeAll(keepingCapacity: true)
+            var rxPosted = false, txPosted = false
+            while let i = rxFree.popLast() {
+                var addr = dma(rxGPA(i))
+                if dynamic {
+                    addr = dynamicIOVA(rx: true, i, rxGPA(i))
+                    map(rxGPA(i), slot, .write, at: addr, pushing: &push)
+                }
+                rx.setDescriptor(Int(i), addr: addr, len: UInt32(slot), flags: 2)
+                rx.stage(i)
+                rxPosted = true
+            }
+            while limit == 0 || stats.sent < limit, let i = txFree.popLast() {
+                Frame.write(txHost[Int(i)], seq: stats.sent, payload: config.packetSize)
+                var addr = dma(txGPA(i))
+                if dynamic {
+                    addr = dynamicIOVA(rx: false, i, txGPA(i))
+                    map(txGPA(i), slot, .read, at: addr, pushing: &push)
+                }
+                tx.setDescriptor(Int(i), addr: addr, len: frameBytes)
+                tx.stage(i)
+                stats.sent &+= 1
+                txPosted = true
+                // Static mappings: offer frames in small groups so the device starts
+                // while we write the rest (dynamic ones wait for their command below).
+                if !dynamic && stats.sent & 31 == 0 {
+                    if rxPosted { rx.publish(); rxPosted = false }
+                    tx.publish()
+                    workload.handle.worker.kick()
+                    progress = true
+                }
+            }
+            // Before anything is published: the unmapped IOVAs leave the device
+            // IOTLB (Linux strict mode), and eager mappings enter it.
+            if dynamic {
+                invalidateThenUpdate(&unmapped, push)
+                unmapped.removeAll(keepingCapacity: true)
+            }
+            if rxPosted { rx.publish() }
+            if txPosted { tx.publish() }
+            if rxPosted || txPosted {
+                workload.handle.worker.kick()
+                progress = true
+            }
+            if limit > 0 && stats.received >= limit { break }
+            // The clock and the stop flag, every 64 rounds or when idle.
+            rounds &+= 1
+            if progress && rounds & 63 != 0 {
+                idleSince = 0
+                continue
+            }
+            stopping = workload.stopping
+            let now = monotonicNanos()
+            if now - lastPublish > 20_000_000 {
+                publish(now: now)
+                lastPublish = now
+            }
+            if progress {
+                idleSince = 0
+            } else if idleSince == 0 {
+                idleSince = now
+            } else if now - idleSince > 100_000 {
+                // Spin first (the device answers within microseconds), then doze.
+                usleep(now - idleSince > 100_000_000 ? 1000 : 20)
+            }
+        }
+    }
+
+    func publish(now: UInt64 = monotonicNanos(), final: Bool = false) {
+        stats.elapsed = Double(now - startTime) / 1e9
+        window.append((now, stats.received))
+        while let first = window.first, now - first.0 > 1_000_000_000, window.count > 2 { window.removeFirst() }
+        let (t0, r0) = final ? (startTime, 0) : window.first!
+        let dt = Double(now - t0) / 1e9
+        stats.pps = dt > 0 ? Double(stats.received - r0) / dt : 0
+        stats.gbps = stats.pps * Double(config.packetSize) * 8 / 1e9
+        workload.publish(stats)
+    }
+}
