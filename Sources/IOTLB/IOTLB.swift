@@ -100,6 +100,18 @@ public final class IOTLB {
     private var cold: UnsafeMutablePointer<Cold>
     private var capacity: Int
     private var used = 0           // nodes ever handed out (high-water mark)
+
+    // A read-mostly accelerator: the keys in Eytzinger (breadth-first) order,
+    // so a look-up walks one contiguous array instead of chasing nodes. It is
+    // rebuilt (O(n)) only after max(n/4, 16) look-ups have found it stale, so
+    // its cost stays O(1) amortized per look-up and mutations stay O(log n);
+    // tables that change between every few look-ups simply keep using the tree.
+    private var version: UInt64 = 0          // bumped by every mutation
+    private var searchVersion: UInt64 = .max  // the version the arrays describe
+    private var staleLookups = 0
+    private var searchKeys: UnsafeMutablePointer<UInt64>   // 1-based
+    private var searchNodes: UnsafeMutablePointer<Int32>   // 1-based
+    private var searchCount = 0
     private var freeList: Int32 = -1
     private var root: Int32 = -1
     private var oldest: Int32 = -1
@@ -112,11 +124,15 @@ public final class IOTLB {
         capacity = min(maxEntries, 64)
         hot = .allocate(capacity: capacity)
         cold = .allocate(capacity: capacity)
+        searchKeys = .allocate(capacity: capacity + 1)
+        searchNodes = .allocate(capacity: capacity + 1)
     }
 
     deinit {
         hot.deallocate()
         cold.deallocate()
+        searchKeys.deallocate()
+        searchNodes.deallocate()
     }
 
     // MARK: Look-up
@@ -124,7 +140,7 @@ public final class IOTLB {
     /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
     public func translate(_ iova: IOVA, access: Permissions, size: UInt64 = .max) -> Translation {
         let key = iova.raw
-        let n = floor(key)
+        let n = lookupFloor(key)
         guard n >= 0 else { return .miss }
         let c = cold[Int(n)]
         guard c.last >= key else { return .miss }
@@ -139,9 +155,57 @@ public final class IOTLB {
 
     /// The entry holding `iova`, if any.
     public func entry(containing iova: IOVA) -> IOTLBEntry? {
-        let n = floor(iova.raw)
+        let n = lookupFloor(iova.raw)
         guard n >= 0, cold[Int(n)].last >= iova.raw else { return nil }
         return entry(n)
+    }
+
+    /// `floor` for look-ups: through the search arrays when they are current.
+    @inline(__always)
+    private func lookupFloor(_ key: UInt64) -> Int32 {
+        if searchVersion != version {
+            staleLookups += 1
+            if staleLookups < max(count / 4, 16) { return floor(key) }
+            rebuildSearch()
+        }
+        // Each step appends one bit to k: 1 to the right (key <= the search key),
+        // 0 to the left; no branch but the loop's. The floor is the last node
+        // where the walk went right: drop the trailing left moves and that 1.
+        var k = 1
+        let n = searchCount
+        while k <= n {
+            // The Bool's bits, not a branch (the compiler would otherwise branch here).
+            k = 2 &* k &+ Int(unsafeBitCast(searchKeys[k] <= key, to: UInt8.self))
+        }
+        k = k >> (k.trailingZeroBitCount + 1)
+        return k == 0 ? -1 : searchNodes[k]
+    }
+
+    private func rebuildSearch() {
+        searchCount = 0
+        var sorted = [Int32]()
+        sorted.reserveCapacity(count)
+        inOrder(root) { sorted.append($0) }
+        var next = 0
+        func fill(_ k: Int) {
+            guard k <= sorted.count else { return }
+            fill(2 * k)
+            searchKeys[k] = hot[Int(sorted[next])].first
+            searchNodes[k] = sorted[next]
+            next += 1
+            fill(2 * k + 1)
+        }
+        fill(1)
+        searchCount = sorted.count
+        searchVersion = version
+        staleLookups = 0
+    }
+
+    private func inOrder(_ n: Int32, _ body: (Int32) -> Void) {
+        if n < 0 { return }
+        inOrder(hot[Int(n)].left, body)
+        body(n)
+        inOrder(hot[Int(n)].right, body)
     }
 
     /// The node with the greatest first <= key, or -1. The descent is written
@@ -205,6 +269,7 @@ public final class IOTLB {
         newest = n
         root = insert(root, n)
         count += 1
+        version &+= 1
         return outcome
     }
 
@@ -225,6 +290,7 @@ public final class IOTLB {
         }
         root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0
         if removed > 0 { generation &+= 1 }
+        version &+= 1
         return removed
     }
 
@@ -296,6 +362,11 @@ public final class IOTLB {
             freshCold.moveInitialize(from: cold, count: used)
             cold.deallocate()
             cold = freshCold
+            searchKeys.deallocate()
+            searchNodes.deallocate()
+            searchKeys = .allocate(capacity: bigger + 1)
+            searchNodes = .allocate(capacity: bigger + 1)
+            searchVersion = .max
             capacity = bigger
         }
         used += 1
@@ -316,6 +387,7 @@ public final class IOTLB {
         freeList = found
         count -= 1
         generation &+= 1
+        version &+= 1
         return removed
     }
 

@@ -191,3 +191,29 @@ func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
         #expect(tlb.count == 1)
     }
 }
+
+@Suite struct IOTLBSearchArrayTests {
+    /// Long runs of look-ups without mutation switch to the search arrays; they must agree with the model.
+    @Test(arguments: [1, 5, 64, 1000, 2048])
+    func lookupsAfterQuietPeriodsMatchTheModel(entries: Int) {
+        var g = SplitMix(state: UInt64(entries))
+        let tlb = IOTLB(maxEntries: 4096)
+        var model = NaiveIOTLB(max: 4096)
+        for round in 0..<6 {
+            for _ in 0..<(round == 0 ? entries : max(1, entries / 10)) {
+                let e = IOTLBEntry(range: randomRange(&g), uaddr: UserAddr(g.next() % (1 << 40)),
+                                   perm: Permissions(rawValue: UInt8(1 + g.next() % 3)))
+                #expect(tlb.update(e) == model.update(e))
+            }
+            if round % 2 == 1 {
+                let r = randomRange(&g)
+                #expect(tlb.invalidate(r) == model.invalidate(r))
+            }
+            for _ in 0..<3000 {
+                let iova = IOVA(g.next() % 4 == 0 ? randomAddress(&g)
+                                : (model.entries.randomElement(using: &g)?.range.first.raw ?? 0) &+ g.next() % 64)
+                #expect(tlb.translate(iova, access: .read, size: 100) == model.translate(iova, .read, 100))
+            }
+        }
+    }
+}
