@@ -47,8 +47,10 @@ let package = Package(
             "ControlPlane", "Guest", "Vhost", "IOTLB", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "IOTLBTests", dependencies: ["IOTLB"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest"]),
+        // Helpers shared by the test targets.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
     ],
     swiftLanguageModes: [.v6]

@@ -4,6 +4,7 @@ import Glibc
 import IOTLB
 import Synchronization
 import Testing
+import TestSupport
 import Vhost
 
 /// Storms, fuzzing, bounded memory, slow clients.
@@ -85,7 +86,7 @@ import Vhost
         let d = try LiveDaemon()
         try d.deviceWithMemory("f")
         let cp = d.daemon.controlPlane
-        var g = SplitMixRandom(seed: 7)
+        var g = SplitMix(state: 7)
         let paths = ["/v1/devices", "/v1/devices/f", "/v1/devices/f/mem-table", "/v1/devices/f/vrings/0",
                      "/v1/devices/f/vrings/9", "/v1/devices/f/iotlb/updates", "/v1/devices/f/iotlb/invalidations",
                      "/v1/devices/f/iotlb", "/v1/devices/f/iotlb/entries", "/v1/devices/f/iotlb/translate",
@@ -137,7 +138,7 @@ import Vhost
     }
 
     @Test func arbitraryBytesNeverCrashTheParser() {
-        var g = SplitMixRandom(seed: 99)
+        var g = SplitMix(state: 99)
         let seeds = [#"{"entries":[{"iova":"0x1","size":1,"uaddr":2,"perm":"rw"}]}"#, #"{"regions":[]}"#, "[1,2,{\"a\":null}]"]
         for i in 0..<20000 {
             var b = Array(seeds[i % seeds.count].utf8)
@@ -170,7 +171,7 @@ import Vhost
         func churn(_ rounds: Int) {
             for r in 0..<rounds {
                 _ = h.performSync { d -> Int in
-                    var g = SplitMixRandom(seed: UInt64(r))
+                    var g = SplitMix(state: UInt64(r))
                     for _ in 0..<10_000 {
                         let iova = (g.next() % (1 << 18)) << 12
                         let e = IOTLBEntry(range: AddressRange(start: IOVA(iova), size: 4096 * (1 + g.next() % 4))!,
@@ -236,18 +237,5 @@ import Vhost
             _ = sem.wait(timeout: .now() + 30)
             return box.withLock { $0 } ?? Response(status: 599)
         }
-    }
-}
-
-/// A seeded generator for reproducible fuzzing.
-struct SplitMixRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
