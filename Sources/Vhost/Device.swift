@@ -108,10 +108,10 @@ public final class Device {
     /// wholly backed by the memory table before any is inserted.
     public func updateIOTLB(_ entries: [IOTLBEntry]) throws(EngineError) -> UpdateReport {
         try requireIOTLB()
-        guard regions.count > 0 else { throw .noMemTable }
+        guard let table = memTable else { throw .noMemTable }
         for (i, e) in entries.enumerated() {
             guard let ur = e.uaddrRange else { throw .rangeOverflow(index: i, field: "uaddr") }
-            guard regions.isBacked(first: ur.first.raw, last: ur.last.raw) else { throw .uaddrNotMapped(index: i) }
+            guard table.isBacked(ur) else { throw .uaddrNotMapped(index: i) }
         }
         var report = UpdateReport()
         for e in entries {

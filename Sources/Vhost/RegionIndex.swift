@@ -41,16 +41,6 @@ struct RegionIndex {
         byUser?.deallocate()
     }
 
-    /// Whether every byte of the user range [first, last] is backed (across adjacent regions too).
-    func isBacked(first: UInt64, last: UInt64) -> Bool {
-        var at = first
-        while let span = find(at, user: true) {
-            if span.last >= last { return true }
-            at = span.last + 1  // span.last < last, so no wrap
-        }
-        return false
-    }
-
     /// The span holding `addr` in guest-physical (`user` false) or user space.
     @inline(__always)
     func find(_ addr: UInt64, user: Bool) -> RegionSpan? {

@@ -106,38 +106,40 @@ extension Device {
         return .ok(Segment(host: host + Int(addr &- lo), length: n))
     }
 
-    /// Copies `length` bytes of guest memory at `addr` to `dst`.
-    func copyFromGuest(_ addr: UInt64, _ dst: UnsafeMutableRawPointer, _ length: Int, _ space: AddressSpace,
-                       _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
+    /// Translates `[addr, addr+length)` piece by piece with `access`, calling
+    /// `body(segment, offset)` for each; the first fault stops the walk.
+    @inline(__always)
+    func walkSegments(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
+                      _ cache: inout TranslationCache, _ vq: VirtQueue,
+                      _ body: (Segment, Int) -> Void) -> AccessFault? {
         var done = 0
         while done < length {
             let (a, o) = addr.addingReportingOverflow(UInt64(done))
             if o { return .badAddress(addr, space) }
-            switch segment(a, length - done, .read, space, &cache, vq) {
+            switch segment(a, length - done, access, space, &cache, vq) {
             case .fault(let f): return f
             case .ok(let s):
-                (dst + done).copyMemory(from: s.host, byteCount: s.length)
+                body(s, done)
                 done += s.length
             }
         }
         return nil
     }
 
+    /// Copies `length` bytes of guest memory at `addr` to `dst`.
+    func copyFromGuest(_ addr: UInt64, _ dst: UnsafeMutableRawPointer, _ length: Int, _ space: AddressSpace,
+                       _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
+        walkSegments(addr, length, .read, space, &cache, vq) { s, done in
+            (dst + done).copyMemory(from: s.host, byteCount: s.length)
+        }
+    }
+
     /// Copies `length` bytes from `src` into guest memory at `addr`.
     func copyToGuest(_ addr: UInt64, _ src: UnsafeRawPointer, _ length: Int, _ space: AddressSpace,
                      _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
-        var done = 0
-        while done < length {
-            let (a, o) = addr.addingReportingOverflow(UInt64(done))
-            if o { return .badAddress(addr, space) }
-            switch segment(a, length - done, .write, space, &cache, vq) {
-            case .fault(let f): return f
-            case .ok(let s):
-                s.host.copyMemory(from: src + done, byteCount: s.length)
-                done += s.length
-            }
+        walkSegments(addr, length, .write, space, &cache, vq) { s, done in
+            s.host.copyMemory(from: src + done, byteCount: s.length)
         }
-        return nil
     }
 
     /// Checks that all of `[addr, addr+length)` translates with `access`;
@@ -145,18 +147,10 @@ extension Device {
     func checkRange(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
                     _ vq: VirtQueue) -> (contiguous: UnsafeMutableRawPointer?, fault: AccessFault?) {
         var cache = TranslationCache()
-        var done = 0
         var first: UnsafeMutableRawPointer?
-        while done < length {
-            let (a, o) = addr.addingReportingOverflow(UInt64(done))
-            if o { return (nil, .badAddress(addr, space)) }
-            switch segment(a, length - done, access, space, &cache, vq) {
-            case .fault(let f): return (nil, f)
-            case .ok(let s):
-                if done == 0 && s.length == length { first = s.host }
-                done += s.length
-            }
+        let fault = walkSegments(addr, length, access, space, &cache, vq) { s, done in
+            if done == 0 && s.length == length { first = s.host }
         }
-        return (first, nil)
+        return fault.map { (nil, $0) } ?? (first, nil)
     }
 }
