@@ -18,12 +18,14 @@ let package = Package(
                 // One owner thread per table; see Vhost below.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics"],
+        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket"],
                 // The datapath owns its state on one thread by design (commands between
                 // batches); dynamic exclusivity checks would cost a runtime call per access.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // Acquire/release on ring indices in guest memory (header-only C).
         .target(name: "CRingAtomics"),
+        // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.
+        .target(name: "CUnixSocket"),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
         .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"],
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
@@ -50,7 +52,7 @@ let package = Package(
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
     ],
     swiftLanguageModes: [.v6]

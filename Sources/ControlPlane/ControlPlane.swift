@@ -24,6 +24,7 @@ public final class ControlPlane: Sendable {
     public let router: Router
     let timer = LongPollTimer()
     let workloads = WorkloadRegistry()
+    let vhostUsers = VhostUserRegistry()
     let requests = RequestCounter()
 
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
@@ -32,7 +33,7 @@ public final class ControlPlane: Sendable {
         self.logger = logger
         var r = Router()
         ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer,
-                               workloads: workloads)
+                               workloads: workloads, vhostUsers: vhostUsers)
         self.router = r
     }
 
@@ -62,8 +63,11 @@ public final class ControlPlane: Sendable {
         }
     }
 
-    /// Stops the built-in guests (before the engine stops the devices).
-    public func stopWorkloads() { workloads.stopAll() }
+    /// Stops the built-in guests and drops vhost-user front-ends (before the engine stops the devices).
+    public func stopWorkloads() {
+        workloads.stopAll()
+        vhostUsers.stopAll()
+    }
 
     /// Answers every waiting long-poll and stops the timer thread.
     public func stop() { timer.stop() }

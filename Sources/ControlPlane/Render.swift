@@ -22,12 +22,24 @@ extension JSON {
         ["regions": .array(t.regions.map(region))]
     }
 
-    static func device(_ c: DeviceConfig, detail: DeviceDetail? = nil) -> JSON {
+    static func device(_ c: DeviceConfig, detail: DeviceDetail? = nil, vhostUser: VhostUserStatus? = nil) -> JSON {
         var pairs: [(String, JSON)] = [
             ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
             ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.backend.rawValue)),
             ("translator", .string(c.translator.rawValue)),
         ]
+        if let path = c.vhostUserSocket {
+            var v: [(String, JSON)] = [("socket", .string(path))]
+            if let s = vhostUser {
+                v += [("connected", .bool(s.connected)), ("connections", .count(s.connections)),
+                      ("messages", .count(s.messages)), ("features", .hex(s.features)),
+                      ("protocol_features", .hex(s.protocolFeatures)),
+                      ("misses_forwarded", .count(s.missesForwarded)), ("identity_updates", .count(s.identityUpdates)),
+                      ("kicks", .count(s.kicks))]
+                if let e = s.lastError { v.append(("last_error", .string(e))) }
+            }
+            pairs.append(("vhost_user", .object(v)))
+        }
         if let detail {
             pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
             pairs.append(("vrings", .array(detail.vrings)))

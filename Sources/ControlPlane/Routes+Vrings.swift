@@ -6,6 +6,7 @@ extension ControlPlane {
     static func addVringRoutes(to r: inout Router, engine: Engine, timer: LongPollTimer) {
         r.put("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
             let h = try engine.device(for: req)
+            try requireHTTPOwned(h, "vrings")
             let n = try vringIndex(req)
             var f = try FieldReader(req.json())
             let num = try f.number("num")

@@ -48,6 +48,7 @@ extension ControlPlane {
     static func addWorkloadRoutes(to r: inout Router, engine: Engine, workloads: WorkloadRegistry) {
         r.put("/v1/devices/{id}/workload") { req throws(APIError) in
             let h = try engine.device(for: req)
+            try requireHTTPOwned(h, "memory and rings a built-in guest would lay")
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             let config = try parseWorkload(body)
             guard workloads.claim(h.config.id) else {

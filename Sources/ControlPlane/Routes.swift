@@ -5,16 +5,17 @@ import Logging
 
 extension ControlPlane {
     static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
-                          timer: LongPollTimer, workloads: WorkloadRegistry) {
+                          timer: LongPollTimer, workloads: WorkloadRegistry, vhostUsers: VhostUserRegistry) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
-        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger, workloads: workloads)
+        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger, workloads: workloads,
+                        vhostUsers: vhostUsers)
         addIOTLBRoutes(to: &r, engine: engine)
         addVringRoutes(to: &r, engine: engine, timer: timer)
         addWorkloadRoutes(to: &r, engine: engine, workloads: workloads)
     }
 
     static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
-                                workloads: WorkloadRegistry) {
+                                workloads: WorkloadRegistry, vhostUsers: VhostUserRegistry) {
         r.post("/v1/devices") { req throws(APIError) in
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             var f = try FieldReader(body)
@@ -31,16 +32,38 @@ extension ControlPlane {
                                                in: 1...IOTLB.entriesCeiling)
             config.backend = try f.choice("backend", default: .loopback)
             config.translator = try f.choice("translator", default: .builtin)
-            if f.value("vhost_user") != nil {
-                throw .invalidField("vhost_user", "the vhost-user backend is not available in this build")
-            }
+            if let v = f.value("vhost_user") { config.vhostUserSocket = try parseVhostUser(v) }
             try f.finish()
+            if !config.id.isEmpty && engine.device(config.id) != nil {
+                throw APIError(409, "conflict", "device \(config.id) exists")
+            }
+            // The socket first: a path that cannot be served creates no device.
+            var backend: VhostUserBackend?
+            if let path = config.vhostUserSocket {
+                do throws(VhostUserSetupError) { backend = try VhostUserBackend(socket: path) } catch {
+                    throw error.inUse ? APIError(409, "conflict", error.description, field: "vhost_user.socket")
+                        : .invalidField("vhost_user.socket", error.description)
+                }
+            }
             let h: DeviceHandle
-            do throws(EngineError) { h = try engine.createDevice(config) } catch { throw APIError(error) }
+            do throws(EngineError) { h = try engine.createDevice(config) } catch {
+                backend?.stop()
+                throw APIError(error)
+            }
             logger.info("device created", metadata: ["device": "\(h.config.id)", "queues": "\(h.config.queues)",
-                                                     "iotlb": "\(h.config.iotlb)"])
+                                                     "iotlb": "\(h.config.iotlb)",
+                                                     "vhost_user": "\(h.config.vhostUserSocket ?? "-")"])
             watchMisses(h, logger: logger)
-            return h.reply({ d throws(EngineError) in d.detail }) { .json(201, .device(h.config, detail: $0)) }
+            if let backend {
+                let id = h.config.id
+                backend.start(handle: h, limits: engine.limits) { line in
+                    logger.info("\(line)", metadata: ["device": "\(id)"])
+                }
+                vhostUsers.add(id, backend)
+            }
+            return h.reply({ d throws(EngineError) in d.detail }) {
+                .json(201, .device(h.config, detail: $0, vhostUser: vhostUsers.status(h.config.id)))
+            }
         }
 
         r.get("/v1/devices") { _ in
@@ -49,7 +72,9 @@ extension ControlPlane {
 
         r.get("/v1/devices/{id}") { req throws(APIError) in
             let h = try engine.device(for: req)
-            return h.reply({ d throws(EngineError) in d.detail }) { .json(200, .device(h.config, detail: $0)) }
+            return h.reply({ d throws(EngineError) in d.detail }) {
+                .json(200, .device(h.config, detail: $0, vhostUser: vhostUsers.status(h.config.id)))
+            }
         }
 
         r.delete("/v1/devices/{id}") { req throws(APIError) in
@@ -60,6 +85,7 @@ extension ControlPlane {
                 // joining its thread is not for a server thread.
                 startDetachedThread(name: "delete-device") {
                     _ = workloads.remove(id)
+                    vhostUsers.remove(id)?.stop()  // the front-end is dropped while the device still exists
                     let found = engine.deleteDevice(id) {
                         logger.info("device deleted", metadata: ["device": "\(id)"])
                         complete(.noContent)
@@ -71,6 +97,7 @@ extension ControlPlane {
 
         r.put("/v1/devices/{id}/mem-table") { req throws(APIError) in
             let h = try engine.device(for: req)
+            try requireHTTPOwned(h, "memory table")
             var f = try FieldReader(req.json())
             guard case .array(let items) = try f.required("regions") else {
                 throw .invalidField("regions", "expected an array of regions")
@@ -122,6 +149,26 @@ extension ControlPlane {
     }
 
     static let stormPerSecond = 1000
+
+    /// `{"socket": PATH}`: the Unix socket path a vhost-user front-end connects to.
+    static func parseVhostUser(_ v: JSON) throws(APIError) -> String {
+        var f = try FieldReader(v, path: "vhost_user")
+        guard let path = try f.string("socket") else {
+            throw .invalidField("vhost_user.socket", "required: the Unix socket path to serve")
+        }
+        try f.finish()
+        guard (1...107).contains(path.utf8.count), !path.utf8.contains(0) else {
+            throw .invalidField("vhost_user.socket", "a socket path of 1 to 107 bytes")
+        }
+        return path
+    }
+
+    /// Refuses HTTP changes to what a vhost-user front-end owns.
+    static func requireHTTPOwned(_ h: DeviceHandle, _ what: String) throws(APIError) {
+        if let path = h.config.vhostUserSocket {
+            throw APIError(409, "conflict", "device \(h.config.id) is a vhost-user device: its front-end on \(path) sets the \(what)")
+        }
+    }
 
     static func isValidDeviceId(_ id: String) -> Bool {
         let u = id.utf8

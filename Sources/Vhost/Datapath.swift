@@ -54,6 +54,7 @@ extension Device {
             vq.usedIdx = ringLoad16(vq, vq.usedHost, c.usedAddr, 2)
             vq.needsUsedInit = false
         }
+        if vq.driverKicks { writeUsedFlags(vq) }
         return true
     }
 

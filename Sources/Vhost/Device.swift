@@ -1,6 +1,7 @@
 // A vhost device: memory table, IOTLB, counters. Owned by one datapath
 // worker; every method runs on that worker's thread (see Worker.swift).
 import IOTLB
+import CRingAtomics
 
 /// What an IOTLB update did.
 public struct UpdateReport: Equatable, Sendable {
@@ -51,6 +52,8 @@ public final class Device {
     var counters = IOTLBStats()
     /// Frames cut short because the RX chain was smaller than the TX frame.
     var truncatedFrames: UInt64 = 0
+    /// Whether drivers should kick (the worker is about to sleep).
+    var kicksWanted = false
     /// Miss resolution times (µs): the most recent samples, their count and maximum.
     var resolutionSamples: [UInt32] = []
     var resolutionCount: UInt64 = 0
@@ -91,13 +94,20 @@ public final class Device {
         do { mem = try GuestMemory(table: table, hugePages: limits.hugePages, previous: memory) } catch {
             throw .memoryUnavailable(error.description)
         }
+        install(memory: mem)
+        return table
+    }
+
+    /// Replaces the memory with one mapped elsewhere (a vhost-user front-end's
+    /// files), or removes it (nil: the front-end left). Flushes the IOTLB: its
+    /// user addresses belonged to the old table.
+    public func install(memory mem: GuestMemory?) {
         memory = mem
-        self.regions.free()
-        self.regions = RegionIndex(mem)
+        regions.free()
+        regions = mem.map { RegionIndex($0) } ?? RegionIndex()
         memoryGeneration &+= 1
         iotlb.flush()
         for vq in queues { vq.dropTranslations() }
-        return table
     }
 
     private func requireIOTLB() throws(EngineError) {
@@ -202,6 +212,43 @@ public final class Device {
         vq.state = c.enabled ? .running : .disabled
         if c.enabled && memory != nil { prepareRings(vq) }
         return vq.snapshot
+    }
+
+    /// Stops queue `index` (vhost-user GET_VRING_BASE, or a disabled ring):
+    /// drops its outstanding event; returns where it stopped in the avail ring.
+    @discardableResult
+    public func disableVring(_ index: Int) -> UInt16 {
+        let vq = queues[index]
+        if let p = vq.pending { missLog.remove(seq: p.seq) }
+        vq.pending = nil
+        vq.failure = nil
+        vq.state = .disabled
+        vq.config?.enabled = false
+        vq.dropTranslations()
+        return vq.lastAvailIdx
+    }
+
+    /// A vhost-user front-end's eventfds for queue `index`: `call` is signalled
+    /// when used buffers are published and the driver did not suppress it (-1:
+    /// none); with `kicks`, the driver kicks while the worker sleeps and is asked
+    /// not to while it polls (VRING_USED_F_NO_NOTIFY, as vhost_disable_notify).
+    public func setNotifiers(_ index: Int, call: Int32, kicks: Bool) {
+        let vq = queues[index]
+        vq.callFD = call
+        vq.driverKicks = kicks
+        if kicks && vq.state == .running && vq.ringsReady { writeUsedFlags(vq) }
+    }
+
+    /// Asks drivers that kick to do so (before the worker sleeps) or not to
+    /// (while it polls): the used ring's flags. Then a full fence, so a buffer
+    /// posted before the driver saw the flag is found by the next poll.
+    func setKickNotification(_ wanted: Bool) {
+        guard kicksWanted != wanted else { return }
+        kicksWanted = wanted
+        for vq in queues where vq.driverKicks && vq.state == .running && vq.ringsReady {
+            writeUsedFlags(vq)
+        }
+        CRingAtomics_fence_seq_cst()
     }
 
     /// The queue `index`.

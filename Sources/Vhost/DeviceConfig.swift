@@ -30,10 +30,14 @@ public struct DeviceConfig: Sendable, Equatable {
     public var backend: Backend
     /// Who answers misses.
     public var translator: TranslatorKind
+    /// The Unix socket a vhost-user front-end connects to; nil for a device
+    /// the HTTP API (or the built-in guest) sets up.
+    public var vhostUserSocket: String?
 
     public init(id: String, queues: Int = 2, iotlb: Bool = true, iotlbMaxEntries: Int = 2048,
-                backend: Backend = .loopback, translator: TranslatorKind = .builtin) {
+                backend: Backend = .loopback, translator: TranslatorKind = .builtin, vhostUserSocket: String? = nil) {
         self.id = id
+        self.vhostUserSocket = vhostUserSocket
         self.queues = queues
         self.iotlb = iotlb
         self.iotlbMaxEntries = iotlbMaxEntries

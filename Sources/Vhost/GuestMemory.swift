@@ -22,9 +22,13 @@ func syscall<T: FixedWidthInteger>(_ name: String, _ body: () -> T) throws(Syste
 /// One region's host mapping; unmapped when the last table using it goes.
 final class RegionMapping: @unchecked Sendable {
     let region: MemoryRegion
+    /// The region's first byte.
     let base: UnsafeMutableRawPointer
     let length: Int
     let huge: Bool
+    /// What munmap takes (a file mapping starts before `base`).
+    private let mapBase: UnsafeMutableRawPointer
+    private let mapLength: Int
 
     /// Maps `region`: MAP_HUGETLB (2 MiB) when asked and the size allows,
     /// else plain shared anonymous memory with transparent-huge-page advice.
@@ -48,9 +52,39 @@ final class RegionMapping: @unchecked Sendable {
         self.base = base
         self.length = len
         self.huge = huge
+        mapBase = base
+        mapLength = len
     }
 
-    deinit { munmap(base, length) }
+    /// Maps `region` from a file a front-end passed (vhost-user): the region
+    /// starts `offset` bytes into it. The mapping starts at offset 0 and is
+    /// rounded up to the file's block size, as hugetlbfs requires.
+    init(_ region: MemoryRegion, file fd: Int32, offset: UInt64) throws(SystemCallError) {
+        var st = stat()
+        try syscall("fstat") { fstat(fd, &st) }
+        let block = UInt64(max(Int(st.st_blksize), Int(getpagesize())))
+        let (end, o1) = region.memorySize.addingReportingOverflow(offset)
+        let (rounded, o2) = end.addingReportingOverflow(block - 1)
+        guard !o1, !o2, rounded / block * block <= UInt64(Int.max) else {
+            throw SystemCallError(call: "mmap", errno: EINVAL)
+        }
+        let total = Int(rounded / block * block)
+        // Touching a page past the end of the file would raise SIGBUS in the
+        // datapath: a region must lie within the file as passed.
+        if st.st_mode & S_IFMT == S_IFREG && UInt64(st.st_size) < end {
+            throw SystemCallError(call: "mmap (region ends past the end of its file)", errno: EINVAL)
+        }
+        let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let p, p != MAP_FAILED else { throw SystemCallError(call: "mmap", errno: errno) }
+        self.region = region
+        self.base = p + Int(offset)
+        self.length = Int(region.memorySize)
+        self.huge = block >= 2 << 20
+        mapBase = p
+        mapLength = total
+    }
+
+    deinit { munmap(mapBase, mapLength) }
 }
 
 /// Host mappings backing each region of a memory table. Kept alive by every
@@ -77,6 +111,19 @@ public final class GuestMemory: @unchecked Sendable {
                 mappings.append(try RegionMapping(r, hugePages: hugePages))
             }
         }
+        self.mappings = mappings
+        self.bases = mappings.map(\.base)
+        self.table = table
+        self.hugePages = mappings.allSatisfy(\.huge)
+    }
+
+    /// Maps every region of `table` from the file passed with it (vhost-user):
+    /// `files[i]` (descriptor, offset of the region in it) backs `table.regions[i]`.
+    /// The descriptors stay the caller's; the mappings outlive them.
+    public init(table: MemoryTable, files: [(fd: Int32, offset: UInt64)]) throws(SystemCallError) {
+        precondition(files.count == table.regions.count)
+        var mappings: [RegionMapping] = []
+        for (r, f) in zip(table.regions, files) { mappings.append(try RegionMapping(r, file: f.fd, offset: f.offset)) }
         self.mappings = mappings
         self.bases = mappings.map(\.base)
         self.table = table

@@ -64,14 +64,14 @@ public final class MissLog: Sendable {
         var closed = false
     }
     private let state = Locked(State())
-    private let observer = Locked<(@Sendable (MissEvent) -> Void)?>(nil)
+    private let observers = Locked<[@Sendable (MissEvent) -> Void]>([])
 
     public init() {}
 
-    /// Called (outside the log's lock, on the posting thread) for every event
-    /// posted: logging and alerting hang here.
+    /// Adds `body`, called (outside the log's lock, on the posting thread: keep
+    /// it short) for every event posted: logging, alerting and forwarding hang here.
     public func observe(_ body: @escaping @Sendable (MissEvent) -> Void) {
-        observer.withLock { $0 = body }
+        observers.withLock { $0.append(body) }
     }
 
     /// Appends an event and wakes the pollers it concerns; returns its seq.
@@ -84,9 +84,8 @@ public final class MissLog: Sendable {
             return (s.head, woken.map { ($0, MissLog.answer(s, after: $0.after, limit: $0.limit)) })
         }
         for (w, a) in ready { w.finish(a) }
-        if let o = observer.withLock({ $0 }) {
-            o(MissEvent(seq: seq, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now))
-        }
+        let event = MissEvent(seq: seq, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now)
+        for o in observers.withLock({ $0 }) { o(event) }
         return seq
     }
 

@@ -1,5 +1,6 @@
 // A split virtqueue (virtio 1.x, 2.7): its configuration, state, ring
 // translations and counters. Owned by the device's worker.
+import Glibc
 import IOTLB
 import CRingAtomics
 
@@ -135,6 +136,11 @@ public final class VirtQueue {
     var bytes: UInt64 = 0
     var notifications: UInt64 = 0
 
+    // A vhost-user front-end's notifications: its call eventfd (-1: none) and
+    // whether it kicks (then the used ring's flags tell it when to).
+    var callFD: Int32 = -1
+    var driverKicks = false
+
     init(index: Int) { self.index = index }
 
     /// Drops every cached translation.
@@ -251,11 +257,28 @@ extension Device {
             CRingAtomics_fence_seq_cst()
             let usedEvent = ringLoad16(vq, vq.availHost, c.availAddr, 4 + 2 * c.num)
             // vring_need_event: notify when used_event lies in (old, new].
-            if vq.usedIdx &- usedEvent &- 1 < vq.usedIdx &- old { vq.notifications &+= 1 }
+            if vq.usedIdx &- usedEvent &- 1 < vq.usedIdx &- old { notify(vq) }
         } else {
             let flags = ringLoad16(vq, vq.availHost, c.availAddr, 0)
-            if flags & 1 == 0 { vq.notifications &+= 1 }  // VRING_AVAIL_F_NO_INTERRUPT clear
+            if flags & 1 == 0 { notify(vq) }  // VRING_AVAIL_F_NO_INTERRUPT clear
         }
+    }
+
+    /// The driver asked to hear of used buffers: count it, and signal its call
+    /// eventfd when it gave one (polling drivers suppress this, so it is rare).
+    @inline(__always)
+    func notify(_ vq: VirtQueue) {
+        vq.notifications &+= 1
+        if vq.callFD >= 0 {
+            var one: UInt64 = 1
+            _ = write(vq.callFD, &one, 8)
+        }
+    }
+
+    /// VRING_USED_F_NO_NOTIFY while the worker polls, clear when it wants kicks.
+    func writeUsedFlags(_ vq: VirtQueue) {
+        guard let c = vq.config, !c.eventIdx else { return }
+        ringStore16(vq, vq.usedHost, c.usedAddr, 0, kicksWanted ? 0 : 1)
     }
 }
 

@@ -132,11 +132,21 @@ public final class DatapathWorker: @unchecked Sendable {
                 idleRounds += 1
             } else {
                 // Back off while idle so an idle daemon costs next to nothing; a
-                // command or a driver's kick wakes the thread at once.
-                idleNanos = min(max(idleNanos * 2, 20_000), 4_000_000)
+                // command or a driver's kick wakes the thread at once. Drivers that
+                // kick are asked to before the last look (vhost_enable_notify).
                 sleeping.store(true, ordering: .sequentiallyConsistent)
-                wake.wait(timeoutNanos: idleNanos)
+                var late = false
+                for i in 0..<pollCount { pollList[i]._withUnsafeGuaranteedRef { $0.setKickNotification(true) } }
+                for i in 0..<pollCount where pollList[i]._withUnsafeGuaranteedRef({ $0.poll() }) { late = true }
+                if late {
+                    idleNanos = 0
+                    idleRounds = 0
+                } else {
+                    idleNanos = min(max(idleNanos * 2, 20_000), 4_000_000)
+                    wake.wait(timeoutNanos: idleNanos)
+                }
                 sleeping.store(false, ordering: .relaxed)
+                for i in 0..<pollCount { pollList[i]._withUnsafeGuaranteedRef { $0.setKickNotification(false) } }
             }
         }
         drainCommands()

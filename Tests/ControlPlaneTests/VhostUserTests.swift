@@ -1,0 +1,351 @@
+// The vhost-user backend against a front-end written from the protocol
+// document: negotiation, a memory table passed as a file, rings at the
+// front-end's user addresses, traffic through the loopback, IOTLB off, on
+// with identity translation, and on with the front-end as vIOMMU; stopping,
+// disconnecting, reconnecting; and a front-end that talks nonsense.
+import CUnixSocket
+import Glibc
+import Guest
+import IOTLB
+import Testing
+import TestSupport
+@testable import Vhost
+import ControlPlane
+
+@Suite("vhost-user backend", .serialized)
+struct VhostUserTests {
+    static func socketPath(_ tag: String) -> String { "/tmp/iotlbd-test-\(getpid())-\(tag).sock" }
+
+    /// RX ring (queue 0) at 0x10000 into guest memory, TX (queue 1) at 0x20000,
+    /// RX buffers from 1 MiB, TX buffers from 2 MiB.
+    struct Traffic {
+        let fe: VhostUserFrontEnd
+        let rx: SplitRingDriver
+        let tx: SplitRingDriver
+        let rxCall: Int32
+        /// Device addresses of descriptors (GPA, or IOVA with a vIOMMU).
+        let address: (UInt64) -> UInt64
+        /// The guest-physical address of the memory's first byte.
+        let base: UInt64
+        static let num = 64
+        static let rxBuffers: UInt64 = 0x10_0000
+        static let txBuffers: UInt64 = 0x20_0000
+        static let bufferSize: UInt64 = 2048
+
+        init(_ fe: VhostUserFrontEnd, ringAddress: (UInt64) -> UInt64, address: @escaping (UInt64) -> UInt64) throws {
+            self.fe = fe
+            self.address = address
+            base = fe.region.guestPhysAddr
+            let r = try fe.setUpRing(0, num: Self.num, at: base + 0x1_0000, address: ringAddress)
+            let t = try fe.setUpRing(1, num: Self.num, at: base + 0x2_0000, address: ringAddress)
+            rx = r.driver
+            tx = t.driver
+            rxCall = r.call
+        }
+
+        /// Sends `frames` through the device and returns what came back on RX, in order.
+        func loop(_ frames: [[UInt8]], seconds: Double = 10) throws -> [[UInt8]] {
+            precondition(frames.count <= Self.num)
+            for i in 0..<frames.count {
+                let gpa = base + Self.rxBuffers + UInt64(i) * Self.bufferSize
+                rx.setDescriptor(i, addr: address(gpa), len: UInt32(Self.bufferSize), flags: 2)
+                rx.stage(UInt16(i))
+            }
+            rx.publish()
+            for (i, f) in frames.enumerated() {
+                let gpa = base + Self.txBuffers + UInt64(i) * Self.bufferSize
+                f.withUnsafeBytes { fe.guest.at(GuestPhysAddr(gpa), f.count).copyMemory(from: $0.baseAddress!, byteCount: f.count) }
+                tx.setDescriptor(i, addr: address(gpa), len: UInt32(f.count))
+                tx.stage(UInt16(i))
+            }
+            tx.publish()
+            var got: [[UInt8]] = []
+            let done = eventually(seconds) {
+                while let u = rx.takeUsed() {
+                    let p = fe.guest.at(GuestPhysAddr(base + Self.rxBuffers + UInt64(u.id) * Self.bufferSize), Int(u.len))
+                    got.append(Array(UnsafeRawBufferPointer(start: p, count: Int(u.len))))
+                }
+                while tx.takeUsed() != nil {}
+                return got.count == frames.count
+            }
+            if !done { throw FrontEndError("\(got.count) of \(frames.count) frames came back") }
+            return got
+        }
+    }
+
+    static func frames(_ n: Int, seed: UInt64) -> [[UInt8]] {
+        var rng = SplitMix(state: seed)
+        return (0..<n).map { _ in (0..<(60 + Int(rng.next() % 1400))).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
+    }
+
+    static let plainFeatures = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
+
+    @Test("IOTLB off: negotiation, memory table from a file, frames loop back byte-exact, calls signalled")
+    func loopbackWithoutIOTLB() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("off")
+        let created = try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
+        #expect(created["vhost_user"]?["socket"] == .string(path))
+        #expect(created["vhost_user"]?["connected"] == .bool(false))
+
+        let fe = try VhostUserFrontEnd(path: path, gpa: 0, uaddr: 0x7f00_0000_0000)
+        let offered = try fe.get64(.getFeatures)
+        #expect(offered & VhostUserFeature.version1 != 0)
+        #expect(offered & VhostUserFeature.accessPlatform == 0, "no ACCESS_PLATFORM without the device IOTLB")
+        let (features, proto) = try fe.negotiate(features: Self.plainFeatures,
+                                                 protocol: VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.mq)
+        #expect(features == Self.plainFeatures)
+        #expect(try fe.get64(.getQueueNum) == 1)
+        #expect(try fe.setMemTable() == 0)
+
+        // The front-end's table is the device's table.
+        let mt = try d.expect(200, "GET", "/v1/devices/vu/mem-table")
+        #expect(mt["regions"]?[0]?["guest_phys_addr"] == .string("0x0"))
+        #expect(mt["regions"]?[0]?["memory_size"] == .string("0x800000"))
+        #expect(mt["regions"]?[0]?["userspace_addr"] == .string("0x7f0000000000"))
+
+        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+        let vr = try d.expect(200, "GET", "/v1/devices/vu/vrings/1")
+        #expect(vr["state"] == .string("running"))
+        #expect(vr["desc_addr"] == .string("0x7f0000020000"), "ring addresses are the front-end's user addresses")
+
+        let sent = Self.frames(64, seed: 1)
+        #expect(try t.loop(sent) == sent)
+
+        // The driver left interrupts on (avail flags 0): the call eventfd was signalled.
+        var calls: UInt64 = 0
+        #expect(read(t.rxCall, &calls, 8) == 8 && calls > 0)
+        let dev = try d.expect(200, "GET", "/v1/devices/vu")
+        #expect(dev["vhost_user"]?["connected"] == .bool(true))
+        #expect(dev["vhost_user"]?["features"] == .hex(features))
+        #expect(dev["vhost_user"]?["protocol_features"] == .hex(proto))
+
+        // The HTTP API does not touch what the front-end owns.
+        try d.expectError(409, "conflict", "PUT", "/v1/devices/vu/mem-table",
+                          #"{"regions":[{"guest_phys_addr":0,"memory_size":4096,"userspace_addr":4096}]}"#)
+        try d.expectError(409, "conflict", "PUT", "/v1/devices/vu/vrings/0",
+                          #"{"num":64,"desc_addr":0,"avail_addr":4096,"used_addr":8192}"#)
+        try d.expectError(409, "conflict", "PUT", "/v1/devices/vu/workload", "{}")
+
+        // GET_VRING_BASE stops the ring where it is.
+        #expect(try fe.vringBase(1) == 64)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/vrings/1")["state"] == .string("disabled"))
+    }
+
+    @Test("IOTLB on without a vIOMMU (DPDK virtio-user): identity translation, 2 MiB clipped to the region")
+    func identityTranslation() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("identity")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","vhost_user":{"socket":"\#(path)"}}"#)
+        // 3 MiB at GPA 1 GiB: the second 2 MiB page is clipped to 1 MiB.
+        let fe = try VhostUserFrontEnd(path: path, gpa: 0x4000_0000, size: 3 << 20, uaddr: 0x7f00_0000_0000)
+        let (features, _) = try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+        #expect(features & VhostUserFeature.accessPlatform == 0)
+        #expect(try fe.setMemTable() == 0)
+        let base = fe.region.guestPhysAddr
+        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+        // The ring addresses become guest-physical: IOVAs under identity.
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/vrings/0")["desc_addr"] == .hex(base + 0x1_0000))
+        let sent = Self.frames(40, seed: 2)
+        #expect(try t.loop(sent) == sent)
+        let entries = try d.expect(200, "GET", "/v1/devices/vu/iotlb/entries")["entries"]
+        #expect(entries?[0]?["iova"] == .hex(base))
+        #expect(entries?[0]?["size"] == .hex(2 << 20))
+        #expect(entries?[0]?["uaddr"] == .string("0x7f0000000000"))
+        #expect(entries?[0]?["perm"] == .string("rw"))
+        let stats = try d.expect(200, "GET", "/v1/devices/vu/iotlb/stats")
+        #expect((stats["misses"]?.intValue ?? 0) >= 1)
+        #expect(stats["pending_misses"] == .int(0))
+        let dev = try d.expect(200, "GET", "/v1/devices/vu")
+        #expect((dev["vhost_user"]?["identity_updates"]?.intValue ?? 0) >= 1)
+
+        // The identity entry of the second page ends with the region.
+        let table = try MemoryTable(regions: [fe.region.region])
+        let clipped = VhostUserSession.identityEntry(for: IOVA(base + (2 << 20) + 5), in: table)
+        #expect(clipped?.range.first == IOVA(base + (2 << 20)))
+        #expect(clipped?.range.size == 1 << 20)
+        #expect(clipped?.uaddr == UserAddr(0x7f00_0000_0000 + (2 << 20)))
+        #expect(VhostUserSession.identityEntry(for: IOVA(base + (3 << 20)), in: table) == nil)
+    }
+
+    @Test("IOTLB on with the front-end as vIOMMU: misses on the backend channel and the long-poll, IOTLB_MSG updates and invalidations")
+    func frontEndIOMMU() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("viommu")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","translator":"external","vhost_user":{"socket":"\#(path)"}}"#)
+        let fe = try VhostUserFrontEnd(path: path, gpa: 0, uaddr: 0x7f00_0000_0000)
+        let wantProto = VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.backendReq
+        let (features, proto) = try fe.negotiate(features: Self.plainFeatures | VhostUserFeature.accessPlatform,
+                                                 protocol: wantProto)
+        #expect(features & VhostUserFeature.accessPlatform != 0)
+        #expect(proto == wantProto)
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        defer { close(pair[0]) }
+        try fe.send(.setBackendReqFD, fds: [pair[1]])
+        close(pair[1])
+        #expect(try fe.setMemTable() == 0)
+
+        // The guest's DMA space: IOVA = GPA + 4 GiB, mapped by us (the vIOMMU) on demand.
+        let shift: UInt64 = 0x1_0000_0000
+        let t = try Traffic(fe, ringAddress: { $0 + shift }, address: { $0 + shift })
+        let (header, payload) = try VhostUserFrontEnd.readMessage(pair[0])
+        #expect(header.request == VhostUserBackendRequest.iotlbMsg.rawValue)
+        let miss = try #require(VhostIOTLBMessage(payload))
+        #expect(miss.kind == VhostIOTLBMessage.Kind.miss.rawValue)
+        #expect(miss.iova >= shift && miss.iova < shift + 0x3_0000, "a ring address missed first")
+        // The same miss is on the HTTP long-poll.
+        let polled = try d.expect(200, "GET", "/v1/devices/vu/iotlb/misses?after=0&timeout_ms=2000")
+        #expect(polled["misses"]?[0]?["iova"] == .hex(miss.iova))
+
+        // Answer every miss with the 2 MiB page around it, from a thread of our own.
+        let answering = Locked(true)
+        let backendFD = pair[0]
+        let answerer = startThread(name: "viommu") {
+            var next: VhostIOTLBMessage? = miss
+            while answering.withLock({ $0 }) {
+                if let m = next {
+                    let page = m.iova & ~UInt64((2 << 20) - 1)
+                    let update = VhostIOTLBMessage(iova: page, size: 2 << 20, uaddr: fe.uaddr(page - shift), perm: 3, kind: .update)
+                    guard (try? fe.acked(.iotlbMsg, update.bytes)) == 0 else { return }
+                }
+                next = (try? VhostUserFrontEnd.readMessage(backendFD, timeoutMs: 50)).flatMap { VhostIOTLBMessage($0.1) }
+            }
+        }
+        let sent = Self.frames(32, seed: 3)
+        #expect(try t.loop(sent) == sent)
+        answering.withLock { $0 = false }
+        pthread_join(answerer, nil)
+        let entries = try d.expect(200, "GET", "/v1/devices/vu/iotlb/entries")["entries"]
+        #expect(entries?[0]?["iova"] == .hex(shift))
+        #expect(entries?[0]?["uaddr"] == .string("0x7f0000000000"))
+        #expect((try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["misses_forwarded"]?.intValue ?? 0) >= 1)
+
+        // An invalidation through the socket removes the entry; an update the
+        // memory table does not back is refused and changes nothing.
+        #expect(try fe.acked(.iotlbMsg, VhostIOTLBMessage(iova: shift, size: 8 << 20, uaddr: 0, perm: 0, kind: .invalidate).bytes) == 0)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/iotlb/entries")["entries"] == .array([]))
+        let unbacked = VhostIOTLBMessage(iova: 0, size: 4096, uaddr: 0x1000, perm: 3, kind: .update)
+        #expect(try fe.acked(.iotlbMsg, unbacked.bytes) == 1)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/iotlb/entries")["entries"] == .array([]))
+        // The HTTP API still owns the IOTLB too.
+        try d.expect(200, "POST", "/v1/devices/vu/iotlb/updates",
+                     #"{"iova":"0x100000000","size":"0x200000","uaddr":"0x7f0000000000","perm":"rw"}"#)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/iotlb/entries")["entries"]?[0]?["iova"] == .hex(shift))
+    }
+
+    @Test("disconnect and reconnect: the device goes back to waiting, nothing leaks, traffic resumes")
+    func reconnect() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("reconnect")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
+        var eventIDs: Set<Int> = []
+        for round in 0..<6 {
+            do {
+                let fe = try VhostUserFrontEnd(path: path)
+                try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+                #expect(try fe.setMemTable() == 0)
+                let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+                let sent = Self.frames(16, seed: UInt64(10 + round))
+                #expect(try t.loop(sent) == sent)
+                eventIDs.formUnion(fe.eventIDs)
+            }  // the front-end closes its socket, files and eventfds here
+            #expect(try eventually {
+                let dev = try d.expect(200, "GET", "/v1/devices/vu")
+                return dev["vhost_user"]?["connected"] == .bool(false) && dev["mem_table"] == .null
+                    && dev["vrings"]?[1]?["state"] == .string("disabled")
+            })
+        }
+        // Memory files, their mappings, kick and call eventfds: the daemon holds none.
+        #expect(leftoversOfFrontEnds(eventIDs: eventIDs) == [])
+        #expect(try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connections"] == .int(6))
+        // Deleting the device removes its socket.
+        try d.expect(204, "DELETE", "/v1/devices/vu")
+        #expect(access(path, F_OK) != 0)
+    }
+
+    @Test("device creation: bad socket fields are 400, a socket in use is 409, nothing is left behind")
+    func creationErrors() throws {
+        let d = try LiveDaemon()
+        let before = try d.call("GET", "/v1/devices").text
+        try d.expectError(400, "invalid_field", field: "vhost_user", "POST", "/v1/devices", #"{"vhost_user":"x"}"#)
+        try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices", #"{"vhost_user":{}}"#)
+        try d.expectError(400, "unknown_field", "POST", "/v1/devices", #"{"vhost_user":{"socket":"/tmp/x","mode":1}}"#)
+        try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices",
+                          #"{"vhost_user":{"socket":"\#(String(repeating: "a", count: 200))"}}"#)
+        try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices",
+                          #"{"vhost_user":{"socket":"/nonexistent-dir/x.sock"}}"#)
+        let path = Self.socketPath("dup")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"\#(path)"}}"#)
+        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"b","vhost_user":{"socket":"\#(path)"}}"#)
+        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"/tmp/other.sock"}}"#)
+        #expect(access("/tmp/other.sock", F_OK) != 0)
+        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"c","vhost_user":{"socket":"/etc/hostname"}}"#)
+        try d.expect(204, "DELETE", "/v1/devices/a")
+        #expect(try d.call("GET", "/v1/devices").text == before)
+        // A stale socket file (nothing listening) is taken over.
+        let stale = cunixsock_listen(path)
+        close(stale)
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"\#(path)"}}"#)
+    }
+
+    @Test("a front-end talking nonsense loses its connection, never the daemon")
+    func protocolFuzz() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("fuzz")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","vhost_user":{"socket":"\#(path)"}}"#)
+        var rng = SplitMix(state: 99)
+        var eventIDs: Set<Int> = []
+        for round in 0..<40 {
+            let fe = try VhostUserFrontEnd(path: path, size: 4 << 20)
+            if round % 2 == 0 {
+                try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+            }
+            for _ in 0..<30 {
+                let request = UInt32(rng.next() % 45)
+                var flags = VhostUserHeader.version | (rng.next() % 2 == 0 ? VhostUserHeader.needReplyFlag : 0)
+                if rng.next() % 16 == 0 { flags = UInt32(truncatingIfNeeded: rng.next()) }
+                let size = rng.next() % 8 == 0 ? UInt32(truncatingIfNeeded: rng.next()) : UInt32(rng.next() % 80)
+                let payload = (0..<min(Int(size), 80)).map { _ in UInt8(truncatingIfNeeded: rng.next() % 4 == 0 ? 0 : rng.next()) }
+                var fds: [Int32] = []
+                if rng.next() % 3 == 0 { fds.append(rng.next() % 2 == 0 ? fe.memFD : fe.eventFD()) }
+                let sent = (try? fe.sendRaw(VhostUserHeader(request: request, flags: flags, size: size).bytes + payload, fds: fds)) != nil
+                if !sent { break }
+                // Drain whatever comes back, without waiting for it.
+                var p = pollfd(fd: fe.conn, events: Int16(POLLIN), revents: 0)
+                while poll(&p, 1, 1) == 1 {
+                    var sink = [UInt8](repeating: 0, count: 4096)
+                    if sink.withUnsafeMutableBytes({ recv(fe.conn, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) <= 0 { break }
+                }
+            }
+            eventIDs.formUnion(fe.eventIDs)
+        }
+        // Still serving: a well-behaved front-end gets its frames through.
+        #expect(try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connected"] == .bool(false) })
+        do {
+            let fe = try VhostUserFrontEnd(path: path)
+            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+            #expect(try fe.setMemTable() == 0)
+            let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+            let sent = Self.frames(8, seed: 5)
+            #expect(try t.loop(sent) == sent)
+            eventIDs.formUnion(fe.eventIDs)
+        }
+        #expect(try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connected"] == .bool(false) })
+        #expect(leftoversOfFrontEnds(eventIDs: eventIDs) == [])
+        try d.expect(200, "GET", "/healthz")
+    }
+}
+
+
+extension JSON {
+    subscript(index: Int) -> JSON? {
+        if case .array(let a) = self, a.indices.contains(index) { return a[index] }
+        return nil
+    }
+
+    var intValue: Int? {
+        if case .int(let v) = self { return Int(v) }
+        return nil
+    }
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The same DPDK virtio-user front-end (dpdk-testpmd, mac forwarding, tx-first)
+# against three vhost-user backends, alternated on this machine, round after
+# round: DPDK's own net_vhost PMD (testpmd, io forwarding), iotlbd with the
+# device IOTLB off, and iotlbd with it on (identity translator: IOVA = GPA,
+# 2 MiB entries). Every backend gets one pinned core, the front-end the other.
+# Prints a Markdown table of Mpps (median of the per-second figures after a
+# 2 s warm-up). Needs root (huge pages) and Debian's dpdk (installed when
+# missing). Nothing of DPDK is built or kept here.
+#   scripts/vhost-user-side-by-side.sh [ROUNDS] [SECONDS] [FRAMES]
+set -euo pipefail
+ROUNDS=${1:-3}
+SECONDS_PER_RUN=${2:-8}
+FRAMES=${3:-"64 1518"}
+cd "$(dirname "$0")/.."
+command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk; }
+HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
+mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
+[ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
+
+WORK=$(mktemp -d)
+PORT=$((20000 + $$ % 10000))
+taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --log-level warning >"$WORK/iotlbd.log" 2>&1 &
+DAEMON=$!
+cleanup() {
+  kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true
+  echo "$HUGE_BEFORE" > /proc/sys/vm/nr_hugepages
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+for i in $(seq 50); do curl -fs "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+for side in on off; do
+  iotlb=$([ $side = on ] && echo true || echo false)
+  curl -fs -XPOST "127.0.0.1:$PORT/v1/devices" \
+    -d "{\"id\":\"vu-$side\",\"iotlb\":$iotlb,\"vhost_user\":{\"socket\":\"$WORK/vu-$side.sock\"}}" >/dev/null
+done
+
+front_end() { # SOCKET FRAME -> median Rx-pps in Mpps
+  timeout -s INT $((SECONDS_PER_RUN + 2)) dpdk-testpmd -l 1,0 --main-lcore 1 --no-pci --single-file-segments -m 512 \
+    --file-prefix=vu$$ --vdev "net_virtio_user0,path=$1,queues=1" -- --forward-mode=mac --tx-first \
+    --txpkts="$2" --nb-cores=1 --stats-period 1 --no-lsc-interrupt >"$WORK/virtio.log" 2>&1 || true
+  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | tail -n +3 | sort -n |
+    awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
+}
+
+dpdk_run() { # FRAME
+  local sock=$WORK/dpdk.sock
+  rm -f "$sock"
+  timeout $((SECONDS_PER_RUN + 8)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --file-prefix=vh$$ -m 512 \
+    --vdev "net_vhost0,iface=$sock,queues=1" -- --forward-mode=io --nb-cores=1 --no-lsc-interrupt \
+    -i >"$WORK/vhost.log" 2>&1 < <(sleep 1; echo start; sleep $((SECONDS_PER_RUN + 6)); echo quit) &
+  local vh=$!
+  for i in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+  sleep 1
+  front_end "$sock" "$1"
+  kill "$vh" 2>/dev/null || true; wait "$vh" 2>/dev/null || true
+}
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
+
+echo "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |"
+echo "|---:|---:|---:|---:|---:|---:|---:|"
+for frame in $FRAMES; do
+  for r in $(seq 1 "$ROUNDS"); do
+    d=$(dpdk_run "$frame")
+    off=$(front_end "$WORK/vu-off.sock" "$frame")
+    on=$(front_end "$WORK/vu-on.sock" "$frame")
+    echo "| $frame | $r | $d | $off | $on | $(ratio "$off" "$d") | $(ratio "$on" "$off") |"
+  done
+done
