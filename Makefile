@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-tsan test-asan bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench clean
 
 all: build
 
@@ -17,8 +17,11 @@ deps:
 	fi
 
 # What the example and operator tests use: promtool (Debian's prometheus),
-# wrk (Debian), openapi-spec-validator and schemathesis (PyPI); installed only when missing.
+# wrk (Debian), openapi-spec-validator and schemathesis (PyPI), dpdk-testpmd with
+# its virtio-user and pcap drivers (Debian's dpdk); installed only when missing.
 tools:
+	@command -v dpdk-testpmd >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq dpdk; }
 	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@$(PYTHON) -c 'import openapi_spec_validator, yaml' 2>/dev/null || \
@@ -35,7 +38,7 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme test-examples
+test: test-swift test-readme test-examples test-dpdk
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -48,6 +51,11 @@ test-readme: build
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
 	$(PYTHON) tests/test_examples.py
+
+# DPDK's virtio-user driver (dpdk-testpmd) through a vhost-user device, IOTLB off
+# and on; needs root for huge pages, skips with a message where they cannot be had.
+test-dpdk: build tools
+	$(PYTHON) tests/test_vhost_user_dpdk.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps

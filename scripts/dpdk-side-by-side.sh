@@ -11,7 +11,7 @@ ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-8}
 SIZES=${3:-"64 1500"}
 cd "$(dirname "$0")/.."
-command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk dpdk-dev; }
+command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk; }
 if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
 mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
 [ -x .build/release/iotlb-bench ] || swift build -c release --product iotlb-bench >/dev/null

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""A virtio driver no one here wrote drives iotlbd: DPDK's virtio-user PMD in
+dpdk-testpmd connects to a vhost-user device of the daemon. testpmd forwards
+(io mode) between that port and a pcap port: frames read from a pcap file go
+out through virtio-user, through iotlbd's loopback, back in, and into a second
+pcap file, which must hold exactly the frames sent, byte for byte. Run with the
+device IOTLB off, and on (the identity translator maps IOVA = GPA, 2 MiB at a
+time) twice over one device, so the front-end also disconnects and reconnects.
+
+Needs root for 2 MiB huge pages and Debian's dpdk (the Makefile installs it);
+skips with a clear message only where huge pages cannot be had. Restores the
+huge page count it found. Run by `make test`."""
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_examples import Daemon  # noqa: E402
+
+TESTPMD = shutil.which("dpdk-testpmd")
+PAGES_NEEDED = 256  # 512 MiB: testpmd's memory with room to spare
+
+
+def write_pcap(path, frames):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, fr in enumerate(frames):
+            f.write(struct.pack("<IIII", 1, i, len(fr), len(fr)))
+            f.write(fr)
+
+
+def read_pcap(path):
+    frames = []
+    with open(path, "rb") as f:
+        magic = struct.unpack("<I", f.read(24)[:4])[0]
+        assert magic in (0xA1B2C3D4, 0xA1B23C4D), hex(magic)
+        while True:
+            h = f.read(16)
+            if len(h) < 16:
+                return frames
+            _, _, incl, _ = struct.unpack("<IIII", h)
+            frames.append(f.read(incl))
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def make_frames(n, seed):
+    """Ethernet frames of 60..1514 bytes: broadcast, a sequence number, random payload."""
+    rng = random.Random(seed)
+    frames = []
+    for i in range(n):
+        size = rng.choice([60, 64, 128, 512, 1000, 1514]) if i % 3 else rng.randint(60, 1514)
+        head = b"\xff" * 6 + bytes([2, 0, 0, 0, 0, 1]) + b"\x88\xb5" + struct.pack(">I", i)
+        frames.append(head + bytes(rng.getrandbits(8) for _ in range(size - len(head))))
+    return frames
+
+
+def free_huge_pages():
+    with open("/proc/meminfo") as f:
+        return int(next(l for l in f if l.startswith("HugePages_Free")).split()[1])
+
+
+class HugePages:
+    """Reserves 2 MiB pages (testpmd runs --in-memory: its memory is memfd
+    backed, no hugetlbfs mount or files involved); gives back what it took."""
+
+    def __init__(self):
+        self.before = None
+        self.problem = None
+
+    def __enter__(self):
+        try:
+            with open("/proc/sys/vm/nr_hugepages") as f:
+                self.before = int(f.read())
+            free = free_huge_pages()
+            if free < PAGES_NEEDED:
+                with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                    f.write(str(self.before + PAGES_NEEDED - free))
+                free = free_huge_pages()
+            if free < PAGES_NEEDED:
+                self.problem = f"only {free} free 2 MiB huge pages after asking for {PAGES_NEEDED}"
+                return self
+        except (OSError, StopIteration, ValueError) as e:
+            self.problem = f"cannot reserve 2 MiB huge pages: {e}"
+            return self
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            try:
+                with open("/proc/sys/vm/nr_hugepages", "w") as f:
+                    f.write(str(self.before))
+            except OSError:
+                pass
+
+
+@unittest.skipIf(TESTPMD is None, "dpdk-testpmd is missing: `make tools` installs Debian's dpdk")
+class VirtioUserThroughIotlbd(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.huge = HugePages().__enter__()
+        if cls.huge.problem:
+            cls.huge.__exit__(None, None, None)
+            raise unittest.SkipTest(f"huge pages cannot be had here ({cls.huge.problem}); "
+                                    "DPDK virtio-user needs them, so this test does not run")
+        cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dpdk-")
+        cls.daemon = Daemon()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.stop()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.huge.__exit__(None, None, None)
+
+    def create(self, name, iotlb):
+        sock = os.path.join(self.tmp, name + ".sock")
+        status, dev = self.daemon.call("POST", "/v1/devices",
+                                       {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
+        self.assertEqual(status, 201, dev)
+        return sock
+
+    def vring(self, name, n):
+        return self.daemon.call("GET", f"/v1/devices/{name}/vrings/{n}")[1]
+
+    def run_testpmd(self, name, sock, frames, tag):
+        """One testpmd session: returns the frames that came back."""
+        src, out = os.path.join(self.tmp, f"{tag}-in.pcap"), os.path.join(self.tmp, f"{tag}-out.pcap")
+        write_pcap(src, frames)
+        cmd = [TESTPMD, "-l", "0,1", "--no-pci", "--single-file-segments", "--in-memory", "-m", "256",
+               f"--file-prefix=iotlbd{os.getpid()}{tag}",
+               "--vdev", f"net_virtio_user0,path={sock},queues=1,queue_size=256",
+               "--vdev", f"net_pcap0,rx_pcap={src},tx_pcap={out}",
+               "--", "--forward-mode=io", "--nb-cores=1", "--total-num-mbufs=8192", "--no-lsc-interrupt",
+               "--no-flush-rx"]  # testpmd would otherwise drain the pcap input before forwarding
+        log = open(os.path.join(self.tmp, f"{tag}-testpmd.log"), "w")
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # Wait until iotlbd has delivered every frame to the RX ring, then a
+            # moment for testpmd to pass the last ones to the pcap port.
+            deadline = time.time() + 60
+            delivered = 0
+            while time.time() < deadline and proc.poll() is None:
+                rx = self.vring(name, 0)
+                if rx["state"] == "running":
+                    delivered = rx["used_idx"]
+                    if delivered >= len(frames):
+                        break
+                time.sleep(0.1)
+            time.sleep(1.0)
+            self.assertIsNone(proc.poll(), f"testpmd exited early: {read_text(log.name)[-3000:]}")
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        text = read_text(log.name)
+        self.assertEqual(proc.returncode, 0, text[-3000:])
+        self.assertIn("Bye", text)
+        self.assertGreaterEqual(delivered, len(frames), text[-3000:])
+        return read_pcap(out)
+
+    def check_device_idle(self, name):
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            dev = self.daemon.call("GET", f"/v1/devices/{name}")[1]
+            if not dev["vhost_user"]["connected"] and dev["mem_table"] is None:
+                return dev
+            time.sleep(0.05)
+        self.fail(f"{name} did not go back to waiting: {dev}")
+
+    def test_iotlb_off(self):
+        sock = self.create("dpdk-off", False)
+        frames = make_frames(200, seed=1)
+        back = self.run_testpmd("dpdk-off", sock, frames, "off")
+        self.assertEqual(len(back), len(frames))
+        self.assertEqual(back, frames, "frames came back changed or reordered")
+        dev = self.check_device_idle("dpdk-off")
+        self.assertEqual(dev["vhost_user"]["connections"], 1)
+
+    def test_iotlb_on_identity_and_reconnect(self):
+        sock = self.create("dpdk-on", True)
+        for round_ in range(2):
+            frames = make_frames(200, seed=10 + round_)
+            back = self.run_testpmd("dpdk-on", sock, frames, f"on{round_}")
+            self.assertEqual(back, frames, f"round {round_}: frames came back changed")
+            dev = self.check_device_idle("dpdk-on")
+            self.assertEqual(dev["vhost_user"]["connections"], round_ + 1)
+            self.assertGreater(dev["vhost_user"]["identity_updates"], 0)
+        stats = self.daemon.call("GET", "/v1/devices/dpdk-on/iotlb/stats")[1]
+        self.assertEqual(stats["access_failures"], 0)
+        self.assertGreater(stats["hits"], 0)
+        self.assertEqual(stats["entries"], 0, "the departed front-end's translations are flushed")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
