@@ -8,7 +8,9 @@ import os
 import signal
 import socket
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 import unittest
 import urllib.request
@@ -24,10 +26,11 @@ def free_port():
 
 
 class Daemon:
-    def __init__(self, *extra, port=None):
+    def __init__(self, *extra, port=None, cwd=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning", *extra])
+        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning", *extra],
+                                     cwd=cwd)
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
@@ -169,7 +172,10 @@ class Examples(unittest.TestCase):
         tok = os.path.join(ROOT, ".build", "fuzz-token")
         with open(tok, "w") as f:
             f.write("fuzz\n")
-        d = Daemon("--demo", "--token-file", tok)
+        # Fuzzed vhost-user socket paths are relative, or absolute: the former land
+        # in a scratch directory, and every socket the daemon made goes when it stops.
+        scratch = tempfile.mkdtemp(prefix="iotlbd-fuzz-")
+        d = Daemon("--demo", "--token-file", tok, cwd=scratch)
         try:
             run = subprocess.run(
                 ["st", "run", os.path.join(ROOT, "api", "openapi.yaml"), "--url", d.url, "-H", "Authorization: Bearer fuzz",
@@ -182,6 +188,8 @@ class Examples(unittest.TestCase):
             self.assertEqual(d.call("GET", "/healthz")[0], 200)  # still up
         finally:
             d.stop()
+            self.assertEqual(os.listdir(scratch), [], "sockets left after the daemon stopped")
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def test_sigterm_releases_long_polls_and_exits_zero(self):
         d = Daemon("--demo")
