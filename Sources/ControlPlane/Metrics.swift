@@ -143,6 +143,13 @@ extension ControlPlane {
                  loads.map { ([("device", $0.0)], "\($0.1.received)") })
         w.family("iotlbd_workload_verify_errors_total", "counter", "Frames that came back different.",
                  loads.map { ([("device", $0.0)], "\($0.1.verifyErrors)") })
+        let fronts = devices.compactMap { d in vhostUsers.status(d.id).map { (d.id, $0) } }
+        w.family("iotlbd_vhost_user_connected", "gauge", "1 while a vhost-user front-end is connected.",
+                 fronts.map { ([("device", $0.0)], $0.1.connected ? "1" : "0") })
+        w.family("iotlbd_vhost_user_connections_total", "counter", "vhost-user front-ends accepted.",
+                 fronts.map { ([("device", $0.0)], "\($0.1.connections)") })
+        w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
+                 fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
         w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
                  requests.all.map { ([("route", $0.route), ("method", $0.method), ("status", "\($0.status)")], "\($0.n)") })
         return w.text

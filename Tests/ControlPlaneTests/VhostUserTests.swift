@@ -120,6 +120,10 @@ struct VhostUserTests {
         #expect(dev["vhost_user"]?["features"] == .hex(features))
         #expect(dev["vhost_user"]?["protocol_features"] == .hex(proto))
 
+        let metrics = try d.call("GET", "/metrics").text
+        #expect(metrics.contains(#"iotlbd_vhost_user_connected{device="vu"} 1"#))
+        #expect(metrics.contains(#"iotlbd_vhost_user_connections_total{device="vu"} 1"#))
+
         // The HTTP API does not touch what the front-end owns.
         try d.expectError(409, "conflict", "PUT", "/v1/devices/vu/mem-table",
                           #"{"regions":[{"guest_phys_addr":0,"memory_size":4096,"userspace_addr":4096}]}"#)
