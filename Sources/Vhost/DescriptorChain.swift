@@ -49,7 +49,7 @@ struct DescriptorChain {
                 var fault: AccessFault?
                 withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
                     fault = device.copyFromGuest(indirectBase &+ 16 &* UInt64(i), buf.baseAddress!, 16,
-                                                 device.bufferSpace, &vq.bufferCache, vq)
+                                                 device.bufferSpace, &vq.bufferCache(indirectBase &+ 16 &* UInt64(i)).pointee, vq)
                     if fault == nil { d = Descriptor.decode(buf.baseAddress!) }
                 }
                 if let fault { return .error(.fault(fault)) }

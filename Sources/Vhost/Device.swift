@@ -54,6 +54,10 @@ public final class Device {
     var truncatedFrames: UInt64 = 0
     /// Whether drivers should kick (the worker is about to sleep).
     var kicksWanted = false
+    /// Whether RX chains start with a 12-byte virtio-net header whose
+    /// num_buffers the device sets (a vhost-user net front-end with
+    /// VIRTIO_F_VERSION_1 or MRG_RXBUF). The loopback copies the TX header.
+    var rxNetHeaderNumBuffers = false
     /// Miss resolution times (µs): the most recent samples, their count and maximum.
     var resolutionSamples: [UInt32] = []
     var resolutionCount: UInt64 = 0
@@ -238,6 +242,10 @@ public final class Device {
         vq.driverKicks = kicks
         if kicks && vq.state == .running && vq.ringsReady { writeUsedFlags(vq) }
     }
+
+    /// Whether the device fills in num_buffers of RX virtio-net headers (see
+    /// `rxNetHeaderNumBuffers`); set from a vhost-user front-end's features.
+    public func setNetHeader(numBuffers: Bool) { rxNetHeaderNumBuffers = numBuffers }
 
     /// Asks drivers that kick to do so (before the worker sleeps) or not to
     /// (while it polls): the used ring's flags. Then a full fence, so a buffer

@@ -199,10 +199,12 @@ final class VhostUserSession {
     private var config: DeviceConfig { handle.config }
 
     /// Virtio features offered: split rings with indirect descriptors and
-    /// event index; ACCESS_PLATFORM when the device IOTLB is on.
+    /// event index; in order (the loopback and the sink use chains in the order
+    /// offered); mergeable RX buffers (one buffer per frame, num_buffers = 1);
+    /// ACCESS_PLATFORM when the device IOTLB is on.
     var offeredFeatures: UInt64 {
         var f = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
-            | VhostUserFeature.eventIdx
+            | VhostUserFeature.eventIdx | VhostUserFeature.inOrder | VhostUserFeature.netMRGRXBuf
         if config.iotlb { f |= VhostUserFeature.accessPlatform }
         if config.queues > 2 { f |= VhostUserFeature.netMQ }
         return f
@@ -342,6 +344,9 @@ final class VhostUserSession {
             }
             features = f
             backend.updateStatus { $0.features = f }
+            // A 12-byte header (with num_buffers) leads every frame under either feature.
+            let header = f & (VhostUserFeature.version1 | VhostUserFeature.netMRGRXBuf) != 0
+            handle.performSync { $0?.setNetHeader(numBuffers: header) }
             for i in rings.indices { try syncRing(i) }
         case .getProtocolFeatures:
             return reply64(offeredProtocolFeatures)
@@ -548,7 +553,10 @@ final class VhostUserSession {
     /// The front-end left: rings stop, memory goes, every descriptor closes.
     func teardown() {
         stopAllRings()
-        handle.performSync { $0?.install(memory: nil) }
+        handle.performSync {
+            $0?.install(memory: nil)
+            $0?.setNetHeader(numBuffers: false)
+        }
         memory = nil
         closeFD(&backendFD)
     }

@@ -125,8 +125,17 @@ public final class VirtQueue {
     var availHost: UnsafeMutableRawPointer?
     var usedHost: UnsafeMutableRawPointer?
     var ringCache = TranslationCache()
-    var bufferCache = TranslationCache()
-    var peerCache = TranslationCache()  // the RX side of a loopback copy
+    /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
+    /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep
+    /// theirs instead of evicting one another's.
+    let bufferCaches = UnsafeMutablePointer<TranslationCache>.allocate(capacity: VirtQueue.bufferCacheSlots)
+    static let bufferCacheSlots = 16
+
+    /// The buffer translation slot for `addr`.
+    @inline(__always)
+    func bufferCache(_ addr: UInt64) -> UnsafeMutablePointer<TranslationCache> {
+        bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.bufferCacheSlots - 1))
+    }
 
     // Counters.
     var hits: UInt64 = 0
@@ -141,13 +150,19 @@ public final class VirtQueue {
     var callFD: Int32 = -1
     var driverKicks = false
 
-    init(index: Int) { self.index = index }
+    init(index: Int) {
+        self.index = index
+        bufferCaches.initialize(repeating: TranslationCache(), count: VirtQueue.bufferCacheSlots)
+    }
+
+    deinit { bufferCaches.deallocate() }
 
     /// Drops every cached translation.
     func dropTranslations() {
         ringsReady = false
         descHost = nil; availHost = nil; usedHost = nil
-        ringCache.clear(); bufferCache.clear(); peerCache.clear()
+        ringCache.clear()
+        for i in 0..<VirtQueue.bufferCacheSlots { bufferCaches[i].clear() }
     }
 
     var snapshot: VringSnapshot {

@@ -43,9 +43,13 @@ struct VhostUserTests {
             rxCall = r.call
         }
 
-        /// Sends `frames` through the device and returns what came back on RX, in order.
-        func loop(_ frames: [[UInt8]], seconds: Double = 10) throws -> [[UInt8]] {
-            precondition(frames.count <= Self.num)
+        /// Sends `frames` through the device, each behind a 12-byte virtio-net
+        /// header (VERSION_1 is negotiated) whose num_buffers is junk on TX, and
+        /// returns what came back on RX, in order, headers checked and stripped.
+        func loop(_ payloads: [[UInt8]], seconds: Double = 10) throws -> [[UInt8]] {
+            precondition(payloads.count <= Self.num)
+            let header: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xef, 0xbe]
+            let frames = payloads.map { header + $0 }
             for i in 0..<frames.count {
                 let gpa = base + Self.rxBuffers + UInt64(i) * Self.bufferSize
                 rx.setDescriptor(i, addr: address(gpa), len: UInt32(Self.bufferSize), flags: 2)
@@ -69,7 +73,12 @@ struct VhostUserTests {
                 return got.count == frames.count
             }
             if !done { throw FrontEndError("\(got.count) of \(frames.count) frames came back") }
-            return got
+            return try got.map { f in
+                guard f.count >= 12, f[10] == 1, f[11] == 0, f[0..<10].allSatisfy({ $0 == 0 }) else {
+                    throw FrontEndError("RX header \(f.prefix(12)): num_buffers must be 1, the rest as sent")
+                }
+                return Array(f.dropFirst(12))
+            }
         }
     }
 

@@ -16,6 +16,12 @@ static inline void CRingAtomics_store_release_u16(void *p, uint16_t v) {
     __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
 }
 
+/// Asks for the cache line at `p` ahead of use (never faults, whatever `p` is).
+static inline void CRingAtomics_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+/// The same, for a line about to be written.
+static inline void CRingAtomics_prefetch_write(const void *p) { __builtin_prefetch(p, 1, 3); }
+
 /// Full fence: orders a store before a later load (EVENT_IDX checks).
 static inline void CRingAtomics_fence_seq_cst(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
