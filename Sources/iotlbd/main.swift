@@ -14,7 +14,10 @@ struct IOTLBDaemon: ParsableCommand {
             Devices, memory tables, vrings and IOTLB mappings are managed over HTTP \
             (see api/openapi.yaml). Misses are long-polled at \
             /v1/devices/{id}/iotlb/misses and answered with POST …/iotlb/updates. \
-            SIGTERM or SIGINT stops workloads, releases long-polls and exits 0.
+            A device created with "vhost_user":{"socket":PATH} serves that Unix socket \
+            as a vhost-user backend for DPDK virtio-user or QEMU. \
+            SIGTERM or SIGINT stops workloads, drops vhost-user front-ends (removing \
+            their sockets), releases long-polls and exits 0.
             """)
 
     @Option(name: .long, help: "Address and port to listen on (HOST:PORT; [::1]:PORT for IPv6; port 0 picks one).")
