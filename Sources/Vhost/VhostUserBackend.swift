@@ -170,7 +170,7 @@ final class VhostUserSession {
         var desc: UInt64 = 0, avail: UInt64 = 0, used: UInt64 = 0
         var addressed = false
         var base: UInt16 = 0
-        var baseFresh = false
+        var baseFresh = true  // a ring's first start uses `base` (0 unless SET_VRING_BASE said)
         var kickFD: Int32 = -1
         var callFD: Int32 = -1
         var errFD: Int32 = -1
@@ -334,14 +334,19 @@ final class VhostUserSession {
             w.u64(v)
             return w.bytes
         }
+        /// The acknowledged bits, refused when any was not offered.
+        func acknowledged(_ offered: UInt64, _ what: String) throws(VhostUserProtocolError) -> UInt64 {
+            let f = try u64()
+            guard f & ~offered == 0 else {
+                throw VhostUserProtocolError("\(what) 0x\(String(f & ~offered, radix: 16)) were not offered")
+            }
+            return f
+        }
         switch request {
         case .getFeatures:
             return reply64(offeredFeatures)
         case .setFeatures:
-            let f = try u64()
-            guard f & ~offeredFeatures == 0 else {
-                throw VhostUserProtocolError("features 0x\(String(f & ~offeredFeatures, radix: 16)) were not offered")
-            }
+            let f = try acknowledged(offeredFeatures, "features")
             features = f
             backend.updateStatus { $0.features = f }
             // A 12-byte header (with num_buffers) leads every frame under either feature.
@@ -351,10 +356,7 @@ final class VhostUserSession {
         case .getProtocolFeatures:
             return reply64(offeredProtocolFeatures)
         case .setProtocolFeatures:
-            let f = try u64()
-            guard f & ~offeredProtocolFeatures == 0 else {
-                throw VhostUserProtocolError("protocol features 0x\(String(f & ~offeredProtocolFeatures, radix: 16)) were not offered")
-            }
+            let f = try acknowledged(offeredProtocolFeatures, "protocol features")
             protocolFeatures = f
             backend.updateStatus { $0.protocolFeatures = f }
         case .getQueueNum:
@@ -383,10 +385,14 @@ final class VhostUserSession {
             rings[i].baseFresh = true
         case .getVringBase:
             let i = try ringIndex(UInt64(try u32()))
-            let last = handle.performSync { d -> UInt16 in
+            let wasRunning = rings[i].applied, base = rings[i].base
+            let stopped = handle.performSync { d -> UInt16 in
                 d?.setNotifiers(i, call: -1, kicks: false)
                 return d?.disableVring(i) ?? 0
             }
+            // A ring that never ran reports the base it was given.
+            let last = wasRunning ? stopped : base
+            rings[i].baseFresh = true
             rings[i].applied = false
             rings[i].started = false
             rings[i].base = last
