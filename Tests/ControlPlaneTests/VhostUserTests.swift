@@ -143,6 +143,17 @@ struct VhostUserTests {
         // GET_VRING_BASE stops the ring where it is.
         #expect(try fe.vringBase(1) == 64)
         #expect(try d.expect(200, "GET", "/v1/devices/vu/vrings/1")["state"] == .string("disabled"))
+        // Started again (a new kick eventfd) without SET_VRING_BASE: it carries on from there.
+        try fe.set64(.setVringKick, 1, fds: [fe.eventFD()])
+        var enable = PayloadWriter()
+        enable.u32(1); enable.u32(1)
+        #expect(try fe.acked(.setVringEnable, enable.bytes) == 0)
+        let restarted = try d.expect(200, "GET", "/v1/devices/vu/vrings/1")
+        #expect(restarted["state"] == .string("running"))
+        #expect(restarted["last_avail_idx"] == .int(64))
+        // SET_VRING_BASE belongs to a stopped ring: a running one reports where it stopped.
+        try fe.state(.setVringBase, 0, 7)
+        #expect(try fe.vringBase(0) == 64)
     }
 
     @Test("IOTLB on without a vIOMMU (DPDK virtio-user): identity translation, 2 MiB clipped to the region")
