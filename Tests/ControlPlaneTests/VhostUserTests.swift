@@ -23,6 +23,7 @@ struct VhostUserTests {
         let rx: SplitRingDriver
         let tx: SplitRingDriver
         let rxCall: Int32
+        let txKick: Int32
         /// Device addresses of descriptors (GPA, or IOVA with a vIOMMU).
         let address: (UInt64) -> UInt64
         /// The guest-physical address of the memory's first byte.
@@ -41,6 +42,7 @@ struct VhostUserTests {
             rx = r.driver
             tx = t.driver
             rxCall = r.call
+            txKick = t.kick
         }
 
         /// Sends `frames` through the device, each behind a 12-byte virtio-net
@@ -129,6 +131,13 @@ struct VhostUserTests {
         #expect(dev["vhost_user"]?["features"] == .hex(features))
         #expect(dev["vhost_user"]?["protocol_features"] == .hex(proto))
 
+        // Idle, the datapath asks drivers to kick before it sleeps (used flags 0,
+        // not VRING_USED_F_NO_NOTIFY), and a kick reaches it.
+        let usedFlags = { fe.guest.at(t.tx.layout.usedGPA, 2).loadUnaligned(as: UInt16.self) }
+        #expect(eventually { usedFlags() == 0 })
+        var kick: UInt64 = 1
+        #expect(write(t.txKick, &kick, 8) == 8)
+        #expect(try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["kicks"] == .int(1) })
         let metrics = try d.call("GET", "/metrics").text
         #expect(metrics.contains(#"iotlbd_vhost_user_connected{device="vu"} 1"#))
         #expect(metrics.contains(#"iotlbd_vhost_user_connections_total{device="vu"} 1"#))
