@@ -158,9 +158,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
                 time.sleep(0.1)
             time.sleep(1.0)
             self.assertIsNone(proc.poll(), f"testpmd exited early: {read_text(log.name)[-3000:]}")
-            proc.stdin.write(b"\n")
-            proc.stdin.flush()
-            proc.wait(timeout=30)
+            proc.communicate(b"\n", timeout=30)  # testpmd: "Press enter to exit"
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -203,6 +201,37 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         self.assertEqual(stats["access_failures"], 0)
         self.assertGreater(stats["hits"], 0)
         self.assertEqual(stats["entries"], 0, "the departed front-end's translations are flushed")
+
+    def test_two_queue_pairs(self):
+        """virtio-user with 2 queue pairs (MQ negotiated, its control queue emulated
+        by virtio-user itself): tx-first bursts circulate on both pairs."""
+        sock = os.path.join(self.tmp, "mq.sock")
+        status, dev = self.daemon.call("POST", "/v1/devices", {"id": "dpdk-mq", "queues": 4, "vhost_user": {"socket": sock}})
+        self.assertEqual(status, 201, dev)
+        cmd = [TESTPMD, "-l", "0,1", "--no-pci", "--single-file-segments", "--in-memory", "-m", "256",
+               "--vdev", f"net_virtio_user0,path={sock},queues=2",
+               "--", "--forward-mode=io", "--tx-first", "--rxq=2", "--txq=2", "--nb-cores=1",
+               "--total-num-mbufs=8192", "--no-lsc-interrupt"]
+        with open(os.path.join(self.tmp, "mq-testpmd.log"), "w") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline, chains = time.time() + 30, []
+                while time.time() < deadline and proc.poll() is None:
+                    stats = self.daemon.call("GET", "/v1/devices/dpdk-mq/iotlb/stats")[1]
+                    chains = [q["chains"] for q in stats["vqs"]]
+                    if min(chains) > 10000:
+                        break
+                    time.sleep(0.1)
+                proc.communicate(b"\n", timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = read_text(log.name)
+        self.assertEqual(proc.returncode, 0, text[-3000:])
+        self.assertGreater(min(chains), 10000, f"chains per queue {chains}: {text[-2000:]}")
+        dev = self.check_device_idle("dpdk-mq")
+        self.assertEqual(int(dev["vhost_user"]["features"], 16) >> 22 & 1, 1, "VIRTIO_NET_F_MQ negotiated")
 
 
 if __name__ == "__main__":
