@@ -144,15 +144,6 @@ extension GuestPageMapping {
     /// The device IOTLB entry for this page, clipped to the memory region that
     /// backs it (what QEMU's vIOMMU answers); nil when no region backs it.
     public func iotlbEntry(clippedTo table: MemoryTable, around iova: IOVA) -> IOTLBEntry? {
-        let gpaOfIOVA = GuestPhysAddr(gpa.raw + iova.offset(from: self.iova.first))
-        guard let hit = table.lookup(gpa: gpaOfIOVA) else { return nil }
-        let region = table.regions[hit.region]
-        let regionFirstGPA = gpaOfIOVA.raw - hit.offset
-        let regionLastGPA = regionFirstGPA + region.memorySize - 1
-        let lo = max(gpa.raw, regionFirstGPA)
-        let hi = min(gpa.raw + self.iova.sizeMinusOne, regionLastGPA)
-        let iovaLo = self.iova.first.raw + (lo - gpa.raw)
-        return IOTLBEntry(range: AddressRange(first: IOVA(iovaLo), last: IOVA(iovaLo + (hi - lo))),
-                          uaddr: UserAddr(region.userspaceAddr.raw + (lo - regionFirstGPA)), perm: perm)
+        table.iotlbEntry(mapping: self.iova, toGPA: gpa, around: iova, perm: perm)
     }
 }

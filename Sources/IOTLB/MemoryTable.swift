@@ -115,6 +115,26 @@ public struct MemoryTable: Equatable, Sendable {
         }
     }
 
+    /// The IOTLB entry for `iova` mapped linearly onto guest-physical memory
+    /// from `gpa` (`iova.first` ↦ `gpa`), clipped to the region that holds the
+    /// guest-physical address of `around` (which must lie in `iova`): what a
+    /// vIOMMU answers, as an IOTLB entry must not span regions. Nil when no
+    /// region holds it.
+    public func iotlbEntry(mapping iova: AddressRange<IOVA>, toGPA gpa: GuestPhysAddr, around: IOVA,
+                           perm: Permissions) -> IOTLBEntry? {
+        let (gpaOfAround, wrapped) = gpa.raw.addingReportingOverflow(around.offset(from: iova.first))
+        guard !wrapped, let hit = lookup(gpa: GuestPhysAddr(gpaOfAround)) else { return nil }
+        let region = regions[hit.region]
+        let regionFirst = gpaOfAround - hit.offset
+        let regionLast = regionFirst + (region.memorySize - 1)
+        let lo = max(gpa.raw, regionFirst)
+        let (mappedLast, past) = gpa.raw.addingReportingOverflow(iova.sizeMinusOne)
+        let hi = past ? regionLast : min(mappedLast, regionLast)
+        let iovaLo = iova.first.raw + (lo - gpa.raw)
+        return IOTLBEntry(range: AddressRange(first: IOVA(iovaLo), last: IOVA(iovaLo + (hi - lo))),
+                          uaddr: UserAddr(region.userspaceAddr.raw + (lo - regionFirst)), perm: perm)
+    }
+
     private func find(_ key: UInt64, in order: [Int], start: (MemoryRegion) -> UInt64) -> RegionHit? {
         var lo = 0, hi = order.count  // first position whose start is above key
         while lo < hi {

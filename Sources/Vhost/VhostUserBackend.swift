@@ -606,16 +606,9 @@ final class VhostUserSession {
     /// The identity mapping around `iova`: its 2 MiB page as a guest-physical
     /// range, clipped to the region holding it, read-write.
     static func identityEntry(for iova: IOVA, in table: MemoryTable) -> IOTLBEntry? {
-        guard let hit = table.lookup(gpa: GuestPhysAddr(iova.raw)) else { return nil }
-        let region = table.regions[hit.region]
-        let page: UInt64 = 2 << 20
-        let regionFirst = region.guestPhysAddr.raw
-        let regionLast = regionFirst + (region.memorySize - 1)
-        let first = max(iova.raw & ~(page - 1), regionFirst)
-        let pageLast = (iova.raw & ~(page - 1)).addingReportingOverflow(page - 1)
-        let last = pageLast.overflow ? regionLast : min(pageLast.partialValue, regionLast)
-        return IOTLBEntry(range: AddressRange(first: IOVA(first), last: IOVA(last)),
-                          uaddr: UserAddr(region.userspaceAddr.raw + (first - regionFirst)), perm: .readWrite)
+        let first = iova.raw & ~UInt64((2 << 20) - 1)  // aligned: first + 2 MiB - 1 cannot wrap
+        let page = AddressRange(first: IOVA(first), last: IOVA(first + ((2 << 20) - 1)))
+        return table.iotlbEntry(mapping: page, toGPA: GuestPhysAddr(first), around: iova, perm: .readWrite)
     }
 
     // MARK: Socket

@@ -31,6 +31,28 @@ import TestSupport
         #expect(t.isBacked(AddressRange(first: UserAddr(.max - 0xfff), last: UserAddr(.max))))
     }
 
+    @Test("an IOTLB entry for a linear mapping is clipped to the region holding the address asked about")
+    func iotlbEntryClippedToRegion() throws {
+        // Two regions: GPA [1 MiB, 3 MiB) at uaddr 0x7f00_0000_0000, [3 MiB, 4 MiB) elsewhere.
+        let t = try MemoryTable(regions: [region(1 << 20, 2 << 20, 0x7f00_0000_0000), region(3 << 20, 1 << 20, 0x5000_0000)])
+        // A 4 MiB IOVA window at 0x1_0000_0000 mapped onto GPA 0.
+        let window = AddressRange(first: IOVA(0x1_0000_0000), last: IOVA(0x1_003f_ffff))
+        let low = try #require(t.iotlbEntry(mapping: window, toGPA: GuestPhysAddr(0), around: IOVA(0x1_0018_0000), perm: .read))
+        #expect(low.range == AddressRange(first: IOVA(0x1_0010_0000), last: IOVA(0x1_002f_ffff)))
+        #expect(low.uaddr == UserAddr(0x7f00_0000_0000))
+        #expect(low.perm == .read)
+        let high = try #require(t.iotlbEntry(mapping: window, toGPA: GuestPhysAddr(0), around: IOVA(0x1_0030_0010), perm: .readWrite))
+        #expect(high.range == AddressRange(first: IOVA(0x1_0030_0000), last: IOVA(0x1_003f_ffff)))
+        #expect(high.uaddr == UserAddr(0x5000_0000))
+        // GPA below the first region: nothing backs it.
+        #expect(t.iotlbEntry(mapping: window, toGPA: GuestPhysAddr(0), around: IOVA(0x1_0000_0000), perm: .read) == nil)
+        // A mapping that would run past 2^64-1 in guest-physical space ends with the region.
+        let top = try MemoryTable(regions: [region(.max - 0xfff, 0x1000, 0x1000)])
+        let e = try #require(top.iotlbEntry(mapping: AddressRange(first: IOVA(0), last: IOVA(0xffff)),
+                                            toGPA: GuestPhysAddr(.max - 0xfff), around: IOVA(5), perm: .read))
+        #expect(e.range == AddressRange(first: IOVA(0), last: IOVA(0xfff)))
+    }
+
     @Test func rejections() {
         #expect(throws: MemoryTableError.empty) { try MemoryTable(regions: []) }
         #expect(throws: MemoryTableError.overflow(index: 0, field: "memory_size")) {
