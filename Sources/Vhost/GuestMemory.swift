@@ -102,7 +102,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Maps every region of `table`. A region identical to one of `previous`
     /// (same guest-physical address, size and user address) keeps its memory,
     /// as RAM stays in place when a VMM re-sends its table.
-    public init(table: MemoryTable, hugePages: Bool = false, previous: GuestMemory? = nil) throws(SystemCallError) {
+    public convenience init(table: MemoryTable, hugePages: Bool = false, previous: GuestMemory? = nil) throws(SystemCallError) {
         var mappings: [RegionMapping] = []
         for r in table.regions {
             if let same = previous?.mappings.first(where: { $0.region == r }) {
@@ -111,19 +111,20 @@ public final class GuestMemory: @unchecked Sendable {
                 mappings.append(try RegionMapping(r, hugePages: hugePages))
             }
         }
-        self.mappings = mappings
-        self.bases = mappings.map(\.base)
-        self.table = table
-        self.hugePages = mappings.allSatisfy(\.huge)
+        self.init(table: table, mappings: mappings)
     }
 
     /// Maps every region of `table` from the file passed with it (vhost-user):
     /// `files[i]` (descriptor, offset of the region in it) backs `table.regions[i]`.
     /// The descriptors stay the caller's; the mappings outlive them.
-    public init(table: MemoryTable, files: [(fd: Int32, offset: UInt64)]) throws(SystemCallError) {
+    public convenience init(table: MemoryTable, files: [(fd: Int32, offset: UInt64)]) throws(SystemCallError) {
         precondition(files.count == table.regions.count)
         var mappings: [RegionMapping] = []
         for (r, f) in zip(table.regions, files) { mappings.append(try RegionMapping(r, file: f.fd, offset: f.offset)) }
+        self.init(table: table, mappings: mappings)
+    }
+
+    private init(table: MemoryTable, mappings: [RegionMapping]) {
         self.mappings = mappings
         self.bases = mappings.map(\.base)
         self.table = table

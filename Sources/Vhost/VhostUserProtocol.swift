@@ -27,7 +27,6 @@ public enum VhostUserRequest: UInt32, Sendable {
 public enum VhostUserFeature {
     public static let netMRGRXBuf: UInt64 = 1 << 15
     public static let netMQ: UInt64 = 1 << 22
-    public static let notifyOnEmpty: UInt64 = 1 << 24
     public static let indirectDesc: UInt64 = 1 << 28
     public static let eventIdx: UInt64 = 1 << 29
     /// VHOST_USER_F_PROTOCOL_FEATURES.
@@ -92,7 +91,6 @@ public struct PayloadReader {
     public mutating func u64() -> UInt64? { field(8) }
     public mutating func u32() -> UInt32? { field(4).map { UInt32(truncatingIfNeeded: $0) } }
     public mutating func u8() -> UInt8? { field(1).map { UInt8(truncatingIfNeeded: $0) } }
-    public mutating func skip(_ n: Int) { at += n }
 
     private mutating func field(_ n: Int) -> UInt64? {
         guard at + n <= bytes.count else { return nil }
