@@ -1,0 +1,493 @@
+// One vhost-user connection: the message protocol with a front-end. It maps
+// the memory the front-end passes and turns every message that changes the
+// device into a command on the device's worker — the same path the HTTP API
+// takes, so the concurrency rule holds unchanged. Kicks wake the worker;
+// misses are forwarded to a front-end with a vIOMMU, or answered here by
+// identity (IOVA = guest-physical) for one without.
+import Glibc
+import IOTLB
+import CUnixSocket
+
+/// A protocol violation: the connection is dropped.
+struct VhostUserProtocolError: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}
+
+/// One front-end connection: what it set up, owned by the backend thread.
+final class VhostUserSession {
+    private struct Ring {
+        var num = 0
+        var desc: UInt64 = 0, avail: UInt64 = 0, used: UInt64 = 0
+        var addressed = false
+        var base: UInt16 = 0
+        var baseFresh = true  // a ring's first start uses `base` (0 unless SET_VRING_BASE said)
+        var kickFD: Int32 = -1
+        var callFD: Int32 = -1
+        var errFD: Int32 = -1
+        var started = false
+        var enabled: Bool?  // nil: as the protocol-features rule says
+        var applied = false
+    }
+
+    private let backend: VhostUserBackend
+    private let handle: DeviceHandle
+    private let conn: Int32
+    private var rings: [Ring]
+    private var features: UInt64 = 0
+    private var protocolFeatures: UInt64 = 0
+    private var memory: GuestMemory?
+    private var backendFD: Int32 = -1
+    private var missCursor: UInt64 = 0
+
+    init(backend: VhostUserBackend, handle: DeviceHandle, conn: Int32) {
+        self.backend = backend
+        self.handle = handle
+        self.conn = conn
+        rings = Array(repeating: Ring(), count: handle.config.queues)
+    }
+
+    private var config: DeviceConfig { handle.config }
+
+    /// Virtio features offered: split rings with indirect descriptors and
+    /// event index; in order (the loopback and the sink use chains in the order
+    /// offered); mergeable RX buffers (one buffer per frame, num_buffers = 1);
+    /// ACCESS_PLATFORM when the device IOTLB is on.
+    var offeredFeatures: UInt64 {
+        var f = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
+            | VhostUserFeature.eventIdx | VhostUserFeature.inOrder | VhostUserFeature.netMRGRXBuf
+        if config.iotlb { f |= VhostUserFeature.accessPlatform }
+        if config.queues > 2 { f |= VhostUserFeature.netMQ }
+        return f
+    }
+
+    var offeredProtocolFeatures: UInt64 {
+        var f = VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck
+        if config.iotlb { f |= VhostUserProtocolFeature.backendReq }
+        return f
+    }
+
+    /// Whether ring and buffer addresses are IOVAs the front-end's vIOMMU maps.
+    private var frontEndIOMMU: Bool { features & VhostUserFeature.accessPlatform != 0 }
+
+    /// Serves messages until the front-end leaves, breaks the protocol, or
+    /// `keepGoing` turns false; returns why it ended abnormally.
+    func serve(while keepGoing: () -> Bool) -> String? {
+        while keepGoing() {
+            var pfds = [pollfd(fd: conn, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: backend.notifier.fd, events: Int16(POLLIN), revents: 0)]
+            let kickIndex = pfds.count
+            for r in rings where r.kickFD >= 0 { pfds.append(pollfd(fd: r.kickFD, events: Int16(POLLIN), revents: 0)) }
+            _ = poll(&pfds, nfds_t(pfds.count), 1000)
+            if pfds[kickIndex...].contains(where: { $0.revents != 0 }) {
+                var kicks: UInt64 = 0
+                for p in pfds[kickIndex...] where p.revents & Int16(POLLIN) != 0 {
+                    var v: UInt64 = 0
+                    if read(p.fd, &v, 8) == 8 { kicks &+= v }
+                }
+                handle.worker.kick()
+                backend.updateStatus { $0.kicks &+= kicks }
+            }
+            if pfds[1].revents != 0 {
+                backend.notifier.drain()
+                answerMisses()
+            }
+            if pfds[0].revents != 0 {
+                do {
+                    guard try handleOneMessage() else { return nil }
+                } catch {
+                    return error.message
+                }
+            }
+        }
+        return nil
+    }
+
+    // MARK: Messages
+
+    /// Reads and handles one message; false at end of stream.
+    private func handleOneMessage() throws(VhostUserProtocolError) -> Bool {
+        var head = [UInt8](repeating: 0, count: VhostUserHeader.size)
+        var fds = [Int32](repeating: -1, count: 8)
+        var nfds: Int32 = 0
+        let got = head.withUnsafeMutableBytes { b in
+            cunixsock_recv(conn, b.baseAddress, VhostUserHeader.size, &fds, 8, &nfds)
+        }
+        var received = Array(fds.prefix(Int(nfds)))
+        // Every descriptor not taken over by a handler is closed.
+        defer { for fd in received where fd >= 0 { close(fd) } }
+        if got == 0 { return false }
+        guard got > 0 else { throw VhostUserProtocolError("recvmsg: \(String(cString: strerror(errno)))") }
+        if got < VhostUserHeader.size {
+            try readExactly(&head, from: got)
+        }
+        let header = VhostUserHeader(head)
+        guard header.flags & 3 == VhostUserHeader.version else {
+            throw VhostUserProtocolError("message with protocol version \(header.flags & 3), expected 1")
+        }
+        guard header.size <= VhostUserHeader.maxPayload else {
+            throw VhostUserProtocolError("payload of \(header.size) bytes (at most \(VhostUserHeader.maxPayload))")
+        }
+        var payload = [UInt8](repeating: 0, count: Int(header.size))
+        if header.size > 0 { try readExactly(&payload, from: 0) }
+        backend.updateStatus { $0.messages += 1 }
+
+        guard let request = VhostUserRequest(rawValue: header.request) else {
+            backend.log("vhost-user: request \(header.request) not supported")
+            if header.needsReply { try sendAck(header.request, ok: false) }
+            return true
+        }
+        let ok: Bool
+        do {
+            if let answer = try handle(request, payload, &received) {
+                try send(header.request, answer)
+                return true
+            }
+            ok = true
+        } catch let e as VhostUserProtocolError {
+            throw e
+        } catch {
+            // A request the device refused (a bad ring, an unbacked update): the
+            // front-end hears of it when it asked for a reply; the connection stays.
+            backend.log("vhost-user: \(request) refused: \(error)")
+            ok = false
+        }
+        if header.needsReply && !request.hasReply { try sendAck(header.request, ok: ok) }
+        return true
+    }
+
+    /// A refusal that keeps the connection.
+    struct Refused: Error, CustomStringConvertible {
+        let description: String
+        init(_ d: String) { description = d }
+    }
+
+    /// Handles `request`; returns its reply payload when it has one. Takes over
+    /// the descriptors it keeps by setting them to -1 in `fds`.
+    private func handle(_ request: VhostUserRequest, _ payload: [UInt8], _ fds: inout [Int32]) throws -> [UInt8]? {
+        var r = PayloadReader(payload)
+        func u64() throws(VhostUserProtocolError) -> UInt64 {
+            guard let v = r.u64() else { throw VhostUserProtocolError("\(request): payload too short") }
+            return v
+        }
+        func u32() throws(VhostUserProtocolError) -> UInt32 {
+            guard let v = r.u32() else { throw VhostUserProtocolError("\(request): payload too short") }
+            return v
+        }
+        func ringIndex(_ raw: UInt64) throws(VhostUserProtocolError) -> Int {
+            guard raw < UInt64(rings.count) else {
+                throw VhostUserProtocolError("\(request): vring \(raw) out of range (the device has \(rings.count))")
+            }
+            return Int(raw)
+        }
+        func reply64(_ v: UInt64) -> [UInt8] {
+            var w = PayloadWriter()
+            w.u64(v)
+            return w.bytes
+        }
+        /// Takes over the first descriptor that came with the message.
+        func takeFD() throws(VhostUserProtocolError) -> Int32 {
+            guard let first = fds.firstIndex(where: { $0 >= 0 }) else {
+                throw VhostUserProtocolError("\(request) without a file descriptor")
+            }
+            defer { fds[first] = -1 }
+            return fds[first]
+        }
+        /// The acknowledged bits, refused when any was not offered.
+        func acknowledged(_ offered: UInt64, _ what: String) throws(VhostUserProtocolError) -> UInt64 {
+            let f = try u64()
+            guard f & ~offered == 0 else {
+                throw VhostUserProtocolError("\(what) 0x\(String(f & ~offered, radix: 16)) were not offered")
+            }
+            return f
+        }
+        switch request {
+        case .getFeatures:
+            return reply64(offeredFeatures)
+        case .setFeatures:
+            let f = try acknowledged(offeredFeatures, "features")
+            features = f
+            backend.updateStatus { $0.features = f }
+            // A 12-byte header (with num_buffers) leads every frame under either feature.
+            let header = f & (VhostUserFeature.version1 | VhostUserFeature.netMRGRXBuf) != 0
+            handle.performSync { $0?.setNetHeader(numBuffers: header) }
+            for i in rings.indices { try syncRing(i) }
+        case .getProtocolFeatures:
+            return reply64(offeredProtocolFeatures)
+        case .setProtocolFeatures:
+            let f = try acknowledged(offeredProtocolFeatures, "protocol features")
+            protocolFeatures = f
+            backend.updateStatus { $0.protocolFeatures = f }
+        case .getQueueNum:
+            return reply64(UInt64(max(1, rings.count / 2)))
+        case .setOwner:
+            break
+        case .resetOwner:
+            stopAllRings()
+        case .setMemTable:
+            try setMemTable(&r, &fds)
+        case .setVringNum:
+            let i = try ringIndex(UInt64(try u32()))
+            rings[i].num = Int(try u32())
+            if rings[i].applied { try syncRing(i) }
+        case .setVringAddr:
+            let i = try ringIndex(UInt64(try u32()))
+            _ = try u32()  // flags: logging, not offered
+            rings[i].desc = try u64()
+            rings[i].used = try u64()
+            rings[i].avail = try u64()
+            rings[i].addressed = true
+            if rings[i].applied { try syncRing(i) }
+        case .setVringBase:
+            let i = try ringIndex(UInt64(try u32()))
+            rings[i].base = UInt16(truncatingIfNeeded: try u32())
+            rings[i].baseFresh = true
+        case .getVringBase:
+            let i = try ringIndex(UInt64(try u32()))
+            let wasRunning = rings[i].applied, base = rings[i].base
+            let stopped = handle.performSync { d -> UInt16 in
+                d?.setNotifiers(i, call: -1, kicks: false)
+                return d?.disableVring(i) ?? 0
+            }
+            // A ring that never ran reports the base it was given.
+            let last = wasRunning ? stopped : base
+            rings[i].baseFresh = true
+            rings[i].applied = false
+            rings[i].started = false
+            rings[i].base = last
+            closeFD(&rings[i].kickFD)
+            closeFD(&rings[i].callFD)
+            var w = PayloadWriter()
+            w.u32(UInt32(i)); w.u32(UInt32(last))
+            return w.bytes
+        case .setVringKick, .setVringCall, .setVringErr:
+            let v = try u64()
+            let i = try ringIndex(v & 0xff)
+            let fd = v & 0x100 == 0 ? try takeFD() : -1  // bit 8: no descriptor, the ring is polled
+            switch request {
+            case .setVringKick:
+                closeFD(&rings[i].kickFD)
+                rings[i].kickFD = fd
+                rings[i].started = true  // with no fd: the driver never kicks, we poll
+                try syncRing(i)
+            case .setVringCall:
+                let old = rings[i].callFD
+                rings[i].callFD = fd
+                if rings[i].applied {
+                    let kicks = rings[i].kickFD >= 0, call = fd
+                    handle.performSync { $0?.setNotifiers(i, call: call, kicks: kicks) }
+                }
+                if old >= 0 { close(old) }  // the worker no longer holds it
+            default:
+                closeFD(&rings[i].errFD)
+                rings[i].errFD = fd
+            }
+        case .setVringEnable:
+            let i = try ringIndex(UInt64(try u32()))
+            rings[i].enabled = try u32() != 0
+            try syncRing(i)
+        case .setBackendReqFD:
+            let fd = try takeFD()
+            closeFD(&backendFD)
+            backendFD = fd
+        case .iotlbMsg:
+            guard let m = VhostIOTLBMessage(payload) else { throw VhostUserProtocolError("IOTLB_MSG: payload too short") }
+            try applyIOTLB(m)
+        case .setLogBase, .setLogFD, .sendRARP, .netSetMTU, .setVringEndian, .getConfig, .setConfig,
+             .getMaxMemSlots, .setStatus, .getStatus:
+            // Features these belong to are not offered.
+            throw Refused("\(request) needs a feature this backend does not offer")
+        }
+        return nil
+    }
+
+    private func setMemTable(_ r: inout PayloadReader, _ fds: inout [Int32]) throws {
+        guard let n = r.u32(), r.u32() != nil else { throw VhostUserProtocolError("SET_MEM_TABLE: payload too short") }
+        let live = fds.filter { $0 >= 0 }
+        guard n >= 1, Int(n) <= 8, live.count == Int(n) else {
+            throw VhostUserProtocolError("SET_MEM_TABLE: \(n) regions with \(live.count) file descriptors")
+        }
+        var regions: [VhostUserMemoryRegion] = []
+        for _ in 0..<n {
+            guard let gpa = r.u64(), let size = r.u64(), let ua = r.u64(), let off = r.u64() else {
+                throw VhostUserProtocolError("SET_MEM_TABLE: payload too short")
+            }
+            regions.append(VhostUserMemoryRegion(guestPhysAddr: gpa, memorySize: size, userspaceAddr: ua, mmapOffset: off))
+        }
+        let table = try MemoryTable(regions: regions.map(\.region), maxRegions: backend.limits.maxMemRegions,
+                                    maxTotalBytes: backend.limits.maxGuestMemory)
+        let mem = try GuestMemory(table: table, files: zip(live, regions).map { ($0, $1.mmapOffset) })
+        // The mappings hold the memory now; the descriptors are closed by the caller.
+        handle.performSync { $0?.install(memory: mem) }
+        memory = mem
+        for i in rings.indices { try syncRing(i) }
+    }
+
+    private func applyIOTLB(_ m: VhostIOTLBMessage) throws {
+        guard config.iotlb else { throw Refused("IOTLB_MSG on a device created with \"iotlb\": false") }
+        switch VhostIOTLBMessage.Kind(rawValue: m.kind) {
+        case .update:
+            guard let range = AddressRange(start: IOVA(m.iova), size: m.size) else {
+                throw Refused("IOTLB update: size 0 or iova+size past 2^64")
+            }
+            let entry = IOTLBEntry(range: range, uaddr: UserAddr(m.uaddr), perm: Permissions(rawValue: m.perm & 3))
+            let result = handle.performSync { d -> Result<UpdateReport, EngineError> in
+                guard let d else { return .failure(.notFound("device gone")) }
+                do throws(EngineError) { return .success(try d.updateIOTLB([entry])) } catch { return .failure(error) }
+            }
+            if case .failure(let e) = result { throw Refused("IOTLB update: \(e)") }
+        case .invalidate:
+            guard let range = AddressRange(start: IOVA(m.iova), size: m.size) else {
+                throw Refused("IOTLB invalidation: size 0 or iova+size past 2^64")
+            }
+            _ = handle.performSync { d in try? d?.invalidateIOTLB([range]) }
+        default:
+            throw Refused("IOTLB message type \(m.kind) is not for a backend")
+        }
+    }
+
+    // MARK: Rings
+
+    /// Applies ring `i` to the device when it is complete, started and enabled;
+    /// stops it on the device otherwise.
+    private func syncRing(_ i: Int) throws {
+        let r = rings[i]
+        let enabled = r.enabled ?? (features & VhostUserFeature.protocolFeatures == 0)
+        guard r.started, enabled, r.addressed, r.num > 0, memory != nil else {
+            if r.applied {
+                handle.performSync { d in
+                    d?.setNotifiers(i, call: -1, kicks: false)
+                    d?.disableVring(i)
+                }
+                rings[i].applied = false
+            }
+            return
+        }
+        let c = VringConfig(num: r.num, descAddr: ringAddress(r.desc), availAddr: ringAddress(r.avail),
+                            usedAddr: ringAddress(r.used), enabled: true,
+                            eventIdx: features & VhostUserFeature.eventIdx != 0,
+                            lastAvailIdx: r.baseFresh ? r.base : nil)
+        let call = r.callFD, kicks = r.kickFD >= 0
+        let result = handle.performSync { d -> Result<VringSnapshot, EngineError> in
+            guard let d else { return .failure(.notFound("device gone")) }
+            do throws(EngineError) {
+                let s = try d.setVring(i, c)
+                d.setNotifiers(i, call: call, kicks: kicks)
+                return .success(s)
+            } catch { return .failure(error) }
+        }
+        rings[i].baseFresh = false
+        if case .failure(let e) = result { throw Refused("vring \(i): \(e)") }
+        rings[i].applied = true
+    }
+
+    /// The device's address for a ring address from the front-end. Without a
+    /// vIOMMU these are the front-end's user addresses; with the device IOTLB
+    /// on they become guest-physical addresses, which the identity translator
+    /// maps as IOVAs (the seed's "DPDK in the guest, fixed mappings").
+    private func ringAddress(_ a: UInt64) -> UInt64 {
+        guard config.iotlb, !frontEndIOMMU, let t = memory?.table, let hit = t.lookup(uaddr: UserAddr(a)) else { return a }
+        return t.regions[hit.region].guestPhysAddr.raw + hit.offset
+    }
+
+    private func stopAllRings() {
+        handle.performSync { d in
+            for i in 0..<(d?.queues.count ?? 0) {
+                d?.setNotifiers(i, call: -1, kicks: false)
+                d?.disableVring(i)
+            }
+        }
+        for i in rings.indices {
+            closeFD(&rings[i].kickFD)
+            closeFD(&rings[i].callFD)
+            closeFD(&rings[i].errFD)
+            rings[i] = Ring()
+        }
+    }
+
+    /// The front-end left: rings stop, memory goes, every descriptor closes.
+    func teardown() {
+        stopAllRings()
+        handle.performSync {
+            $0?.install(memory: nil)
+            $0?.setNetHeader(numBuffers: false)
+        }
+        memory = nil
+        closeFD(&backendFD)
+    }
+
+    // MARK: Misses
+
+    /// New misses: sent to a front-end with a vIOMMU over the backend channel;
+    /// without one (and with the built-in translator) answered here by
+    /// identity, IOVA = guest-physical address, 2 MiB at a time clipped to the region.
+    private func answerMisses() {
+        guard case .events(let events, let last) = handle.missLog.events(after: missCursor, limit: 256) else { return }
+        missCursor = last
+        let misses = events.filter { $0.kind == .miss }
+        if misses.isEmpty { return }
+        if frontEndIOMMU {
+            guard backendFD >= 0 else { return }
+            for e in misses {
+                let m = VhostIOTLBMessage(iova: e.iova.raw, size: 1, uaddr: 0, perm: e.perm.rawValue, kind: .miss)
+                let head = VhostUserHeader(request: VhostUserBackendRequest.iotlbMsg.rawValue, size: UInt32(m.bytes.count))
+                let bytes = head.bytes + m.bytes
+                _ = bytes.withUnsafeBytes { cunixsock_send(backendFD, $0.baseAddress, $0.count, nil, 0) }
+            }
+            backend.updateStatus { $0.missesForwarded += UInt64(misses.count) }
+            return
+        }
+        guard config.translator == .builtin, let table = memory?.table else { return }
+        var entries: [IOTLBEntry] = []
+        for e in misses {
+            if let entry = Self.identityEntry(for: e.iova, in: table), !entries.contains(entry) { entries.append(entry) }
+        }
+        if entries.isEmpty { return }
+        let batch = entries
+        let applied = handle.performSync { d -> Int in
+            // The table may have changed meanwhile: only entries it still backs.
+            guard let d, d.memTable == table else { return 0 }
+            return (try? d.updateIOTLB(batch))?.applied ?? 0
+        }
+        backend.updateStatus { $0.identityUpdates += UInt64(applied) }
+    }
+
+    /// The identity mapping around `iova`: its 2 MiB page as a guest-physical
+    /// range, clipped to the region holding it, read-write.
+    static func identityEntry(for iova: IOVA, in table: MemoryTable) -> IOTLBEntry? {
+        let first = iova.raw & ~UInt64((2 << 20) - 1)  // aligned: first + 2 MiB - 1 cannot wrap
+        let page = AddressRange(first: IOVA(first), last: IOVA(first + ((2 << 20) - 1)))
+        return table.iotlbEntry(mapping: page, toGPA: GuestPhysAddr(first), around: iova, perm: .readWrite)
+    }
+
+    // MARK: Socket
+
+    private func readExactly(_ buf: inout [UInt8], from start: Int) throws(VhostUserProtocolError) {
+        var at = start
+        while at < buf.count {
+            let n = buf.withUnsafeMutableBytes { recv(conn, $0.baseAddress! + at, $0.count - at, 0) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw VhostUserProtocolError("the front-end closed the socket mid-message") }
+            at += n
+        }
+    }
+
+    private func send(_ request: UInt32, _ payload: [UInt8]) throws(VhostUserProtocolError) {
+        let head = VhostUserHeader(request: request, flags: VhostUserHeader.version | VhostUserHeader.replyFlag,
+                                   size: UInt32(payload.count))
+        let bytes = head.bytes + payload
+        let n = bytes.withUnsafeBytes { cunixsock_send(conn, $0.baseAddress, $0.count, nil, 0) }
+        guard n == bytes.count else { throw VhostUserProtocolError("reply not sent: \(String(cString: strerror(errno)))") }
+    }
+
+    private func sendAck(_ request: UInt32, ok: Bool) throws(VhostUserProtocolError) {
+        var w = PayloadWriter()
+        w.u64(ok ? 0 : 1)
+        try send(request, w.bytes)
+    }
+
+    private func closeFD(_ fd: inout Int32) {
+        if fd >= 0 { close(fd) }
+        fd = -1
+    }
+}
