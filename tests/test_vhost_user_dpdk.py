@@ -132,41 +132,51 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
     def vring(self, name, n):
         return self.daemon.call("GET", f"/v1/devices/{name}/vrings/{n}")[1]
 
+    def session(self, tag, vdevs, args, done, settle=0.0):
+        """Runs one testpmd session until `done()` holds (60 s at most), waits
+        `settle` seconds, asks it to exit; returns its log."""
+        cmd = [TESTPMD, "-l", "0,1", "--no-pci", "--single-file-segments", "--in-memory", "-m", "256"]
+        for v in vdevs:
+            cmd += ["--vdev", v]
+        cmd += ["--", "--nb-cores=1", "--total-num-mbufs=8192", "--no-lsc-interrupt", *args]
+        path = os.path.join(self.tmp, f"{tag}-testpmd.log")
+        with open(path, "w") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.time() + 60
+                while time.time() < deadline and proc.poll() is None and not done():
+                    time.sleep(0.1)
+                time.sleep(settle)
+                self.assertIsNone(proc.poll(), f"testpmd exited early: {read_text(path)[-3000:]}")
+                proc.communicate(b"\n", timeout=30)  # testpmd: "Press enter to exit"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = read_text(path)
+        self.assertEqual(proc.returncode, 0, text[-3000:])
+        self.assertIn("Bye", text)
+        return text
+
     def run_testpmd(self, name, sock, frames, tag):
         """One testpmd session: returns the frames that came back."""
         src, out = os.path.join(self.tmp, f"{tag}-in.pcap"), os.path.join(self.tmp, f"{tag}-out.pcap")
         write_pcap(src, frames)
-        cmd = [TESTPMD, "-l", "0,1", "--no-pci", "--single-file-segments", "--in-memory", "-m", "256",
-               f"--file-prefix=iotlbd{os.getpid()}{tag}",
-               "--vdev", f"net_virtio_user0,path={sock},queues=1,queue_size=256",
-               "--vdev", f"net_pcap0,rx_pcap={src},tx_pcap={out}",
-               "--", "--forward-mode=io", "--nb-cores=1", "--total-num-mbufs=8192", "--no-lsc-interrupt",
-               "--no-flush-rx"]  # testpmd would otherwise drain the pcap input before forwarding
-        log = open(os.path.join(self.tmp, f"{tag}-testpmd.log"), "w")
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            # Wait until iotlbd has delivered every frame to the RX ring, then a
-            # moment for testpmd to pass the last ones to the pcap port.
-            deadline = time.time() + 60
-            delivered = 0
-            while time.time() < deadline and proc.poll() is None:
-                rx = self.vring(name, 0)
-                if rx["state"] == "running":
-                    delivered = rx["used_idx"]
-                    if delivered >= len(frames):
-                        break
-                time.sleep(0.1)
-            time.sleep(1.0)
-            self.assertIsNone(proc.poll(), f"testpmd exited early: {read_text(log.name)[-3000:]}")
-            proc.communicate(b"\n", timeout=30)  # testpmd: "Press enter to exit"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-        text = read_text(log.name)
-        self.assertEqual(proc.returncode, 0, text[-3000:])
-        self.assertIn("Bye", text)
+        delivered = 0
+
+        def all_delivered():
+            # iotlbd has put every frame in the RX ring (testpmd then passes them to the pcap port).
+            nonlocal delivered
+            rx = self.vring(name, 0)
+            if rx["state"] == "running":
+                delivered = rx["used_idx"]
+            return delivered >= len(frames)
+
+        text = self.session(tag, [f"net_virtio_user0,path={sock},queues=1,queue_size=256",
+                                  f"net_pcap0,rx_pcap={src},tx_pcap={out}"],
+                            ["--forward-mode=io",
+                             "--no-flush-rx"],  # testpmd would otherwise drain the pcap input before forwarding
+                            all_delivered, settle=1.0)
         self.assertGreaterEqual(delivered, len(frames), text[-3000:])
         return read_pcap(out)
 
@@ -208,27 +218,15 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         sock = os.path.join(self.tmp, "mq.sock")
         status, dev = self.daemon.call("POST", "/v1/devices", {"id": "dpdk-mq", "queues": 4, "vhost_user": {"socket": sock}})
         self.assertEqual(status, 201, dev)
-        cmd = [TESTPMD, "-l", "0,1", "--no-pci", "--single-file-segments", "--in-memory", "-m", "256",
-               "--vdev", f"net_virtio_user0,path={sock},queues=2",
-               "--", "--forward-mode=io", "--tx-first", "--rxq=2", "--txq=2", "--nb-cores=1",
-               "--total-num-mbufs=8192", "--no-lsc-interrupt"]
-        with open(os.path.join(self.tmp, "mq-testpmd.log"), "w") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                deadline, chains = time.time() + 30, []
-                while time.time() < deadline and proc.poll() is None:
-                    stats = self.daemon.call("GET", "/v1/devices/dpdk-mq/iotlb/stats")[1]
-                    chains = [q["chains"] for q in stats["vqs"]]
-                    if min(chains) > 10000:
-                        break
-                    time.sleep(0.1)
-                proc.communicate(b"\n", timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        text = read_text(log.name)
-        self.assertEqual(proc.returncode, 0, text[-3000:])
+        chains = []
+
+        def both_pairs_busy():
+            nonlocal chains
+            chains = [q["chains"] for q in self.daemon.call("GET", "/v1/devices/dpdk-mq/iotlb/stats")[1]["vqs"]]
+            return min(chains) > 10000
+
+        text = self.session("mq", [f"net_virtio_user0,path={sock},queues=2"],
+                            ["--forward-mode=io", "--tx-first", "--rxq=2", "--txq=2"], both_pairs_busy)
         self.assertGreater(min(chains), 10000, f"chains per queue {chains}: {text[-2000:]}")
         dev = self.check_device_idle("dpdk-mq")
         self.assertEqual(int(dev["vhost_user"]["features"], 16) >> 22 & 1, 1, "VIRTIO_NET_F_MQ negotiated")
