@@ -16,33 +16,35 @@ static int fill_address(struct sockaddr_un *un, const char *path) {
     return 0;
 }
 
+/// A close-on-exec stream socket with `un` filled for `path`, or -1 with errno.
+static int open_socket(const char *path, struct sockaddr_un *un) {
+    if (fill_address(un, path) < 0) return -1;
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+}
+
+/// Closes `fd` keeping the errno of the call that failed; returns -1.
+static int fail_closing(int fd) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
 int cunixsock_listen(const char *path) {
     struct sockaddr_un un;
-    if (fill_address(&un, path) < 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = open_socket(path, &un);
     if (fd < 0) return -1;
-    if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, 4) < 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return -1;
-    }
+    if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, 4) < 0) return fail_closing(fd);
     return fd;
 }
 
 int cunixsock_connect(const char *path) {
     struct sockaddr_un un;
-    if (fill_address(&un, path) < 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = open_socket(path, &un);
     if (fd < 0) return -1;
     int r;
     do { r = connect(fd, (struct sockaddr *)&un, sizeof(un)); } while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return -1;
-    }
+    if (r < 0) return fail_closing(fd);
     return fd;
 }
 
