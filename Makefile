@@ -18,10 +18,12 @@ deps:
 
 # What the example and operator tests use: promtool (Debian's prometheus),
 # wrk (Debian), openapi-spec-validator and schemathesis (PyPI), dpdk-testpmd with
-# its virtio-user and pcap drivers (Debian's dpdk); installed only when missing.
+# its virtio-user and pcap drivers (Debian 12 ships dpdk-testpmd in dpdk-dev, not
+# in dpdk); installed only when missing.
 tools:
 	@command -v dpdk-testpmd >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq dpdk; }
+	  apt-get install -y -qq --no-install-recommends dpdk dpdk-dev; }
+	@command -v dpdk-testpmd >/dev/null 2>&1 || { echo "dpdk-testpmd still missing after installing dpdk-dev" >&2; exit 1; }
 	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@$(PYTHON) -c 'import openapi_spec_validator, yaml' 2>/dev/null || \
@@ -53,7 +55,8 @@ test-examples: build tools
 	$(PYTHON) tests/test_examples.py
 
 # DPDK's virtio-user driver (dpdk-testpmd) through a vhost-user device, IOTLB off
-# and on; needs root for huge pages, skips with a message where they cannot be had.
+# and on; a missing dpdk-testpmd fails; needs root for huge pages and skips, with a
+# banner, only where the machine cannot reserve them.
 test-dpdk: build tools
 	$(PYTHON) tests/test_vhost_user_dpdk.py
 

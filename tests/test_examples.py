@@ -175,13 +175,15 @@ class Examples(unittest.TestCase):
         # Fuzzed vhost-user socket paths are relative, or absolute: the former land
         # in a scratch directory, and every socket the daemon made goes when it stops.
         scratch = tempfile.mkdtemp(prefix="iotlbd-fuzz-")
+        # schemathesis keeps a cache in its working directory: not in the checkout.
+        st_cwd = tempfile.mkdtemp(prefix="iotlbd-st-")
         d = Daemon("--demo", "--token-file", tok, cwd=scratch)
         try:
             run = subprocess.run(
                 ["st", "run", os.path.join(ROOT, "api", "openapi.yaml"), "--url", d.url, "-H", "Authorization: Bearer fuzz",
                  "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "25",
                  "--phases", "examples,coverage,fuzzing", "--exclude-operation-id", "pollMisses", "--seed", "1",
-                 "--no-color"], capture_output=True, text=True, timeout=600)
+                 "--no-color"], capture_output=True, text=True, timeout=600, cwd=st_cwd)
             tail = run.stdout[-3000:]
             self.assertEqual(run.returncode, 0, tail)
             self.assertIn("passed", tail)
@@ -190,6 +192,7 @@ class Examples(unittest.TestCase):
             d.stop()
             self.assertEqual(os.listdir(scratch), [], "sockets left after the daemon stopped")
             shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(st_cwd, ignore_errors=True)
 
     def test_sigterm_releases_long_polls_and_exits_zero(self):
         d = Daemon("--demo")

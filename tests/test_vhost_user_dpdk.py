@@ -7,8 +7,9 @@ pcap file, which must hold exactly the frames sent, byte for byte. Run with the
 device IOTLB off, and on (the identity translator maps IOVA = GPA, 2 MiB at a
 time) twice over one device, so the front-end also disconnects and reconnects.
 
-Needs root for 2 MiB huge pages and Debian's dpdk (the Makefile installs it);
-skips with a clear message only where huge pages cannot be had. Restores the
+Needs root for 2 MiB huge pages and dpdk-testpmd (Debian's dpdk-dev; the
+Makefile installs it). A missing dpdk-testpmd is a failure; the test skips,
+with a banner on stderr, only where the machine cannot reserve huge pages. Restores the
 huge page count it found. Run by `make test`."""
 import json
 import os
@@ -104,15 +105,18 @@ class HugePages:
                 pass
 
 
-@unittest.skipIf(TESTPMD is None, "dpdk-testpmd is missing: `make tools` installs Debian's dpdk")
 class VirtioUserThroughIotlbd(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        if TESTPMD is None:
+            raise AssertionError("dpdk-testpmd is missing: `make tools` installs it (Debian's dpdk-dev)")
         cls.huge = HugePages().__enter__()
         if cls.huge.problem:
             cls.huge.__exit__(None, None, None)
-            raise unittest.SkipTest(f"huge pages cannot be had here ({cls.huge.problem}); "
-                                    "DPDK virtio-user needs them, so this test does not run")
+            why = (f"huge pages cannot be had on this machine ({cls.huge.problem}); "
+                   "DPDK virtio-user needs them, so the DPDK tests DID NOT RUN")
+            print("\n" + "!" * 78 + "\nSKIPPED: " + why + "\n" + "!" * 78, file=sys.stderr)
+            raise unittest.SkipTest(why)
         cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dpdk-")
         cls.daemon = Daemon()
 

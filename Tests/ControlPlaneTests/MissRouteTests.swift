@@ -28,6 +28,7 @@ import Vhost
 
     func hexText(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
+    @discardableResult
     func map(_ d: LiveDaemon, _ id: String, _ gpa: UInt64, _ size: UInt64, _ perm: String = "rw") throws -> JSON {
         try d.expect(200, "POST", "/v1/devices/\(id)/iotlb/updates",
                      #"{"iova":"\#(hexText(gpa + Self.off))","size":"\#(hexText(size))","uaddr":"\#(hexText(gpa + 0x7f0000000000))","perm":"\#(perm)"}"#)
