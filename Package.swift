@@ -1,6 +1,9 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// The commit a build comes from, for iotlbd_build_info (nil outside a git checkout).
+let commit = Context.gitInformation.map { String($0.currentCommit.prefix(12)) } ?? "unknown"
+
 let package = Package(
     name: "vhost-iotlb",
     products: [
@@ -33,9 +36,11 @@ let package = Package(
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",
                        providers: [.apt(["libjansson-dev"])]),
+        // The build's git commit, defined from the manifest (Swift -D takes no values).
+        .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
         // HTTP, JSON, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson",
+            "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "iotlbd", dependencies: [

@@ -42,6 +42,9 @@ struct MetricsWriter {
         }
     }
 
+    /// A sample value in the exposition format.
+    static func number(_ v: Double) -> String { "\(v)" }
+
     static func labels(_ l: [(String, String)]) -> String {
         guard !l.isEmpty else { return "" }
         return "{" + l.map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",") + "}"
@@ -77,7 +80,7 @@ extension ControlPlane {
                 guard let d else { return nil }
                 let (b, sum) = d.resolutionHistogram()
                 return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(), buckets: b, sumMicros: sum,
-                                     resolutionCount: d.resolutionTimes().count)
+                                     resolutionCount: d.resolvedMisses)
             }, then: { m in
                 if let m { gathered.withLock { $0.append(m) } }
                 if left.withLock({ $0 -= 1; return $0 }) == 0 { finish() }
@@ -124,6 +127,12 @@ extension ControlPlane {
         func perQueue(_ name: String, _ type: String, _ help: String, _ value: (VringSnapshot) -> UInt64) {
             w.family(name, type, help, devices.flatMap { d in d.vqs.map { ([("device", d.id), ("vq", "\($0.index)")], "\(value($0))") } })
         }
+        let now = monotonicNanos()
+        w.family("iotlbd_vq_waiting_seconds", "gauge",
+                 "How long each virtqueue has waited for an IOTLB translation (0 when not waiting).",
+                 devices.flatMap { d in d.vqs.map { v in
+                     ([("device", d.id), ("vq", "\(v.index)")], "\(Double(v.waitingSince.map { now &- $0 } ?? 0) / 1e9)")
+                 } })
         perQueue("iotlbd_vq_hits_total", "counter", "Translations that hit, per virtqueue.") { $0.hits }
         perQueue("iotlbd_vq_misses_total", "counter", "Translations that missed, per virtqueue.") { $0.misses }
         perQueue("iotlbd_vq_access_failures_total", "counter", "Access failures, per virtqueue.") { $0.accessFailures }
@@ -150,8 +159,13 @@ extension ControlPlane {
                  fronts.map { ([("device", $0.0)], "\($0.1.connections)") })
         w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
                  fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
+        w.family("iotlbd_http_long_polls_waiting", "gauge", "Miss long-polls waiting for an event or their time-out.",
+                 [([], "\(timer.pending)")])
         w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
                  requests.all.map { ([("route", $0.route), ("method", $0.method), ("status", "\($0.status)")], "\($0.n)") })
+        w.family("iotlbd_build_info", "gauge", "Always 1; the labels name the build.",
+                 [([("version", BuildInfo.version), ("commit", BuildInfo.commit)], "1")])
+        ProcessStats.read().write(to: &w)
         return w.text
     }
 }

@@ -88,7 +88,7 @@ extension Device {
         precondition(vq.pending == nil, "a stopped queue posts no second event")
         let now = monotonicNanos()
         let seq = missLog.post(vq: vq.index, kind: kind, iova: iova, perm: perm, now: now)
-        vq.pending = PendingEvent(seq: seq, kind: kind, iova: iova, perm: perm, postedAt: now)
+        vq.pending = PendingEvent(seq: seq, kind: kind, iova: iova, perm: perm, postedAt: now, waitingSince: now)
     }
 
     /// Processes up to `batch` TX chains (into `rx` with the loopback backend);

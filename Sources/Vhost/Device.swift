@@ -187,6 +187,9 @@ public final class Device {
         return (resolutionCount, pct(0.5), pct(0.99), resolutionMax)
     }
 
+    /// Misses resolved so far (the histogram's count).
+    public var resolvedMisses: UInt64 { resolutionCount }
+
     /// The resolution histogram: per-bucket counts (last one above every bound) and the sum in µs.
     public func resolutionHistogram() -> (buckets: [UInt64], sumMicros: UInt64) { (resolutionBuckets, resolutionSumMicros) }
 

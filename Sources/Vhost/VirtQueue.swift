@@ -78,6 +78,9 @@ struct PendingEvent {
     var iova: IOVA
     var perm: Permissions
     var postedAt: UInt64
+    /// When the queue started waiting for this translation: the first post of
+    /// a miss, kept when the miss is announced again with a fresh seq.
+    var waitingSince: UInt64
 }
 
 /// Per-queue counters and state, as published to readers.
@@ -90,6 +93,8 @@ public struct VringSnapshot: Sendable, Equatable {
     /// The outstanding miss or access failure: seq, kind, iova, perm.
     public var pending: (seq: UInt64, kind: String, iova: UInt64, perm: Permissions)?
     public var failure: String?
+    /// While the queue waits for a translation: since when (monotonic ns).
+    public var waitingSince: UInt64?
     public var hits: UInt64
     public var misses: UInt64
     public var accessFailures: UInt64
@@ -168,6 +173,7 @@ public final class VirtQueue {
     var snapshot: VringSnapshot {
         VringSnapshot(index: index, config: config, state: state, lastAvailIdx: lastAvailIdx, usedIdx: usedIdx,
                       pending: pending.map { ($0.seq, $0.kind.rawValue, $0.iova.raw, $0.perm) }, failure: failure,
+                      waitingSince: state == .waitingIOTLB ? pending?.waitingSince : nil,
                       hits: hits, misses: misses, accessFailures: accessFailures, chains: chains, bytes: bytes,
                       notifications: notifications)
     }

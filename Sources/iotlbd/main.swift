@@ -18,7 +18,8 @@ struct IOTLBDaemon: ParsableCommand {
             as a vhost-user backend for DPDK virtio-user or QEMU. \
             SIGTERM or SIGINT stops workloads, drops vhost-user front-ends (removing \
             their sockets), releases long-polls and exits 0.
-            """)
+            """,
+        version: "\(BuildInfo.version) (commit \(BuildInfo.commit))")
 
     @Option(name: .long, help: "Address and port to listen on (HOST:PORT; [::1]:PORT for IPv6; port 0 picks one).")
     var listen = "127.0.0.1:8080"

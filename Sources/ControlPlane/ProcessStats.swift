@@ -1,0 +1,84 @@
+// The Prometheus process-collector figures (process_cpu_seconds_total and
+// friends), read from /proc/self the way client libraries do, so dashboards
+// and alerts written for any exporter work unchanged.
+import Glibc
+
+/// The process's resource use at one moment.
+struct ProcessStats {
+    var cpuSeconds: Double?
+    var residentBytes: Double?
+    var virtualBytes: Double?
+    var startTimeSeconds: Double?
+    var openFDs: Int?
+    var maxFDs: Double?
+
+    static func read() -> ProcessStats {
+        var s = ProcessStats()
+        // /proc/self/stat: fields after the parenthesised command name (which may hold spaces).
+        if let stat = readText("/proc/self/stat"), let close = stat.utf8.lastIndex(of: UInt8(ascii: ")")) {
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+            let page = Double(sysconf(Int32(_SC_PAGESIZE)))
+            // fields[0] is field 3 (state): field n sits at n - 3.
+            func field(_ n: Int) -> Double? { fields.count > n - 3 ? Double(fields[n - 3]) : nil }
+            if let u = field(14), let k = field(15), ticks > 0 { s.cpuSeconds = (u + k) / ticks }
+            s.virtualBytes = field(23)
+            s.residentBytes = field(24).map { $0 * page }
+            if let start = field(22), ticks > 0, let boot = bootTime() { s.startTimeSeconds = boot + start / ticks }
+        }
+        s.openFDs = countEntries("/proc/self/fd")
+        var lim = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &lim) == 0 { s.maxFDs = Double(lim.rlim_cur) }
+        return s
+    }
+
+    func write(to w: inout MetricsWriter) {
+        func one(_ name: String, _ type: String, _ help: String, _ v: Double?) {
+            guard let v else { return }
+            w.family(name, type, help, [([], MetricsWriter.number(v))])
+        }
+        one("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpuSeconds)
+        one("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", residentBytes)
+        one("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", virtualBytes)
+        one("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", startTimeSeconds)
+        one("process_open_fds", "gauge", "Number of open file descriptors.", openFDs.map(Double.init))
+        one("process_max_fds", "gauge", "Maximum number of open file descriptors.", maxFDs)
+    }
+
+    /// The system's boot time (Unix seconds), from /proc/stat's btime line.
+    private static func bootTime() -> Double? {
+        guard let text = readText("/proc/stat") else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("btime ") {
+            return Double(line.dropFirst(6))
+        }
+        return nil
+    }
+
+    /// A small /proc file's text.
+    private static func readText(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { break }
+            bytes += chunk[0..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Entries of a directory, less "." and ".." (and the descriptor opendir itself holds).
+    private static func countEntries(_ path: String) -> Int? {
+        guard let dir = opendir(path) else { return nil }
+        var n = 0
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { Array($0.prefix { $0 != 0 }) }
+            if name != [46] && name != [46, 46] { n += 1 }
+        }
+        closedir(dir)
+        return n - 1
+    }
+}
