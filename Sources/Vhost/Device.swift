@@ -163,10 +163,19 @@ public final class Device {
         return iotlb.translate(iova, access: access, size: size)
     }
 
-    /// Entries overlapping `range` (all when nil), sorted by IOVA.
-    public func entries(overlapping range: AddressRange<IOVA>?) throws(EngineError) -> [IOTLBEntry] {
+    /// Entries overlapping `range` (all when nil), sorted by IOVA; only those
+    /// starting past `after` when given (a cursor); with `limit`, at most that
+    /// many and whether more follow them.
+    public func entries(overlapping range: AddressRange<IOVA>?, after: IOVA? = nil, limit: Int = .max)
+        throws(EngineError) -> (entries: [IOTLBEntry], more: Bool) {
         try requireIOTLB()
-        return iotlb.entries(overlapping: range)
+        var list = iotlb.entries(overlapping: range, limit: limit >= Int.max - 2 ? .max : limit + 2)
+        // The range may begin inside the entry the cursor names: that one was returned already.
+        if let after, let first = list.first, first.range.first <= after { list.removeFirst() }
+        if list.count > limit { list.removeLast(list.count - limit - 1) }
+        let more = list.count > limit
+        if more { list.removeLast() }
+        return (list, more)
     }
 
     /// A snapshot of the counters.
