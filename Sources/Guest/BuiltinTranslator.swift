@@ -1,81 +1,53 @@
 // The in-process vIOMMU (the role QEMU plays): answers a device's misses by
 // walking the guest IOMMU and the memory table, with the guest page as the
-// granularity clipped to the backing region, and posts the update through
-// the same command path as the HTTP API.
-import Glibc
+// granularity clipped to the backing region. It runs on the device's worker
+// (a `MissResolver`), so a miss costs a page-table walk instead of a round
+// trip through the miss log and another thread: reading the guest IOMMU
+// there also orders it after every invalidation the guest sent before.
 import Synchronization
 import IOTLB
 import Vhost
 
-/// A thread answering one device's misses from one guest IOMMU.
+/// Answers one device's misses from one guest IOMMU.
 final class BuiltinTranslator: @unchecked Sendable {
-    private let handle: DeviceHandle
     private let iommu: GuestIOMMU
     private let table: MemoryTable
-    private let running = Atomic<Bool>(true)
-    private let wake = WakeSignal()
-    private var thread: pthread_t?
+    /// The guest IOMMU's mapping log read so far (touched on the worker only).
+    private var recentCursor: UInt64 = 0
     /// Misses answered so far.
     let answered = Atomic<UInt64>(0)
 
-    init(handle: DeviceHandle, iommu: GuestIOMMU, table: MemoryTable) {
-        self.handle = handle
+    /// Pages of recent mappings sent with each answer, at most: the buffers
+    /// posted in the same batch would miss one after another otherwise.
+    static let recentPerAnswer = 256
+
+    init(iommu: GuestIOMMU, table: MemoryTable) {
         self.iommu = iommu
         self.table = table
-        thread = startThread(name: "translator") { [self] in run() }
     }
 
-    func stop() {
-        running.store(false, ordering: .releasing)
-        wake.signal()
-        if let t = thread { pthread_join(t, nil) }
-        thread = nil
-    }
-
-    private func run() {
-        var cursor: UInt64 = 0
-        var recentCursor: UInt64 = 0
-        let log = handle.missLog
-        while running.load(ordering: .acquiring) {
-            guard case .events(let events, _) = log.events(after: cursor, limit: 256) else { return }
-            if events.isEmpty {
-                let w = log.poll(after: cursor, limit: 1) { [wake] answer in
-                    if case .events(let e, _) = answer, e.isEmpty { return }  // withdrawn below
-                    wake.signal()
-                }
-                wake.wait(timeoutNanos: 50_000_000)
-                w.finish(.events([], lastSeq: cursor))  // withdraw if still parked
-                continue
+    /// The resolver the device calls on its worker. With the missed page it
+    /// sends the guest's recent mappings, but no more than a quarter of the
+    /// entries the IOTLB can hold beside its pinned ones: a batch larger than
+    /// the IOTLB would evict its own answer, and the entries of the chain
+    /// being processed must survive it. The missed page comes last.
+    var resolver: MissResolver {
+        { [self] iova, _, budget in
+            guard let page = iommu.translate(iova), let missed = page.iotlbEntry(clippedTo: table, around: iova) else {
+                return []
             }
             var entries: [IOTLBEntry] = []
-            var missed = false
-            for e in events {
-                cursor = e.seq
-                guard e.kind == .miss, let page = iommu.translate(e.iova),
-                      let entry = page.iotlbEntry(clippedTo: table, around: e.iova) else { continue }
-                missed = true
-                if !entries.contains(entry) { entries.append(entry) }
-            }
-            if !missed { continue }
-            // With the missed pages, the guest's other recent mappings: the buffers
-            // posted in the same batch would miss one after another otherwise.
-            let (recent, next) = iommu.recentMappings(since: recentCursor, limit: 256)
-            recentCursor = next
-            for page in recent {
-                if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first), !entries.contains(e) { entries.append(e) }
-            }
-            let batch = entries
-            let iommu = self.iommu, table = self.table
-            // Applied on the device's worker, each entry checked against the guest
-            // IOMMU there: a page the guest unmapped meanwhile is not installed, so
-            // no entry outlives the guest's invalidation (which the worker orders).
-            let applied = handle.performSync { d -> Int in
-                let live = batch.filter { e in
-                    iommu.translate(e.range.first)?.iotlbEntry(clippedTo: table, around: e.range.first) == e
+            let extra = min(BuiltinTranslator.recentPerAnswer, budget / 4)
+            if extra > 0 {
+                let (recent, next) = iommu.recentMappings(since: recentCursor, limit: extra)
+                recentCursor = next
+                for p in recent {
+                    if let e = p.iotlbEntry(clippedTo: table, around: p.iova.first), e != missed { entries.append(e) }
                 }
-                return (try? d?.updateIOTLB(live))?.applied ?? 0
             }
-            answered.add(UInt64(applied), ordering: .relaxed)
+            entries.append(missed)
+            answered.add(1, ordering: .relaxed)
+            return entries
         }
     }
 }

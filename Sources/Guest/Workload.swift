@@ -60,7 +60,7 @@ public final class Workload: @unchecked Sendable {
                 w.published.withLock { $0.state = "failed"; $0.error = "\(error)" }
                 ready(.failure(error))
             }
-            w.translator?.stop()
+            if w.translator != nil { handle.performSync { $0?.missResolver = nil } }
         }
     }
 
@@ -121,7 +121,10 @@ public final class Workload: @unchecked Sendable {
                            txBuffers: gpa0 + 2 * ringsBytes + UInt64(c.ringSize) * UInt64(slot))
         published.withLock { $0.guestMemoryBytes = table.totalBytes }
         if device.iotlb && device.translator == .builtin, let iommu {
-            translator = BuiltinTranslator(handle: handle, iommu: iommu, table: table)
+            let t = BuiltinTranslator(iommu: iommu, table: table)
+            translator = t
+            let resolver = t.resolver
+            handle.performSync { $0?.missResolver = resolver }
         }
         try run.mapStatic()
         try run.setVrings()

@@ -4,7 +4,9 @@
 // two entries ever overlap: an update first removes every entry it overlaps,
 // whole, so the newest translation always wins and a look-up is a plain
 // "greatest first <= iova" search. Capacity is bounded; a full table evicts
-// the oldest-inserted entry (FIFO), as the kernel's max_iotlb_entries does.
+// the oldest-inserted entry (FIFO), as the kernel's max_iotlb_entries does,
+// passing over pinned entries (those holding a running queue's rings: the
+// kernel keeps those translations in a per-queue cache beside its IOTLB).
 //
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
 // threaded by a FIFO list. Look-up and update are O(log n); a look-up touches
@@ -76,6 +78,8 @@ public final class IOTLB {
 
     /// Entries now held.
     public private(set) var count = 0
+    /// Entries FIFO replacement passes over (see `pin`).
+    public private(set) var pinnedCount = 0
     /// Bumped whenever an entry leaves the table: a cached translation tagged
     /// with an older generation may be stale.
     public private(set) var generation: UInt64 = 0
@@ -94,6 +98,7 @@ public final class IOTLB {
         var newer: Int32
         var height: Int8
         var perm: UInt8
+        var pinned: Bool
     }
 
     private var hot: UnsafeMutablePointer<Hot>
@@ -264,13 +269,17 @@ public final class IOTLB {
         var outcome = UpdateOutcome()
         outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
         if count == maxEntries, oldest >= 0 {
+            // A pinned entry goes to the back of the line instead, unless every entry is pinned.
+            if pinnedCount < count {
+                while cold[Int(oldest)].pinned { makeNewest(oldest) }
+            }
             if let victim = removeNode(key: hot[Int(oldest)].first) { onRemove(victim, .evicted) }
             outcome.evicted = 1
         }
         let n = allocateNode()
         hot[Int(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
         cold[Int(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
-                            perm: e.perm.rawValue)
+                            perm: e.perm.rawValue, pinned: false)
         if newest >= 0 { cold[Int(newest)].newer = n } else { oldest = n }
         newest = n
         root = insert(root, n)
@@ -294,13 +303,44 @@ public final class IOTLB {
             onRemove(entry(n), .flushed)
             n = cold[Int(n)].newer
         }
-        root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0
+        root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0; pinnedCount = 0
         if removed > 0 { generation &+= 1 }
         version &+= 1
         return removed
     }
 
+    /// Pins every entry overlapping `range`: FIFO replacement passes over it
+    /// while unpinned entries remain. Invalidation, flush and overlapping
+    /// updates remove pinned entries as any other.
+    public func pin(_ range: AddressRange<IOVA>) {
+        visit(root, range.first.raw, range.last.raw) { n in
+            if !cold[Int(n)].pinned { cold[Int(n)].pinned = true; pinnedCount += 1 }
+        }
+    }
+
+    /// Unpins every entry.
+    public func unpinAll() {
+        var n = oldest
+        while n >= 0 {
+            cold[Int(n)].pinned = false
+            n = cold[Int(n)].newer
+        }
+        pinnedCount = 0
+    }
+
     // MARK: Internals
+
+    /// Moves node `n` to the newest end of the FIFO list.
+    private func makeNewest(_ n: Int32) {
+        guard n != newest else { return }
+        let c = cold[Int(n)]
+        if c.older >= 0 { cold[Int(c.older)].newer = c.newer } else { oldest = c.newer }
+        cold[Int(c.newer)].older = c.older
+        cold[Int(n)].older = newest
+        cold[Int(n)].newer = -1
+        cold[Int(newest)].newer = n
+        newest = n
+    }
 
     private func entry(_ n: Int32) -> IOTLBEntry {
         let c = cold[Int(n)]
@@ -398,6 +438,7 @@ public final class IOTLB {
         let c = cold[Int(found)]
         if c.older >= 0 { cold[Int(c.older)].newer = c.newer } else { oldest = c.newer }
         if c.newer >= 0 { cold[Int(c.newer)].older = c.older } else { newest = c.older }
+        if c.pinned { pinnedCount -= 1 }
         hot[Int(found)].left = freeList
         freeList = found
         count -= 1

@@ -49,6 +49,7 @@ extension Device {
         let used = checkRange(c.usedAddr, c.usedBytes, .write, ringSpace, vq)
         if let f = used.fault { stop(vq, f); return false }
         vq.descHost = desc.contiguous; vq.availHost = avail.contiguous; vq.usedHost = used.contiguous
+        if config.iotlb { pinRings(c) }
         vq.ringsReady = true
         vq.ringGeneration = translationGeneration
         if vq.needsUsedInit {
@@ -59,10 +60,54 @@ extension Device {
         return true
     }
 
+    /// Keeps the IOTLB entries that hold the ring areas of `c` out of FIFO
+    /// replacement: rings are touched every round, so evicting them first (they
+    /// are inserted first) would make every round miss once the working set
+    /// outgrows the IOTLB.
+    func pinRings(_ c: VringConfig) {
+        for (addr, bytes) in [(c.descAddr, c.descBytes), (c.availAddr, c.availBytes), (c.usedAddr, c.usedBytes)] {
+            if let r = AddressRange(start: IOVA(addr), size: UInt64(bytes)) { iotlb.pin(r) }
+        }
+    }
+
+    /// Pins exactly the rings of the queues that run (after a vring changed).
+    func repinRings() {
+        iotlb.unpinAll()
+        for vq in queues where vq.state == .running && vq.ringsReady { if let c = vq.config { pinRings(c) } }
+    }
+
+    /// Asks the in-process vIOMMU, if any, for the translation of a miss and
+    /// installs it at once (no round trip through the miss log): true when the
+    /// queue may go on (or was failed by a permission the answer lacks).
+    func resolveOnWorker(_ vq: VirtQueue, _ iova: IOVA, _ perm: Permissions) -> Bool {
+        guard let resolver = missResolver else { return false }
+        let since = monotonicNanos()
+        var entries = resolver(iova, perm, max(1, iotlb.maxEntries - iotlb.pinnedCount))
+        // What the IOTLB holds already stays (a re-insert would unpin it and cost an eviction).
+        if entries.count > 1 {
+            let last = entries.removeLast()
+            entries.removeAll { iotlb.entry(containing: $0.range.first) == $0 }
+            entries.append(last)
+        }
+        guard !entries.isEmpty, (try? updateIOTLB(entries)) != nil else { return false }
+        switch iotlb.translate(iova, access: perm, size: 1) {
+        case .mapped:
+            counters.resolvedOnWorker &+= 1
+            recordResolution(since: since, now: monotonicNanos())
+            return true
+        case .denied:
+            stop(vq, .denied(iova: iova, perm: perm))
+            return true
+        case .miss:
+            return false
+        }
+    }
+
     /// Stops `vq` on a fault: a miss waits for an update, anything else fails it.
     func stop(_ vq: VirtQueue, _ fault: AccessFault) {
         switch fault {
         case .miss(let iova, let perm):
+            if resolveOnWorker(vq, iova, perm) { return }
             vq.state = .waitingIOTLB
             post(vq, .miss, iova, perm)
         case .denied(let iova, let perm):

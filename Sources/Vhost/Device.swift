@@ -31,7 +31,15 @@ public struct IOTLBStats: Equatable, Sendable {
     /// Misses announced again with a fresh seq: updates came while the queue
     /// waited and none covered its miss (the answer was evicted, too narrow, ...).
     public var reannouncedMisses: UInt64 = 0
+    /// Misses the in-process vIOMMU answered on the worker (never published).
+    public var resolvedOnWorker: UInt64 = 0
 }
+
+/// An in-process vIOMMU (the built-in guest's) that answers misses on the
+/// worker: given the missed IOVA, the access and how many entries may be
+/// installed without evicting pinned ones, the entries to install (the one
+/// mapping the IOVA last, so FIFO replacement takes it last), or none.
+public typealias MissResolver = @Sendable (IOVA, Permissions, Int) -> [IOTLBEntry]
 
 /// One device's state. Not thread-safe by design: only its worker touches it.
 public final class Device {
@@ -55,6 +63,8 @@ public final class Device {
     var counters = IOTLBStats()
     /// Frames cut short because the RX chain was smaller than the TX frame.
     var truncatedFrames: UInt64 = 0
+    /// Answers misses on the worker when set (see `MissResolver`).
+    public var missResolver: MissResolver?
     /// Whether drivers should kick (the worker is about to sleep).
     var kicksWanted = false
     /// Whether RX chains start with a 12-byte virtio-net header whose
@@ -230,6 +240,7 @@ public final class Device {
         vq.needsUsedInit = true
         vq.dropTranslations()
         vq.state = c.enabled ? .running : .disabled
+        repinRings()
         if c.enabled && memory != nil { prepareRings(vq) }
         return vq.snapshot
     }
@@ -245,6 +256,7 @@ public final class Device {
         vq.state = .disabled
         vq.config?.enabled = false
         vq.dropTranslations()
+        repinRings()
         return vq.lastAvailIdx
     }
 

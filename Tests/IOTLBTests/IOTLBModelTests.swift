@@ -6,21 +6,39 @@ import TestSupport
 struct NaiveIOTLB {
     let max: Int
     var entries: [IOTLBEntry] = []
+    /// Pinned entries, by first IOVA (entries never overlap, so it names one).
+    var pinned: Set<UInt64> = []
 
     mutating func update(_ e: IOTLBEntry) -> UpdateOutcome {
         let before = entries.count
         entries.removeAll { $0.range.overlaps(e.range) }
         var out = UpdateOutcome(replaced: before - entries.count, evicted: 0)
-        if entries.count == max { entries.removeFirst(); out.evicted = 1 }
+        if entries.count == max {
+            // Pinned ones go to the back of the line unless all are pinned.
+            if entries.contains(where: { !pinned.contains($0.range.first.raw) }) {
+                while pinned.contains(entries[0].range.first.raw) { entries.append(entries.removeFirst()) }
+            }
+            entries.removeFirst()
+            out.evicted = 1
+        }
         entries.append(e)
+        forgetPins()
         return out
     }
 
     mutating func invalidate(_ r: AddressRange<IOVA>) -> Int {
         let before = entries.count
         entries.removeAll { $0.range.overlaps(r) }
+        forgetPins()
         return before - entries.count
     }
+
+    mutating func pin(_ r: AddressRange<IOVA>) {
+        for e in entries where e.range.overlaps(r) { pinned.insert(e.range.first.raw) }
+    }
+
+    /// Pins die with their entries.
+    mutating func forgetPins() { pinned = pinned.filter { p in entries.contains { $0.range.first.raw == p } } }
 
     func translate(_ iova: IOVA, _ access: Permissions, _ size: UInt64) -> Translation {
         guard let e = entries.first(where: { $0.range.contains(iova) }) else { return .miss }
@@ -70,7 +88,15 @@ func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
                 #expect(tlb.invalidate(r) == model.invalidate(r), "step \(step)")
             case 7 where g.next() % 50 == 0:
                 model.entries.removeAll()
+                model.pinned.removeAll()
                 _ = tlb.flush()
+            case 8 where g.next() % 3 == 0:
+                let r = randomRange(&g)
+                tlb.pin(r)
+                model.pin(r)
+            case 9 where g.next() % 25 == 0:
+                tlb.unpinAll()
+                model.pinned.removeAll()
             default:
                 for _ in 0..<8 {
                     let iova = IOVA(randomAddress(&g))
@@ -81,6 +107,7 @@ func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
                 }
             }
             #expect(tlb.count == model.entries.count)
+            #expect(tlb.pinnedCount == model.pinned.count, "step \(step)")
             if step % 500 == 0 {
                 #expect(tlb.entriesByAge() == model.entries)
                 #expect(tlb.entries() == model.entries.sorted { $0.range.first < $1.range.first })
