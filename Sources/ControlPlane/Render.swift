@@ -56,7 +56,7 @@ extension JSON {
             "hit_rate": .double(lookups == 0 ? 0 : Double(s.hits) / Double(lookups)),
             "updates": .count(s.updates), "invalidations": .count(s.invalidations),
             "evictions": .count(s.evictions), "access_failures": .count(s.accessFailures),
-            "pending_misses": .count(s.pendingMisses),
+            "pending_misses": .count(s.pendingMisses), "reannounced_misses": .count(s.reannouncedMisses),
             "miss_resolution_us": ["count": .count(r.count), "p50": .count(r.p50), "p99": .count(r.p99),
                                    "max": .count(r.max)],
             "vqs": .array(vqs.map(vringStats)),

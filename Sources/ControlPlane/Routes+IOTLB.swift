@@ -51,10 +51,15 @@ extension ControlPlane {
 
         r.get("/v1/devices/{id}/iotlb/entries") { req throws(APIError) in
             let h = try engine.device(for: req)
-            try req.allowOnly(["iova", "size"])
+            try req.allowOnly(["iova", "size", "limit", "after"])
             var range: AddressRange<IOVA>?
             let iova = try queryNumber(req, "iova")
             let size = try queryNumber(req, "size")
+            let limit = try queryNumber(req, "limit")
+            if let limit, !(1...65536).contains(limit) {
+                throw .invalidField("limit", "limit must be from 1 to 65536")
+            }
+            let after = try queryNumber(req, "after")
             if iova != nil || size != nil {
                 let first = IOVA(iova ?? 0)
                 if let size {
@@ -67,9 +72,24 @@ extension ControlPlane {
                     range = AddressRange(first: first, last: IOVA(.max))  // from iova to the top
                 }
             }
+            // A cursor: only entries starting past `after` (the `next` of the previous page).
+            if let after {
+                guard after < .max else { return .now(.json(200, ["entries": .array([])])) }
+                let from = IOVA(after + 1)
+                if let r = range {
+                    guard r.last >= from else { return .now(.json(200, ["entries": .array([])])) }
+                    range = AddressRange(first: max(r.first, from), last: r.last)
+                } else {
+                    range = AddressRange(first: from, last: IOVA(.max))
+                }
+            }
             let q = range
-            return h.reply({ d throws(EngineError) in try d.entries(overlapping: q) }) {
-                .json(200, ["entries": .array($0.map(JSON.entry))])
+            let n = limit.map { Int($0) } ?? .max
+            let cursor = after.map(IOVA.init)
+            return h.reply({ d throws(EngineError) in try d.entries(overlapping: q, after: cursor, limit: n) }) { page in
+                var body: [(String, JSON)] = [("entries", .array(page.entries.map(JSON.entry)))]
+                if page.more, let last = page.entries.last { body.append(("next", .hex(last.range.first.raw))) }
+                return .json(200, .object(body))
             }
         }
 

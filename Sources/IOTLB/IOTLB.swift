@@ -229,11 +229,17 @@ public final class IOTLB {
         visit(root, range.first.raw, range.last.raw) { body(self.entry($0)) }
     }
 
-    /// Every entry overlapping `range` (all of them when nil), in IOVA order.
-    public func entries(overlapping range: AddressRange<IOVA>? = nil) -> [IOTLBEntry] {
+    /// Every entry overlapping `range` (all of them when nil), in IOVA order;
+    /// with `limit`, only the first `limit` of them.
+    public func entries(overlapping range: AddressRange<IOVA>? = nil, limit: Int = .max) -> [IOTLBEntry] {
         var out: [IOTLBEntry] = []
-        out.reserveCapacity(range == nil ? count : 8)
-        forEachOverlapping(range ?? AddressRange(first: IOVA(0), last: IOVA(.max))) { out.append($0) }
+        out.reserveCapacity(min(limit, range == nil ? count : 8))
+        let r = range ?? AddressRange(first: IOVA(0), last: IOVA(.max))
+        _ = visitUntil(root, r.first.raw, r.last.raw) { n in
+            guard out.count < limit else { return false }
+            out.append(entry(n))
+            return true
+        }
         return out
     }
 
@@ -344,6 +350,15 @@ public final class IOTLB {
         visit(h.left, lo, hi, body)
         body(n)
         visit(h.right, lo, hi, body)
+    }
+
+    /// `visit` that stops as soon as `body` returns false; returns whether it went on to the end.
+    private func visitUntil(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Bool) -> Bool {
+        if n < 0 { return true }
+        let h = hot[Int(n)]
+        if h.first > hi { return visitUntil(h.left, lo, hi, body) }
+        if cold[Int(n)].last < lo { return visitUntil(h.right, lo, hi, body) }
+        return visitUntil(h.left, lo, hi, body) && body(n) && visitUntil(h.right, lo, hi, body)
     }
 
     private func allocateNode() -> Int32 {

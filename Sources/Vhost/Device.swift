@@ -28,6 +28,9 @@ public struct IOTLBStats: Equatable, Sendable {
     public var evictions: UInt64 = 0
     public var accessFailures: UInt64 = 0
     public var pendingMisses = 0
+    /// Misses announced again with a fresh seq: updates came while the queue
+    /// waited and none covered its miss (the answer was evicted, too narrow, ...).
+    public var reannouncedMisses: UInt64 = 0
 }
 
 /// One device's state. Not thread-safe by design: only its worker touches it.
@@ -74,6 +77,7 @@ public final class Device {
         self.limits = limits
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
+        resolutionSamples.reserveCapacity(Device.resolutionWindow)
         self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
         queueRefs = .allocate(capacity: queues.count)
         for (i, q) in queues.enumerated() { (queueRefs + i).initialize(to: .passUnretained(q)) }
@@ -163,10 +167,19 @@ public final class Device {
         return iotlb.translate(iova, access: access, size: size)
     }
 
-    /// Entries overlapping `range` (all when nil), sorted by IOVA.
-    public func entries(overlapping range: AddressRange<IOVA>?) throws(EngineError) -> [IOTLBEntry] {
+    /// Entries overlapping `range` (all when nil), sorted by IOVA; only those
+    /// starting past `after` when given (a cursor); with `limit`, at most that
+    /// many and whether more follow them.
+    public func entries(overlapping range: AddressRange<IOVA>?, after: IOVA? = nil, limit: Int = .max)
+        throws(EngineError) -> (entries: [IOTLBEntry], more: Bool) {
         try requireIOTLB()
-        return iotlb.entries(overlapping: range)
+        var list = iotlb.entries(overlapping: range, limit: limit >= Int.max - 2 ? .max : limit + 2)
+        // The range may begin inside the entry the cursor names: that one was returned already.
+        if let after, let first = list.first, first.range.first <= after { list.removeFirst() }
+        if list.count > limit { list.removeLast(list.count - limit - 1) }
+        let more = list.count > limit
+        if more { list.removeLast() }
+        return (list, more)
     }
 
     /// A snapshot of the counters.
@@ -270,30 +283,45 @@ public final class Device {
         return queues[index].snapshot
     }
 
-    /// Resumes every waiting queue whose missed IOVA now translates with the
-    /// permission it needs; returns how many.
+    /// After an update: resumes every waiting queue whose missed IOVA now
+    /// translates with the permission it needs; returns how many. A queue
+    /// whose miss is still unresolved announces it again with a fresh seq (as
+    /// the kernel's vq sends its miss again): whoever answered may have seen
+    /// its answer evicted by the same batch, or answered too narrowly, and a
+    /// reader that only asks past its last seq must see the miss once more.
     func resolveMisses() -> Int {
         var resolved = 0
         let now = monotonicNanos()
         for vq in queues where vq.state == .waitingIOTLB {
             guard let p = vq.pending, p.kind == .miss else { continue }
-            guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else { continue }
+            guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else {
+                missLog.remove(seq: p.seq)
+                vq.pending!.seq = missLog.post(vq: vq.index, kind: .miss, iova: p.iova, perm: p.perm, now: now)
+                vq.pending!.postedAt = now
+                counters.reannouncedMisses &+= 1
+                continue
+            }
             missLog.remove(seq: p.seq)
             vq.pending = nil
             vq.state = .running
             resolved += 1
-            let us = UInt32(clamping: (now &- p.postedAt) / 1000)
-            if resolutionSamples.count < Device.resolutionWindow {
-                resolutionSamples.append(us)
-            } else {
-                resolutionSamples[Int(resolutionCount % UInt64(Device.resolutionWindow))] = us
-            }
-            resolutionCount &+= 1
-            resolutionMax = max(resolutionMax, us)
-            resolutionSumMicros &+= UInt64(us)
-            resolutionBuckets[Device.resolutionBounds.firstIndex { us <= $0 } ?? Device.resolutionBounds.count] &+= 1
+            recordResolution(since: p.waitingSince, now: now)
         }
         return resolved
+    }
+
+    /// Adds one miss resolution time (from the queue's first post) to the figures.
+    func recordResolution(since: UInt64, now: UInt64) {
+        let us = UInt32(clamping: (now &- since) / 1000)
+        if resolutionSamples.count < Device.resolutionWindow {
+            resolutionSamples.append(us)
+        } else {
+            resolutionSamples[Int(resolutionCount % UInt64(Device.resolutionWindow))] = us
+        }
+        resolutionCount &+= 1
+        resolutionMax = max(resolutionMax, us)
+        resolutionSumMicros &+= UInt64(us)
+        resolutionBuckets[Device.resolutionBounds.firstIndex { us <= $0 } ?? Device.resolutionBounds.count] &+= 1
     }
 
     /// Called when the device leaves its worker (deletion, shutdown).

@@ -10,19 +10,29 @@ public final class DeviceHandle: Sendable {
     /// The worker that owns the device.
     public let worker: DatapathWorker
     /// The device's misses and access failures (long-polled directly, not through the worker).
-    public let missLog = MissLog()
+    public let missLog: MissLog
+    /// Where `perform`'s completions run: off the datapath thread.
+    let completions: Completions
 
-    init(config: DeviceConfig, worker: DatapathWorker) {
+    init(config: DeviceConfig, worker: DatapathWorker, completions: Completions) {
         self.config = config
         self.worker = worker
+        self.completions = completions
+        self.missLog = MissLog(completions: completions)
     }
 
     /// Runs `op` on the owning thread between batches, then `done` with its
-    /// result. `op` receives nil when the device is gone (deleted, shutting down).
+    /// result on the control plane's completion thread (rendering and answering
+    /// never take datapath time). `op` receives nil when the device is gone
+    /// (deleted, shutting down).
     public func perform<T: Sendable>(_ op: @escaping @Sendable (Device?) -> T,
                                      then done: @escaping @Sendable (T) -> Void) {
         let id = config.id
-        worker.submit { w in done(op(w.devices[id])) }
+        let completions = self.completions
+        worker.submit { w in
+            let v = op(w.devices[id])
+            completions.run { done(v) }
+        }
     }
 
     /// Runs `op` on the owning thread and waits for its result.
@@ -37,6 +47,8 @@ public final class Engine: Sendable {
     /// Limits applied to every device.
     public let limits: EngineLimits
     private let workers: [DatapathWorker]
+    /// Runs command completions and miss deliveries off the datapath threads.
+    public let completions = Completions()
     private let registry = Locked<(byId: [String: DeviceHandle], order: [String], nextId: Int, open: Bool)>(([:], [], 0, true))
 
     /// An engine with `datapathThreads` workers, started at once.
@@ -61,7 +73,7 @@ public final class Engine: Sendable {
             // Spread devices over workers: the least loaded one.
             let load = Dictionary(grouping: r.byId.values, by: { $0.worker.index }).mapValues(\.count)
             let worker = workers.min { load[$0.index, default: 0] < load[$1.index, default: 0] }!
-            let h = DeviceHandle(config: config, worker: worker)
+            let h = DeviceHandle(config: config, worker: worker, completions: completions)
             r.byId[config.id] = h
             r.order.append(config.id)
             let frozen = config
@@ -90,7 +102,7 @@ public final class Engine: Sendable {
             w.devices[id]?.detach()
             w.devices[id] = nil
             h.missLog.close()
-            done()
+            h.completions.run(done)
         }
         return true
     }
@@ -103,5 +115,6 @@ public final class Engine: Sendable {
         }
         for h in handles { h.performSync { $0?.detach() } }
         for w in workers { w.stop() }
+        completions.stop()
     }
 }

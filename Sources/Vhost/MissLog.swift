@@ -1,7 +1,8 @@
 // The per-device log of outstanding misses and access failures, with a
 // cursor (`seq`, strictly increasing). The datapath worker posts and
 // resolves; HTTP long-polls read and wait. Not on the per-packet path: a
-// queue posts at most one event and then stops.
+// queue posts at most one event and then stops. Waiters and observers are
+// answered on the completion thread, never on the posting datapath thread.
 import Synchronization
 import IOTLB
 
@@ -66,10 +67,13 @@ public final class MissLog: Sendable {
     private let state = Locked(State())
     private let observers = Locked<[@Sendable (MissEvent) -> Void]>([])
 
-    public init() {}
+    /// Where waiters and observers are answered (nil: on the posting thread).
+    private let completions: Completions?
 
-    /// Adds `body`, called (outside the log's lock, on the posting thread: keep
-    /// it short) for every event posted: logging, alerting and forwarding hang here.
+    public init(completions: Completions? = nil) { self.completions = completions }
+
+    /// Adds `body`, called (outside the log's lock, on the completion thread)
+    /// for every event posted: logging, alerting and forwarding hang here.
     public func observe(_ body: @escaping @Sendable (MissEvent) -> Void) {
         observers.withLock { $0.append(body) }
     }
@@ -83,9 +87,13 @@ public final class MissLog: Sendable {
             s.waiters.removeAll()
             return (s.head, woken.map { ($0, MissLog.answer(s, after: $0.after, limit: $0.limit)) })
         }
-        for (w, a) in ready { w.finish(a) }
         let event = MissEvent(seq: seq, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now)
-        for o in observers.withLock({ $0 }) { o(event) }
+        let observers = self.observers
+        let deliver: @Sendable () -> Void = {
+            for (w, a) in ready { w.finish(a) }
+            for o in observers.withLock({ $0 }) { o(event) }
+        }
+        if let completions { completions.run(deliver) } else { deliver() }
         return seq
     }
 
@@ -102,7 +110,8 @@ public final class MissLog: Sendable {
             defer { s.waiters.removeAll() }
             return s.waiters
         }
-        for w in woken { w.finish(.closed) }
+        let answer: @Sendable () -> Void = { for w in woken { w.finish(.closed) } }
+        if let completions { completions.run(answer) } else { answer() }
     }
 
     /// Outstanding events now.

@@ -4,6 +4,41 @@ import Testing
 @Suite struct IOTLBRouteTests {
     let map = #"{"iova":"0x1000","size":"0x2000","uaddr":"0x7f0000010000","perm":"rw"}"#
 
+    /// `limit` and the `after` cursor page through the entries; every entry once, in order.
+    @Test func entriesPageWithLimitAndCursor() throws {
+        let d = try LiveDaemon()
+        try d.deviceWithMemory("p")
+        // 10 entries of 0x2000 bytes at 0x10000, 0x13000, ... (gaps between them).
+        let items = (0..<10).map { i in
+            #"{"iova":"0x\#(String(0x10000 + i * 0x3000, radix: 16))","size":"0x2000","uaddr":"0x7f0000010000","perm":"rw"}"#
+        }
+        try d.expect(200, "POST", "/v1/devices/p/iotlb/updates", #"{"entries":[\#(items.joined(separator: ","))]}"#)
+        let all = try d.expect(200, "GET", "/v1/devices/p/iotlb/entries")
+        #expect(all["next"] == nil)
+        func list(_ j: JSON) -> [JSON] { if case .array(let a)? = j["entries"] { a } else { [] } }
+        var pages: [[JSON]] = []
+        var cursor: JSON? = nil
+        repeat {
+            let after = cursor.map { if case .string(let s) = $0 { "&after=\(s)" } else { "" } } ?? ""
+            let page = try d.expect(200, "GET", "/v1/devices/p/iotlb/entries?limit=3\(after)")
+            pages.append(list(page))
+            cursor = page["next"]
+        } while cursor != nil && pages.count < 10
+        #expect(pages.map(\.count) == [3, 3, 3, 1])
+        #expect(pages.flatMap { $0 } == list(all))
+        // A cursor inside an entry skips that entry (it was on the page before).
+        #expect(list(try d.expect(200, "GET", "/v1/devices/p/iotlb/entries?after=0x10001&limit=1")).first?["iova"] == "0x13000")
+        // With a range: the cursor narrows it.
+        let ranged = try d.expect(200, "GET", "/v1/devices/p/iotlb/entries?iova=0x13000&size=0x9000&limit=2")
+        #expect(list(ranged).map { $0["iova"] } == ["0x13000", "0x16000"] && ranged["next"] == "0x16000")
+        #expect(list(try d.expect(200, "GET", "/v1/devices/p/iotlb/entries?iova=0x13000&size=0x9000&after=0x16000"))
+                .map { $0["iova"] } == ["0x19000"])
+        #expect(list(try d.expect(200, "GET", "/v1/devices/p/iotlb/entries?after=0xffffffffffffffff")).isEmpty)
+        try d.expectError(400, "invalid_field", field: "limit", "GET", "/v1/devices/p/iotlb/entries?limit=0")
+        try d.expectError(400, "invalid_field", field: "limit", "GET", "/v1/devices/p/iotlb/entries?limit=65537")
+        try d.expectError(400, "invalid_field", field: "after", "GET", "/v1/devices/p/iotlb/entries?after=x")
+    }
+
     @Test func updateTranslateInvalidateFlush() throws {
         let d = try LiveDaemon()
         try d.deviceWithMemory("t")

@@ -39,6 +39,39 @@ import Vhost
         return []
     }
 
+    /// An answer that the same batch evicts leaves the queue waiting: its miss
+    /// comes back with a fresh seq, so a reader asking past its last seq sees it.
+    @Test func missEvictedByItsOwnAnswerIsAnnouncedAgain() throws {
+        let d = try LiveDaemon()
+        try d.deviceWithMemory("r", extra: #","translator":"external","iotlb_max_entries":2"#)
+        let desc: UInt64 = 0x20000
+        let v = try d.expect(200, "PUT", "/v1/devices/r/vrings/1",
+                             #"{"num":16,"desc_addr":"\#(hexText(desc + Self.off))","avail_addr":"\#(hexText(desc + 0x1000 + Self.off))","used_addr":"\#(hexText(desc + 0x2000 + Self.off))"}"#)
+        #expect(v["state"] == "waiting_iotlb")
+        let first = misses(try d.expect(200, "GET", "/v1/devices/r/iotlb/misses?after=0&timeout_ms=1000"))
+        #expect(first.count == 1 && first[0]["iova"] == .string(hexText(desc + Self.off)))
+        guard case .int(let seq)? = first.first?["seq"] else { Issue.record("no seq"); return }
+        // The answer first, then two unrelated entries: FIFO (2 entries) evicts the answer.
+        let answer = #"{"iova":"\#(hexText(desc + Self.off))","size":"0x3000","uaddr":"\#(hexText(desc + 0x7f0000000000))","perm":"rw"}"#
+        let rep = try d.expect(200, "POST", "/v1/devices/r/iotlb/updates", #"""
+            {"entries":[\#(answer),
+              {"iova":"0x900000000","size":4096,"uaddr":"0x7f0000100000","perm":"rw"},
+              {"iova":"0x900001000","size":4096,"uaddr":"0x7f0000101000","perm":"rw"}]}
+            """#)
+        #expect(rep["resolved_misses"] == 0 && rep["evicted"] == 1)
+        #expect(try d.expect(200, "GET", "/v1/devices/r/vrings/1")["state"] == "waiting_iotlb")
+        let again = misses(try d.expect(200, "GET", "/v1/devices/r/iotlb/misses?after=\(seq)&timeout_ms=1000"))
+        #expect(again.count == 1 && again[0]["iova"] == .string(hexText(desc + Self.off)) && again[0]["vq"] == 1)
+        if case .int(let s2)? = again.first?["seq"] { #expect(s2 > seq) } else { Issue.record("no fresh seq") }
+        #expect(try d.expect(200, "GET", "/v1/devices/r/iotlb/stats")["reannounced_misses"] == 1)
+        // Only the fresh event is outstanding (readers may see a miss twice, never two at once).
+        #expect(misses(try d.expect(200, "GET", "/v1/devices/r/iotlb/misses")).count == 1)
+        // Answered alone, it resolves; the log empties.
+        #expect(try d.expect(200, "POST", "/v1/devices/r/iotlb/updates", answer)["resolved_misses"] == 1)
+        #expect(try d.expect(200, "GET", "/v1/devices/r/vrings/1")["state"] == "running")
+        #expect(misses(try d.expect(200, "GET", "/v1/devices/r/iotlb/misses")).isEmpty)
+    }
+
     @Test func vringValidation() throws {
         let d = try LiveDaemon()
         try d.deviceWithMemory("v")
