@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-tsan test-asan bench clean
 
 all: build
 
@@ -40,7 +40,7 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme test-examples test-dpdk
+test: test-swift test-readme test-examples test-dashboards test-dpdk
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -53,6 +53,11 @@ test-readme: build
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
 	$(PYTHON) tests/test_examples.py
+
+# The Grafana dashboard and the Prometheus rules: JSON checks, promtool check/test
+# rules, then a real Prometheus scraping a live daemon answers every panel's query.
+test-dashboards: build tools
+	$(PYTHON) tests/test_dashboards.py
 
 # DPDK's virtio-user driver (dpdk-testpmd) through a vhost-user device, IOTLB off
 # and on; a missing dpdk-testpmd fails; needs root for huge pages and skips, with a

@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""Checks the Grafana dashboard and the Prometheus rules of examples/:
+the dashboard JSON is a well-formed dashboard wired to the provisioned
+datasource; promtool checks and unit-tests the rules; and, for real, a
+Prometheus scraping a live `iotlbd --demo` every second loads the rules
+healthy, fires the alerts the daemon's state calls for, and answers every
+panel's query with data. Run by `make test-dashboards` (stdlib unittest;
+needs Debian's prometheus and promtool, which `make tools` installs; fails
+without them)."""
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IOTLBD = os.environ.get("IOTLBD", os.path.join(ROOT, ".build", "debug", "iotlbd"))
+DASHBOARD = os.path.join(ROOT, "examples", "grafana", "iotlbd.json")
+PROVISIONING = os.path.join(ROOT, "examples", "grafana", "provisioning")
+RULES = os.path.join(ROOT, "examples", "prometheus", "iotlbd-rules.yml")
+RULE_TESTS = os.path.join(ROOT, "examples", "prometheus", "iotlbd-rules.test.yml")
+
+# Grafana's interval macros, as a 1 s scrape would make them.
+MACROS = {"$__rate_interval": "10s", "$__interval": "2s", "$__range": "1m"}
+# $device as Grafana writes it into a regex matcher: All, one value, several.
+DEVICE_FORMS = [".*", "demo0", "(demo0|dyn0)"]
+DEVICE_MATCHER = 'device=~"$device"'
+# Families that carry a device label: every panel selecting them must honour $device.
+PER_DEVICE = re.compile(r"\b(iotlbd_(?:iotlb|vq|miss_resolution|workload|vhost_user)_[a-z_]+)\b")
+
+
+def tool(name):
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} not found: run `make tools` (Debian package prometheus)")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_dashboard():
+    with open(DASHBOARD) as f:
+        return json.load(f)
+
+
+def query_panels(dashboard):
+    """(panel, target) for every target of every panel that is not a row."""
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            for t in p.get("targets", []):
+                yield p, t
+
+
+def provisioned_uid():
+    with open(os.path.join(PROVISIONING, "datasources", "iotlbd.yaml")) as f:
+        uids = re.findall(r"^\s*uid:\s*['\"]?([\w-]+)", f.read(), re.M)
+    assert len(uids) == 1, uids
+    return uids[0]
+
+
+class Dashboard(unittest.TestCase):
+    def setUp(self):
+        self.d = load_dashboard()
+        self.uid = provisioned_uid()
+
+    def test_required_keys(self):
+        for key in ["title", "uid", "schemaVersion", "panels", "templating", "time", "annotations"]:
+            self.assertIn(key, self.d)
+        self.assertGreaterEqual(self.d["schemaVersion"], 36)
+        self.assertIsNone(self.d.get("id"), "an importable dashboard has no database id")
+        self.assertRegex(self.d["uid"], r"^[A-Za-z0-9_-]{1,40}$")
+        self.assertNotIn("__inputs", self.d, "provisioning cannot fill ${DS_…} inputs")
+        self.assertNotIn("${DS_", json.dumps(self.d))
+
+    def test_panel_ids_unique_and_laid_out(self):
+        ids = [p["id"] for p in self.d["panels"]]
+        self.assertEqual(len(ids), len(set(ids)), "duplicate panel ids")
+        cells = set()
+        for p in self.d["panels"]:
+            g = p.get("gridPos")
+            self.assertIsNotNone(g, p["title"])
+            self.assertTrue(all(isinstance(g.get(k), int) for k in "hwxy"), p["title"])
+            self.assertLessEqual(g["x"] + g["w"], 24, p["title"])
+            for x in range(g["x"], g["x"] + g["w"]):
+                for y in range(g["y"], g["y"] + g["h"]):
+                    self.assertNotIn((x, y), cells, f"{p['title']} overlaps another panel")
+                    cells.add((x, y))
+            if p["type"] == "row":
+                self.assertFalse(p.get("collapsed"), "a collapsed row hides its panels from this test")
+                self.assertNotIn("targets", p)
+
+    def test_every_panel_queries_the_provisioned_datasource(self):
+        self.assertEqual(self.uid, "iotlbd-prometheus")
+        for p in self.d["panels"]:
+            if p["type"] == "row":
+                continue
+            self.assertEqual(p.get("datasource"), {"type": "prometheus", "uid": self.uid}, p["title"])
+            self.assertTrue(p.get("targets"), f"{p['title']} has no targets")
+            refs = [t["refId"] for t in p["targets"]]
+            self.assertEqual(len(refs), len(set(refs)), p["title"])
+            for t in p["targets"]:
+                self.assertTrue(t.get("expr", "").strip(), f"{p['title']} {t['refId']} has no expr")
+                self.assertEqual(t.get("datasource", p["datasource"]), p["datasource"], p["title"])
+
+    def test_device_variable(self):
+        variables = {v["name"]: v for v in self.d["templating"]["list"]}
+        self.assertIn("device", variables)
+        v = variables["device"]
+        self.assertEqual(v["type"], "query")
+        self.assertEqual(v["datasource"]["uid"], self.uid)
+        query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        self.assertEqual(query, "label_values(iotlbd_iotlb_entries, device)")
+        self.assertTrue(v["multi"])
+        self.assertTrue(v["includeAll"])
+        self.assertEqual(v.get("allValue"), ".*")
+
+    def test_device_is_used_only_in_regex_label_matchers(self):
+        used = 0
+        for p, t in query_panels(self.d):
+            expr = t["expr"]
+            used += expr.count(DEVICE_MATCHER)
+            rest = expr.replace(DEVICE_MATCHER, "")
+            self.assertNotIn("$device", rest, f"{p['title']}: $device outside {DEVICE_MATCHER}")
+            self.assertNotIn("${device", rest, p["title"])
+            # Every selector of a per-device family filters by the variable.
+            for m in PER_DEVICE.finditer(expr):
+                selector = expr[m.end():]
+                self.assertTrue(selector.startswith("{") and DEVICE_MATCHER in selector[:selector.index("}")],
+                                f"{p['title']}: {m.group(1)} is not filtered by $device")
+        self.assertGreater(used, 20)
+
+    def test_every_required_view_has_a_panel(self):
+        exprs = "\n".join(t["expr"] for _, t in query_panels(self.d))
+        for needle in ["iotlbd_iotlb_hits_total", "iotlbd_vq_hits_total", "iotlbd_iotlb_misses_total",
+                       "histogram_quantile(0.5,", "histogram_quantile(0.99,", "iotlbd_iotlb_pending_misses",
+                       "iotlbd_vq_state", "iotlbd_vq_waiting_seconds", "iotlbd_iotlb_evictions_total",
+                       "iotlbd_iotlb_access_failures_total", "iotlbd_workload_frames_received_total",
+                       "iotlbd_vq_bytes_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
+                       "process_open_fds", "iotlbd_http_requests_total", "iotlbd_http_long_polls_waiting",
+                       "iotlbd_build_info"]:
+            self.assertIn(needle, exprs)
+        self.assertIn("heatmap", [p["type"] for p in self.d["panels"]])
+
+    def test_provisioning_points_at_a_file_provider(self):
+        with open(os.path.join(PROVISIONING, "dashboards", "iotlbd.yaml")) as f:
+            text = f.read()
+        self.assertRegex(text, r"(?m)^apiVersion: 1$")
+        self.assertRegex(text, r"(?m)^\s+type: file$")
+        self.assertRegex(text, r"(?m)^\s+path: /\S+$")
+
+
+class Rules(unittest.TestCase):
+    def test_promtool_check_rules(self):
+        out = subprocess.run([tool("promtool"), "check", "rules", RULES], capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_promtool_unit_tests_pass(self):
+        out = subprocess.run([tool("promtool"), "test", "rules", RULE_TESTS], capture_output=True, text=True,
+                             cwd=os.path.dirname(RULE_TESTS))
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_every_alert_has_a_unit_test(self):
+        with open(RULES) as f:
+            alerts = set(re.findall(r"(?m)^\s*- alert: (\w+)$", f.read()))
+        with open(RULE_TESTS) as f:
+            tested = set(re.findall(r"(?m)^\s*alertname: (\w+)$", f.read()))
+        self.assertGreaterEqual(len(alerts), 5)
+        self.assertEqual(alerts - tested, set())
+
+    def test_prometheus_config_loads_the_rules(self):
+        config = os.path.join(ROOT, "examples", "prometheus.yml")
+        out = subprocess.run([tool("promtool"), "check", "config", config], capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("SUCCESS: 1 rule files found", out.stdout)
+
+
+class Live(unittest.TestCase):
+    """One daemon (demo0 with static mappings; dyn0 with dynamic ones, so misses
+    and round trips; stuck0 with a queue waiting on an unanswered miss; fail0
+    with an access failure) and one Prometheus scraping it every second."""
+
+    @classmethod
+    def setUpClass(cls):
+        prometheus = tool("prometheus")
+        cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dashboards-")
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
+
+        port = free_port()
+        cls.url = f"http://127.0.0.1:{port}"
+        cls.daemon = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{port}", "--log-level", "error", "--demo"])
+        cls.addClassCleanup(cls.stop, cls.daemon)
+        cls.wait_for(lambda: cls.call("GET", "/healthz")[0] == 200, 10, "iotlbd did not start")
+
+        mem = {"regions": [{"guest_phys_addr": 0, "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}]}
+        ring = {"num": 256, "desc_addr": "0x800000", "avail_addr": "0x801000", "used_addr": "0x802000"}
+        cls.must("POST", "/v1/devices", {"id": "dyn0"}, 201)
+        cls.must("PUT", "/v1/devices/dyn0/workload", {"mapping": "dynamic", "page_size": "4k"})
+        cls.must("POST", "/v1/devices", {"id": "stuck0", "translator": "external"}, 201)
+        cls.must("PUT", "/v1/devices/stuck0/mem-table", mem)
+        v = cls.must("PUT", "/v1/devices/stuck0/vrings/1", ring)
+        assert v["state"] == "waiting_iotlb", v
+        cls.stuck_since = time.time()
+        cls.must("POST", "/v1/devices", {"id": "fail0", "translator": "external"}, 201)
+        cls.must("PUT", "/v1/devices/fail0/mem-table", mem)
+        cls.must("POST", "/v1/devices/fail0/iotlb/updates",
+                 {"iova": "0x800000", "size": "0x3000", "uaddr": "0x7f0000800000", "perm": "ro"})
+        assert cls.call("GET", "/v1/devices/nope")[0] == 404  # one error for the HTTP errors panel
+
+        cls.prom_port = free_port()
+        config = os.path.join(cls.tmp, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                    f"rule_files:\n  - {json.dumps(RULES)}\n"
+                    "scrape_configs:\n  - job_name: iotlbd\n"
+                    f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+        cls.prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w+")
+        cls.addClassCleanup(cls.prom_log.close)
+        cls.prom = subprocess.Popen([prometheus, f"--config.file={config}",
+                                     f"--storage.tsdb.path={os.path.join(cls.tmp, 'data')}",
+                                     f"--web.listen-address=127.0.0.1:{cls.prom_port}", "--log.level=warn"],
+                                    stdout=cls.prom_log, stderr=subprocess.STDOUT)
+        cls.addClassCleanup(cls.stop, cls.prom)
+        cls.wait_for(cls.prom_ready, 30, "prometheus did not become ready")
+
+        # The failure happens once Prometheus has seen fail0's counter at 0, so increase() counts it.
+        cls.wait_for(lambda: cls.query('iotlbd_iotlb_access_failures_total{device="fail0"}'), 15,
+                     "prometheus did not scrape fail0")
+        v = cls.must("PUT", "/v1/devices/fail0/vrings/1", ring)
+        assert v["state"] == "failed", v
+        # Enough samples for rates, and a couple of evaluations of every rule.
+        cls.wait_for(lambda: cls.query('count_over_time(up{job="iotlbd"}[1m]) >= 12'), 30,
+                     "prometheus gathered too few samples")
+
+    @staticmethod
+    def stop(proc):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @classmethod
+    def wait_for(cls, predicate, timeout, message):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if predicate():
+                    return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.25)
+        log = ""
+        if getattr(cls, "prom_log", None) and not cls.prom_log.closed:
+            cls.prom_log.seek(0)
+            log = cls.prom_log.read()[-3000:]
+        raise AssertionError(f"{message} within {timeout} s\n{log}")
+
+    @classmethod
+    def call(cls, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(cls.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    @classmethod
+    def must(cls, method, path, body=None, status=200):
+        got, answer = cls.call(method, path, body)
+        assert got == status, f"{method} {path}: {got} {answer}"
+        return answer
+
+    @classmethod
+    def prom_ready(cls):
+        with urllib.request.urlopen(f"http://127.0.0.1:{cls.prom_port}/-/ready", timeout=2) as r:
+            return r.status == 200
+
+    @classmethod
+    def api(cls, path, **params):
+        url = f"http://127.0.0.1:{cls.prom_port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                answer = json.load(r)
+        except urllib.error.HTTPError as e:
+            answer = json.load(e)
+        assert answer["status"] == "success", f"{url}: {answer}"
+        return answer["data"]
+
+    @classmethod
+    def query(cls, expr):
+        return cls.api("query", query=expr)["result"]
+
+    @staticmethod
+    def expand(expr, device):
+        for macro, value in MACROS.items():
+            expr = expr.replace(macro, value)
+        return expr.replace("$device", device)
+
+    @staticmethod
+    def finite(series):
+        return [s for s in series if math.isfinite(float(s["value"][1]))]
+
+    def panel(self, title):
+        return next(p for p in load_dashboard()["panels"] if p["title"] == title)
+
+    def series(self, title, ref="A", device=".*"):
+        t = next(t for t in self.panel(title)["targets"] if t["refId"] == ref)
+        return self.query(self.expand(t["expr"], device))
+
+    def values(self, title, ref="A", device=".*"):
+        """{(device, vq or None): value} of one panel target for every device."""
+        return {(s["metric"].get("device"), s["metric"].get("vq")): float(s["value"][1])
+                for s in self.series(title, ref, device)}
+
+    def test_every_panel_query_returns_series(self):
+        for p, t in query_panels(load_dashboard()):
+            for device in DEVICE_FORMS:
+                expr = self.expand(t["expr"], device)
+                with self.subTest(panel=p["title"], ref=t["refId"], device=device):
+                    self.assertNotIn("$", expr)
+                    result = self.query(expr)
+                    self.assertGreaterEqual(len(result), 1, expr)
+                    if device == ".*":
+                        self.assertTrue(self.finite(result), f"only NaN: {expr}")
+
+    def test_panels_show_the_daemons_state(self):
+        hit = self.values("Hit rate per device")
+        self.assertGreater(hit[("demo0", None)], 0.9)
+        self.assertGreater(hit[("dyn0", None)], 0.5)
+        self.assertGreater(self.values("Misses/s per device")[("dyn0", None)], 1)
+        p99 = self.values("Miss round trip p50 / p99", "B")[("dyn0", None)]
+        self.assertTrue(0 < p99 < 10, p99)
+        buckets = {s["metric"]["le"]: float(s["value"][1]) for s in self.series("Miss round trip distribution")}
+        self.assertGreater(buckets["+Inf"], 0)
+        self.assertEqual(len(buckets), 14)
+        self.assertEqual(self.values("Pending misses")[("stuck0", None)], 1)
+        states = self.values("Queue states")
+        self.assertEqual(states[("demo0", "0")], 1)           # running
+        self.assertEqual(states[("stuck0", "1")], 2)          # waiting_iotlb
+        self.assertEqual(states[("fail0", "1")], 3)           # failed
+        self.assertEqual(states[("stuck0", "0")], 0)          # disabled
+        waiting = self.values("Queue waiting for a translation")
+        self.assertGreater(waiting[("stuck0", "1")], 5)
+        self.assertEqual(waiting[("demo0", "0")], 0)
+        self.assertGreaterEqual(self.values("Access failures (last 5 min)")[("fail0", None)], 1)
+        self.assertEqual(self.values("Access failures (last 5 min)")[("demo0", None)], 0)
+        self.assertGreater(self.values("Frames/s (built-in guest)", "B")[("demo0", None)], 100)
+        self.assertEqual(self.values("Verify errors")[("demo0", None)], 0)
+        self.assertEqual(set(self.values("Hit rate per device", device="demo0")), {("demo0", None)})
+        self.assertEqual(self.values("Daemon up")[(None, None)], 1)
+        build = self.series("Build")
+        self.assertRegex(build[0]["metric"]["version"], r"^\d+\.\d+")
+        self.assertGreater(self.values("Memory")[(None, None)], 1 << 20)
+
+    def rules(self):
+        return [r for g in self.api("rules")["groups"] for r in g["rules"]]
+
+    def test_rules_are_loaded_and_healthy(self):
+        with open(RULES) as f:
+            names = re.findall(r"(?m)^\s*- (?:record|alert): (\S+)$", f.read())
+        self.wait_for(lambda: all(r["health"] == "ok" for r in self.rules()), 10, "rules not all healthy")
+        rules = self.rules()
+        self.assertEqual(sorted(r["name"] for r in rules), sorted(names))
+        for r in rules:
+            self.assertEqual(r["health"], "ok", r)
+            self.assertNotIn("lastError", {k for k, v in r.items() if v})
+        self.assertEqual({g["name"] for g in self.api("rules")["groups"]}, {"iotlbd-recording", "iotlbd-alerts"})
+
+    def test_recording_rules_produce_series(self):
+        for r in self.rules():
+            if r["type"] == "recording":
+                with self.subTest(rule=r["name"]):
+                    result = self.query(r["name"])
+                    self.assertTrue(result, r["name"])
+                    self.assertEqual({s["metric"]["job"] for s in result}, {"iotlbd"})
+        ratio = self.query('device:iotlbd_iotlb_hit_ratio:rate1m{device="demo0"}')
+        self.assertGreater(float(ratio[0]["value"][1]), 0.9)
+
+    def alerts(self, state=None):
+        return [a for a in self.api("alerts")["alerts"] if state is None or a["state"] == state]
+
+    def test_alerts_fire_for_real(self):
+        # fail0's access failure fires at once; nothing says the daemon is down.
+        self.wait_for(lambda: any(a["labels"]["alertname"] == "IotlbdAccessFailures" for a in self.alerts("firing")),
+                      10, "IotlbdAccessFailures did not fire")
+        failing = {a["labels"]["device"] for a in self.alerts("firing") if a["labels"]["alertname"] == "IotlbdAccessFailures"}
+        self.assertEqual(failing, {"fail0"})
+        # IotlbdQueueFailed waits a minute; it is pending for fail0's queue 1 only.
+        pending = [a["labels"] for a in self.alerts() if a["labels"]["alertname"] == "IotlbdQueueFailed"]
+        self.assertEqual([(a["device"], a["vq"]) for a in pending], [("fail0", "1")])
+        # stuck0's queue 1 has waited on its unanswered miss: past 30 s the alert fires, for it alone.
+        self.wait_for(lambda: any(a["labels"]["alertname"] == "IotlbdQueueStuckWaitingIotlb" for a in self.alerts("firing")),
+                      max(5, 40 - (time.time() - self.stuck_since)), "IotlbdQueueStuckWaitingIotlb did not fire")
+        self.assertGreater(time.time() - self.stuck_since, 30)
+        stuck = [a["labels"] for a in self.alerts() if a["labels"]["alertname"] == "IotlbdQueueStuckWaitingIotlb"]
+        self.assertEqual([(a["device"], a["vq"]) for a in stuck], [("stuck0", "1")])
+        names = {a["labels"]["alertname"] for a in self.alerts()}
+        for quiet in ["IotlbdDown", "IotlbdTargetMissing", "IotlbdVerifyErrors", "IotlbdMissStorm"]:
+            self.assertNotIn(quiet, names)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
