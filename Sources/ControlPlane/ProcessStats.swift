@@ -24,7 +24,15 @@ struct ProcessStats {
             if let u = field(14), let k = field(15), ticks > 0 { s.cpuSeconds = (u + k) / ticks }
             s.virtualBytes = field(23)
             s.residentBytes = field(24).map { $0 * page }
-            if let start = field(22), ticks > 0, let boot = bootTime() { s.startTimeSeconds = boot + start / ticks }
+            // Field 22 counts from boot: now (wall clock) less the time since then. No
+            // /proc/stat needed, which a sandbox (ProcSubset=pid) may hide.
+            if let start = field(22), ticks > 0 {
+                var wall = timespec(), boot = timespec()
+                clock_gettime(CLOCK_REALTIME, &wall)
+                clock_gettime(CLOCK_BOOTTIME, &boot)
+                func seconds(_ t: timespec) -> Double { Double(t.tv_sec) + Double(t.tv_nsec) / 1e9 }
+                s.startTimeSeconds = seconds(wall) - (seconds(boot) - start / ticks)
+            }
         }
         s.openFDs = countEntries("/proc/self/fd")
         var lim = rlimit()
@@ -43,15 +51,6 @@ struct ProcessStats {
         one("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", startTimeSeconds)
         one("process_open_fds", "gauge", "Number of open file descriptors.", openFDs.map(Double.init))
         one("process_max_fds", "gauge", "Maximum number of open file descriptors.", maxFDs)
-    }
-
-    /// The system's boot time (Unix seconds), from /proc/stat's btime line.
-    private static func bootTime() -> Double? {
-        guard let text = readText("/proc/stat") else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("btime ") {
-            return Double(line.dropFirst(6))
-        }
-        return nil
     }
 
     /// A small /proc file's text.
