@@ -4,8 +4,15 @@ SWIFT      ?= swift
 LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
+# make install: $(DESTDIR)$(BINDIR)/iotlbd and $(DESTDIR)$(UNITDIR)/iotlbd.service.
+# UNITDIR is in systemd's search path for PREFIX=/usr/local and PREFIX=/usr;
+# for any other PREFIX pass UNITDIR=/etc/systemd/system.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR     ?= $(PREFIX)/bin
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench install uninstall clean
 
 all: build
 
@@ -37,6 +44,15 @@ release: deps
 
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
+
+# The release binary and the systemd unit, its ExecStart fitted to BINDIR.
+install: release
+	install -D -m 0755 .build/release/iotlbd $(DESTDIR)$(BINDIR)/iotlbd
+	sed 's|@BINDIR@|$(BINDIR)|g' examples/systemd/iotlbd.service > .build/iotlbd.service
+	install -D -m 0644 .build/iotlbd.service $(DESTDIR)$(UNITDIR)/iotlbd.service
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
 test: test-swift test-readme test-examples test-dpdk
 
