@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench install uninstall clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-systemd test-tsan test-asan bench install uninstall clean
 
 all: build
 
@@ -54,7 +54,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-dpdk
+test: test-swift test-readme test-examples test-dpdk test-systemd
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -72,6 +72,14 @@ test-examples: build tools
 # and on; needs root for huge pages, skips with a message where they cannot be had.
 test-dpdk: build tools
 	$(PYTHON) tests/test_vhost_user_dpdk.py
+
+# make install into a scratch root, then systemd-analyze verify and security
+# (exposure 2.5 or better) on the installed unit, and the installed binary
+# started with the unit's arguments. Installs Debian's systemd if it is missing.
+test-systemd: release
+	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
+	$(PYTHON) tests/test_systemd.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps
