@@ -4,8 +4,15 @@ SWIFT      ?= swift
 LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
+# make install: $(DESTDIR)$(BINDIR)/iotlbd and $(DESTDIR)$(UNITDIR)/iotlbd.service.
+# UNITDIR is in systemd's search path for PREFIX=/usr/local and PREFIX=/usr;
+# for any other PREFIX pass UNITDIR=/etc/systemd/system.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR     ?= $(PREFIX)/bin
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-tsan test-asan bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-systemd test-tsan test-asan bench install uninstall clean
 
 all: build
 
@@ -40,7 +47,16 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme test-examples test-dashboards test-dpdk
+# The release binary and the systemd unit, its ExecStart fitted to BINDIR.
+install: release
+	install -D -m 0755 .build/release/iotlbd $(DESTDIR)$(BINDIR)/iotlbd
+	sed 's|@BINDIR@|$(BINDIR)|g' examples/systemd/iotlbd.service > .build/iotlbd.service
+	install -D -m 0644 .build/iotlbd.service $(DESTDIR)$(UNITDIR)/iotlbd.service
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
+
+test: test-swift test-readme test-examples test-dashboards test-dpdk test-systemd
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -64,6 +80,14 @@ test-dashboards: build tools
 # banner, only where the machine cannot reserve them.
 test-dpdk: build tools
 	$(PYTHON) tests/test_vhost_user_dpdk.py
+
+# make install into a scratch root, then systemd-analyze verify and security
+# (exposure 2.5 or better) on the installed unit, and the installed binary
+# started with the unit's arguments. Installs Debian's systemd if it is missing.
+test-systemd: release
+	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
+	$(PYTHON) tests/test_systemd.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps

@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""`make install` and the systemd unit it installs: the files, their modes and
+the ExecStart fitted to PREFIX; `systemd-analyze verify` (clean) and
+`systemd-analyze security --offline=yes` (exposure 2.5 or better) on the
+installed unit; the installed binary's --help; and the installed binary
+started with the unit's ExecStart arguments under the unit's seccomp sandbox
+(SystemCallFilter, MemoryDenyWriteExecute, RestrictAddressFamilies,
+LockPersonality, NoNewPrivileges, UMask, an unprivileged user), answering
+/healthz, running a built-in guest and serving a vhost-user socket.
+
+Needs systemd-analyze (Debian's systemd; `make test-systemd` installs it) and
+fails without it. Does not need a running systemd. Run by `make test`
+(stdlib unittest; `make install` builds the release binary first)."""
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "/usr/local"
+UNIT_SOURCE = os.path.join(ROOT, "examples", "systemd", "iotlbd.service")
+MAX_EXPOSURE = 2.5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make(*args, timeout=1200):
+    out = subprocess.run(["make", "-C", ROOT, *args], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} failed:\n{out.stdout}{out.stderr}")
+    return out
+
+
+def read_unit(path):
+    """The unit as {section: [(key, value)…]}, comments and blank lines dropped."""
+    sections, current = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = sections.setdefault(line[1:-1], [])
+            else:
+                key, _, value = line.partition("=")
+                current.append((key.strip(), value.strip()))
+    return sections
+
+
+def systemd_analyze(*args, cwd=None):
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+# --- The unit's seccomp sandbox, applied the way systemd 252 applies it ----------------------
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 1, 4, 7
+PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+
+
+def scmp_act_errno(e):
+    return 0x00050000 | (e & 0xFFFF)
+
+
+class ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def syscall_groups():
+    """Every @group of `systemd-analyze syscall-filter`: {name: [member…]} (members may be @groups)."""
+    out = systemd_analyze("syscall-filter")
+    groups, current = {}, None
+    for line in out.stdout.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith("    ") and current is not None and not line.strip().startswith("#"):
+            current.append(line.strip())
+        elif not line.strip() or line.startswith("#"):
+            current = None
+    return groups
+
+
+def expand(names, groups):
+    calls = set()
+    for n in names:
+        if n.startswith("@"):
+            calls |= expand(groups[n], groups)
+        else:
+            calls.add(n)
+    return calls
+
+
+class Sandbox:
+    """Seccomp filters built from the unit's own settings: SystemCallFilter= (allow list, then
+    ~removals; blocked calls fail with SystemCallErrorNumber=), MemoryDenyWriteExecute= (the rules
+    of systemd's seccomp_memory_deny_write_execute), RestrictAddressFamilies= (other families get
+    EAFNOSUPPORT) and LockPersonality=. Built in the parent; loaded in the child before exec."""
+
+    def __init__(self, service):
+        self.lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
+        self.lib.seccomp_init.restype = ctypes.c_void_p
+        self.lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        self.lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                                    ctypes.POINTER(ArgCmp)]
+        self.lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        self.lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        settings = {}
+        for key, value in service:
+            settings.setdefault(key, []).append(value)
+        self.settings = settings
+        self.filters = []
+        if settings.get("MemoryDenyWriteExecute") == ["yes"]:
+            f = self.new(SCMP_ACT_ALLOW)
+            deny = scmp_act_errno(errno.EPERM)
+            self.rule(f, deny, "mmap", ArgCmp(2, SCMP_CMP_MASKED_EQ, PROT_EXEC | PROT_WRITE, PROT_EXEC | PROT_WRITE))
+            self.rule(f, deny, "mprotect", ArgCmp(2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+            self.rule(f, deny, "pkey_mprotect", ArgCmp(2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+            self.rule(f, deny, "shmat", ArgCmp(2, SCMP_CMP_MASKED_EQ, SHM_EXEC, SHM_EXEC))
+        if settings.get("LockPersonality") == ["yes"]:
+            f = self.new(SCMP_ACT_ALLOW)
+            self.rule(f, scmp_act_errno(errno.EPERM), "personality", ArgCmp(0, SCMP_CMP_NE, 0, 0))
+        for families in settings.get("RestrictAddressFamilies", []):
+            names = {"AF_UNIX": AF_UNIX, "AF_INET": AF_INET, "AF_INET6": AF_INET6}
+            allowed = {names[n] for n in families.split()}
+            f = self.new(SCMP_ACT_ALLOW)
+            for fam in range(0, 64):
+                if fam not in allowed:
+                    self.rule(f, scmp_act_errno(errno.EAFNOSUPPORT), "socket", ArgCmp(0, SCMP_CMP_EQ, fam, 0))
+        if "SystemCallFilter" in settings:
+            groups = syscall_groups()
+            allowed = set()
+            for i, value in enumerate(settings["SystemCallFilter"]):
+                if value.startswith("~"):
+                    allowed -= expand(value[1:].split(), groups)
+                else:
+                    assert i == 0, "an allow list after a deny list is not what this sandbox models"
+                    allowed |= expand(["@default", *value.split()], groups)
+            self.allowed = allowed
+            err = getattr(errno, settings.get("SystemCallErrorNumber", ["EPERM"])[-1])
+            f = self.new(scmp_act_errno(err))
+            for name in sorted(allowed):
+                self.rule(f, SCMP_ACT_ALLOW, name)
+            # Loaded last: the loads before it need seccomp() and prctl().
+            self.filters.append(self.filters.pop(self.filters.index(f)))
+
+    def new(self, default):
+        f = self.lib.seccomp_init(default)
+        assert f, "seccomp_init failed"
+        self.filters.append(f)
+        return f
+
+    def rule(self, f, action, name, *cmps):
+        nr = self.lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:  # not a system call on this architecture (or a multiplexed one): systemd skips it too
+            return
+        array = (ArgCmp * max(len(cmps), 1))(*cmps)
+        self.lib.seccomp_rule_add_array(f, action, nr, len(cmps), array)  # errors ignored, as systemd does
+
+    def apply(self):
+        """In the child, after fork and before exec (seccomp_load also sets no_new_privs)."""
+        for f in self.filters:
+            if self.lib.seccomp_load(f) != 0:
+                os._exit(121)
+
+
+class Installed(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("systemd-analyze") is None:
+            raise AssertionError("systemd-analyze is missing: install Debian's systemd (make test-systemd does)")
+        cls.tmp = tempfile.mkdtemp(prefix="iotlbd-systemd-")
+        os.chmod(cls.tmp, 0o755)  # the sandboxed run reads the installed binary as nobody
+        cls.dest = os.path.join(cls.tmp, "root")
+        t0 = time.time()
+        make("install", f"DESTDIR={cls.dest}", f"PREFIX={PREFIX}")
+        cls.install_seconds = time.time() - t0
+        cls.binary = os.path.join(cls.dest, PREFIX.lstrip("/"), "bin", "iotlbd")
+        cls.unit = os.path.join(cls.dest, PREFIX.lstrip("/"), "lib", "systemd", "system", "iotlbd.service")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def exec_start(self):
+        lines = [v for k, v in read_unit(self.unit)["Service"] if k == "ExecStart"]
+        self.assertEqual(len(lines), 1, lines)
+        return lines[0]
+
+    # --- make install / uninstall --------------------------------------------------------------
+
+    def test_install_puts_binary_and_unit_with_modes_and_execstart(self):
+        self.assertEqual(sorted(os.path.relpath(os.path.join(d, f), self.dest)
+                                for d, _, files in os.walk(self.dest) for f in files),
+                         ["usr/local/bin/iotlbd", "usr/local/lib/systemd/system/iotlbd.service"])
+        b, u = os.stat(self.binary), os.stat(self.unit)
+        self.assertTrue(stat.S_ISREG(b.st_mode))
+        self.assertEqual(stat.S_IMODE(b.st_mode), 0o755)
+        self.assertEqual(stat.S_IMODE(u.st_mode), 0o644)
+        with open(self.binary, "rb") as f:
+            self.assertEqual(f.read(4), b"\x7fELF")
+        self.assertEqual(self.exec_start(), "/usr/local/bin/iotlbd --listen 127.0.0.1:8080 $IOTLBD_OPTS")
+        with open(self.unit) as f:
+            installed = f.read()
+        self.assertNotIn("@BINDIR@", installed)
+        with open(UNIT_SOURCE) as f:
+            self.assertEqual(installed, f.read().replace("@BINDIR@", "/usr/local/bin"))
+
+    def test_unit_declares_the_sandbox(self):
+        unit = read_unit(self.unit)
+        service = dict(unit["Service"])  # last value wins, as in systemd (for these one-value settings)
+        expected = {
+            "Type": "simple", "EnvironmentFile": "-/etc/default/iotlbd", "Restart": "on-failure",
+            "DynamicUser": "yes", "RuntimeDirectory": "iotlbd", "StateDirectory": "iotlbd", "UMask": "0077",
+            "CapabilityBoundingSet": "CAP_IPC_LOCK", "AmbientCapabilities": "CAP_IPC_LOCK",
+            "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+            "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+            "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes",
+            "ProtectHostname": "yes", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+            "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes",
+            "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
+        }
+        for key, value in expected.items():
+            self.assertEqual(service.get(key), value, key)
+        filters = [v for k, v in unit["Service"] if k == "SystemCallFilter"]
+        self.assertEqual(filters[0], "@system-service")
+        self.assertEqual(dict(unit["Install"]).get("WantedBy"), "multi-user.target")
+
+    def test_install_is_idempotent_uninstall_removes_and_prefix_usr(self):
+        dest = os.path.join(self.tmp, "usr-root")
+        make("install", f"DESTDIR={dest}", "PREFIX=/usr")
+        make("install", f"DESTDIR={dest}", "PREFIX=/usr")
+        unit = os.path.join(dest, "usr/lib/systemd/system/iotlbd.service")
+        binary = os.path.join(dest, "usr/bin/iotlbd")
+        self.assertTrue(os.access(binary, os.X_OK))
+        exec_start = [v for k, v in read_unit(unit)["Service"] if k == "ExecStart"]
+        self.assertEqual(exec_start, ["/usr/bin/iotlbd --listen 127.0.0.1:8080 $IOTLBD_OPTS"])
+        make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr")
+        self.assertFalse(os.path.exists(unit))
+        self.assertFalse(os.path.exists(binary))
+        make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr")  # nothing left to remove: still fine
+
+    # --- systemd-analyze ------------------------------------------------------------------------
+
+    def verify_root(self, name):
+        """A root holding what was installed plus the host's system units (verify follows the
+        unit's dependencies, sysinit.target and the rest, under --root)."""
+        root = os.path.join(self.tmp, name)
+        shutil.copytree(self.dest, root, symlinks=True)
+        shutil.copytree("/lib/systemd/system", os.path.join(root, "lib", "systemd", "system"), symlinks=True)
+        return root
+
+    def test_systemd_analyze_verify_is_clean(self):
+        root = self.verify_root("verify-root")
+        out = systemd_analyze("verify", f"--root={root}", "iotlbd.service", cwd=self.tmp)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        about_unit = [line for line in (out.stdout + out.stderr).splitlines() if "iotlbd" in line]
+        self.assertEqual(about_unit, [])
+        # ExecStart is resolved inside the root: without the installed binary, verify fails.
+        os.unlink(os.path.join(root, PREFIX.lstrip("/"), "bin", "iotlbd"))
+        out = systemd_analyze("verify", f"--root={root}", "iotlbd.service", cwd=self.tmp)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("/usr/local/bin/iotlbd is not executable", out.stdout + out.stderr)
+
+    def test_systemd_analyze_security_exposure(self):
+        out = systemd_analyze("security", "--offline=yes", self.unit, cwd=self.tmp)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        m = re.search(r"Overall exposure level for iotlbd\.service: (\d+\.\d+) (\w+)", out.stdout)
+        self.assertIsNotNone(m, out.stdout + out.stderr)
+        exposure = float(m.group(1))
+        print(f"\nsystemd-analyze security: exposure {exposure} {m.group(2)}", flush=True)
+        self.assertLessEqual(exposure, MAX_EXPOSURE, out.stdout)
+        self.assertEqual(m.group(2), "OK")
+        # systemd's own gate agrees (--threshold is in tenths).
+        out = systemd_analyze("security", "--offline=yes", f"--threshold={int(MAX_EXPOSURE * 10)}", self.unit,
+                              cwd=self.tmp)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    # --- the installed binary -------------------------------------------------------------------
+
+    def test_installed_binary_help(self):
+        out = subprocess.run([self.binary, "--help"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("--listen", out.stdout)
+
+    def test_sandbox_model_refuses_what_the_unit_forbids(self):
+        # The control for the next test: the same filters stop a process that tries what the unit
+        # forbids, so the daemon passing under them means something.
+        sandbox = Sandbox(read_unit(self.unit)["Service"])
+        probe = (
+            "import errno, mmap, os, socket\n"
+            "def refused(f, code):\n"
+            "    try:\n"
+            "        f()\n"
+            "    except OSError as e:\n"
+            "        return e.errno == code\n"
+            "    return False\n"
+            "print(refused(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC),"
+            " errno.EPERM),\n"
+            "      refused(lambda: os.sched_setaffinity(0, {0}), errno.EPERM),\n"
+            "      refused(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW), errno.EAFNOSUPPORT),\n"
+            "      refused(lambda: os.setgroups([]), errno.EPERM),\n"
+            "      socket.socket(socket.AF_INET6).close() is None)\n")
+        out = subprocess.run([sys.executable, "-c", probe], preexec_fn=sandbox.apply, capture_output=True,
+                             text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.split(), ["True"] * 5)
+
+    def test_starts_with_unit_arguments_under_its_sandbox(self):
+        service = read_unit(self.unit)["Service"]
+        sandbox = Sandbox(service)
+        self.assertIn("mmap", sandbox.allowed)
+        self.assertNotIn("setuid", sandbox.allowed)  # ~@privileged took it out
+        self.assertNotIn("sched_setaffinity", sandbox.allowed)  # ~@resources too
+        port = free_port()
+        runtime = os.path.join(self.tmp, "run-iotlbd")  # stands for RuntimeDirectory=, /run/iotlbd
+        state = os.path.join(self.tmp, "state-iotlbd")  # stands for StateDirectory= and WorkingDirectory=
+        # What /etc/default/iotlbd would hold; systemd splits an unbraced $IOTLBD_OPTS on whitespace,
+        # and the later --listen wins over the unit's default.
+        opts = f"--listen 127.0.0.1:{port} --log-level warning"
+        argv = []
+        for word in shlex.split(self.exec_start()):
+            argv.extend(opts.split() if word == "$IOTLBD_OPTS" else [word])
+        self.assertEqual(argv[:3], ["/usr/local/bin/iotlbd", "--listen", "127.0.0.1:8080"])
+        argv[0] = self.binary
+        user = {}
+        if os.geteuid() == 0:  # an unprivileged user, no supplementary groups, as DynamicUser= gives
+            user = {"user": 65534, "group": 65534, "extra_groups": []}
+        for d in (runtime, state):
+            os.mkdir(d, 0o750)
+            if user:
+                os.chown(d, 65534, 65534)
+        umask = int(dict(service)["UMask"], 8)
+        log_path = os.path.join(self.tmp, "iotlbd.log")
+        log = open(log_path, "w")
+        proc = subprocess.Popen(argv, cwd=state, umask=umask, preexec_fn=sandbox.apply, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, **user)
+
+        def log_text():
+            with open(log_path) as f:
+                return f.read()
+
+        url = f"http://127.0.0.1:{port}"
+
+        def call(method, path, body=None):
+            data = None if body is None else json.dumps(body).encode()
+            req = urllib.request.Request(url + path, data=data, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    raw = r.read()
+                    return r.status, (json.loads(raw) if r.headers.get_content_type() == "application/json" else raw)
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        try:
+            deadline = time.time() + 10
+            while True:
+                if proc.poll() is not None:
+                    self.fail(f"iotlbd exited at start-up ({proc.returncode}): {log_text()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        self.fail("iotlbd did not listen: " + log_text())
+                    time.sleep(0.05)
+            self.assertEqual(call("GET", "/healthz"), (200, {"status": "ok"}))
+            # The built-in guest: guest memory, rings, datapath and guest threads, IOTLB misses.
+            self.assertEqual(call("POST", "/v1/devices", {"id": "g0"})[0], 201)
+            status, body = call("PUT", "/v1/devices/g0/workload",
+                                {"packet_size": 64, "page_size": "4k", "mapping": "dynamic", "packets": 2000,
+                                 "ring_size": 32})
+            self.assertEqual(status, 200, body)
+            deadline = time.time() + 60
+            while True:
+                status, w = call("GET", "/v1/devices/g0/workload")
+                if w.get("state") == "done":
+                    break
+                self.assertLess(time.time(), deadline, w)
+                time.sleep(0.05)
+            self.assertEqual((w["received"], w["verify_errors"]), (2000, 0))
+            # A vhost-user socket in the runtime directory, made under the unit's umask.
+            sock = os.path.join(runtime, "vu0.sock")
+            status, body = call("POST", "/v1/devices", {"id": "vu0", "vhost_user": {"socket": sock}})
+            self.assertEqual(status, 201, body)
+            st = os.stat(sock)
+            self.assertTrue(stat.S_ISSOCK(st.st_mode))
+            self.assertEqual(stat.S_IMODE(st.st_mode) & 0o077, 0)
+            if user:
+                self.assertEqual(st.st_uid, 65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock)
+            self.assertEqual(call("GET", "/metrics")[0], 200)
+            # Stopping is SIGTERM (systemctl stop): exit 0, socket removed.
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=10), 0, log_text())
+            self.assertFalse(os.path.exists(sock))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
