@@ -81,12 +81,12 @@ struct RunResult {
 }
 
 /// Runs one workload for `seconds` after `warmup` and reads its figures.
-func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double) throws -> RunResult {
+func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double, maxEntries: Int = 2048) throws -> RunResult {
     var limits = EngineLimits()
     limits.hugePages = true
     let engine = Engine(datapathThreads: 1, limits: limits)
     defer { engine.shutdown() }
-    let h = try engine.createDevice(DeviceConfig(id: "bench", iotlb: iotlb))
+    let h = try engine.createDevice(DeviceConfig(id: "bench", iotlb: iotlb, iotlbMaxEntries: maxEntries))
     let started = Locked<Result<Workload, WorkloadError>?>(nil)
     Workload.start(c, on: h) { r in started.withLock { $0 = r } }
     var w: Workload?

@@ -12,7 +12,7 @@ struct Bench: ParsableCommand {
             datapath thread per frame. lookup: IOTLB translate cost. control: the HTTP API on loopback. \
             Progress goes to stderr, a Markdown table (or --json) to stdout.
             """,
-        subcommands: [DatapathBench.self, LookupBench.self, ControlBench.self],
+        subcommands: [DatapathBench.self, LookupBench.self, ControlBench.self, PressureBench.self, IsolationBench.self],
         defaultSubcommand: DatapathBench.self)
 }
 

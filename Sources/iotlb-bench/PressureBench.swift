@@ -1,0 +1,78 @@
+// The IOTLB under pressure: lazy dynamic 4 KiB mappings (the built-in vIOMMU
+// answers every miss) against the IOTLB's size, with static mappings as the
+// reference, all alternated round by round so ratios compare like with like.
+import ArgumentParser
+import ControlPlane
+import Guest
+
+struct PressureBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pressure",
+        abstract: "Dynamic 4 KiB Mpps against iotlb_max_entries; dynamic / static; alternated rounds.",
+        discussion: """
+            Each round runs, for each payload size, static mappings at 2048 entries, then dynamic \
+            mappings at every size in --entries. Ratios are taken within a round (side by side) and \
+            their medians reported: size / 2048 entries, and dynamic / static.
+            """)
+
+    @Option(help: "Payload sizes in bytes.") var sizes = "64,1500"
+    @Option(help: "IOTLB sizes (iotlb_max_entries) for the dynamic runs.") var entries = "16,32,64,128,256,512,1024,2048,4096"
+    @Option(help: "Seconds measured per run (after warm-up).") var seconds = 1.0
+    @Option(help: "Warm-up seconds per run.") var warmup = 0.3
+    @Option(help: "Rounds.") var repeats = 3
+    @Option(help: "Ring size.") var ringSize = 256
+    @Flag(help: "JSON instead of a Markdown table.") var json = false
+
+    func run() throws {
+        let sizeList = sizes.split(separator: ",").compactMap { Int($0) }
+        let entryList = entries.split(separator: ",").compactMap { Int($0) }
+        guard !sizeList.isEmpty, !entryList.isEmpty, entryList.allSatisfy({ $0 >= 1 && $0 <= 1 << 20 }) else {
+            throw ValidationError("check --sizes and --entries (1 to 1048576)")
+        }
+        let total = sizeList.count * repeats * (entryList.count + 1)
+        var done = 0
+        var rows: [[String]] = []
+        var out: [JSON] = []
+        for size in sizeList {
+            var staticRuns: [RunResult] = []
+            var dynamicRuns: [Int: [RunResult]] = [:]
+            for round in 0..<repeats {
+                for e in [0] + entryList {  // 0: the static reference
+                    done += 1
+                    let label = e == 0 ? "static 2048" : "dynamic \(e)"
+                    progress("[\(done)/\(total)] \(size) B round \(round + 1) \(label) …")
+                    var c = WorkloadConfig()
+                    c.packetSize = size
+                    c.pageSize = .k4
+                    c.mapping = e == 0 ? .static : .dynamic
+                    c.ringSize = ringSize
+                    let r = try measure(c, iotlb: true, warmup: warmup, seconds: seconds, maxEntries: e == 0 ? 2048 : e)
+                    progress("[\(done)/\(total)] \(size) B round \(round + 1) \(label) \(fmt(r.mpps, 3)) Mpps")
+                    if e == 0 { staticRuns.append(r) } else { dynamicRuns[e, default: []].append(r) }
+                }
+            }
+            let reference = dynamicRuns[2048]
+            for e in entryList {
+                let runs = dynamicRuns[e] ?? []
+                let perRound = zip(runs, staticRuns).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 }
+                let vs2048 = reference.map { ref in zip(runs, ref).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 } } ?? []
+                let misses = runs.reduce(0) { $0 + $1.misses }, frames = runs.reduce(0) { $0 + $1.frames }
+                let verify = runs.reduce(0) { $0 + $1.verifyErrors }
+                rows.append(["\(size)", "\(e)", fmt(median(runs.map(\.mpps)), 3), fmt(median(staticRuns.map(\.mpps)), 3),
+                             fmt(median(perRound), 3), vs2048.isEmpty ? "-" : fmt(median(vs2048), 3),
+                             fmt(Double(misses) / Double(max(frames, 1)), 3), "\(verify)"])
+                out.append(["packet_size": .count(size), "iotlb_max_entries": .count(e),
+                            "dynamic_mpps": .array(runs.map { .double($0.mpps) }),
+                            "static_mpps": .array(staticRuns.map { .double($0.mpps) }),
+                            "dynamic_over_static": .array(perRound.map { .double($0) }),
+                            "over_2048": .array(vs2048.map { .double($0) }),
+                            "misses_per_frame": .double(Double(misses) / Double(max(frames, 1))),
+                            "verify_errors": .count(verify)])
+            }
+        }
+        progressDone()
+        print(json ? JSON.array(out).text
+                   : table(["bytes", "iotlb_max_entries", "dynamic Mpps", "static Mpps (2048)", "dynamic / static",
+                            "× at 2048", "misses/frame", "verify errors"], rows))
+    }
+}
