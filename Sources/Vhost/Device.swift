@@ -121,6 +121,7 @@ public final class Device {
     /// user addresses belonged to the old table.
     public func install(memory mem: GuestMemory?) {
         memory = mem
+        if mem == nil { missResolver = nil }  // it answered from the memory that left
         regions.free()
         regions = mem.map { RegionIndex($0) } ?? RegionIndex()
         memoryGeneration &+= 1

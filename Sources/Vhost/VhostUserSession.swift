@@ -318,7 +318,22 @@ final class VhostUserSession {
                                     maxTotalBytes: backend.limits.maxGuestMemory)
         let mem = try GuestMemory(table: table, files: zip(live, regions).map { ($0, $1.mmapOffset) })
         // The mappings hold the memory now; the descriptors are closed by the caller.
-        handle.performSync { $0?.install(memory: mem) }
+        // Without a front-end vIOMMU the identity translator answers misses on
+        // the worker itself (no round trip through the miss log and this thread).
+        var identity: MissResolver?
+        if config.iotlb && !frontEndIOMMU && config.translator == .builtin {
+            let status = backend
+            identity = { iova, _, _ in
+                guard let e = VhostUserSession.identityEntry(for: iova, in: table) else { return [] }
+                status.updateStatus { $0.identityUpdates += 1 }
+                return [e]
+            }
+        }
+        let resolver = identity
+        handle.performSync { d in
+            d?.install(memory: mem)
+            d?.missResolver = resolver
+        }
         memory = mem
         for i in rings.indices { try syncRing(i) }
     }
