@@ -21,10 +21,12 @@ let package = Package(
                 // One owner thread per table; see Vhost below.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket"],
+        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket", "CFaultGuard"],
                 // The datapath owns its state on one thread by design (commands between
                 // batches); dynamic exclusivity checks would cost a runtime call per access.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+        // A SIGBUS handler for guest memory a front-end passed as a file (it may shrink it).
+        .target(name: "CFaultGuard"),
         // Acquire/release on ring indices in guest memory (header-only C).
         .target(name: "CRingAtomics"),
         // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.

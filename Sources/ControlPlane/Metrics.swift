@@ -159,6 +159,9 @@ extension ControlPlane {
                  fronts.map { ([("device", $0.0)], $0.1.connected ? "1" : "0") })
         w.family("iotlbd_vhost_user_connections_total", "counter", "vhost-user front-ends accepted.",
                  fronts.map { ([("device", $0.0)], "\($0.1.connections)") })
+        w.family("iotlbd_vhost_user_memory_faults_total", "counter",
+                 "Guest memory pages lost to a front-end shrinking its memory file (SIGBUS caught; connection ended).",
+                 fronts.map { ([("device", $0.0)], "\($0.1.memoryFaults)") })
         w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
                  fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
         w.family("iotlbd_http_long_polls_waiting", "gauge", "Miss long-polls waiting for an event or their time-out.",

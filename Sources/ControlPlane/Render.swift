@@ -35,7 +35,7 @@ extension JSON {
                       ("messages", .count(s.messages)), ("features", .hex(s.features)),
                       ("protocol_features", .hex(s.protocolFeatures)),
                       ("misses_forwarded", .count(s.missesForwarded)), ("identity_updates", .count(s.identityUpdates)),
-                      ("kicks", .count(s.kicks))]
+                      ("kicks", .count(s.kicks)), ("memory_faults", .count(s.memoryFaults))]
                 if let e = s.lastError { v.append(("last_error", .string(e))) }
             }
             pairs.append(("vhost_user", .object(v)))

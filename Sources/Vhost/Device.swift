@@ -33,6 +33,8 @@ public struct IOTLBStats: Equatable, Sendable {
     public var reannouncedMisses: UInt64 = 0
     /// Misses the in-process vIOMMU answered on the worker (never published).
     public var resolvedOnWorker: UInt64 = 0
+    /// Guest memory pages lost because a front-end shrank the file behind them.
+    public var lostPages: UInt64 = 0
 }
 
 /// An in-process vIOMMU (the built-in guest's) that answers misses on the
@@ -121,6 +123,7 @@ public final class Device {
     /// user addresses belonged to the old table.
     public func install(memory mem: GuestMemory?) {
         memory = mem
+        lostPagesSeen = 0
         if mem == nil { missResolver = nil }  // it answered from the memory that left
         regions.free()
         regions = mem.map { RegionIndex($0) } ?? RegionIndex()
@@ -335,6 +338,20 @@ public final class Device {
         resolutionMax = max(resolutionMax, us)
         resolutionSumMicros &+= UInt64(us)
         resolutionBuckets[Device.resolutionBounds.firstIndex { us <= $0 } ?? Device.resolutionBounds.count] &+= 1
+    }
+
+    /// Lost pages of the current memory already acted on.
+    var lostPagesSeen: UInt64 = 0
+
+    /// Fails every queue once the memory lost pages (a front-end shrank its
+    /// file; the SIGBUS guard put zeros there): nothing in it can be trusted.
+    func checkLostMemory() {
+        guard let lost = memory?.lostPages, lost > lostPagesSeen else { return }
+        counters.lostPages &+= lost - lostPagesSeen
+        lostPagesSeen = lost
+        for vq in queues where vq.state != .disabled {
+            fail(vq, "guest memory lost: the front-end shrank the file behind it (\(lost) pages)")
+        }
     }
 
     /// Called when the device leaves its worker (deletion, shutdown).

@@ -1,4 +1,5 @@
 // The memory behind a memory table: one shared mapping per region.
+import CFaultGuard
 import Glibc
 import IOTLB
 
@@ -29,6 +30,12 @@ final class RegionMapping: @unchecked Sendable {
     /// What munmap takes (a file mapping starts before `base`).
     private let mapBase: UnsafeMutableRawPointer
     private let mapLength: Int
+    /// The SIGBUS guard's slot for a file mapping (-1: none, anonymous memory cannot shrink).
+    private var guardSlot: Int32 = -1
+
+    /// Pages of a file mapping that were lost (the file shrank) and replaced
+    /// with zeros by the SIGBUS guard.
+    var lostPages: UInt64 { guardSlot < 0 ? 0 : CFaultGuard_faults(guardSlot) }
 
     /// Maps `region`: MAP_HUGETLB (2 MiB) when asked and the size allows,
     /// else plain shared anonymous memory with transparent-huge-page advice.
@@ -82,9 +89,19 @@ final class RegionMapping: @unchecked Sendable {
         self.huge = block >= 2 << 20
         mapBase = p
         mapLength = total
+        // The front-end keeps the file and may shrink it: a touch past its new
+        // end must not SIGBUS the daemon (see CFaultGuard.h).
+        let rc = CFaultGuard_install()
+        if rc != 0 { munmap(p, total); throw SystemCallError(call: "sigaction(SIGBUS)", errno: rc) }
+        guardSlot = CFaultGuard_register(p, total, Int(block))
+        if guardSlot < 0 { munmap(p, total); throw SystemCallError(call: "mmap (no SIGBUS guard slot left)", errno: ENOMEM) }
     }
 
-    deinit { munmap(mapBase, mapLength) }
+    deinit {
+        // Unguard first: once unmapped, the address may be reused by anything.
+        if guardSlot >= 0 { CFaultGuard_unregister(guardSlot) }
+        munmap(mapBase, mapLength)
+    }
 }
 
 /// Host mappings backing each region of a memory table. Kept alive by every
@@ -130,6 +147,10 @@ public final class GuestMemory: @unchecked Sendable {
         self.table = table
         self.hugePages = mappings.allSatisfy(\.huge)
     }
+    /// Pages lost because a front-end shrank the file behind them (each now
+    /// reads zeros): when non-zero, this memory no longer holds the guest's data.
+    public var lostPages: UInt64 { mappings.reduce(0) { $0 + $1.lostPages } }
+
     /// The host pointer of guest-physical `gpa` and the bytes contiguous from it.
     public func host(gpa: GuestPhysAddr) -> (UnsafeMutableRawPointer, UInt64)? {
         table.lookup(gpa: gpa).map { (bases[$0.region] + Int($0.offset), $0.contiguous) }

@@ -33,6 +33,8 @@ public struct VhostUserStatus: Sendable, Equatable {
     public var identityUpdates: UInt64 = 0
     /// Kicks received (drivers kick only while the worker sleeps).
     public var kicks: UInt64 = 0
+    /// Guest memory pages lost to a front-end shrinking its memory file (its connection ended).
+    public var memoryFaults: UInt64 = 0
     /// Why the last connection ended abnormally, if it did.
     public var lastError: String?
 }

@@ -92,6 +92,12 @@ final class VhostUserSession {
                 backend.notifier.drain()
                 answerMisses()
             }
+            // The front-end shrank its memory file (the datapath's SIGBUS was caught
+            // and its queues failed): its memory is gone, so is the connection.
+            if let lost = memory?.lostPages, lost > 0 {
+                backend.updateStatus { $0.memoryFaults &+= lost }
+                return "the front-end shrank its memory file under the datapath (\(lost) pages lost, SIGBUS caught)"
+            }
             if pfds[0].revents != 0 {
                 do {
                     guard try handleOneMessage() else { return nil }

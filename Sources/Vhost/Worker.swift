@@ -1,6 +1,7 @@
 // A datapath worker: one thread that owns a set of devices. Every mutation
 // of a device is a command this thread applies between batches, so once a
 // command's completion has run, no datapath access uses what it replaced.
+import CFaultGuard
 import Glibc
 import Synchronization
 
@@ -120,7 +121,15 @@ public final class DatapathWorker: @unchecked Sendable {
     private func run() {
         var idleNanos: UInt64 = 0
         var idleRounds = 0
+        var faultsSeen = CFaultGuard_total()
         while running.load(ordering: .acquiring) {
+            // A front-end shrank a memory file under us (SIGBUS caught): one load
+            // per round tells whether to look which device lost memory.
+            let faults = CFaultGuard_total()
+            if faults != faultsSeen {
+                faultsSeen = faults
+                for d in devices.values { d.checkLostMemory() }
+            }
             // Commands come in bursts (an orchestrator's answers): keep polling after one.
             if drainCommands() { idleRounds = 0 }
             var busy = false

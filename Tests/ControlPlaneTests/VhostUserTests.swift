@@ -297,6 +297,51 @@ struct VhostUserTests {
         #expect(access(path, F_OK) != 0)
     }
 
+    @Test("a front-end that shrinks its memory file loses its connection; the daemon and another device on the same worker go on")
+    func truncatedMemoryFile() throws {
+        let d = try LiveDaemon()  // one datapath thread: both devices share it
+        // The other tenant: the built-in guest, static mappings, on the same worker.
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
+        try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
+        let path = Self.socketPath("shrink")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
+        let fe = try VhostUserFrontEnd(path: path)
+        try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+        #expect(try fe.setMemTable() == 0)
+        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+        let sent = Self.frames(16, seed: 77)
+        #expect(try t.loop(sent) == sent)
+        // The front-end takes its memory away under the datapath, which polls the rings.
+        #expect(ftruncate(fe.memFD, 0) == 0)
+        var kick: UInt64 = 1
+        _ = write(t.txKick, &kick, 8)  // wake the worker if it dozes
+        #expect(try eventually(10) {
+            let v = try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]
+            guard case .int(let faults)? = v?["memory_faults"], faults > 0, v?["connected"] == .bool(false),
+                  case .string(let why)? = v?["last_error"] else { return false }
+            return why.contains("shrank its memory file")
+        }, "the connection ends with the reason")
+        #expect(try d.call("GET", "/metrics").text.contains(#"iotlbd_vhost_user_memory_faults_total{device="vu"} "#))
+        // The daemon is up and the other device's traffic goes on.
+        func received() throws -> Int64 {
+            let w = try d.expect(200, "GET", "/v1/devices/other/workload")
+            #expect(w["verify_errors"] == 0)
+            if case .int(let n)? = w["received"] { return n }
+            return -1
+        }
+        let r0 = try received()
+        usleep(300_000)
+        #expect(try received() > r0, "the other device still moves frames")
+        #expect(try d.expect(200, "GET", "/healthz")["status"] == "ok")
+        // A new front-end with a good file is served again.
+        let fe2 = try VhostUserFrontEnd(path: path)
+        try fe2.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+        #expect(try fe2.setMemTable() == 0)
+        let t2 = try Traffic(fe2, ringAddress: fe2.uaddr, address: { $0 })
+        let again = Self.frames(16, seed: 78)
+        #expect(try t2.loop(again) == again)
+    }
+
     @Test("device creation: bad socket fields are 400, a socket in use is 409, nothing is left behind")
     func creationErrors() throws {
         let d = try LiveDaemon()
