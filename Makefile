@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-dpdk test-qemu test-tsan test-asan bench clean
 
 all: build
 
@@ -29,6 +29,13 @@ tools:
 	@command -v st >/dev/null 2>&1 || $(PYTHON) -m pip install -q schemathesis
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
+# What the QEMU guest test uses: QEMU, a static busybox, cpio and modinfo for the
+# initramfs (scripts/qemu-guest/build.sh); installed only when one is missing.
+QEMU_PKGS := qemu-system-x86 busybox-static cpio kmod
+qemu-tools:
+	@dpkg -s $(QEMU_PKGS) >/dev/null 2>&1 || { echo "installing $(QEMU_PKGS)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(QEMU_PKGS); }
+
 build: deps
 	$(SWIFT) build
 
@@ -38,7 +45,7 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme test-examples test-dpdk
+test: test-swift test-readme test-examples test-dpdk test-qemu
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -56,6 +63,13 @@ test-examples: build tools
 # and on; needs root for huge pages, skips with a message where they cannot be had.
 test-dpdk: build tools
 	$(PYTHON) tests/test_vhost_user_dpdk.py
+
+# A Debian kernel under QEMU (TCG) with virtio-net on a vhost-user device of the
+# daemon, with an Intel vIOMMU (device IOTLB on) and without; fails when QEMU or
+# the kernel cannot be had. The guest is cached in .cache/qemu-guest/.
+test-qemu: build qemu-tools
+	scripts/qemu-guest/build.sh
+	$(PYTHON) tests/test_qemu.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""A real Linux guest drives iotlbd: QEMU boots Debian's kernel with a busybox
+initramfs (scripts/qemu-guest/build.sh) whose virtio-net is a vhost-user
+device of the daemon. The guest sends frames to itself with pktgen (the
+loopback backend returns each one on RX), prints its interface counters,
+reloads virtio_net, sends and prints again, and powers off.
+
+With an Intel vIOMMU in strict mode (device "iotlb": true, QEMU
+iommu_platform=on,ats=on): every ring and buffer address is an IOVA; iotlbd's
+misses go to QEMU over the backend channel and come back as IOTLB updates,
+and the guest's unmaps come as invalidations. Without a vIOMMU ("iotlb":
+false) the same traffic runs on guest-physical addresses.
+
+The QEMU command line lives in scripts/qemu-guest/run.sh only. Needs
+qemu-system-x86, busybox-static, cpio and kmod (the Makefile's test-qemu
+installs them) and fails, not skips, when QEMU or the kernel cannot be had.
+Each QEMU run is killed after QEMU_TIMEOUT seconds. Run by `make test`."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_examples import ROOT, Daemon  # noqa: E402
+
+GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
+QEMU_TIMEOUT = 75    # seconds per boot; a strict-mode run takes ~20 s here
+FRAMES = 1000        # per frame size (60 and 1514 bytes) and phase
+ACCESS_PLATFORM = 1 << 33
+BACKEND_REQ = 1 << 5  # protocol feature: the channel misses go to QEMU on
+COUNTERS = re.compile(r"^QG counters phase=(\d) iommu=(\S+) (.*)$")
+
+
+def read_text(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def parse_console(text):
+    """The guest's QG lines: {phase: {"iommu": .., counter: int}}, errors, done."""
+    phases, errors, done = {}, [], False
+    for line in text.splitlines():
+        line = line.strip()
+        m = COUNTERS.match(line)
+        if m:
+            c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(3).split())}
+            c["iommu"] = m.group(2)
+            phases[int(m.group(1))] = c
+        elif line.startswith("QG error"):
+            errors.append(line)
+        elif line == "QG done":
+            done = True
+    return phases, errors, done
+
+
+class QemuGuest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # No skip: a missing QEMU or kernel is a failure of `make test`.
+        if shutil.which("qemu-system-x86_64") is None:
+            raise AssertionError("qemu-system-x86_64 is missing: `make test-qemu` installs qemu-system-x86")
+        t0 = time.time()
+        out = subprocess.run([os.path.join(GUEST, "build.sh")], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
+        sys.stderr.write(f"\n[guest ready in {time.time() - t0:.1f} s] ")
+        cls.tmp = tempfile.mkdtemp(prefix="iotlbd-qemu-")
+        cls.daemon_log_path = os.path.join(cls.tmp, "iotlbd.log")
+        cls.daemon_log = open(cls.daemon_log_path, "w")
+        # Info level: refused vhost-user requests are logged ("… refused: …").
+        cls.daemon = Daemon(log=cls.daemon_log, log_level="info")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.daemon.stop()
+        cls.daemon_log.close()
+        if os.environ.get("KEEP_QEMU_LOGS"):
+            sys.stderr.write(f"logs kept in {cls.tmp}\n")
+        else:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def create(self, name, iotlb):
+        sock = os.path.join(self.tmp, name + ".sock")
+        status, dev = self.daemon.call("POST", "/v1/devices",
+                                       {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
+        self.assertEqual(status, 201, dev)
+        return sock
+
+    def boot(self, name, sock, mode, after_phase1=None):
+        """Boots the guest (run.sh SOCK MODE) until it powers off, QEMU_TIMEOUT at
+        most; calls `after_phase1()` once the first counters line shows.
+        Returns the console's phases and the console text."""
+        console = os.path.join(self.tmp, f"{name}-console.log")
+        env = dict(os.environ, QG_FRAMES=str(FRAMES))
+        t0 = time.time()
+        with open(console, "w") as log:
+            # run.sh execs QEMU: the process is QEMU itself.
+            proc = subprocess.Popen([os.path.join(GUEST, "run.sh"), sock, mode], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                seen1 = False
+                while proc.poll() is None and time.time() - t0 < QEMU_TIMEOUT:
+                    if not seen1 and after_phase1 and "QG counters phase=1" in read_text(console):
+                        seen1 = True
+                        after_phase1()
+                    time.sleep(0.2)
+                timed_out = proc.poll() is None
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        text = read_text(console)
+        sys.stderr.write(f"[{mode}: QEMU ran {time.time() - t0:.1f} s] ")
+        self.assertFalse(timed_out, f"QEMU ({mode}) still running after {QEMU_TIMEOUT} s, killed:\n{text[-4000:]}")
+        self.assertEqual(proc.returncode, 0, f"QEMU ({mode}) exited {proc.returncode}:\n{text[-4000:]}")
+        phases, errors, done = parse_console(text)
+        self.assertEqual(errors, [], text[-4000:])
+        self.assertTrue(done, f"the guest did not finish:\n{text[-4000:]}")
+        return phases, text
+
+    def check_traffic(self, phases, iommu_type, text):
+        """Both phases (before and after the driver reload): every frame pktgen
+        sent came back, bytes too, nothing dropped."""
+        self.assertEqual(sorted(phases), [1, 2], text[-4000:])
+        for n, c in phases.items():
+            self.assertEqual(c["tx_packets"], 2 * FRAMES, f"phase {n}: {c}")
+            self.assertEqual(c["rx_packets"], c["tx_packets"], f"phase {n}: frames lost: {c}")
+            self.assertEqual(c["rx_bytes"], c["tx_bytes"], f"phase {n}: {c}")
+            self.assertEqual(c["tx_bytes"], FRAMES * (60 + 1514), f"phase {n}: {c}")
+            self.assertEqual(c["rx_dropped"] + c["tx_dropped"], 0, f"phase {n}: {c}")
+            self.assertEqual(c["iommu"], iommu_type, f"phase {n}: the guest's DMA domain type")
+
+    def finished_device(self, name):
+        """The device once QEMU has gone (its front-end disconnected)."""
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            dev = self.daemon.call("GET", f"/v1/devices/{name}")[1]
+            if not dev["vhost_user"]["connected"]:
+                return dev
+            time.sleep(0.05)
+        self.fail(f"{name}: QEMU gone but the front-end still shows connected: {dev}")
+
+    def check_no_refusals(self, name, dev):
+        """No request refused or unknown, no protocol error (the vhost_user status
+        has no refusal counter: the daemon's log says, one line per refusal)."""
+        self.assertNotIn("last_error", dev["vhost_user"], dev["vhost_user"])
+        self.daemon_log.flush()
+        lines = [line for line in read_text(self.daemon_log_path).splitlines() if f"device={name} " in line]
+        bad = [line for line in lines if "refused" in line or "not supported" in line]
+        self.assertEqual(bad, [], "iotlbd refused requests of QEMU")
+        self.assertEqual(dev["vhost_user"]["connections"], 1)
+
+    def test_viommu_strict(self):
+        """Intel vIOMMU, strict invalidation: misses forwarded to QEMU, updates
+        and invalidations from it, traffic both ways before and after a driver reload."""
+        sock = self.create("qemu-strict", True)
+        mid = {}
+
+        def snapshot():
+            mid.update(self.daemon.call("GET", "/v1/devices/qemu-strict/iotlb/stats")[1])
+
+        phases, text = self.boot("strict", sock, "strict", after_phase1=snapshot)
+        self.check_traffic(phases, "DMA", text)  # DMA: strict; DMA-FQ would be lazy
+        dev = self.finished_device("qemu-strict")
+        vu = dev["vhost_user"]
+        stats = self.daemon.call("GET", "/v1/devices/qemu-strict/iotlb/stats")[1]
+        sys.stderr.write(f"[strict: updates {stats['updates']} invalidations {stats['invalidations']} "
+                         f"misses {stats['misses']} forwarded {vu['misses_forwarded']} hits {stats['hits']}] ")
+        self.assertTrue(int(vu["features"], 16) & ACCESS_PLATFORM, f"ACCESS_PLATFORM not negotiated: {vu}")
+        self.assertTrue(int(vu["protocol_features"], 16) & BACKEND_REQ, f"no backend channel: {vu}")
+        self.assertGreater(stats["updates"], 0)
+        self.assertGreater(stats["invalidations"], 0)
+        self.assertGreater(stats["misses"], 0)
+        self.assertGreater(vu["misses_forwarded"], 0)
+        self.assertEqual(vu["misses_forwarded"], stats["misses"], "every miss went to QEMU")
+        self.assertEqual(vu["identity_updates"], 0, "with a vIOMMU nothing is answered by identity")
+        self.assertEqual(stats["access_failures"], 0)
+        self.assertEqual(stats["pending_misses"], 0)
+        self.assertEqual(stats["entries"], 0, "the departed front-end's translations are flushed")
+        # After the reload the new rings and buffers went through the IOTLB again.
+        self.assertTrue(mid, "no counters line seen while QEMU ran")
+        for k in ("updates", "invalidations", "misses"):
+            self.assertGreater(stats[k], mid[k], f"{k} did not grow after the driver reload")
+        self.check_no_refusals("qemu-strict", dev)
+
+    def test_no_viommu(self):
+        """No vIOMMU, device IOTLB off: guest-physical addresses, no IOTLB traffic."""
+        sock = self.create("qemu-off", False)
+        phases, text = self.boot("off", sock, "off")
+        self.check_traffic(phases, "none", text)
+        dev = self.finished_device("qemu-off")
+        vu = dev["vhost_user"]
+        stats = self.daemon.call("GET", "/v1/devices/qemu-off/iotlb/stats")[1]
+        self.assertFalse(int(vu["features"], 16) & ACCESS_PLATFORM, vu)
+        self.assertEqual(vu["misses_forwarded"], 0)
+        self.assertEqual((stats["updates"], stats["invalidations"], stats["misses"], stats["access_failures"]),
+                         (0, 0, 0, 0))
+        self.assertEqual(sum(q["chains"] for q in stats["vqs"]), 8 * FRAMES, "2 phases × 2 sizes × TX and RX")
+        self.check_no_refusals("qemu-off", dev)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
