@@ -32,7 +32,7 @@ QEMU_TIMEOUT = 75    # seconds per boot; a strict-mode run takes ~20 s here
 FRAMES = 1000        # per frame size (60 and 1514 bytes) and phase
 ACCESS_PLATFORM = 1 << 33
 BACKEND_REQ = 1 << 5  # protocol feature: the channel misses go to QEMU on
-COUNTERS = re.compile(r"^QG counters phase=(\d) iommu=(\S+) (.*)$")
+COUNTERS = re.compile(r"^QG counters phase=(\d) iommu=(\S+) up=([\d.]+) (.*)$")
 
 
 def read_text(path):
@@ -47,8 +47,8 @@ def parse_console(text):
         line = line.strip()
         m = COUNTERS.match(line)
         if m:
-            c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(3).split())}
-            c["iommu"] = m.group(2)
+            c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(4).split())}
+            c["iommu"], c["up"] = m.group(2), float(m.group(3))
             phases[int(m.group(1))] = c
         elif line.startswith("QG error"):
             errors.append(line)
@@ -114,7 +114,10 @@ class QemuGuest(unittest.TestCase):
                     proc.kill()
                 proc.wait()
         text = read_text(console)
-        sys.stderr.write(f"[{mode}: QEMU ran {time.time() - t0:.1f} s] ")
+        init = re.search(r"^QG init up=([\d.]+)", text, re.M)
+        guest = "".join(f", phase {n} done at {c['up']:.1f}" for n, c in sorted(parse_console(text)[0].items()))
+        sys.stderr.write(f"[{mode}: QEMU ran {time.time() - t0:.1f} s; guest clock: /init at "
+                         f"{init.group(1) if init else '?'}{guest}] ")
         self.assertFalse(timed_out, f"QEMU ({mode}) still running after {QEMU_TIMEOUT} s, killed:\n{text[-4000:]}")
         self.assertEqual(proc.returncode, 0, f"QEMU ({mode}) exited {proc.returncode}:\n{text[-4000:]}")
         phases, errors, done = parse_console(text)
@@ -153,6 +156,15 @@ class QemuGuest(unittest.TestCase):
         bad = [line for line in lines if "refused" in line or "not supported" in line]
         self.assertEqual(bad, [], "iotlbd refused requests of QEMU")
         self.assertEqual(dev["vhost_user"]["connections"], 1)
+
+    def test_readme_command(self):
+        """The README's QEMU command line is the one run.sh runs."""
+        env = dict(os.environ, QEMU_GUEST_CACHE=".cache/qemu-guest")
+        env.pop("QG_FRAMES", None)
+        out = subprocess.run([os.path.join(GUEST, "run.sh"), "--print", "/tmp/q0.sock", "strict"],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        self.assertIn("```sh\n" + out + "```", read_text(os.path.join(ROOT, "README.md")),
+                      "README \"Use with QEMU\" and scripts/qemu-guest/run.sh disagree")
 
     def test_viommu_strict(self):
         """Intel vIOMMU, strict invalidation: misses forwarded to QEMU, updates

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Boots the test guest (scripts/qemu-guest/build.sh) under QEMU against a
 # vhost-user socket iotlbd serves:
-#   run.sh SOCKET [strict|lazy|off] [extra QEMU arguments...]
+#   run.sh [--print] SOCKET [strict|lazy|off] [extra QEMU arguments...]
+# --print: only print the command line, one option a line (as in the README).
 # strict (default): an Intel vIOMMU with device IOTLB (ATS), the NIC behind it
 #   (iommu_platform=on, ats=on), the guest kernel in strict mode
 #   (intel_iommu=on iommu.strict=1: one invalidation per unmap);
@@ -16,11 +17,12 @@
 #   pcie-root-port: ATS is only offered off the root bus;
 #   vectors=0 (INTx): QEMU 7.2 + TCG + vhost-user segfaults unmasking MSI-X vectors.
 set -eu
-[ $# -ge 1 ] || { echo "usage: $0 SOCKET [strict|lazy|off] [QEMU args...]" >&2; exit 2; }
+PRINT=; [ "${1:-}" = --print ] && { PRINT=1; shift; }
+[ $# -ge 1 ] || { echo "usage: $0 [--print] SOCKET [strict|lazy|off] [QEMU args...]" >&2; exit 2; }
 SOCK=$1; shift
 MODE=${1:-strict}; [ $# -ge 1 ] && shift
 HERE=$(cd "$(dirname "$0")" && pwd)
-CACHE=${QEMU_GUEST_CACHE:-$HERE/../../.cache/qemu-guest}
+CACHE=${QEMU_GUEST_CACHE:-$(cd "$HERE/../.." && pwd)/.cache/qemu-guest}
 QEMU=${QEMU:-qemu-system-x86_64}
 APPEND="console=ttyS0 panic=-1 ipv6.disable=1 qg_frames=${QG_FRAMES:-2000}"
 case "$MODE" in
@@ -39,5 +41,17 @@ set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
     -device "virtio-net-pci,bus=rp0,netdev=n0,disable-legacy=on,vectors=0$NIC" \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.gz" -append "$APPEND" \
     -nodefaults -display none -serial stdio -no-reboot "$@"
-echo "$*" >&2
+# The command, shell-quoted, a line per option.
+show() {
+    first=1
+    for a in "$@"; do
+        case "$a" in *[!A-Za-z0-9_.,:=/@%+-]*) a="'$a'" ;; esac
+        if [ -n "$first" ]; then printf '%s' "$a"; first=
+        else case "$a" in -*) printf ' \\\n    %s' "$a" ;; *) printf ' %s' "$a" ;; esac
+        fi
+    done
+    printf '\n'
+}
+if [ -n "$PRINT" ]; then show "$@"; exit 0; fi
+show "$@" >&2
 exec "$@"
