@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-systemd test-tsan test-asan bench install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-tsan test-asan bench install uninstall clean
 
 all: build
 
@@ -38,6 +38,13 @@ tools:
 	@command -v st >/dev/null 2>&1 || $(PYTHON) -m pip install -q schemathesis
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
+# What the QEMU guest test uses: QEMU, a static busybox, cpio and modinfo for the
+# initramfs (scripts/qemu-guest/build.sh); installed only when one is missing.
+QEMU_PKGS := qemu-system-x86 busybox-static cpio kmod
+qemu-tools:
+	@dpkg -s $(QEMU_PKGS) >/dev/null 2>&1 || { echo "installing $(QEMU_PKGS)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(QEMU_PKGS); }
+
 build: deps
 	$(SWIFT) build
 
@@ -56,7 +63,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-dashboards test-dpdk test-systemd
+test: test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -88,6 +95,13 @@ test-systemd: release
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
 	$(PYTHON) tests/test_systemd.py
+
+# A Debian kernel under QEMU (TCG) with virtio-net on a vhost-user device of the
+# daemon, with an Intel vIOMMU (device IOTLB on) and without; fails when QEMU or
+# the kernel cannot be had. The guest is cached in .cache/qemu-guest/.
+test-qemu: build qemu-tools
+	scripts/qemu-guest/build.sh
+	$(PYTHON) tests/test_qemu.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps

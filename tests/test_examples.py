@@ -26,11 +26,12 @@ def free_port():
 
 
 class Daemon:
-    def __init__(self, *extra, port=None, cwd=None):
+    def __init__(self, *extra, port=None, cwd=None, log=None, log_level="warning"):
+        """`log`: a file for the daemon's output (default: inherited)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning", *extra],
-                                     cwd=cwd)
+        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", log_level, *extra],
+                                     cwd=cwd, stdout=log, stderr=log)
         deadline = time.time() + 10
         while time.time() < deadline:
             try:

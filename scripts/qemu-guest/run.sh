@@ -1,0 +1,57 @@
+#!/bin/sh
+# Boots the test guest (scripts/qemu-guest/build.sh) under QEMU against a
+# vhost-user socket iotlbd serves:
+#   run.sh [--print] SOCKET [strict|lazy|off] [extra QEMU arguments...]
+# --print: only print the command line, one option a line (as in the README).
+# strict (default): an Intel vIOMMU with device IOTLB (ATS), the NIC behind it
+#   (iommu_platform=on, ats=on), the guest kernel in strict mode
+#   (intel_iommu=on iommu.strict=1: one invalidation per unmap);
+# lazy: the same with iommu.strict=0 (flush queue, batched invalidations);
+# off: no vIOMMU; create the device with "iotlb": false.
+# The guest's serial console is this script's stdout; the command line goes to
+# stderr first. QG_FRAMES sets the frames the guest sends per size and phase.
+# This is the one place the QEMU command line lives (README "Use with QEMU",
+# tests/test_qemu.py). Why each part:
+#   TCG (not KVM): /dev/kvm here is nested and a Debian kernel does not boot on it;
+#   memfd share=on: the backend maps guest memory;
+#   pcie-root-port: ATS is only offered off the root bus;
+#   vectors=0 (INTx): QEMU 7.2 + TCG + vhost-user segfaults unmasking MSI-X vectors.
+set -eu
+PRINT=; [ "${1:-}" = --print ] && { PRINT=1; shift; }
+[ $# -ge 1 ] || { echo "usage: $0 [--print] SOCKET [strict|lazy|off] [QEMU args...]" >&2; exit 2; }
+SOCK=$1; shift
+MODE=${1:-strict}; [ $# -ge 1 ] && shift
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${QEMU_GUEST_CACHE:-$(cd "$HERE/../.." && pwd)/.cache/qemu-guest}
+QEMU=${QEMU:-qemu-system-x86_64}
+APPEND="console=ttyS0 panic=-1 ipv6.disable=1 qg_frames=${QG_FRAMES:-2000}"
+case "$MODE" in
+    strict) IOMMU="-device intel-iommu,intremap=on,device-iotlb=on"; NIC=",iommu_platform=on,ats=on"
+            APPEND="$APPEND intel_iommu=on iommu.strict=1" ;;
+    lazy)   IOMMU="-device intel-iommu,intremap=on,device-iotlb=on"; NIC=",iommu_platform=on,ats=on"
+            APPEND="$APPEND intel_iommu=on iommu.strict=0" ;;
+    off)    IOMMU=""; NIC="" ;;
+    *) echo "$0: mode is strict, lazy or off, not $MODE" >&2; exit 2 ;;
+esac
+set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
+    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+    $IOMMU \
+    -chardev "socket,id=c0,path=$SOCK" -netdev vhost-user,id=n0,chardev=c0 \
+    -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
+    -device "virtio-net-pci,bus=rp0,netdev=n0,disable-legacy=on,vectors=0$NIC" \
+    -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.gz" -append "$APPEND" \
+    -nodefaults -display none -serial stdio -no-reboot "$@"
+# The command, shell-quoted, a line per option.
+show() {
+    first=1
+    for a in "$@"; do
+        case "$a" in *[!A-Za-z0-9_.,:=/@%+-]*) a="'$a'" ;; esac
+        if [ -n "$first" ]; then printf '%s' "$a"; first=
+        else case "$a" in -*) printf ' \\\n    %s' "$a" ;; *) printf ' %s' "$a" ;; esac
+        fi
+    done
+    printf '\n'
+}
+if [ -n "$PRINT" ]; then show "$@"; exit 0; fi
+show "$@" >&2
+exec "$@"
