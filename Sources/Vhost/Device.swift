@@ -155,7 +155,10 @@ public final class Device {
         counters.updates += UInt64(report.applied)
         counters.evictions += UInt64(report.evicted)
         report.entries = iotlb.count
-        report.resolvedMisses = resolveMisses()
+        // An answer is lost when the batch removed entries (its own answer may be
+        // among them) or granted the missed IOVA too little permission.
+        let lossy = report.evicted > 0 || report.replaced > 0
+        report.resolvedMisses = resolveMisses { iova in lossy || entries.contains { $0.range.contains(iova) } }
         return report
     }
 
@@ -302,15 +305,18 @@ public final class Device {
     /// After an update: resumes every waiting queue whose missed IOVA now
     /// translates with the permission it needs; returns how many. A queue
     /// whose miss is still unresolved announces it again with a fresh seq (as
-    /// the kernel's vq sends its miss again): whoever answered may have seen
-    /// its answer evicted by the same batch, or answered too narrowly, and a
-    /// reader that only asks past its last seq must see the miss once more.
-    func resolveMisses() -> Int {
+    /// the kernel's vq sends its miss again) when `answerMayBeLost(iova)`: the
+    /// batch evicted or replaced entries (the answer may be among them) or
+    /// mapped the IOVA with too little permission. A reader that only asks past
+    /// its last seq then sees the miss once more; unrelated updates (another
+    /// queue's answer) do not repeat it.
+    func resolveMisses(answerMayBeLost: (IOVA) -> Bool) -> Int {
         var resolved = 0
         let now = monotonicNanos()
         for vq in queues where vq.state == .waitingIOTLB {
             guard let p = vq.pending, p.kind == .miss else { continue }
             guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else {
+                guard answerMayBeLost(p.iova) else { continue }
                 missLog.remove(seq: p.seq)
                 vq.pending!.seq = missLog.post(vq: vq.index, kind: .miss, iova: p.iova, perm: p.perm, now: now)
                 vq.pending!.postedAt = now
