@@ -5,7 +5,7 @@ LISTEN     ?= 127.0.0.1:8080
 APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
 PYTHON     ?= python3
 
-.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-tsan test-asan bench clean
+.PHONY: all deps tools build release run test test-swift test-readme test-examples test-dpdk test-charts test-tsan test-asan bench charts charts-deps clean
 
 all: build
 
@@ -18,10 +18,10 @@ deps:
 
 # What the example and operator tests use: promtool (Debian's prometheus),
 # wrk (Debian), openapi-spec-validator and schemathesis (PyPI), dpdk-testpmd with
-# its virtio-user and pcap drivers (Debian's dpdk); installed only when missing.
+# its virtio-user and pcap drivers (Debian's dpdk-dev); installed only when missing.
 tools:
 	@command -v dpdk-testpmd >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq dpdk; }
+	  apt-get install -y -qq dpdk-dev; }
 	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@$(PYTHON) -c 'import openapi_spec_validator, yaml' 2>/dev/null || \
@@ -38,7 +38,7 @@ release: deps
 run: release
 	.build/release/iotlbd --listen $(LISTEN) --demo
 
-test: test-swift test-readme test-examples test-dpdk
+test: test-swift test-readme test-examples test-dpdk test-charts
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -57,6 +57,11 @@ test-examples: build tools
 test-dpdk: build tools
 	$(PYTHON) tests/test_vhost_user_dpdk.py
 
+# The plotting script on the committed bench/results/*.json, and a tiny
+# `iotlb-bench lookup --json` run; fails (does not skip) when it cannot run.
+test-charts: build charts-deps
+	$(PYTHON) tests/test_charts.py
+
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
@@ -69,6 +74,16 @@ bench: release
 	.build/release/iotlb-bench lookup
 	.build/release/iotlb-bench control
 	.build/release/iotlb-bench datapath --repeats 5
+
+# matplotlib for $(PYTHON), installed only when missing: PyPI, else Debian's package.
+charts-deps:
+	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib; }
+	@$(PYTHON) -c 'import matplotlib' || { echo "matplotlib is still missing for $(PYTHON)" >&2; exit 1; }
+
+# The PNGs of bench/charts/ from the JSON reports in bench/results/ (BENCHMARKS.md, "Charts").
+charts: charts-deps
+	$(PYTHON) scripts/plot_benchmarks.py
 
 clean:
 	rm -rf .build
