@@ -281,8 +281,11 @@ def chart_dpdk_loopback(results, out):
         w = 0.38
         for j, (key, label) in enumerate([("dpdk_mpps", "DPDK vhost-user ↔ virtio-user loopback"),
                                           ("iotlbd_on_mpps", "iotlbd, IOTLB on, built-in guest")]):
-            ax.bar([i + (j - 0.5) * w for i in range(len(fr))], [r.get(key) or 0 for r in fr], width=w * 0.95,
-                   color=COLORS[j], label=label)
+            xs = [i + (j - 0.5) * w for i in range(len(fr))]
+            ax.bar(xs, [r.get(key) or 0 for r in fr], width=w * 0.95, color=COLORS[j], label=label)
+            for x, r in zip(xs, fr):
+                if r.get(key) is None:
+                    ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(range(len(fr)), [str(r["round"]) for r in fr])
         ratios = [r["ratio"] for r in fr if r.get("ratio") is not None]
         med = f", median ratio {statistics.median(ratios):.2f}" if ratios else ""
