@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-tsan test-asan bench install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-charts test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -63,7 +63,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd
+test: test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-charts
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -103,6 +103,11 @@ test-qemu: build qemu-tools
 	scripts/qemu-guest/build.sh
 	$(PYTHON) tests/test_qemu.py
 
+# The plotting script on the committed bench/results/*.json, and a tiny
+# `iotlb-bench lookup --json` run; fails (does not skip) when it cannot run.
+test-charts: build charts-deps
+	$(PYTHON) tests/test_charts.py
+
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
@@ -115,6 +120,16 @@ bench: release
 	.build/release/iotlb-bench lookup
 	.build/release/iotlb-bench control
 	.build/release/iotlb-bench datapath --repeats 5
+
+# matplotlib for $(PYTHON), installed only when missing: PyPI, else Debian's package.
+charts-deps:
+	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib; }
+	@$(PYTHON) -c 'import matplotlib' || { echo "matplotlib is still missing for $(PYTHON)" >&2; exit 1; }
+
+# The PNGs of bench/charts/ from the JSON reports in bench/results/ (BENCHMARKS.md, "Charts").
+charts: charts-deps
+	$(PYTHON) scripts/plot_benchmarks.py
 
 clean:
 	rm -rf .build

@@ -5,18 +5,24 @@
 # device IOTLB off, and iotlbd with it on (identity translator: IOVA = GPA,
 # 2 MiB entries). Every backend gets one pinned core, the front-end the other.
 # Prints a Markdown table of Mpps (median of the per-second figures after a
-# 2 s warm-up). Needs root (huge pages) and Debian's dpdk (installed when
-# missing). Nothing of DPDK is built or kept here.
-#   scripts/vhost-user-side-by-side.sh [ROUNDS] [SECONDS] [FRAMES] [BACKENDS]
+# 2 s warm-up). Needs root (huge pages) and Debian's dpdk-dev (dpdk-testpmd;
+# installed when missing). Nothing of DPDK is built or kept here.
+#   scripts/vhost-user-side-by-side.sh [--json FILE] [ROUNDS] [SECONDS] [FRAMES] [BACKENDS]
 # BACKENDS: any of "dpdk off on" (default all three), e.g. "off on" for a
-# focused IOTLB on/off series.
+# focused IOTLB on/off series. --json FILE also writes the rows as JSON
+# (scripts/bench_json.py; schema iotlb-bench/1, as `iotlb-bench --json`);
+# a DPDK run with no figure (0 pps after its retries) is null there.
 set -euo pipefail
+STARTED=$(date +%s.%N)
+ARGV=("$0" "$@")
+JSON_OUT=
+if [ "${1:-}" = --json ]; then JSON_OUT=$(realpath -m "$2"); shift 2; fi
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-8}
 FRAMES=${3:-"64 1518"}
 BACKENDS=${4:-"dpdk off on"}
 cd "$(dirname "$0")/.."
-command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk; }
+command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
 HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
 if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
 mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
@@ -78,6 +84,7 @@ ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
 has() { case " $BACKENDS " in *" $1 "*) return 0;; esac; return 1; }
 echo "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
+printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_off\n' >"$WORK/rows.tsv"
 for frame in $FRAMES; do
   for r in $(seq 1 "$ROUNDS"); do
     d=-; off=-; on=-
@@ -88,9 +95,19 @@ for frame in $FRAMES; do
     [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
     [ "$off" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$off")
     echo "| $frame | $r | $d | $off | $on | $r1 | $r2 |"
+    if [ "$d" = 0.00 ]; then d=-; r1=-; fi  # no figure: null in the JSON
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" >>"$WORK/rows.tsv"
   done
 done
+RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
 if has dpdk; then
   echo
-  echo "DPDK runs repeated because the tx-first burst was lost: $(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)"
+  echo "DPDK runs repeated because the tx-first burst was lost: $RETRIES"
+fi
+if [ -n "$JSON_OUT" ]; then
+  python3 scripts/bench_json.py --benchmark vhost-user-side-by-side --out "$JSON_OUT" --started "$STARTED" \
+    --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
+    --param-list "backends=$BACKENDS" --meta "dpdk_version=$(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo unknown)" \
+    --meta "dpdk_retries=$RETRIES" --group-by frame_size --median dpdk_mpps --median iotlbd_off_mpps \
+    --median iotlbd_on_mpps --median off_over_dpdk --median on_over_off -- "${ARGV[@]}" <"$WORK/rows.tsv"
 fi

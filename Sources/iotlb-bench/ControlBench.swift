@@ -12,7 +12,7 @@ struct ControlBench: ParsableCommand {
     @Option(help: "Batch sizes of updates.") var batches = "1,64,1024"
     @Option(help: "Seconds per batch size.") var seconds = 1.5
     @Option(help: "Miss round trips to make.") var roundTrips = 2000
-    @Flag(help: "JSON instead of a Markdown table.") var json = false
+    @OptionGroup var output: ReportOptions
 
     func run() throws {
         var options = ServerOptions()
@@ -24,9 +24,12 @@ struct ControlBench: ParsableCommand {
         _ = try c.request("POST", "/v1/devices", text: #"{"id":"b","translator":"external"}"#)
         _ = try c.request("PUT", "/v1/devices/b/mem-table",
                           text: #"{"regions":[{"guest_phys_addr":0,"memory_size":"0x40000000","userspace_addr":"0x7f0000000000"}]}"#)
-        var out: [(String, JSON)] = []
+        let batchList = batches.split(separator: ",").compactMap { Int($0) }
+        var report = Report(benchmark: "control", parameters: [
+            ("batches", .array(batchList.map { .count($0) })), ("seconds", .double(seconds)), ("round_trips", .count(roundTrips)),
+        ])
         var rows: [[String]] = []
-        for n in batches.split(separator: ",").compactMap({ Int($0) }) {
+        for n in batchList {
             progress("control: updates in batches of \(n) …")
             // A few different bodies, so the table keeps changing (and FIFO-evicting).
             let bodies: [[UInt8]] = (0..<8).map { v in
@@ -46,17 +49,19 @@ struct ControlBench: ParsableCommand {
             }
             let dt = Date().timeIntervalSince(t0)
             rows.append(["updates, batch \(n)", fmt(Double(sent) / dt, 0) + " entries/s", fmt(Double(requests) / dt, 0) + " req/s"])
-            out.append(("batch_\(n)", ["entries_per_s": .double(Double(sent) / dt), "requests_per_s": .double(Double(requests) / dt)]))
+            report.row([("what", "updates"), ("batch", .count(n)), ("seconds", .double(dt)), ("entries", .count(sent)),
+                        ("requests", .count(requests)), ("entries_per_s", .double(Double(sent) / dt)),
+                        ("requests_per_s", .double(Double(requests) / dt))])
         }
         let rt = try missRoundTrips(c, count: roundTrips)
         rows.append(["miss round trip (posted → resolved, on the device)", "p50 \(rt.p50) µs", "p99 \(rt.p99) µs"])
         rows.append(["miss round trip (long-poll answered → update answered, client)", "p50 \(fmt(rt.clientP50, 1)) µs",
                      "p99 \(fmt(rt.clientP99, 1)) µs"])
-        out.append(("miss_round_trip_us", ["device_p50": .count(rt.p50), "device_p99": .count(rt.p99),
-                                           "client_p50": .double(rt.clientP50), "client_p99": .double(rt.clientP99),
-                                           "count": .count(rt.count)]))
+        report.row([("what", "miss_round_trip"), ("count", .count(rt.count)), ("device_p50_us", .count(rt.p50)),
+                    ("device_p99_us", .count(rt.p99)), ("client_p50_us", .double(rt.clientP50)),
+                    ("client_p99_us", .double(rt.clientP99))])
         progressDone()
-        print(json ? JSON.object(out).text : table(["what", "rate / p50", "p99"], rows))
+        try report.emit(table: table(["what", "rate / p50", "p99"], rows), to: output)
     }
 
     /// An orchestrator loop: invalidate the TX rings' mapping, the device posts a

@@ -20,8 +20,8 @@ struct DatapathBench: ParsableCommand {
     @Option(help: "Runs per side (on, off alternately).") var repeats = 3
     @Option(help: "Ring size.") var ringSize = 256
     @Flag(help: "Builtin translator pushes guest mappings eagerly (dynamic).") var eager = false
-    @Flag(help: "JSON instead of a Markdown table.") var json = false
     @Option(help: "Which sides to run: on,off (alternately), or one of them (profiling).") var sides = "on,off"
+    @OptionGroup var output: ReportOptions
 
     func run() throws {
         let sideList = sides.split(separator: ",").map { $0 == "on" }
@@ -34,14 +34,20 @@ struct DatapathBench: ParsableCommand {
         guard !sizeList.isEmpty, !pageList.isEmpty, !mapList.isEmpty else {
             throw ValidationError("nothing to run: check --sizes, --pages, --mappings")
         }
+        var report = Report(benchmark: "datapath", parameters: [
+            ("sizes", .array(sizeList.map { .count($0) })), ("pages", .array(pageList.map { .string($0.rawValue) })),
+            ("mappings", .array(mapList.map { .string($0.rawValue) })), ("seconds", .double(seconds)),
+            ("warmup", .double(warmup)), ("repeats", .count(repeats)), ("ring_size", .count(ringSize)),
+            ("eager", .bool(eager)), ("sides", .array(sideList.map { .string($0 ? "on" : "off") })),
+        ])
         var cells: [Cell] = []
         let total = sizeList.count * pageList.count * mapList.count * repeats * sideList.count
         var done = 0
         for size in sizeList {
             for page in pageList {
                 for mapping in mapList {
-                    var cell = Cell(size: size, page: page, mapping: mapping)
-                    for _ in 0..<repeats {
+                    var cell = Cell(size: size, page: page, mapping: mapping, eager: eager, ringSize: ringSize)
+                    for index in 0..<repeats {
                         for on in sideList {
                             done += 1
                             progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") …")
@@ -54,6 +60,7 @@ struct DatapathBench: ParsableCommand {
                             let r = try measure(c, iotlb: on, warmup: warmup, seconds: seconds)
                             progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") \(fmt(r.mpps)) Mpps")
                             if on { cell.on.append(r) } else { cell.off.append(r) }
+                            report.row(cell.parameters + [("iotlb", .string(on ? "on" : "off")), ("repeat", .count(index))] + r.fields)
                         }
                     }
                     cells.append(cell)
@@ -61,7 +68,8 @@ struct DatapathBench: ParsableCommand {
             }
         }
         progressDone()
-        print(json ? Cell.json(cells).text : Cell.markdown(cells))
+        for c in cells { report.summary(c.parameters + c.summaryFields) }
+        try report.emit(table: Cell.markdown(cells), to: output)
     }
 }
 
@@ -78,6 +86,14 @@ struct RunResult {
     var allocationsPerFrame: Double
     var refcountsPerFrame: Double
     var hitRate: Double { hits + misses == 0 ? 0 : Double(hits) / Double(hits + misses) }
+
+    /// Its figures as report fields.
+    var fields: [(String, JSON)] {
+        [("mpps", .double(mpps)), ("gbps", .double(gbps)), ("frames", .count(frames)), ("hits", .count(hits)),
+         ("misses", .count(misses)), ("hit_rate", hits + misses == 0 ? .null : .double(hitRate)), ("invalidations", .count(invalidations)),
+         ("verify_errors", .count(verifyErrors)), ("allocations_per_frame", .double(allocationsPerFrame)),
+         ("retains_per_frame", .double(refcountsPerFrame))]
+    }
 }
 
 /// Runs one workload for `seconds` after `warmup` and reads its figures.
@@ -124,6 +140,8 @@ struct Cell {
     var size: Int
     var page: PageSize
     var mapping: MappingMode
+    var eager: Bool
+    var ringSize: Int
     var on: [RunResult] = []
     var off: [RunResult] = []
 
@@ -149,18 +167,28 @@ struct Cell {
                       "hit rate", "misses", "invalidations", "allocs/frame", "retains/frame", "verify errors"], rows)
     }
 
-    static func json(_ cells: [Cell]) -> JSON {
-        .array(cells.map { c in
-            func runs(_ rs: [RunResult]) -> JSON {
-                .array(rs.map { r in
-                    ["mpps": .double(r.mpps), "gbps": .double(r.gbps), "frames": .count(r.frames), "hits": .count(r.hits),
-                     "misses": .count(r.misses), "hit_rate": .double(r.hitRate), "invalidations": .count(r.invalidations),
-                     "verify_errors": .count(r.verifyErrors), "allocations_per_frame": .double(r.allocationsPerFrame),
-                     "refcounts_per_frame": .double(r.refcountsPerFrame)]
-                })
-            }
-            return ["packet_size": .count(c.size), "page_size": .string(c.page.rawValue), "mapping": .string(c.mapping.rawValue),
-                    "on": runs(c.on), "off": runs(c.off), "ratios": .array(c.ratios.map { .double($0) })]
-        })
+    /// What identifies the cell in the report.
+    var parameters: [(String, JSON)] {
+        [("packet_size", .count(size)), ("page_size", .string(page.rawValue)), ("mapping", .string(mapping.rawValue)),
+         ("eager", .bool(eager)), ("ring_size", .count(ringSize))]
+    }
+
+    /// The table's figures: medians over the runs, the on/off ratio of each
+    /// side-by-side pair (repeat i on / repeat i off) with min, median and max.
+    var summaryFields: [(String, JSON)] {
+        let r = ratios
+        func opt(_ v: Double?) -> JSON { v.map { .double($0) } ?? .null }
+        let hits = on.reduce(0) { $0 + $1.hits }, misses = on.reduce(0) { $0 + $1.misses }
+        return [("on_mpps_median", on.isEmpty ? .null : .double(median(on.map(\.mpps)))),
+                ("off_mpps_median", off.isEmpty ? .null : .double(median(off.map(\.mpps)))),
+                ("on_gbps_median", on.isEmpty ? .null : .double(median(on.map(\.gbps)))),
+                ("off_gbps_median", off.isEmpty ? .null : .double(median(off.map(\.gbps)))),
+                ("ratios", .array(r.map { .double($0) })),
+                ("ratio_min", opt(r.min())), ("ratio_median", r.isEmpty ? .null : .double(median(r))), ("ratio_max", opt(r.max())),
+                ("on_hit_rate", hits + misses == 0 ? .null : .double(Double(hits) / Double(hits + misses))),
+                ("on_misses", .count(misses)), ("on_invalidations", .count(on.reduce(0) { $0 + $1.invalidations })),
+                ("on_allocations_per_frame_max", opt(on.map(\.allocationsPerFrame).max())),
+                ("on_retains_per_frame_max", opt(on.map(\.refcountsPerFrame).max())),
+                ("verify_errors", .count((on + off).reduce(0) { $0 + $1.verifyErrors }))]
     }
 }

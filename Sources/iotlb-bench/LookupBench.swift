@@ -10,21 +10,24 @@ struct LookupBench: ParsableCommand {
 
     @Option(help: "IOTLB sizes.") var entries = "64,2048,65536"
     @Option(help: "Look-ups per measurement.") var lookups = 4_000_000
-    @Flag(help: "JSON instead of a Markdown table.") var json = false
+    @OptionGroup var output: ReportOptions
 
     func run() throws {
+        let sizes = entries.split(separator: ",").compactMap { Int($0) }
+        var report = Report(benchmark: "lookup", parameters: [("entries", .array(sizes.map { .count($0) })),
+                                                              ("lookups", .count(lookups))])
         var rows: [[String]] = []
-        var out: [JSON] = []
-        for n in entries.split(separator: ",").compactMap({ Int($0) }) {
+        for n in sizes {
             progress("lookup: \(n) entries …")
             let r = measureLookups(entries: n, lookups: lookups)
             rows.append(["\(n)", fmt(r.random, 1), fmt(r.sequential, 1), fmt(r.miss, 1), fmt(r.pair, 1)])
-            out.append(["entries": .count(n), "random_hit_ns": .double(r.random), "sequential_hit_ns": .double(r.sequential),
-                        "miss_ns": .double(r.miss), "update_invalidate_pair_ns": .double(r.pair)])
+            report.row([("entries", .count(n)), ("lookups", .count(lookups)), ("random_hit_ns", .double(r.random)),
+                        ("sequential_hit_ns", .double(r.sequential)), ("miss_ns", .double(r.miss)),
+                        ("update_invalidate_pair_ns", .double(r.pair))])
         }
         progressDone()
-        print(json ? JSON.array(out).text
-                   : table(["entries", "random hit ns", "sequential hit ns", "miss ns", "update+invalidate ns"], rows))
+        try report.emit(table: table(["entries", "random hit ns", "sequential hit ns", "miss ns", "update+invalidate ns"], rows),
+                        to: output)
     }
 }
 

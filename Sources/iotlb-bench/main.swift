@@ -10,7 +10,7 @@ struct Bench: ParsableCommand {
             datapath: built-in guest traffic, IOTLB on and off run alternately (A B A B …) so their \
             ratio is measured side by side; also counts heap allocations and retain/release on the \
             datapath thread per frame. lookup: IOTLB translate cost. control: the HTTP API on loopback. \
-            Progress goes to stderr, a Markdown table (or --json) to stdout.
+            Progress goes to stderr, a Markdown table to stdout; --json FILE also writes the results as JSON (FILE "-": to stdout instead of the table).
             """,
         subcommands: [DatapathBench.self, LookupBench.self, ControlBench.self, PressureBench.self, IsolationBench.self],
         defaultSubcommand: DatapathBench.self)
