@@ -161,7 +161,9 @@ public final class VhostUserBackend: @unchecked Sendable {
     }
 
     /// Client mode: connect, serve, and after a failure or a lost connection
-    /// wait 50 ms, doubling up to 2 s while attempts keep failing.
+    /// wait 50 ms, doubling up to 2 s while attempts keep failing. A connection
+    /// that lasted under a second does not reset the wait: a front-end that
+    /// accepts and drops at once is not retried in a tight loop.
     private func runClient() {
         var backoff = Self.firstBackoffMillis
         while running.load(ordering: .acquiring) {
@@ -177,20 +179,25 @@ public final class VhostUserBackend: @unchecked Sendable {
                 backoff = min(backoff * 2, Self.maxBackoffMillis)
                 continue
             }
-            backoff = Self.firstBackoffMillis
+            let began = Self.monotonicMillis()
             serve(conn)
+            if Self.monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
             pause(backoff)
+            backoff = min(backoff * 2, Self.maxBackoffMillis)
         }
+    }
+
+    static func monotonicMillis() -> Int {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int(ts.tv_sec) * 1000 + Int(ts.tv_nsec) / 1_000_000
     }
 
     /// Waits `millis` unless stopped meanwhile.
     private func pause(_ millis: Int) {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let end = Int(ts.tv_sec) * 1000 + Int(ts.tv_nsec) / 1_000_000 + millis
+        let end = Self.monotonicMillis() + millis
         while running.load(ordering: .acquiring) {
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            let left = end - (Int(ts.tv_sec) * 1000 + Int(ts.tv_nsec) / 1_000_000)
+            let left = end - Self.monotonicMillis()
             if left <= 0 { return }
             var pfd = pollfd(fd: notifier.fd, events: Int16(POLLIN), revents: 0)
             if poll(&pfd, 1, Int32(left)) > 0 { notifier.drain() }

@@ -82,6 +82,27 @@ extension VhostUserTests {
         #expect(try vhostUser(d, "vb")["connected"] == .bool(true))
     }
 
+    @Test("a front-end that accepts and drops at once is retried with growing waits, not in a tight loop")
+    func dropAtOnceBacksOff() throws {
+        let d = try LiveDaemon()
+        let path = Self.socketPath("dropper")
+        unlink(path)
+        let listener = cunixsock_listen(path)
+        defer { close(listener); unlink(path) }
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vd","vhost_user":{"socket":"dropper.sock","mode":"client"}}"#)
+        var accepted = 0
+        let end = monotonicNanos() + 3_000_000_000
+        while monotonicNanos() < end {
+            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 50) == 1 else { continue }
+            let c = cunixsock_accept(listener)
+            if c >= 0 { accepted += 1; close(c) }
+        }
+        // Waits of 50, 100, 200, 400, 800, 1600 ms: 6 connections in 3 s (60 at a fixed 50 ms).
+        #expect((4...8).contains(accepted), "\(accepted) connections in 3 s")
+        #expect((try vhostUser(d, "vd")["connections"]?.intValue ?? 0) >= accepted)
+    }
+
     @Test("server-mode devices answer mode server and 0 reconnect attempts")
     func serverModeFields() throws {
         let d = try LiveDaemon()
