@@ -144,6 +144,21 @@ class Restarts(unittest.TestCase):
                 self.assertEqual(os.listdir(self.state), ["config.json"])
                 self.assertEqual(os.listdir(self.vu), [], "nothing of the refused configuration stays")
 
+    def test_port_taken_at_start_leaves_no_sockets(self):
+        d = self.daemon("--state-dir", self.state)
+        try:
+            self.assertEqual(d.call("POST", "/v1/devices", {"id": "vs", "vhost_user": {"socket": "vs.sock"}})[0], 201)
+        finally:
+            d.stop()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            out = subprocess.run([IOTLBD, "--listen", f"127.0.0.1:{taken.getsockname()[1]}", "--vhost-user-dir", self.vu,
+                                  "--state-dir", self.state], capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("cannot listen", out.stderr)
+        self.assertEqual(os.listdir(self.vu), [], "the restored device's socket went with the failed start")
+
     def test_config_file_round_trip(self):
         d = self.daemon()
         try:

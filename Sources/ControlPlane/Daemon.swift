@@ -37,6 +37,7 @@ public final class Daemon: Sendable {
         for s in [server] + extraServers {
             do throws(ServerStartError) { try s.start() } catch {
                 for t in started { t.stop() }
+                controlPlane.stopWorkloads()  // the loaded devices' sockets go too
                 throw error
             }
             started.append(s)
