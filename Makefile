@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-charts test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -63,7 +63,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-dashboards test-dpdk test-qemu test-systemd test-charts
+test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -76,6 +76,11 @@ test-readme: build
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
 	$(PYTHON) tests/test_examples.py
+
+# Restarts: --state-dir across kill -9, damaged state files refused, --config,
+# confined vhost-user socket paths, the API on a Unix socket (curl, orchestrator).
+test-restarts: build
+	$(PYTHON) tests/test_restarts.py
 
 # The Grafana dashboard and the Prometheus rules: JSON checks, promtool check/test
 # rules, then a real Prometheus scraping a live daemon answers every panel's query.

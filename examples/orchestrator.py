@@ -10,14 +10,18 @@ daemon's, after a daemon restart, is reset). SIGTERM or SIGINT stops it
 cleanly, exit status 0.
 
     examples/orchestrator.py --url http://127.0.0.1:8080 --device nic0
+    examples/orchestrator.py --url unix:/run/iotlbd/api.sock --device nic0
 """
 import argparse
+import http.client
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 log = logging.getLogger("orchestrator")
@@ -27,13 +31,36 @@ class Stop(Exception):
     pass
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (iotlbd --listen unix:PATH)."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.unix_path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
 class Client:
+    """iotlbd's API at an http:// URL, or at unix:PATH (a Unix socket)."""
+
     def __init__(self, url, token=None, timeout=70):
+        self.unix_path = url[len("unix:"):] if url.startswith("unix:") else None
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
 
     def call(self, method, path, body=None):
+        if self.unix_path is not None:
+            return self.call_unix(method, path, body)
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
@@ -48,6 +75,25 @@ class Client:
                 return e.code, json.loads(payload)
             except ValueError:
                 return e.code, {"error": {"code": "http", "message": payload.decode(errors="replace")}}
+
+
+    def call_unix(self, method, path, body=None):
+        headers = {"Content-Type": "application/json", "Host": "localhost"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        conn = UnixHTTPConnection(self.unix_path, self.timeout)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+        except http.client.HTTPException as e:
+            raise ConnectionError(f"unix:{self.unix_path}: {e}") from e
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(payload or b"null")
+        except ValueError:
+            return resp.status, {"error": {"code": "http", "message": payload.decode(errors="replace")}}
 
 
 def answer(client, device, miss):
@@ -109,7 +155,8 @@ def run(args, stopping):
 
 def main():
     p = argparse.ArgumentParser(description="Answer iotlbd IOTLB misses from the guest IOMMU view.")
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="iotlbd base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8080",
+                   help="iotlbd base URL: http://HOST:PORT, or unix:PATH for iotlbd --listen unix:PATH")
     p.add_argument("--device", required=True, help="device id whose misses to answer")
     p.add_argument("--token-file", help="file with the bearer token, if iotlbd runs with --token-file")
     p.add_argument("--poll-ms", type=int, default=1000, help="long-poll time-out in ms (default 1000)")

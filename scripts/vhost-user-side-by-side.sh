@@ -30,7 +30,7 @@ mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs 
 
 WORK=$(mktemp -d)
 PORT=$((20000 + $$ % 10000))
-taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --log-level warning >"$WORK/iotlbd.log" 2>&1 &
+taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
 DAEMON=$!
 cleanup() {
   kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true

@@ -174,11 +174,14 @@ class Examples(unittest.TestCase):
         with open(tok, "w") as f:
             f.write("fuzz\n")
         # Fuzzed vhost-user socket paths are relative, or absolute: the former land
-        # in a scratch directory, and every socket the daemon made goes when it stops.
+        # in the vhost-user directory (a scratch one), the latter are refused unless
+        # inside it; nothing lands in the daemon's working directory, and every socket
+        # the daemon made goes when it stops.
         scratch = tempfile.mkdtemp(prefix="iotlbd-fuzz-")
+        cwd = tempfile.mkdtemp(prefix="iotlbd-fuzz-cwd-")
         # schemathesis keeps a cache in its working directory: not in the checkout.
         st_cwd = tempfile.mkdtemp(prefix="iotlbd-st-")
-        d = Daemon("--demo", "--token-file", tok, cwd=scratch)
+        d = Daemon("--demo", "--token-file", tok, "--vhost-user-dir", scratch, cwd=cwd)
         try:
             run = subprocess.run(
                 ["st", "run", os.path.join(ROOT, "api", "openapi.yaml"), "--url", d.url, "-H", "Authorization: Bearer fuzz",
@@ -192,7 +195,9 @@ class Examples(unittest.TestCase):
         finally:
             d.stop()
             self.assertEqual(os.listdir(scratch), [], "sockets left after the daemon stopped")
+            self.assertEqual(os.listdir(cwd), [], "nothing made in the working directory")
             shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(cwd, ignore_errors=True)
             shutil.rmtree(st_cwd, ignore_errors=True)
 
     def test_sigterm_releases_long_polls_and_exits_zero(self):

@@ -350,8 +350,11 @@ class Installed(unittest.TestCase):
         umask = int(dict(service)["UMask"], 8)
         log_path = os.path.join(self.tmp, "iotlbd.log")
         log = open(log_path, "w")
+        # systemd tells the service its RuntimeDirectory= in $RUNTIME_DIRECTORY: iotlbd's
+        # default vhost-user directory (socket paths must lie in it).
+        env = dict(os.environ, RUNTIME_DIRECTORY=runtime)
         proc = subprocess.Popen(argv, cwd=state, umask=umask, preexec_fn=sandbox.apply, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, **user)
+                                stdout=log, stderr=log, env=env, **user)
 
         def log_text():
             with open(log_path) as f:

@@ -118,7 +118,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
             print("\n" + "!" * 78 + "\nSKIPPED: " + why + "\n" + "!" * 78, file=sys.stderr)
             raise unittest.SkipTest(why)
         cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dpdk-")
-        cls.daemon = Daemon()
+        cls.daemon = Daemon("--vhost-user-dir", cls.tmp)  # socket paths must lie there
 
     @classmethod
     def tearDownClass(cls):
@@ -162,7 +162,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         self.assertIn("Bye", text)
         return text
 
-    def run_testpmd(self, name, sock, frames, tag):
+    def run_testpmd(self, name, sock, frames, tag, vdev_extra=""):
         """One testpmd session: returns the frames that came back."""
         src, out = os.path.join(self.tmp, f"{tag}-in.pcap"), os.path.join(self.tmp, f"{tag}-out.pcap")
         write_pcap(src, frames)
@@ -176,7 +176,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
                 delivered = rx["used_idx"]
             return delivered >= len(frames)
 
-        text = self.session(tag, [f"net_virtio_user0,path={sock},queues=1,queue_size=256",
+        text = self.session(tag, [f"net_virtio_user0,path={sock},queues=1,queue_size=256{vdev_extra}",
                                   f"net_pcap0,rx_pcap={src},tx_pcap={out}"],
                             ["--forward-mode=io",
                              "--no-flush-rx"],  # testpmd would otherwise drain the pcap input before forwarding
@@ -214,6 +214,32 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         stats = self.daemon.call("GET", "/v1/devices/dpdk-on/iotlb/stats")[1]
         self.assertEqual(stats["access_failures"], 0)
         self.assertGreater(stats["hits"], 0)
+        self.assertEqual(stats["entries"], 0, "the departed front-end's translations are flushed")
+
+    def test_client_mode_virtio_user_server(self):
+        """testpmd's virtio-user listens (server=1); the device, created first in
+        client mode, keeps trying until it can connect; byte-exact frames both
+        times, and after testpmd exits iotlbd reconnects to the next one alone."""
+        sock = os.path.join(self.tmp, "client.sock")
+        status, dev = self.daemon.call("POST", "/v1/devices",
+                                       {"id": "dpdk-client", "iotlb": True, "vhost_user": {"socket": "client.sock", "mode": "client"}})
+        self.assertEqual(status, 201, dev)
+        self.assertEqual((dev["vhost_user"]["mode"], dev["vhost_user"]["socket"]), ("client", sock))
+        deadline = time.time() + 10
+        while self.daemon.call("GET", "/v1/devices/dpdk-client")[1]["vhost_user"]["reconnect_attempts"] < 2:
+            self.assertLess(time.time(), deadline, "no connection attempts while nothing listens")
+            time.sleep(0.05)
+        for round_ in range(2):
+            frames = make_frames(200, seed=20 + round_)
+            back = self.run_testpmd("dpdk-client", sock, frames, f"client{round_}", vdev_extra=",server=1")
+            self.assertEqual(len(back), len(frames))
+            self.assertEqual(back, frames, f"round {round_}: frames came back changed or reordered")
+            dev = self.check_device_idle("dpdk-client")
+            self.assertEqual(dev["vhost_user"]["connections"], round_ + 1)
+            self.assertEqual(dev["vhost_user"]["mode"], "client")
+        self.assertGreater(dev["vhost_user"]["reconnect_attempts"], 2, "it tried again between the two testpmd runs")
+        stats = self.daemon.call("GET", "/v1/devices/dpdk-client/iotlb/stats")[1]
+        self.assertEqual(stats["access_failures"], 0)
         self.assertEqual(stats["entries"], 0, "the departed front-end's translations are flushed")
 
     def test_two_queue_pairs(self):

@@ -5,6 +5,10 @@
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <sys/un.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdatomic.h>
 #include <unistd.h>
 
 static int fill_address(struct sockaddr_un *un, const char *path) {
@@ -38,6 +42,32 @@ int cunixsock_listen(const char *path) {
     return fd;
 }
 
+int cunixsock_listen_mode(const char *path, unsigned mode, long gid, int backlog) {
+    static atomic_uint counter;
+    struct sockaddr_un un;
+    int fd = open_socket(path, &un);
+    if (fd < 0) return -1;
+    char tmp[sizeof(un.sun_path)];
+    const char *slash = strrchr(path, '/');
+    int dirlen = slash ? (int)(slash - path + 1) : 0;
+    int n = snprintf(tmp, sizeof(tmp), "%.*s.iotlbd-%d-%u.tmp", dirlen, path, (int)getpid(),
+                     atomic_fetch_add(&counter, 1));
+    int staged = n > 0 && (size_t)n < sizeof(tmp);
+    struct sockaddr_un at;
+    if (fill_address(&at, staged ? tmp : path) < 0) return fail_closing(fd);
+    if (bind(fd, (struct sockaddr *)&at, sizeof(at)) < 0) return fail_closing(fd);
+    const char *bound = staged ? tmp : path;
+    if ((gid != -1 && chown(bound, (uid_t)-1, (gid_t)gid) < 0) || chmod(bound, mode) < 0 ||
+        listen(fd, backlog) < 0 || (staged && rename(tmp, path) < 0)) {
+        int e = errno;
+        unlink(staged ? tmp : path);
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
 int cunixsock_connect(const char *path) {
     struct sockaddr_un un;
     int fd = open_socket(path, &un);
@@ -45,6 +75,17 @@ int cunixsock_connect(const char *path) {
     int r;
     do { r = connect(fd, (struct sockaddr *)&un, sizeof(un)); } while (r < 0 && errno == EINTR);
     if (r < 0) return fail_closing(fd);
+    return fd;
+}
+
+int cunixsock_connect_nowait(const char *path) {
+    struct sockaddr_un un;
+    if (fill_address(&un, path) < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&un, sizeof(un)) < 0) return fail_closing(fd);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) return fail_closing(fd);
     return fd;
 }
 

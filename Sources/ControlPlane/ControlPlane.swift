@@ -10,6 +10,11 @@ public struct ControlPlaneSettings: Sendable {
     public var token: String?
     /// Default IOTLB size for devices that do not name one.
     public var iotlbMaxEntries = 2048
+    /// Where vhost-user sockets may live and how they are made; nil: the
+    /// default directory (`VhostUserSockets.defaultDirectory`), made if missing.
+    public var vhostUserSockets: VhostUserSockets?
+    /// --state-dir: the configuration is kept in `<dir>/config.json`.
+    public var stateDirectory: String?
     public init() {}
 }
 
@@ -26,16 +31,33 @@ public final class ControlPlane: Sendable {
     let workloads = WorkloadRegistry()
     let vhostUsers = VhostUserRegistry()
     let requests = RequestCounter()
+    /// What clients configured (GET /v1/config, the state file).
+    let store: ConfigStore
+    /// Where vhost-user sockets may live.
+    public let sockets: VhostUserSockets
 
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
         self.logger = logger
+        let sockets = settings.vhostUserSockets
+            ?? (try? VhostUserSockets.prepare(directory: nil, group: nil))
+            ?? VhostUserSockets(resolvedDirectory: VhostUserSockets.defaultDirectory())
+        self.sockets = sockets
+        let store = ConfigStore(stateFile: settings.stateDirectory.map { ($0.hasSuffix("/") ? $0 : $0 + "/") + ConfigFormat.stateFileName },
+                                logger: logger)
+        self.store = store
         var r = Router()
         ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer,
-                               workloads: workloads, vhostUsers: vhostUsers)
+                               workloads: workloads, vhostUsers: vhostUsers, store: store, sockets: sockets)
         self.router = r
     }
+
+    /// The whole configuration, as `GET /v1/config` answers it.
+    public var configuration: JSON { store.document }
+
+    /// The state file (`<--state-dir>/config.json`), nil without --state-dir.
+    public var stateFile: String? { store.stateFile }
 
     /// Creates device `demo0` with a looping built-in guest (64 B frames,
     /// 2 MiB pages, static mappings) so figures move at once.

@@ -1,4 +1,4 @@
-// The daemon: an engine, its control plane, and the HTTP server, started and
+// The daemon: an engine, its control plane, and the HTTP server(s), started and
 // stopped together. Tests start one on an ephemeral port.
 import Vhost
 import Logging
@@ -9,30 +9,50 @@ public final class Daemon: Sendable {
     public let engine: Engine
     /// The routes.
     public let controlPlane: ControlPlane
-    /// The HTTP server.
+    /// The HTTP server (the first listener).
     public let server: HTTPServer
+    /// Further listeners (--also-listen), serving the same routes.
+    public let extraServers: [HTTPServer]
 
-    /// Builds (does not start) a daemon.
-    public init(server options: ServerOptions, settings: ControlPlaneSettings = ControlPlaneSettings(),
+    /// Builds (does not start) a daemon listening as `options` says, and as each of `alsoListen`.
+    public init(server options: ServerOptions, alsoListen: [ServerOptions] = [],
+                settings: ControlPlaneSettings = ControlPlaneSettings(),
                 datapathThreads: Int = 1, limits: EngineLimits = EngineLimits(),
                 logger: Logger = Logger(label: "iotlbd")) {
         engine = Engine(datapathThreads: datapathThreads, limits: limits)
         let cp = ControlPlane(engine: engine, settings: settings, logger: logger)
         controlPlane = cp
         server = HTTPServer(options: options) { cp.respond($0) }
+        extraServers = alsoListen.map { HTTPServer(options: $0) { cp.respond($0) } }
     }
 
-    /// Starts serving.
-    public func start() throws(ServerStartError) { try server.start() }
+    /// Loads the configuration (the state file of --state-dir, else
+    /// `configFile`), then starts serving. Nothing listens when loading fails.
+    public func start(configFile: String? = nil) throws(ServerStartError) {
+        do throws(StartupError) { try controlPlane.loadConfiguration(configFile: configFile) } catch {
+            controlPlane.stopWorkloads()  // what a refused configuration half-made goes, sockets too
+            throw ServerStartError(description: error.description)
+        }
+        var started: [HTTPServer] = []
+        for s in [server] + extraServers {
+            do throws(ServerStartError) { try s.start() } catch {
+                for t in started { t.stop() }
+                controlPlane.stopWorkloads()  // the loaded devices' sockets go too
+                throw error
+            }
+            started.append(s)
+        }
+    }
 
-    /// The bound port.
+    /// The bound port of the first listener.
     public var port: UInt16 { server.port }
 
-    /// Stops the workers (answering every queued command), then the server.
+    /// Stops the workers (answering every queued command), then the servers.
     public func stop() {
         controlPlane.stopWorkloads()
         engine.shutdown()
         controlPlane.stop()
         server.stop()
+        for s in extraServers { s.stop() }
     }
 }

@@ -6,6 +6,7 @@
 // stores the response and resumes the connection (safe from any thread), and
 // libmicrohttpd calls `handle` again to queue it.
 import CMicroHTTPD
+import CUnixSocket
 import Glibc
 import Synchronization
 import Vhost
@@ -24,7 +25,17 @@ public struct ServerOptions: Sendable {
     public var maxBodyBytes = 8 << 20
     /// Seconds an idle or half-sent connection may hold its place.
     public var connectionTimeout = 30
+    /// Listen on this Unix socket instead of host and port (`--listen unix:PATH`).
+    public var unixPath: String?
+    /// The Unix socket's mode: who may connect is who may write it.
+    public var unixPermissions: mode_t = 0o660
     public init() {}
+
+    /// What the listener is, for messages: "HOST:PORT" or "unix:PATH".
+    public var address: String {
+        if let unixPath { return "unix:" + unixPath }
+        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
 }
 
 /// Why the server did not start.
@@ -66,6 +77,29 @@ public final class HTTPServer: @unchecked Sendable {
     /// Connections waiting for a deferred reply.
     public var suspendedConnections: Int { suspended.load(ordering: .relaxed) }
 
+    /// The Unix socket listened on (removed at stop).
+    private var unixListening: String?
+
+    /// A listening Unix socket at `path` with `options.unixPermissions`: a stale
+    /// socket file is replaced, a live one or any other file refused.
+    private func listenUnix(_ path: String) throws(ServerStartError) -> Int32 {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else {
+                throw ServerStartError(description: "cannot listen on unix:\(path): the file exists and is not a socket")
+            }
+            guard cunixsock_is_live(path) == 0 else {
+                throw ServerStartError(description: "cannot listen on unix:\(path): something listens on it already")
+            }
+            unlink(path)
+        }
+        let fd = cunixsock_listen_mode(path, UInt32(options.unixPermissions), -1, 1024)
+        guard fd >= 0 else {
+            throw ServerStartError(description: "cannot listen on unix:\(path): \(String(cString: strerror(errno)))")
+        }
+        return fd
+    }
+
     /// Binds and starts serving.
     public func start() throws(ServerStartError) {
         var flags = MHD_USE_INTERNAL_POLLING_THREAD.rawValue | MHD_USE_EPOLL.rawValue
@@ -73,8 +107,11 @@ public final class HTTPServer: @unchecked Sendable {
         let host = options.host == "localhost" ? "127.0.0.1" : options.host
         var v4 = sockaddr_in()
         var v6 = sockaddr_in6()
-        let addrPtr: UnsafeMutableRawPointer
-        if inet_pton(AF_INET, host, &v4.sin_addr) == 1 {
+        var addrPtr: UnsafeMutableRawPointer?
+        var unixFD: Int32 = -1
+        if let path = options.unixPath {
+            unixFD = try listenUnix(path)
+        } else if inet_pton(AF_INET, host, &v4.sin_addr) == 1 {
             v4.sin_family = sa_family_t(AF_INET)
             v4.sin_port = options.port.bigEndian
             addrPtr = withUnsafeMutablePointer(to: &v4) { UnsafeMutableRawPointer($0) }
@@ -101,7 +138,8 @@ public final class HTTPServer: @unchecked Sendable {
             }
         }
         var items: [MHD_OptionItem] = [
-            MHD_OptionItem(option: .SOCK_ADDR, value: 0, ptr_value: addrPtr),
+            unixFD >= 0 ? MHD_OptionItem(option: .LISTEN_SOCKET, value: Int(unixFD), ptr_value: nil)
+                : MHD_OptionItem(option: .SOCK_ADDR, value: 0, ptr_value: addrPtr),
             MHD_OptionItem(option: .THREAD_POOL_SIZE, value: max(1, options.threads), ptr_value: nil),
             // libmicrohttpd refuses past this; below it we answer a JSON 503 ourselves.
             MHD_OptionItem(option: .CONNECTION_LIMIT, value: options.maxConnections + 64, ptr_value: nil),
@@ -115,12 +153,21 @@ public final class HTTPServer: @unchecked Sendable {
             let server = Unmanaged<HTTPServer>.fromOpaque(cls!).takeUnretainedValue()
             return server.handle(connection!, url!, method!, uploadData, uploadSize!, conCls!)
         }
-        daemon = CMicroHTTPD_start(flags, options.port, handler, me, &items)
+        daemon = CMicroHTTPD_start(flags, unixFD >= 0 ? 0 : options.port, handler, me, &items)
         withExtendedLifetime((v4, v6)) {}
         guard let daemon else {
-            throw ServerStartError(description: "cannot listen on \(options.host):\(options.port): \(String(cString: strerror(errno)))")
+            let why = String(cString: strerror(errno))
+            if unixFD >= 0, let path = options.unixPath {
+                close(unixFD)
+                unlink(path)
+            }
+            throw ServerStartError(description: "cannot listen on \(options.address): \(why)")
         }
-        port = CMicroHTTPD_bound_port(daemon)
+        if unixFD >= 0 {
+            unixListening = options.unixPath
+        } else {
+            port = CMicroHTTPD_bound_port(daemon)
+        }
     }
 
     /// Stops serving. Deferred replies should have completed; waits up to
@@ -132,8 +179,12 @@ public final class HTTPServer: @unchecked Sendable {
         while suspended.load(ordering: .acquiring) > 0 && Double(monotonicMillis()) < deadline {
             usleep(2_000)
         }
-        MHD_stop_daemon(d)
+        MHD_stop_daemon(d)  // closes the listening socket, Unix or not
         daemon = nil
+        if let path = unixListening {
+            unlink(path)
+            unixListening = nil
+        }
     }
 
     deinit { stop() }

@@ -29,9 +29,10 @@ extension JSON {
             ("translator", .string(c.translator.rawValue)),
         ]
         if let path = c.vhostUserSocket {
-            var v: [(String, JSON)] = [("socket", .string(path))]
+            var v: [(String, JSON)] = [("socket", .string(path)), ("mode", .string(c.vhostUserMode.rawValue))]
             if let s = vhostUser {
                 v += [("connected", .bool(s.connected)), ("connections", .count(s.connections)),
+                      ("reconnect_attempts", .count(s.reconnectAttempts)),
                       ("messages", .count(s.messages)), ("features", .hex(s.features)),
                       ("protocol_features", .hex(s.protocolFeatures)),
                       ("misses_forwarded", .count(s.missesForwarded)), ("identity_updates", .count(s.identityUpdates)),

@@ -3,28 +3,17 @@ import IOTLB
 import Vhost
 
 extension ControlPlane {
-    static func addVringRoutes(to r: inout Router, engine: Engine, timer: LongPollTimer) {
+    static func addVringRoutes(to r: inout Router, engine: Engine, timer: LongPollTimer, store: ConfigStore) {
         r.put("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
             let h = try engine.device(for: req)
             try requireHTTPOwned(h, "vrings")
             let n = try vringIndex(req)
-            var f = try FieldReader(req.json())
-            let num = try f.number("num")
-            guard num <= UInt64(VringConfig.maxNum) else {
-                throw .invalidField("num", "num must be a power of 2 from 1 to \(VringConfig.maxNum)")
+            let config = try parseVring(req.json())
+            let id = h.config.id
+            return h.reply({ d throws(EngineError) in try d.setVring(n, config) }) {
+                store.vringSet(id, n, config)
+                return .json(200, .vring($0))
             }
-            var c = VringConfig(num: Int(num), descAddr: try f.number("desc_addr"), availAddr: try f.number("avail_addr"),
-                                usedAddr: try f.number("used_addr"))
-            c.enabled = try f.bool("enabled", default: true)
-            c.eventIdx = try f.bool("event_idx", default: false)
-            if let base = try f.optionalNumber("last_avail_idx") {
-                guard base <= UInt64(UInt16.max) else { throw .invalidField("last_avail_idx", "must be 0...65535") }
-                c.lastAvailIdx = UInt16(base)
-            }
-            try f.finish()
-            if let (field, why) = c.problem() { throw .invalidField(field, why) }
-            let config = c
-            return h.reply({ d throws(EngineError) in try d.setVring(n, config) }) { .json(200, .vring($0)) }
         }
 
         r.get("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
@@ -53,6 +42,28 @@ extension ControlPlane {
                 }
             }
         }
+    }
+
+    /// `{"num","desc_addr","avail_addr","used_addr","enabled"?,"event_idx"?,"last_avail_idx"?}`;
+    /// `path` prefixes the fields named in refusals; members in `ignoring` are left to the caller.
+    static func parseVring(_ body: JSON, path: String = "", ignoring: [String] = []) throws(APIError) -> VringConfig {
+        var f = try FieldReader(body, path: path)
+        for k in ignoring { _ = f.value(k) }
+        let num = try f.number("num")
+        guard num <= UInt64(VringConfig.maxNum) else {
+            throw .invalidField(f.pathOf("num"), "num must be a power of 2 from 1 to \(VringConfig.maxNum)")
+        }
+        var c = VringConfig(num: Int(num), descAddr: try f.number("desc_addr"), availAddr: try f.number("avail_addr"),
+                            usedAddr: try f.number("used_addr"))
+        c.enabled = try f.bool("enabled", default: true)
+        c.eventIdx = try f.bool("event_idx", default: false)
+        if let base = try f.optionalNumber("last_avail_idx") {
+            guard base <= UInt64(UInt16.max) else { throw .invalidField(f.pathOf("last_avail_idx"), "must be 0...65535") }
+            c.lastAvailIdx = UInt16(base)
+        }
+        try f.finish()
+        if let (field, why) = c.problem() { throw .invalidField(f.pathOf(field), why) }
+        return c
     }
 
     static func vringIndex(_ req: Request) throws(APIError) -> Int {

@@ -45,7 +45,7 @@ final class WorkloadRegistry: Sendable {
 }
 
 extension ControlPlane {
-    static func addWorkloadRoutes(to r: inout Router, engine: Engine, workloads: WorkloadRegistry) {
+    static func addWorkloadRoutes(to r: inout Router, engine: Engine, workloads: WorkloadRegistry, store: ConfigStore) {
         r.put("/v1/devices/{id}/workload") { req throws(APIError) in
             let h = try engine.device(for: req)
             try requireHTTPOwned(h, "memory and rings a built-in guest would lay")
@@ -59,6 +59,7 @@ extension ControlPlane {
                     switch result {
                     case .success(let w):
                         workloads.started(h.config.id, w)
+                        store.workloadSet(h.config.id, config)
                         complete(.json(200, .workload(w)))
                     case .failure(let e):
                         workloads.started(h.config.id, nil)
@@ -87,6 +88,7 @@ extension ControlPlane {
                         complete(.error(.notFound("no workload on \(h.config.id)")))
                         return
                     }
+                    store.workloadSet(h.config.id, nil)
                     complete(.json(200, .workload(w, stats: final)))
                 }
             }
@@ -110,15 +112,15 @@ extension ControlPlane {
         }
     }
 
-    static func parseWorkload(_ body: JSON) throws(APIError) -> WorkloadConfig {
-        var f = try FieldReader(body)
+    static func parseWorkload(_ body: JSON, path: String = "") throws(APIError) -> WorkloadConfig {
+        var f = try FieldReader(body, path: path)
         var c = WorkloadConfig()
         c.packetSize = try f.int("packet_size", default: 64, in: 64...65535)
         c.pageSize = try f.choice("page_size", default: .m2)
         c.mapping = try f.choice("mapping", default: .static)
         c.packets = try f.optionalNumber("packets") ?? 0
         c.ringSize = try f.int("ring_size", default: 256, in: 2...VringConfig.maxNum)
-        guard c.ringSize & (c.ringSize - 1) == 0 else { throw .invalidField("ring_size", "ring_size must be a power of 2") }
+        guard c.ringSize & (c.ringSize - 1) == 0 else { throw .invalidField(f.pathOf("ring_size"), "ring_size must be a power of 2") }
         c.eager = try f.bool("eager", default: false)
         try f.finish()
         return c

@@ -16,6 +16,15 @@ public enum TranslatorKind: String, Sendable, CaseIterable {
     case external
 }
 
+/// Which side of a vhost-user socket listens.
+public enum VhostUserMode: String, Sendable, CaseIterable {
+    /// The daemon listens; front-ends connect (one at a time).
+    case server
+    /// The front-end listens; the daemon connects, and reconnects with a
+    /// bounded back-off whenever the connection is lost or was never there.
+    case client
+}
+
 /// What a device is created with. Immutable for the device's life.
 public struct DeviceConfig: Sendable, Equatable {
     /// Unique name.
@@ -33,11 +42,15 @@ public struct DeviceConfig: Sendable, Equatable {
     /// The Unix socket a vhost-user front-end connects to; nil for a device
     /// the HTTP API (or the built-in guest) sets up.
     public var vhostUserSocket: String?
+    /// Who listens on `vhostUserSocket`.
+    public var vhostUserMode: VhostUserMode
 
     public init(id: String, queues: Int = 2, iotlb: Bool = true, iotlbMaxEntries: Int = 2048,
-                backend: Backend = .loopback, translator: TranslatorKind = .builtin, vhostUserSocket: String? = nil) {
+                backend: Backend = .loopback, translator: TranslatorKind = .builtin, vhostUserSocket: String? = nil,
+                vhostUserMode: VhostUserMode = .server) {
         self.id = id
         self.vhostUserSocket = vhostUserSocket
+        self.vhostUserMode = vhostUserMode
         self.queues = queues
         self.iotlb = iotlb
         self.iotlbMaxEntries = iotlbMaxEntries

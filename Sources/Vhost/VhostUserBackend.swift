@@ -1,7 +1,9 @@
-// A vhost-user backend (server mode) for one device: a thread that listens on
-// a Unix socket and serves one front-end at a time (DPDK virtio-user, QEMU),
-// each connection a VhostUserSession (VhostUserSession.swift). Status for the
-// HTTP API lives here.
+// A vhost-user backend for one device: a thread that serves one front-end at
+// a time (DPDK virtio-user, QEMU), each connection a VhostUserSession
+// (VhostUserSession.swift). In server mode it listens on a Unix socket; in
+// client mode it connects to the front-end's socket and reconnects with a
+// bounded back-off (50 ms doubling to 2 s) whenever the connection is lost or
+// was never there. Status for the HTTP API lives here.
 import Glibc
 import Synchronization
 import CUnixSocket
@@ -35,7 +37,11 @@ public struct VhostUserStatus: Sendable, Equatable {
     public var kicks: UInt64 = 0
     /// Guest memory pages lost to a front-end shrinking its memory file (its connection ended).
     public var memoryFaults: UInt64 = 0
-    /// Why the last connection ended abnormally, if it did.
+    /// Client mode: connection attempts that failed (nothing listening yet,
+    /// refused, backlog full), since the device was created. 0 in server mode.
+    public var reconnectAttempts: UInt64 = 0
+    /// Why the last connection ended abnormally (or, in client mode, why the
+    /// last attempt failed), if it did.
     public var lastError: String?
 }
 
@@ -60,8 +66,10 @@ final class EventNotifier: Sendable {
 
 /// One device's vhost-user socket and the thread serving it.
 public final class VhostUserBackend: @unchecked Sendable {
-    /// The socket path front-ends connect to.
+    /// The socket path front-ends connect to (server) or listen on (client).
     public let socketPath: String
+    /// Who listens.
+    public let mode: VhostUserMode
     private let listenFD: Int32
     let notifier: EventNotifier
     private let running = Atomic<Bool>(true)
@@ -72,9 +80,23 @@ public final class VhostUserBackend: @unchecked Sendable {
     private(set) var limits = EngineLimits()
     private(set) var log: @Sendable (String) -> Void = { _ in }
 
-    /// Listens on `socket` (not yet serving: see `start`). A stale socket file
-    /// (nothing listening) is replaced; a live one or any other file is refused.
-    public init(socket: String) throws(VhostUserSetupError) {
+    /// The first and the longest wait between two connection attempts (client mode).
+    public static let firstBackoffMillis = 50, maxBackoffMillis = 2000
+
+    /// Server mode: listens on `socket` (not yet serving: see `start`), the
+    /// socket file made with `permissions` and, when given, `group` (it appears
+    /// under its name with them). A stale socket file (nothing listening) is
+    /// replaced; a live one or any other file is refused. Client mode: nothing
+    /// happens until `start`, which connects to `socket`.
+    public init(socket: String, mode: VhostUserMode = .server, permissions: mode_t = 0o600,
+                group: gid_t? = nil) throws(VhostUserSetupError) {
+        self.mode = mode
+        if mode == .client {
+            do { notifier = try EventNotifier() } catch { throw error }
+            socketPath = socket
+            listenFD = -1
+            return
+        }
         var st = stat()
         if lstat(socket, &st) == 0 {
             guard st.st_mode & S_IFMT == S_IFSOCK else {
@@ -85,7 +107,7 @@ public final class VhostUserBackend: @unchecked Sendable {
             }
             unlink(socket)
         }
-        let fd = cunixsock_listen(socket)
+        let fd = cunixsock_listen_mode(socket, UInt32(permissions), group.map { Int($0) } ?? -1, 16)
         guard fd >= 0 else {
             throw VhostUserSetupError("cannot listen on \(socket): \(String(cString: strerror(errno)))")
         }
@@ -121,11 +143,13 @@ public final class VhostUserBackend: @unchecked Sendable {
         notifier.signal()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
+        guard mode == .server else { return }  // the front-end's socket is the front-end's
         close(listenFD)
         unlink(socketPath)
     }
 
     private func run() {
+        if mode == .client { return runClient() }
         while running.load(ordering: .acquiring) {
             var fds = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: notifier.fd, events: Int16(POLLIN), revents: 0)]
@@ -134,23 +158,72 @@ public final class VhostUserBackend: @unchecked Sendable {
             guard running.load(ordering: .acquiring), fds[0].revents & Int16(POLLIN) != 0 else { continue }
             let conn = cunixsock_accept(listenFD)
             if conn < 0 { continue }
-            updateStatus {
-                $0.connected = true
-                $0.connections += 1
-                $0.features = 0
-                $0.protocolFeatures = 0
-                $0.lastError = nil
-            }
-            log("vhost-user front-end connected")
-            let session = VhostUserSession(backend: self, handle: handle, conn: conn)
-            let why = session.serve(while: { self.running.load(ordering: .acquiring) })
-            session.teardown()
-            close(conn)
-            updateStatus {
-                $0.connected = false
-                if let why { $0.lastError = why }
-            }
-            log("vhost-user front-end disconnected" + (why.map { ": \($0)" } ?? ""))
+            serve(conn)
         }
+    }
+
+    /// Client mode: connect, serve, and after a failure or a lost connection
+    /// wait 50 ms, doubling up to 2 s while attempts keep failing. A connection
+    /// that lasted under a second does not reset the wait: a front-end that
+    /// accepts and drops at once is not retried in a tight loop.
+    private func runClient() {
+        var backoff = Self.firstBackoffMillis
+        while running.load(ordering: .acquiring) {
+            let conn = cunixsock_connect_nowait(socketPath)
+            if conn < 0 {
+                let why = "connect \(socketPath): \(String(cString: strerror(errno)))"
+                let news = statusBox.withLock { s -> Bool in
+                    defer { s.reconnectAttempts += 1; s.lastError = why }
+                    return s.lastError != why  // one log line per new reason, not per attempt
+                }
+                if news { log("vhost-user: \(why); retrying (back-off up to \(Self.maxBackoffMillis) ms)") }
+                pause(backoff)
+                backoff = min(backoff * 2, Self.maxBackoffMillis)
+                continue
+            }
+            let began = Self.monotonicMillis()
+            serve(conn)
+            if Self.monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
+            pause(backoff)
+            backoff = min(backoff * 2, Self.maxBackoffMillis)
+        }
+    }
+
+    static func monotonicMillis() -> Int {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int(ts.tv_sec) * 1000 + Int(ts.tv_nsec) / 1_000_000
+    }
+
+    /// Waits `millis` unless stopped meanwhile.
+    private func pause(_ millis: Int) {
+        let end = Self.monotonicMillis() + millis
+        while running.load(ordering: .acquiring) {
+            let left = end - Self.monotonicMillis()
+            if left <= 0 { return }
+            var pfd = pollfd(fd: notifier.fd, events: Int16(POLLIN), revents: 0)
+            if poll(&pfd, 1, Int32(left)) > 0 { notifier.drain() }
+        }
+    }
+
+    /// Serves one front-end on `conn` until it leaves; closes `conn`.
+    private func serve(_ conn: Int32) {
+        updateStatus {
+            $0.connected = true
+            $0.connections += 1
+            $0.features = 0
+            $0.protocolFeatures = 0
+            $0.lastError = nil
+        }
+        log(mode == .server ? "vhost-user front-end connected" : "vhost-user: connected to the front-end at \(socketPath)")
+        let session = VhostUserSession(backend: self, handle: handle, conn: conn)
+        let why = session.serve(while: { self.running.load(ordering: .acquiring) })
+        session.teardown()
+        close(conn)
+        updateStatus {
+            $0.connected = false
+            if let why { $0.lastError = why }
+        }
+        log("vhost-user front-end disconnected" + (why.map { ": \($0)" } ?? ""))
     }
 }

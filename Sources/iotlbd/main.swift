@@ -15,14 +15,45 @@ struct IOTLBDaemon: ParsableCommand {
             (see api/openapi.yaml). Misses are long-polled at \
             /v1/devices/{id}/iotlb/misses and answered with POST …/iotlb/updates. \
             A device created with "vhost_user":{"socket":PATH} serves that Unix socket \
-            as a vhost-user backend for DPDK virtio-user or QEMU. \
+            as a vhost-user backend for DPDK virtio-user or QEMU ("mode":"client": \
+            connects to the front-end's socket instead, and reconnects); socket paths \
+            must lie in --vhost-user-dir. With --state-dir the configuration (devices, \
+            memory tables, vrings, workloads; not the IOTLB) survives restarts; \
+            GET /v1/config exports it and --config loads one. \
             SIGTERM or SIGINT stops workloads, drops vhost-user front-ends (removing \
             their sockets), releases long-polls and exits 0.
             """,
         version: "\(BuildInfo.version) (commit \(BuildInfo.commit))")
 
-    @Option(name: .long, help: "Address and port to listen on (HOST:PORT; [::1]:PORT for IPv6; port 0 picks one).")
+    @Option(name: .long, help: ArgumentHelp(
+        "Where the HTTP API listens: HOST:PORT ([::1]:PORT for IPv6; port 0 picks one), or unix:PATH for a Unix socket (mode 0660). Given twice, the last wins.",
+        valueName: "address"))
     var listen = "127.0.0.1:8080"
+
+    @Option(name: .long, help: ArgumentHelp(
+        "A further listener for the same API, as --listen (repeatable): e.g. --listen unix:/run/iotlbd/api.sock --also-listen 127.0.0.1:8080.",
+        valueName: "address"))
+    var alsoListen: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Keep the configuration (devices, memory tables, vrings, workloads; not the IOTLB) in DIR/config.json, written atomically after every change and loaded at start-up.",
+        valueName: "dir"))
+    var stateDir: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Load this configuration (a GET /v1/config document) at start-up; with --state-dir, only when the state directory holds none yet.",
+        valueName: "file"))
+    var config: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "The directory vhost-user socket paths must lie in; relative paths are taken in it. Default: $RUNTIME_DIRECTORY, else /run/iotlbd as root, else $XDG_RUNTIME_DIR/iotlbd, else /tmp/iotlbd-UID.",
+        valueName: "dir"))
+    var vhostUserDir: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Make server-mode vhost-user sockets 0660 and owned by this group (name or number) instead of 0600.",
+        valueName: "group"))
+    var vhostUserGroup: String?
 
     @Option(name: .long, help: "File holding a bearer token required on every /v1 request (/healthz and /metrics stay open).")
     var tokenFile: String?
@@ -71,7 +102,9 @@ struct IOTLBDaemon: ParsableCommand {
         guard (1...100_000).contains(maxConnections) else { throw ValidationError("--max-connections must be in 1...100000") }
         guard (1...64).contains(httpThreads) else { throw ValidationError("--http-threads must be in 1...64") }
         guard (1...3600).contains(requestTimeout) else { throw ValidationError("--request-timeout must be in 1...3600") }
-        guard splitHostPort(listen) != nil else { throw ValidationError("--listen must be HOST:PORT, e.g. 127.0.0.1:8080") }
+        for (flag, a) in [("--listen", listen)] + alsoListen.map({ ("--also-listen", $0) }) where parseListen(a) == nil {
+            throw ValidationError("\(flag) \(a): expected HOST:PORT (e.g. 127.0.0.1:8080) or unix:PATH (an absolute path of at most 107 bytes)")
+        }
     }
 
     func run() throws {
@@ -102,24 +135,41 @@ struct IOTLBDaemon: ParsableCommand {
         var limits = EngineLimits()
         limits.maxMemRegions = maxMemRegions
         limits.maxGuestMemory = parseBytes(maxGuestMemory)!
-        var options = ServerOptions()
-        (options.host, options.port) = splitHostPort(listen)!
-        options.maxBodyBytes = maxBodyBytes
-        options.maxConnections = maxConnections
-        options.threads = httpThreads
-        options.connectionTimeout = requestTimeout
-
-        let daemon = Daemon(server: options, settings: settings, datapathThreads: datapathThreads,
-                            limits: limits, logger: logger)
-        do { try daemon.start() } catch {
+        do {
+            settings.vhostUserSockets = try VhostUserSockets.prepare(directory: vhostUserDir, group: vhostUserGroup)
+        } catch {
             logger.critical("\(error.description)")
             throw ExitCode(1)
         }
-        logger.info("listening", metadata: ["address": "\(options.host):\(daemon.port)",
+        settings.stateDirectory = stateDir
+        func serverOptions(_ address: String) -> ServerOptions {
+            var options = parseListen(address)!
+            options.maxBodyBytes = maxBodyBytes
+            options.maxConnections = maxConnections
+            options.threads = httpThreads
+            options.connectionTimeout = requestTimeout
+            return options
+        }
+        let options = serverOptions(listen)
+
+        let daemon = Daemon(server: options, alsoListen: alsoListen.map(serverOptions), settings: settings,
+                            datapathThreads: datapathThreads, limits: limits, logger: logger)
+        do { try daemon.start(configFile: config) } catch {
+            logger.critical("\(error.description)")
+            throw ExitCode(1)
+        }
+        func shown(_ s: HTTPServer) -> String {
+            var o = s.options
+            o.port = s.port
+            return o.address
+        }
+        logger.info("listening", metadata: ["address": "\(([daemon.server] + daemon.extraServers).map(shown).joined(separator: ", "))",
                                             "datapath_threads": "\(datapathThreads)",
+                                            "vhost_user_dir": "\(daemon.controlPlane.sockets.directory)",
+                                            "state_file": "\(daemon.controlPlane.stateFile ?? "-")",
                                             "auth": "\(settings.token == nil ? "off" : "bearer")"])
         if demo {
-            let base = "http://\(options.host):\(daemon.port)"
+            let base = options.unixPath == nil ? "http://\(shown(daemon.server))" : "--unix-socket \(options.unixPath!) http://localhost"
             daemon.controlPlane.startDemo { result in
                 switch result {
                 case .success(let id):
@@ -150,6 +200,20 @@ func parseBytes(_ s: String) -> UInt64? {
     guard let n = UInt64(digits) else { return nil }
     let (v, o) = n.multipliedReportingOverflow(by: scale)
     return o ? nil : v
+}
+
+/// "127.0.0.1:8080", "[::1]:8080" or "unix:/run/iotlbd/api.sock" → where to listen.
+func parseListen(_ s: String) -> ServerOptions? {
+    var o = ServerOptions()
+    if s.hasPrefix("unix:") {
+        let path = String(s.dropFirst(5))
+        guard path.hasPrefix("/"), path.utf8.count <= 107, path.count > 1 else { return nil }
+        o.unixPath = path
+        return o
+    }
+    guard let (host, port) = splitHostPort(s) else { return nil }
+    (o.host, o.port) = (host, port)
+    return o
 }
 
 /// "127.0.0.1:8080", "[::1]:8080", "localhost:0" → (host, port).

@@ -1,22 +1,38 @@
 import ControlPlane
+import Glibc
 import Testing
 import Vhost
+
+/// The vhost-user socket directory of this test process (made once).
+let testSocketDirectory: String = {
+    let dir = "/tmp/iotlbd-tests-\(getpid())"
+    mkdir(dir, 0o700)
+    return dir
+}()
 
 /// A real daemon on an ephemeral loopback port, with a client.
 final class LiveDaemon {
     let daemon: Daemon
     let client: HTTPClient
 
+    /// `sockets`: the vhost-user directory (default `testSocketDirectory`);
+    /// `stateDirectory`, `configFile`: as --state-dir and --config.
     init(token: String? = nil, maxBodyBytes: Int = 8 << 20, maxConnections: Int = 1024,
-         limits: EngineLimits = EngineLimits()) throws {
+         limits: EngineLimits = EngineLimits(), sockets: VhostUserSockets? = nil, stateDirectory: String? = nil,
+         configFile: String? = nil) throws {
         var options = ServerOptions()
         options.port = 0
         options.maxBodyBytes = maxBodyBytes
         options.maxConnections = maxConnections
         var settings = ControlPlaneSettings()
         settings.token = token
+        settings.vhostUserSockets = sockets ?? VhostUserSockets(resolvedDirectory: testSocketDirectory)
+        settings.stateDirectory = stateDirectory
         daemon = Daemon(server: options, settings: settings, limits: limits)
-        try daemon.start()
+        do { try daemon.start(configFile: configFile) } catch {
+            daemon.stop()
+            throw error
+        }
         client = HTTPClient(port: daemon.port)
         if let token { client.defaultHeaders = [("Authorization", "Bearer \(token)")] }
     }

@@ -24,7 +24,7 @@ final class VhostUserFrontEnd: @unchecked Sendable {
     /// Connects to `path`; guest memory is `size` bytes at GPA `gpa`, "mapped"
     /// in the front-end at user address `uaddr` (the device never sees our
     /// real pointers, only these numbers and the file).
-    init(path: String, gpa: UInt64 = 0, size: UInt64 = 8 << 20, uaddr: UInt64 = 0x7f00_0000_0000) throws {
+    convenience init(path: String, gpa: UInt64 = 0, size: UInt64 = 8 << 20, uaddr: UInt64 = 0x7f00_0000_0000) throws {
         var fd: Int32 = -1
         for _ in 0..<200 {  // the listener may be a moment behind the 201
             fd = cunixsock_connect(path)
@@ -32,6 +32,21 @@ final class VhostUserFrontEnd: @unchecked Sendable {
             usleep(5_000)
         }
         guard fd >= 0 else { throw FrontEndError("connect \(path): \(String(cString: strerror(errno)))") }
+        try self.init(conn: fd, gpa: gpa, size: size, uaddr: uaddr)
+    }
+
+    /// A front-end in server mode (as QEMU's `server=on`, DPDK's `server=1`):
+    /// waits up to `seconds` for the daemon to connect to `listenFD`.
+    static func accepting(_ listenFD: Int32, seconds: Int32 = 10, size: UInt64 = 8 << 20) throws -> VhostUserFrontEnd {
+        var p = pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, seconds * 1000) == 1 else { throw FrontEndError("the daemon did not connect within \(seconds) s") }
+        let fd = cunixsock_accept(listenFD)
+        guard fd >= 0 else { throw FrontEndError("accept: \(String(cString: strerror(errno)))") }
+        return try VhostUserFrontEnd(conn: fd, size: size)
+    }
+
+    /// Takes over the connected socket `conn`.
+    init(conn fd: Int32, gpa: UInt64 = 0, size: UInt64 = 8 << 20, uaddr: UInt64 = 0x7f00_0000_0000) throws {
         conn = fd
         var name = Array("/dev/shm/vu-frontend-XXXXXX".utf8CString)
         memFD = mkstemp(&name)

@@ -4,6 +4,7 @@
 // with identity translation, and on with the front-end as vIOMMU; stopping,
 // disconnecting, reconnecting; and a front-end that talks nonsense.
 import CUnixSocket
+import Foundation
 import Glibc
 import Guest
 import IOTLB
@@ -14,7 +15,8 @@ import ControlPlane
 
 @Suite("vhost-user backend", .serialized)
 struct VhostUserTests {
-    static func socketPath(_ tag: String) -> String { "/tmp/iotlbd-test-\(getpid())-\(tag).sock" }
+    /// In the daemon's vhost-user directory (LiveDaemon's default).
+    static func socketPath(_ tag: String) -> String { "\(testSocketDirectory)/\(tag).sock" }
 
     /// RX ring (queue 0) at 0x10000 into guest memory, TX (queue 1) at 0x20000,
     /// RX buffers from 1 MiB, TX buffers from 2 MiB.
@@ -348,7 +350,11 @@ struct VhostUserTests {
         let before = try d.call("GET", "/v1/devices").text
         try d.expectError(400, "invalid_field", field: "vhost_user", "POST", "/v1/devices", #"{"vhost_user":"x"}"#)
         try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices", #"{"vhost_user":{}}"#)
-        try d.expectError(400, "unknown_field", "POST", "/v1/devices", #"{"vhost_user":{"socket":"/tmp/x","mode":1}}"#)
+        try d.expectError(400, "invalid_field", field: "vhost_user.mode", "POST", "/v1/devices",
+                          #"{"vhost_user":{"socket":"x.sock","mode":1}}"#)
+        try d.expectError(400, "invalid_field", field: "vhost_user.mode", "POST", "/v1/devices",
+                          #"{"vhost_user":{"socket":"x.sock","mode":"listen"}}"#)
+        try d.expectError(400, "unknown_field", "POST", "/v1/devices", #"{"vhost_user":{"socket":"x.sock","owner":1}}"#)
         try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices",
                           #"{"vhost_user":{"socket":"\#(String(repeating: "a", count: 200))"}}"#)
         try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices",
@@ -356,15 +362,69 @@ struct VhostUserTests {
         let path = Self.socketPath("dup")
         try d.expect(201, "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"\#(path)"}}"#)
         try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"b","vhost_user":{"socket":"\#(path)"}}"#)
-        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"/tmp/other.sock"}}"#)
-        #expect(access("/tmp/other.sock", F_OK) != 0)
-        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"c","vhost_user":{"socket":"/etc/hostname"}}"#)
+        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"b","vhost_user":{"socket":"dup.sock","mode":"client"}}"#)
+        let other = Self.socketPath("other")
+        try d.expectError(409, "conflict", "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"\#(other)"}}"#)
+        #expect(access(other, F_OK) != 0)
+        // A file that is not a socket, inside the directory: taken, 409.
+        let plain = Self.socketPath("plain")
+        close(open(plain, O_CREAT | O_WRONLY, 0o600))
+        defer { unlink(plain) }
+        try d.expectError(409, "conflict", field: "vhost_user.socket", "POST", "/v1/devices",
+                          #"{"id":"c","vhost_user":{"socket":"\#(plain)"}}"#)
         try d.expect(204, "DELETE", "/v1/devices/a")
         #expect(try d.call("GET", "/v1/devices").text == before)
         // A stale socket file (nothing listening) is taken over.
         let stale = cunixsock_listen(path)
         close(stale)
         try d.expect(201, "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"\#(path)"}}"#)
+    }
+
+    @Test("socket paths are confined to --vhost-user-dir: .., symlinks and other directories are 400; relative names land inside; 0600, or 0660 with a group")
+    func confinedSocketPaths() throws {
+        var template = Array("/tmp/iotlbd-confine-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        let outside = dir + "-outside"
+        mkdir(outside, 0o700)
+        mkdir(dir + "/sub", 0o700)
+        symlink(outside, dir + "/escape")          // a parent that resolves outside
+        symlink(dir + "/sub", dir + "/inner")      // one that resolves inside
+        symlink(outside + "/x.sock", dir + "/link.sock")
+        defer {
+            for p in ["/escape", "/inner", "/link.sock", "/sub", ""] { unlink(dir + p); rmdir(dir + p) }
+            rmdir(outside)
+        }
+        let d = try LiveDaemon(sockets: VhostUserSockets(resolvedDirectory: dir))
+        let before = try d.call("GET", "/v1/devices").text
+        for bad in ["\(dir)/../x.sock", "\(dir)/sub/../../x.sock", "../x.sock", "escape/x.sock", "\(dir)/escape/x.sock",
+                    "\(outside)/x.sock", "/tmp/x.sock", "link.sock", "sub/..", "\(dir)/"] {
+            for mode in ["server", "client"] {
+                try d.expectError(400, "invalid_field", field: "vhost_user.socket", "POST", "/v1/devices",
+                                  #"{"id":"x","vhost_user":{"socket":"\#(bad)","mode":"\#(mode)"}}"#)
+            }
+        }
+        #expect(try d.call("GET", "/v1/devices").text == before)
+        #expect(access(outside + "/x.sock", F_OK) != 0 && access("/tmp/x.sock", F_OK) != 0)
+        // Relative names, `..` that stays inside, a symlinked parent inside: the resolved path.
+        let a = try d.expect(201, "POST", "/v1/devices", #"{"id":"a","vhost_user":{"socket":"a.sock"}}"#)
+        #expect(a["vhost_user"]?["socket"] == .string(dir + "/a.sock"))
+        #expect(a["vhost_user"]?["mode"] == .string("server"))
+        let b = try d.expect(201, "POST", "/v1/devices", #"{"id":"b","vhost_user":{"socket":"sub/../inner/b.sock"}}"#)
+        #expect(b["vhost_user"]?["socket"] == .string(dir + "/sub/b.sock"))
+        var st = stat()
+        #expect(stat(dir + "/a.sock", &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK && st.st_mode & 0o777 == 0o600)
+        let listed = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        #expect(listed == ["a.sock", "escape", "inner", "link.sock", "sub"], "no temporary names left: \(listed)")
+
+        // With a group: 0660 and that group.
+        let group = getgid() == 0 ? gid_t(65534) : getgid()
+        let g = try LiveDaemon(sockets: VhostUserSockets(resolvedDirectory: dir, group: group))
+        try g.expect(201, "POST", "/v1/devices", #"{"id":"g","vhost_user":{"socket":"g.sock"}}"#)
+        #expect(stat(dir + "/g.sock", &st) == 0 && st.st_mode & 0o777 == 0o660 && st.st_gid == group)
+        try g.expect(204, "DELETE", "/v1/devices/g")
+        try d.expect(204, "DELETE", "/v1/devices/a")
+        try d.expect(204, "DELETE", "/v1/devices/b")
+        #expect(access(dir + "/a.sock", F_OK) != 0 && access(dir + "/sub/b.sock", F_OK) != 0)
     }
 
     @Test("a front-end talking nonsense loses its connection, never the daemon")

@@ -8,6 +8,15 @@
 
 /// A listening socket bound to `path` (backlog 4, close-on-exec), or -1 with errno.
 int cunixsock_listen(const char *path);
+/// Like cunixsock_listen, with the socket file given `mode` and, when `gid`
+/// is not -1, that group, before anyone can connect: it is bound under a
+/// temporary name in the same directory, chmod/chown'ed, then renamed to
+/// `path` (when the temporary name does not fit, bound at `path` and
+/// chmod'ed at once). `backlog` as listen(2). -1 with errno on failure.
+int cunixsock_listen_mode(const char *path, unsigned mode, long gid, int backlog);
+/// A socket connected to `path` without blocking on a full backlog (EAGAIN
+/// then), returned in blocking mode; -1 with errno.
+int cunixsock_connect_nowait(const char *path);
 /// A socket connected to `path`, or -1 with errno.
 int cunixsock_connect(const char *path);
 /// Receives up to `len` bytes and at most `maxfds` descriptors (close-on-exec).

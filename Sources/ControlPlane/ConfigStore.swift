@@ -1,0 +1,175 @@
+// What clients configured, kept beside the engine so that it can be exported
+// (GET /v1/config), written to the state file after every change
+// (--state-dir) and loaded at start-up (--state-dir, --config). Devices with
+// their creation options, the memory tables and vrings set over HTTP, and the
+// built-in guest's workload. Not the IOTLB: it is soft state that misses refill.
+import Glibc
+import Guest
+import IOTLB
+import Logging
+import Vhost
+
+/// One device as configured.
+struct DeviceRecord: Sendable {
+    var config: DeviceConfig
+    var memTable: [MemoryRegion]?
+    var vrings: [Int: VringConfig] = [:]
+    var workload: WorkloadConfig?
+}
+
+/// The configuration document's name and version (its first two members).
+enum ConfigFormat {
+    static let name = "iotlbd-config"
+    static let version = 1
+    /// The state file's name inside --state-dir.
+    static let stateFileName = "config.json"
+}
+
+final class ConfigStore: Sendable {
+    private let records = Locked<(order: [String], byId: [String: DeviceRecord], paused: Bool)>(([], [:], false))
+    /// The state file, nil without --state-dir.
+    let stateFile: String?
+    private let logger: Logger
+
+    init(stateFile: String?, logger: Logger) {
+        self.stateFile = stateFile
+        self.logger = logger
+    }
+
+    // MARK: Changes (each written to the state file before it returns)
+
+    func created(_ c: DeviceConfig) { change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) } }
+
+    func deleted(_ id: String) {
+        change {
+            $0.order.removeAll { $0 == id }
+            $0.byId[id] = nil
+        }
+    }
+
+    func memTableSet(_ id: String, _ regions: [MemoryRegion]) { change { $0.byId[id]?.memTable = regions } }
+
+    func vringSet(_ id: String, _ n: Int, _ c: VringConfig) { change { $0.byId[id]?.vrings[n] = c } }
+
+    func workloadSet(_ id: String, _ w: WorkloadConfig?) { change { $0.byId[id]?.workload = w } }
+
+    /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
+    func pause() { records.withLock { $0.paused = true } }
+
+    func resume(write: Bool) throws(StartupError) {
+        let doc = records.withLock { r -> JSON in
+            r.paused = false
+            return Self.document(r.order.compactMap { r.byId[$0] })
+        }
+        if write, let stateFile {
+            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch { throw error }
+        }
+    }
+
+    private func change(_ body: (inout (order: [String], byId: [String: DeviceRecord], paused: Bool)) -> Void) {
+        // Under the lock, so that writes land in the order of the changes.
+        records.withLock { r in
+            body(&r)
+            guard let stateFile, !r.paused else { return }
+            let doc = Self.document(r.order.compactMap { r.byId[$0] })
+            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch {
+                logger.error("state not saved: \(error.description)")
+            }
+        }
+    }
+
+    /// The whole configuration, as GET /v1/config answers and the state file holds.
+    var document: JSON { records.withLock { r in Self.document(r.order.compactMap { r.byId[$0] }) } }
+
+    static func document(_ devices: [DeviceRecord]) -> JSON {
+        ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),
+         "devices": .array(devices.map(render))]
+    }
+
+    static func render(_ d: DeviceRecord) -> JSON {
+        let c = d.config
+        var pairs: [(String, JSON)] = [
+            ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
+            ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.backend.rawValue)),
+            ("translator", .string(c.translator.rawValue)),
+        ]
+        if let s = c.vhostUserSocket {
+            pairs.append(("vhost_user", ["socket": .string(s), "mode": .string(c.vhostUserMode.rawValue)]))
+        }
+        pairs.append(("mem_table", d.memTable.map { .object([("regions", .array($0.map(JSON.region)))]) } ?? .null))
+        pairs.append(("vrings", .array(d.vrings.keys.sorted().map { n in
+            let v = d.vrings[n]!
+            var p: [(String, JSON)] = [("index", .count(n)), ("num", .count(v.num)), ("desc_addr", .hex(v.descAddr)),
+                                       ("avail_addr", .hex(v.availAddr)), ("used_addr", .hex(v.usedAddr)),
+                                       ("enabled", .bool(v.enabled)), ("event_idx", .bool(v.eventIdx))]
+            if let b = v.lastAvailIdx { p.append(("last_avail_idx", .count(b))) }
+            return .object(p)
+        })))
+        if let w = d.workload {
+            pairs.append(("workload", ["packet_size": .count(w.packetSize), "page_size": .string(w.pageSize.rawValue),
+                                       "mapping": .string(w.mapping.rawValue), "packets": .count(w.packets),
+                                       "ring_size": .count(w.ringSize), "eager": .bool(w.eager)]))
+        }
+        return .object(pairs)
+    }
+
+    // MARK: The file
+
+    /// Writes `bytes` to a temporary file beside `path`, fsyncs it, renames it
+    /// over `path` and fsyncs the directory: a crash leaves the old file or the
+    /// new one, never a part.
+    static func writeAtomically(_ bytes: [UInt8], to path: String) throws(StartupError) {
+        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StartupError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
+        var at = 0
+        while at < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + at, $0.count - at) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                let why = String(cString: strerror(errno))
+                close(fd)
+                unlink(tmp)
+                throw StartupError("cannot write \(tmp): \(why)")
+            }
+            at += n
+        }
+        guard fsync(fd) == 0 else {
+            let why = String(cString: strerror(errno))
+            close(fd)
+            unlink(tmp)
+            throw StartupError("cannot fsync \(tmp): \(why)")
+        }
+        close(fd)
+        guard rename(tmp, path) == 0 else {
+            let why = String(cString: strerror(errno))
+            unlink(tmp)
+            throw StartupError("cannot rename \(tmp) to \(path): \(why)")
+        }
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 {
+            _ = fsync(dfd)
+            close(dfd)
+        }
+    }
+
+    /// The bytes of `path`, nil when it does not exist.
+    static func read(_ path: String) throws(StartupError) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw StartupError("cannot read \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw StartupError("cannot read \(path): \(String(cString: strerror(errno)))") }
+            if n == 0 { return out }
+            out.append(contentsOf: buf[0..<n])
+        }
+    }
+}
