@@ -184,6 +184,8 @@ extension Device {
                 if loopback { publishUsed(rx, from: rxOld) }
                 txOld = tx.usedIdx
                 rxOld = rx.usedIdx
+                // Commands wait (a guest's invalidation, an API call): let them in.
+                if owner?.hasWaitingCommands == true { break }
             }
         }
         if tx.usedIdx != txOld { publishUsed(tx, from: txOld) }

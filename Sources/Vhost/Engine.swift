@@ -78,7 +78,11 @@ public final class Engine: Sendable {
             r.order.append(config.id)
             let frozen = config
             let log = h.missLog
-            worker.submit { w in w.devices[frozen.id] = Device(config: frozen, limits: limits, missLog: log) }
+            worker.submit { w in
+                let d = Device(config: frozen, limits: limits, missLog: log)
+                d.owner = w
+                w.devices[frozen.id] = d
+            }
             return h
         }
         return handle

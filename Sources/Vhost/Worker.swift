@@ -69,6 +69,11 @@ public final class DatapathWorker: @unchecked Sendable {
         }
     }
 
+    /// Whether commands wait to be applied: a long batch of traffic stops
+    /// early for them, so a driver that waits on its command (a strict-mode
+    /// invalidation) is not held up by a whole batch. One relaxed load.
+    @inline(__always) var hasWaitingCommands: Bool { queued.load(ordering: .relaxed) > 0 }
+
     /// A driver's notification ("kick"): wakes the thread if it is backing off idle.
     /// Costs one atomic load when the thread is busy polling.
     public func kick() {

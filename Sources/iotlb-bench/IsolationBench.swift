@@ -16,7 +16,7 @@ struct IsolationBench: ParsableCommand {
     @Option(help: "Seconds measured per run.") var seconds = 1.5
     @Option(help: "Runs per side (healthz, entries alternately).") var repeats = 5
     @Option(help: "Payload size of the built-in guest's frames.") var packetSize = 64
-    @Flag(help: "JSON instead of a Markdown table.") var json = false
+    @OptionGroup var output: ReportOptions
 
     func run() throws {
         var options = ServerOptions()
@@ -48,6 +48,9 @@ struct IsolationBench: ParsableCommand {
         sleepSeconds(0.5)
         let port = daemon.port
         var runs: [String: [(mpps: Double, rps: Double)]] = [:]
+        var report = Report(benchmark: "isolation", parameters: [
+            ("seconds", .double(seconds)), ("repeats", .count(repeats)), ("packet_size", .count(packetSize)),
+            ("idle_device_entries", .count(2048)), ("datapath_threads", .count(1))])
         let sides = ["/healthz", "/v1/devices/idle/iotlb/entries"]
         for round in 0..<repeats {
             for path in sides {
@@ -70,25 +73,24 @@ struct IsolationBench: ParsableCommand {
                 finished.wait()
                 let mpps = (w1.elapsed - w0.elapsed) > 0 ? Double(w1.received - w0.received) / (w1.elapsed - w0.elapsed) / 1e6 : 0
                 runs[path, default: []].append((mpps, Double(n1 - n0) / dt))
+                report.row([("round", .count(round)), ("client_loops", .string(path)), ("mpps", .double(mpps)),
+                            ("requests_per_s", .double(Double(n1 - n0) / dt))])
                 progress("isolation: round \(round + 1)/\(repeats), \(path): \(fmt(mpps)) Mpps, \(fmt(Double(n1 - n0) / dt, 0)) req/s")
             }
         }
         progressDone()
         let h = runs[sides[0]] ?? [], e = runs[sides[1]] ?? []
         let ratios = zip(e, h).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 }
-        if json {
-            print(JSON.object([
-                ("healthz", ["mpps": .array(h.map { .double($0.mpps) }), "requests_per_s": .array(h.map { .double($0.rps) })]),
-                ("entries", ["mpps": .array(e.map { .double($0.mpps) }), "requests_per_s": .array(e.map { .double($0.rps) })]),
-                ("ratios", .array(ratios.map { .double($0) })),
-            ]).text)
-        } else {
-            print(table(["client loops", "datapath Mpps (median)", "requests/s (median)"], [
-                ["GET /healthz", fmt(median(h.map(\.mpps)), 3), fmt(median(h.map(\.rps)), 0)],
-                ["GET …/iotlb/entries (2048)", fmt(median(e.map(\.mpps)), 3), fmt(median(e.map(\.rps)), 0)],
-            ]))
-            print("entries / healthz, per round: \(ratios.map { fmt($0, 3) }.joined(separator: ", ")); median \(fmt(median(ratios), 3))")
-        }
+        report.summary([("healthz_mpps_median", .double(median(h.map(\.mpps)))),
+                        ("entries_mpps_median", .double(median(e.map(\.mpps)))),
+                        ("healthz_requests_per_s_median", .double(median(h.map(\.rps)))),
+                        ("entries_requests_per_s_median", .double(median(e.map(\.rps)))),
+                        ("ratios", .array(ratios.map { .double($0) })), ("ratio_median", .double(median(ratios)))])
+        try report.emit(table: table(["client loops", "datapath Mpps (median)", "requests/s (median)"], [
+            ["GET /healthz", fmt(median(h.map(\.mpps)), 3), fmt(median(h.map(\.rps)), 0)],
+            ["GET …/iotlb/entries (2048)", fmt(median(e.map(\.mpps)), 3), fmt(median(e.map(\.rps)), 0)],
+        ]) + "\nentries / healthz, per round: \(ratios.map { fmt($0, 3) }.joined(separator: ", ")); median \(fmt(median(ratios), 3))\n",
+            to: output)
     }
 
     private func workload(_ c: HTTPClient) throws -> (received: UInt64, elapsed: Double) {

@@ -21,7 +21,7 @@ struct PressureBench: ParsableCommand {
     @Option(help: "Warm-up seconds per run.") var warmup = 0.3
     @Option(help: "Rounds.") var repeats = 3
     @Option(help: "Ring size.") var ringSize = 256
-    @Flag(help: "JSON instead of a Markdown table.") var json = false
+    @OptionGroup var output: ReportOptions
 
     func run() throws {
         let sizeList = sizes.split(separator: ",").compactMap { Int($0) }
@@ -32,7 +32,10 @@ struct PressureBench: ParsableCommand {
         let total = sizeList.count * repeats * (entryList.count + 1)
         var done = 0
         var rows: [[String]] = []
-        var out: [JSON] = []
+        var report = Report(benchmark: "pressure", parameters: [
+            ("sizes", .array(sizeList.map { .count($0) })), ("entries", .array(entryList.map { .count($0) })),
+            ("seconds", .double(seconds)), ("warmup", .double(warmup)), ("repeats", .count(repeats)),
+            ("ring_size", .count(ringSize)), ("page_size", .string("4k"))])
         for size in sizeList {
             var staticRuns: [RunResult] = []
             var dynamicRuns: [Int: [RunResult]] = [:]
@@ -49,6 +52,13 @@ struct PressureBench: ParsableCommand {
                     let r = try measure(c, iotlb: true, warmup: warmup, seconds: seconds, maxEntries: e == 0 ? 2048 : e)
                     progress("[\(done)/\(total)] \(size) B round \(round + 1) \(label) \(fmt(r.mpps, 3)) Mpps")
                     if e == 0 { staticRuns.append(r) } else { dynamicRuns[e, default: []].append(r) }
+                    report.row([("packet_size", .count(size)), ("round", .count(round)),
+                                ("mapping", .string(e == 0 ? "static" : "dynamic")),
+                                ("iotlb_max_entries", .count(e == 0 ? 2048 : e)), ("mpps", .double(r.mpps)),
+                                ("frames", .count(r.frames)), ("misses", .count(r.misses)), ("hit_rate", .double(r.hitRate)),
+                                ("verify_errors", .count(r.verifyErrors)),
+                                ("allocations_per_frame", .double(r.allocationsPerFrame)),
+                                ("retains_per_frame", .double(r.refcountsPerFrame))])
                 }
             }
             let reference = dynamicRuns[2048]
@@ -61,18 +71,19 @@ struct PressureBench: ParsableCommand {
                 rows.append(["\(size)", "\(e)", fmt(median(runs.map(\.mpps)), 3), fmt(median(staticRuns.map(\.mpps)), 3),
                              fmt(median(perRound), 3), vs2048.isEmpty ? "-" : fmt(median(vs2048), 3),
                              fmt(Double(misses) / Double(max(frames, 1)), 3), "\(verify)"])
-                out.append(["packet_size": .count(size), "iotlb_max_entries": .count(e),
-                            "dynamic_mpps": .array(runs.map { .double($0.mpps) }),
-                            "static_mpps": .array(staticRuns.map { .double($0.mpps) }),
-                            "dynamic_over_static": .array(perRound.map { .double($0) }),
-                            "over_2048": .array(vs2048.map { .double($0) }),
-                            "misses_per_frame": .double(Double(misses) / Double(max(frames, 1))),
-                            "verify_errors": .count(verify)])
+                report.summary([("packet_size", .count(size)), ("iotlb_max_entries", .count(e)),
+                                ("dynamic_mpps_median", .double(median(runs.map(\.mpps)))),
+                                ("static_mpps_median", .double(median(staticRuns.map(\.mpps)))),
+                                ("dynamic_over_static", .array(perRound.map { .double($0) })),
+                                ("dynamic_over_static_median", .double(median(perRound))),
+                                ("over_2048", .array(vs2048.map { .double($0) })),
+                                ("over_2048_median", vs2048.isEmpty ? .null : .double(median(vs2048))),
+                                ("misses_per_frame", .double(Double(misses) / Double(max(frames, 1)))),
+                                ("verify_errors", .count(verify))])
             }
         }
         progressDone()
-        print(json ? JSON.array(out).text
-                   : table(["bytes", "iotlb_max_entries", "dynamic Mpps", "static Mpps (2048)", "dynamic / static",
-                            "× at 2048", "misses/frame", "verify errors"], rows))
+        try report.emit(table: table(["bytes", "iotlb_max_entries", "dynamic Mpps", "static Mpps (2048)", "dynamic / static",
+                                      "× at 2048", "misses/frame", "verify errors"], rows), to: output)
     }
 }
