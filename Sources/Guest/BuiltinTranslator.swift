@@ -19,7 +19,7 @@ final class BuiltinTranslator: @unchecked Sendable {
 
     /// Pages of recent mappings sent with each answer, at most: the buffers
     /// posted in the same batch would miss one after another otherwise.
-    static let recentPerAnswer = 256
+    static let recentPerAnswer = 1024
 
     init(iommu: GuestIOMMU, table: MemoryTable) {
         self.iommu = iommu
