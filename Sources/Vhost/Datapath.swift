@@ -185,7 +185,7 @@ extension Device {
                 txOld = tx.usedIdx
                 rxOld = rx.usedIdx
                 // Commands wait (a guest's invalidation, an API call): let them in.
-                if owner?.hasWaitingCommands == true { break }
+                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
             }
         }
         if tx.usedIdx != txOld { publishUsed(tx, from: txOld) }

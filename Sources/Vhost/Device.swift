@@ -65,9 +65,9 @@ public final class Device {
     var counters = IOTLBStats()
     /// Frames cut short because the RX chain was smaller than the TX frame.
     var truncatedFrames: UInt64 = 0
-    /// The worker that owns the device (it outlives the device); unowned(unsafe):
+    /// The worker that owns the device (it outlives the device). Unmanaged:
     /// read on the datapath, where a reference count would cost per batch.
-    unowned(unsafe) var owner: DatapathWorker?
+    var owner: Unmanaged<DatapathWorker>?
     /// Answers misses on the worker when set (see `MissResolver`).
     public var missResolver: MissResolver?
     /// Whether drivers should kick (the worker is about to sleep).

@@ -80,7 +80,7 @@ public final class Engine: Sendable {
             let log = h.missLog
             worker.submit { w in
                 let d = Device(config: frozen, limits: limits, missLog: log)
-                d.owner = w
+                d.owner = .passUnretained(w)
                 w.devices[frozen.id] = d
             }
             return h
