@@ -6,11 +6,13 @@ Reads, under --results (default bench/results):
   datapath-eager.json           iotlb-bench datapath --mappings dynamic --eager --repeats 3 --json …
   vhost-user-side-by-side.json  scripts/vhost-user-side-by-side.sh --json … ROUNDS SECONDS "64 1518"
   dpdk-side-by-side.json        scripts/dpdk-side-by-side.sh --json … (optional)
+  pressure.json                 iotlb-bench pressure --repeats 3 --json …
 and writes PNGs under --out (default bench/charts):
   iotlb-on-off.png     IOTLB on/off ratio of alternated pairs, static mappings, per page and frame size
   dynamic-mappings.png on/off ratio for static, dynamic and dynamic eager mappings (log scale)
   dpdk-vhost-user.png  one DPDK virtio-user front-end against DPDK's net_vhost and iotlbd (IOTLB off, on)
   dpdk-loopback.png    DPDK's vhost-user loopback against iotlbd's built-in guest (when its JSON exists)
+  iotlb-size.png       dynamic 4 KiB mappings: Mpps against iotlb_max_entries, and the fraction of 2048's
 
 A chart whose input is missing is skipped with a message saying which file and
 which command makes it; the exit status is 1 when no chart could be made or an
@@ -48,6 +50,7 @@ MAKES = {
     "vhost-user-side-by-side.json": "scripts/vhost-user-side-by-side.sh --json bench/results/vhost-user-side-by-side.json "
                                     "4 5 \"64 1518\"",
     "dpdk-side-by-side.json": "scripts/dpdk-side-by-side.sh --json bench/results/dpdk-side-by-side.json 3 5 \"64 1500\"",
+    "pressure.json": ".build/release/iotlb-bench pressure --repeats 3 --json bench/results/pressure.json",
 }
 
 
@@ -298,7 +301,49 @@ def chart_dpdk_loopback(results, out):
     return finish(fig, out, "dpdk-loopback.png", footnote(fig, [doc]))
 
 
-CHARTS = [chart_on_off, chart_dynamic, chart_vhost_user, chart_dpdk_loopback]
+def chart_iotlb_size(results, out):
+    """The IOTLB under pressure: dynamic 4 KiB Mpps per IOTLB size (every round, medians joined), and
+    each size's figure as a fraction of the 2048-entry one in the same round (medians, 0.25 target)."""
+    doc = load(results, "pressure.json")
+    if doc is None:
+        return None
+    dyn = {}
+    for r in doc["rows"]:
+        if r.get("mapping") == "dynamic":
+            dyn.setdefault(r["packet_size"], {}).setdefault(r["iotlb_max_entries"], []).append(r["mpps"])
+    if not dyn:
+        raise InputError(f"{doc['_path']}: no dynamic-mapping rows")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for k, (size, by) in enumerate(sorted(dyn.items())):
+        color = COLORS[k % len(COLORS)]
+        xs = sorted(by)
+        for x in xs:
+            ax.scatter([x] * len(by[x]), by[x], s=14, color=color, alpha=0.45, edgecolors="none")
+        ax.plot(xs, [statistics.median(by[x]) for x in xs], color=color, marker="o", label=f"{size} B frames")
+        fr = {s["iotlb_max_entries"]: s.get("over_2048_median") for s in doc.get("summary", [])
+              if s.get("packet_size") == size and s.get("over_2048_median") is not None}
+        if fr:
+            fx = sorted(fr)
+            bx.plot(fx, [fr[x] for x in fx], color=color, marker="o", label=f"{size} B frames")
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("iotlb_max_entries (log scale)")
+        a.grid(True, alpha=0.3)
+    ax.set_ylabel("Mpps (built-in guest, dynamic 4 KiB, lazy)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput against the IOTLB size")
+    ax.legend(fontsize=8)
+    bx.axhline(0.25, color="#444444", ls="--", lw=1)
+    bx.annotate("target 0.25 (256 entries, 64 B)", (16, 0.25), xytext=(0, 4), textcoords="offset points", fontsize=8)
+    bx.set_ylabel("× the 2048-entry figure (same round, median)")
+    bx.set_ylim(bottom=0)
+    bx.set_title("Graceful degradation: no stall, no collapse")
+    bx.legend(fontsize=8)
+    n = footnote(fig, [doc], "Dots: every run; lines: medians. Each round runs every size in turn (side by side).")
+    return finish(fig, out, "iotlb-size.png", n)
+
+
+CHARTS = [chart_on_off, chart_dynamic, chart_vhost_user, chart_dpdk_loopback, chart_iotlb_size]
 
 
 def main(argv=None):
