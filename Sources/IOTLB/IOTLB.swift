@@ -77,12 +77,12 @@ public final class IOTLB {
     public static let entriesCeiling = 1 << 20
 
     /// Entries now held.
-    public private(set) var count = 0
+    public var count: Int { state.pointee.count }
     /// Entries FIFO replacement passes over (see `pin`).
-    public private(set) var pinnedCount = 0
+    public var pinnedCount: Int { state.pointee.pinnedCount }
     /// Bumped whenever an entry leaves the table: a cached translation tagged
     /// with an older generation may be stale.
-    public private(set) var generation: UInt64 = 0
+    public var generation: UInt64 { state.pointee.generation }
 
     // Nodes are split by use: what a look-up walks (16 bytes, so a 2048-entry
     // tree's keys stay in L1) and the rest.
@@ -101,36 +101,69 @@ public final class IOTLB {
         var pinned: Bool
     }
 
-    private var hot: UnsafeMutablePointer<Hot>
-    private var cold: UnsafeMutablePointer<Cold>
-    private var capacity: Int
-    private var used = 0           // nodes ever handed out (high-water mark)
+    /// Everything the table mutates, in one struct behind a pointer.
+    ///
+    /// SAFETY: the table has one owner thread (see the class comment), so no two
+    /// accesses to `state` ever overlap; keeping the state behind a pointer
+    /// says so to the compiler, which would otherwise check exclusivity at run
+    /// time on every access to a class's stored property (a call per field on
+    /// the look-up path). Node indices handed between the functions below are
+    /// always in `0..<used` (`node(_:)` checks that in debug builds).
+    private struct State {
+        var count = 0
+        var pinnedCount = 0
+        var generation: UInt64 = 0
+        var hot: UnsafeMutablePointer<Hot>
+        var cold: UnsafeMutablePointer<Cold>
+        var capacity: Int
+        var used = 0           // nodes ever handed out (high-water mark)
+        // A read-mostly accelerator: the keys in Eytzinger (breadth-first) order,
+        // so a look-up walks one contiguous array instead of chasing nodes. It is
+        // rebuilt (O(n)) only after max(n/4, 16) look-ups have found it stale, so
+        // its cost stays O(1) amortized per look-up and mutations stay O(log n);
+        // tables that change between every few look-ups simply keep using the tree.
+        var version: UInt64 = 0          // bumped by every mutation
+        var searchVersion: UInt64 = .max  // the version the arrays describe
+        var staleLookups = 0
+        var searchKeys: UnsafeMutablePointer<UInt64>   // 1-based
+        var searchNodes: UnsafeMutablePointer<Int32>   // 1-based
+        var searchCount = 0
+        var freeList: Int32 = -1
+        var root: Int32 = -1
+        var oldest: Int32 = -1
+        var newest: Int32 = -1
+    }
+    private let state: UnsafeMutablePointer<State>
 
-    // A read-mostly accelerator: the keys in Eytzinger (breadth-first) order,
-    // so a look-up walks one contiguous array instead of chasing nodes. It is
-    // rebuilt (O(n)) only after max(n/4, 16) look-ups have found it stale, so
-    // its cost stays O(1) amortized per look-up and mutations stay O(log n);
-    // tables that change between every few look-ups simply keep using the tree.
-    private var version: UInt64 = 0          // bumped by every mutation
-    private var searchVersion: UInt64 = .max  // the version the arrays describe
-    private var staleLookups = 0
-    private var searchKeys: UnsafeMutablePointer<UInt64>   // 1-based
-    private var searchNodes: UnsafeMutablePointer<Int32>   // 1-based
-    private var searchCount = 0
-    private var freeList: Int32 = -1
-    private var root: Int32 = -1
-    private var oldest: Int32 = -1
-    private var newest: Int32 = -1
+    // The fields by name (computed: reads and writes go through the pointer).
+    private var hot: UnsafeMutablePointer<Hot> { get { state.pointee.hot } set { state.pointee.hot = newValue } }
+    private var cold: UnsafeMutablePointer<Cold> { get { state.pointee.cold } set { state.pointee.cold = newValue } }
+    private var capacity: Int { get { state.pointee.capacity } set { state.pointee.capacity = newValue } }
+    private var used: Int { get { state.pointee.used } set { state.pointee.used = newValue } }
+    private var version: UInt64 { get { state.pointee.version } set { state.pointee.version = newValue } }
+    private var searchVersion: UInt64 { get { state.pointee.searchVersion } set { state.pointee.searchVersion = newValue } }
+    private var staleLookups: Int { get { state.pointee.staleLookups } set { state.pointee.staleLookups = newValue } }
+    private var searchKeys: UnsafeMutablePointer<UInt64> {
+        get { state.pointee.searchKeys } set { state.pointee.searchKeys = newValue }
+    }
+    private var searchNodes: UnsafeMutablePointer<Int32> {
+        get { state.pointee.searchNodes } set { state.pointee.searchNodes = newValue }
+    }
+    private var searchCount: Int { get { state.pointee.searchCount } set { state.pointee.searchCount = newValue } }
+    private var freeList: Int32 { get { state.pointee.freeList } set { state.pointee.freeList = newValue } }
+    private var root: Int32 { get { state.pointee.root } set { state.pointee.root = newValue } }
+    private var oldest: Int32 { get { state.pointee.oldest } set { state.pointee.oldest = newValue } }
+    private var newest: Int32 { get { state.pointee.newest } set { state.pointee.newest = newValue } }
 
     /// A table holding at most `maxEntries` (1 ... `entriesCeiling`) entries.
     public init(maxEntries: Int) {
         precondition(maxEntries >= 1 && maxEntries <= IOTLB.entriesCeiling, "maxEntries out of range")
         self.maxEntries = maxEntries
-        capacity = min(maxEntries, 64)
-        hot = .allocate(capacity: capacity)
-        cold = .allocate(capacity: capacity)
-        searchKeys = .allocate(capacity: capacity + 1)
-        searchNodes = .allocate(capacity: capacity + 1)
+        let capacity = min(maxEntries, 64)
+        state = .allocate(capacity: 1)
+        state.initialize(to: State(hot: .allocate(capacity: capacity), cold: .allocate(capacity: capacity),
+                                   capacity: capacity, searchKeys: .allocate(capacity: capacity + 1),
+                                   searchNodes: .allocate(capacity: capacity + 1)))
     }
 
     deinit {
@@ -138,6 +171,8 @@ public final class IOTLB {
         cold.deallocate()
         searchKeys.deallocate()
         searchNodes.deallocate()
+        state.deinitialize(count: 1)
+        state.deallocate()
     }
 
     // MARK: Look-up
@@ -147,11 +182,11 @@ public final class IOTLB {
         let key = iova.raw
         let n = lookupFloor(key)
         guard n >= 0 else { return .miss }
-        let c = cold[Int(n)]
+        let c = cold[node(n)]
         guard c.last >= key else { return .miss }
         let perm = Permissions(rawValue: c.perm)
         if !perm.contains(access) { return .denied(perm: perm) }
-        let offset = key &- hot[Int(n)].first
+        let offset = key &- hot[node(n)].first
         // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
         let leftMinusOne = c.last &- key
         let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
@@ -161,7 +196,7 @@ public final class IOTLB {
     /// The entry holding `iova`, if any.
     public func entry(containing iova: IOVA) -> IOTLBEntry? {
         let n = lookupFloor(iova.raw)
-        guard n >= 0, cold[Int(n)].last >= iova.raw else { return nil }
+        guard n >= 0, cold[node(n)].last >= iova.raw else { return nil }
         return entry(n)
     }
 
@@ -208,9 +243,9 @@ public final class IOTLB {
 
     private func inOrder(_ n: Int32, _ body: (Int32) -> Void) {
         if n < 0 { return }
-        inOrder(hot[Int(n)].left, body)
+        inOrder(hot[node(n)].left, body)
         body(n)
-        inOrder(hot[Int(n)].right, body)
+        inOrder(hot[node(n)].right, body)
     }
 
     /// The node with the greatest first <= key, or -1. The descent is written
@@ -221,7 +256,7 @@ public final class IOTLB {
         var n = root
         var best: Int32 = -1
         while n >= 0 {
-            let h = hot[Int(n)]
+            let h = hot[node(n)]
             let right = h.first <= key
             best = right ? n : best
             n = right ? h.right : h.left
@@ -255,7 +290,7 @@ public final class IOTLB {
         var n = oldest
         while n >= 0 {
             out.append(entry(n))
-            n = cold[Int(n)].newer
+            n = cold[node(n)].newer
         }
         return out
     }
@@ -271,19 +306,19 @@ public final class IOTLB {
         if count == maxEntries, oldest >= 0 {
             // A pinned entry goes to the back of the line instead, unless every entry is pinned.
             if pinnedCount < count {
-                while cold[Int(oldest)].pinned { makeNewest(oldest) }
+                while cold[node(oldest)].pinned { makeNewest(oldest) }
             }
-            if let victim = removeNode(key: hot[Int(oldest)].first) { onRemove(victim, .evicted) }
+            if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
             outcome.evicted = 1
         }
         let n = allocateNode()
-        hot[Int(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
-        cold[Int(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
+        hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
+        cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
                             perm: e.perm.rawValue, pinned: false)
-        if newest >= 0 { cold[Int(newest)].newer = n } else { oldest = n }
+        if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n
         root = insert(root, n)
-        count += 1
+        state.pointee.count += 1
         version &+= 1
         return outcome
     }
@@ -301,10 +336,12 @@ public final class IOTLB {
         var n = oldest
         while n >= 0 {
             onRemove(entry(n), .flushed)
-            n = cold[Int(n)].newer
+            n = cold[node(n)].newer
         }
-        root = -1; oldest = -1; newest = -1; freeList = -1; used = 0; count = 0; pinnedCount = 0
-        if removed > 0 { generation &+= 1 }
+        root = -1; oldest = -1; newest = -1; freeList = -1; used = 0
+        state.pointee.count = 0
+        state.pointee.pinnedCount = 0
+        if removed > 0 { state.pointee.generation &+= 1 }
         version &+= 1
         return removed
     }
@@ -314,7 +351,7 @@ public final class IOTLB {
     /// updates remove pinned entries as any other.
     public func pin(_ range: AddressRange<IOVA>) {
         visit(root, range.first.raw, range.last.raw) { n in
-            if !cold[Int(n)].pinned { cold[Int(n)].pinned = true; pinnedCount += 1 }
+            if !cold[node(n)].pinned { cold[node(n)].pinned = true; state.pointee.pinnedCount += 1 }
         }
     }
 
@@ -322,29 +359,37 @@ public final class IOTLB {
     public func unpinAll() {
         var n = oldest
         while n >= 0 {
-            cold[Int(n)].pinned = false
-            n = cold[Int(n)].newer
+            cold[node(n)].pinned = false
+            n = cold[node(n)].newer
         }
-        pinnedCount = 0
+        state.pointee.pinnedCount = 0
     }
 
     // MARK: Internals
 
+    /// A node index as a pool offset: the one place indices meet raw memory,
+    /// checked in debug builds (the invariant stated on `State`).
+    @inline(__always)
+    private func node(_ n: Int32) -> Int {
+        assert(n >= 0 && Int(n) < used, "node \(n) outside the pool's \(used) nodes")
+        return Int(n)
+    }
+
     /// Moves node `n` to the newest end of the FIFO list.
     private func makeNewest(_ n: Int32) {
         guard n != newest else { return }
-        let c = cold[Int(n)]
-        if c.older >= 0 { cold[Int(c.older)].newer = c.newer } else { oldest = c.newer }
-        cold[Int(c.newer)].older = c.older
-        cold[Int(n)].older = newest
-        cold[Int(n)].newer = -1
-        cold[Int(newest)].newer = n
+        let c = cold[node(n)]
+        if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
+        cold[node(c.newer)].older = c.older
+        cold[node(n)].older = newest
+        cold[node(n)].newer = -1
+        cold[node(newest)].newer = n
         newest = n
     }
 
     private func entry(_ n: Int32) -> IOTLBEntry {
-        let c = cold[Int(n)]
-        return IOTLBEntry(range: AddressRange(first: IOVA(hot[Int(n)].first), last: IOVA(c.last)),
+        let c = cold[node(n)]
+        return IOTLBEntry(range: AddressRange(first: IOVA(hot[node(n)].first), last: IOVA(c.last)),
                           uaddr: UserAddr(c.uaddr), perm: Permissions(rawValue: c.perm))
     }
 
@@ -358,9 +403,9 @@ public final class IOTLB {
         let lo = range.first.raw, hi = range.last.raw
         while true {
             var n = floor(lo)
-            if n < 0 || cold[Int(n)].last < lo { n = ceiling(lo) }
-            guard n >= 0, hot[Int(n)].first <= hi else { return removed }
-            if let e = removeNode(key: hot[Int(n)].first) { onRemove(e, reason) }
+            if n < 0 || cold[node(n)].last < lo { n = ceiling(lo) }
+            guard n >= 0, hot[node(n)].first <= hi else { return removed }
+            if let e = removeNode(key: hot[node(n)].first) { onRemove(e, reason) }
             removed += 1
         }
     }
@@ -371,7 +416,7 @@ public final class IOTLB {
         var n = root
         var best: Int32 = -1
         while n >= 0 {
-            let h = hot[Int(n)]
+            let h = hot[node(n)]
             let left = h.first >= key
             best = left ? n : best
             n = left ? h.left : h.right
@@ -384,9 +429,9 @@ public final class IOTLB {
     /// starting above `hi` nothing on its right.
     private func visit(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
         if n < 0 { return }
-        let h = hot[Int(n)]
+        let h = hot[node(n)]
         if h.first > hi { visit(h.left, lo, hi, body); return }
-        if cold[Int(n)].last < lo { visit(h.right, lo, hi, body); return }
+        if cold[node(n)].last < lo { visit(h.right, lo, hi, body); return }
         visit(h.left, lo, hi, body)
         body(n)
         visit(h.right, lo, hi, body)
@@ -395,16 +440,16 @@ public final class IOTLB {
     /// `visit` that stops as soon as `body` returns false; returns whether it went on to the end.
     private func visitUntil(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Bool) -> Bool {
         if n < 0 { return true }
-        let h = hot[Int(n)]
+        let h = hot[node(n)]
         if h.first > hi { return visitUntil(h.left, lo, hi, body) }
-        if cold[Int(n)].last < lo { return visitUntil(h.right, lo, hi, body) }
+        if cold[node(n)].last < lo { return visitUntil(h.right, lo, hi, body) }
         return visitUntil(h.left, lo, hi, body) && body(n) && visitUntil(h.right, lo, hi, body)
     }
 
     private func allocateNode() -> Int32 {
         if freeList >= 0 {
             let n = freeList
-            freeList = hot[Int(n)].left
+            freeList = hot[node(n)].left
             return n
         }
         if used == capacity {
@@ -435,55 +480,55 @@ public final class IOTLB {
         root = remove(root, key, &found)
         guard found >= 0 else { return nil }
         let removed = entry(found)
-        let c = cold[Int(found)]
-        if c.older >= 0 { cold[Int(c.older)].newer = c.newer } else { oldest = c.newer }
-        if c.newer >= 0 { cold[Int(c.newer)].older = c.older } else { newest = c.older }
-        if c.pinned { pinnedCount -= 1 }
-        hot[Int(found)].left = freeList
+        let c = cold[node(found)]
+        if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
+        if c.newer >= 0 { cold[node(c.newer)].older = c.older } else { newest = c.older }
+        if c.pinned { state.pointee.pinnedCount -= 1 }
+        hot[node(found)].left = freeList
         freeList = found
-        count -= 1
-        generation &+= 1
+        state.pointee.count -= 1
+        state.pointee.generation &+= 1
         version &+= 1
         return removed
     }
 
     @inline(__always)
-    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[Int(n)].height }
+    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[node(n)].height }
 
     @inline(__always)
     private func refresh(_ n: Int32) {
-        cold[Int(n)].height = max(height(hot[Int(n)].left), height(hot[Int(n)].right)) + 1
+        cold[node(n)].height = max(height(hot[node(n)].left), height(hot[node(n)].right)) + 1
     }
 
     private func rotateRight(_ n: Int32) -> Int32 {
-        let l = hot[Int(n)].left
-        hot[Int(n)].left = hot[Int(l)].right
-        hot[Int(l)].right = n
+        let l = hot[node(n)].left
+        hot[node(n)].left = hot[node(l)].right
+        hot[node(l)].right = n
         refresh(n); refresh(l)
         return l
     }
 
     private func rotateLeft(_ n: Int32) -> Int32 {
-        let r = hot[Int(n)].right
-        hot[Int(n)].right = hot[Int(r)].left
-        hot[Int(r)].left = n
+        let r = hot[node(n)].right
+        hot[node(n)].right = hot[node(r)].left
+        hot[node(r)].left = n
         refresh(n); refresh(r)
         return r
     }
 
     private func rebalance(_ n: Int32) -> Int32 {
         refresh(n)
-        let l = hot[Int(n)].left, r = hot[Int(n)].right
+        let l = hot[node(n)].left, r = hot[node(n)].right
         let balance = Int(height(l)) - Int(height(r))
         if balance > 1 {
-            if height(hot[Int(l)].left) < height(hot[Int(l)].right) {
-                hot[Int(n)].left = rotateLeft(l)
+            if height(hot[node(l)].left) < height(hot[node(l)].right) {
+                hot[node(n)].left = rotateLeft(l)
             }
             return rotateRight(n)
         }
         if balance < -1 {
-            if height(hot[Int(r)].right) < height(hot[Int(r)].left) {
-                hot[Int(n)].right = rotateRight(r)
+            if height(hot[node(r)].right) < height(hot[node(r)].left) {
+                hot[node(n)].right = rotateRight(r)
             }
             return rotateLeft(n)
         }
@@ -492,42 +537,42 @@ public final class IOTLB {
 
     private func insert(_ t: Int32, _ n: Int32) -> Int32 {
         if t < 0 { return n }
-        if hot[Int(n)].first < hot[Int(t)].first {
-            hot[Int(t)].left = insert(hot[Int(t)].left, n)
+        if hot[node(n)].first < hot[node(t)].first {
+            hot[node(t)].left = insert(hot[node(t)].left, n)
         } else {
-            hot[Int(t)].right = insert(hot[Int(t)].right, n)
+            hot[node(t)].right = insert(hot[node(t)].right, n)
         }
         return rebalance(t)
     }
 
     private func remove(_ t: Int32, _ key: UInt64, _ found: inout Int32) -> Int32 {
         if t < 0 { return -1 }
-        let k = hot[Int(t)].first
+        let k = hot[node(t)].first
         if key < k {
-            hot[Int(t)].left = remove(hot[Int(t)].left, key, &found)
+            hot[node(t)].left = remove(hot[node(t)].left, key, &found)
         } else if key > k {
-            hot[Int(t)].right = remove(hot[Int(t)].right, key, &found)
+            hot[node(t)].right = remove(hot[node(t)].right, key, &found)
         } else {
             found = t
-            let l = hot[Int(t)].left, r = hot[Int(t)].right
+            let l = hot[node(t)].left, r = hot[node(t)].right
             if l < 0 { return r }
             if r < 0 { return l }
             var successor: Int32 = -1
             let newRight = removeMin(r, &successor)
-            hot[Int(successor)].left = l
-            hot[Int(successor)].right = newRight
+            hot[node(successor)].left = l
+            hot[node(successor)].right = newRight
             return rebalance(successor)
         }
         return rebalance(t)
     }
 
     private func removeMin(_ t: Int32, _ minNode: inout Int32) -> Int32 {
-        let l = hot[Int(t)].left
+        let l = hot[node(t)].left
         if l < 0 {
             minNode = t
-            return hot[Int(t)].right
+            return hot[node(t)].right
         }
-        hot[Int(t)].left = removeMin(l, &minNode)
+        hot[node(t)].left = removeMin(l, &minNode)
         return rebalance(t)
     }
 }
