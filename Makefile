@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -63,7 +63,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts
+test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-systemd test-charts test-package
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -112,6 +112,11 @@ test-qemu: build qemu-tools
 # `iotlb-bench lookup --json` run; fails (does not skip) when it cannot run.
 test-charts: build charts-deps
 	$(PYTHON) tests/test_charts.py
+
+# A new package depends on a tagged clone of this repository by version and
+# uses the IOTLB library (SwiftPM refuses unsafe build flags in a dependency).
+test-package: deps
+	$(PYTHON) tests/test_package_dependency.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps
