@@ -415,8 +415,13 @@ class Live(unittest.TestCase):
         stuck = [a["labels"] for a in self.alerts() if a["labels"]["alertname"] == "IotlbdQueueStuckWaitingIotlb"]
         self.assertEqual([(a["device"], a["vq"]) for a in stuck], [("stuck0", "1")])
         names = {a["labels"]["alertname"] for a in self.alerts()}
-        for quiet in ["IotlbdDown", "IotlbdTargetMissing", "IotlbdVerifyErrors", "IotlbdMissStorm"]:
+        for quiet in ["IotlbdDown", "IotlbdTargetMissing", "IotlbdVerifyErrors"]:
             self.assertNotIn(quiet, names)
+        # dyn0's dynamic mappings really miss thousands of times a second (the built-in
+        # vIOMMU answers each on the datapath thread): a storm may be pending for it,
+        # for no device with static mappings.
+        storming = {a["labels"]["device"] for a in self.alerts() if a["labels"]["alertname"] == "IotlbdMissStorm"}
+        self.assertLessEqual(storming, {"dyn0"})
 
 
 if __name__ == "__main__":
