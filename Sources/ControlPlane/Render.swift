@@ -8,7 +8,7 @@ extension JSON {
          "perm": .string(e.perm.description)]
     }
 
-    /// A range's size; the whole 2^64-byte space, whose size has no 64-bit form, is written as the decimal string.
+    /// A range's size; the whole 2^64-byte space, whose size has no 64-bit form, is written as "0x10000000000000000".
     static func sizeOf<A>(_ r: AddressRange<A>) -> JSON {
         r.size.map { .hex($0) } ?? .string("0x10000000000000000")
     }
