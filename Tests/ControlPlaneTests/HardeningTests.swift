@@ -184,9 +184,18 @@ import Vhost
             }
         }
         churn(20)  // warm: the table reaches its size
-        let before = rss()
+        var before = rss()
         churn(100)  // a million updates and a million invalidations
-        let after = rss()
+        var after = rss()
+        // RSS is the whole process's, and other suites run beside this one: a window
+        // that grew is measured once more. A leak grows in every window; their
+        // daemons' memory does not.
+        if after - before >= 8 << 20 {
+            print("bounded memory: RSS grew \((after - before) >> 10) KiB in the first window; measuring a second")
+            before = after
+            churn(100)
+            after = rss()
+        }
         #expect(h.performSync { $0!.iotlb.count } <= 2048)
         // AddressSanitizer keeps freed memory in quarantine: RSS says nothing there.
         let underASan = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__asan_init") != nil
