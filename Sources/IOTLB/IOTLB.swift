@@ -9,9 +9,10 @@
 // kernel keeps those translations in a per-queue cache beside its IOTLB).
 //
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
-// threaded by a FIFO list. Look-up and update are O(log n); a look-up touches
-// no reference-counted object and allocates nothing. What a miss means is left
-// to the caller.
+// threaded by a FIFO list (IOTLB+Tree.swift). Look-up and update are
+// O(log n); a look-up touches no reference-counted object and allocates
+// nothing, except when it rebuilds the search array (below: once per
+// max(n/4, 16) stale look-ups). What a miss means is left to the caller.
 
 /// One translation: the IOVAs of `range` map to `uaddr` onwards, with permission `perm`.
 public struct IOTLBEntry: Hashable, Sendable {
@@ -86,12 +87,12 @@ public final class IOTLB {
 
     // Nodes are split by use: what a look-up walks (16 bytes, so a 2048-entry
     // tree's keys stay in L1) and the rest.
-    private struct Hot {
+    struct Hot {
         var first: UInt64
         var left: Int32      // AVL children; `left` doubles as the free-list link
         var right: Int32
     }
-    private struct Cold {
+    struct Cold {
         var last: UInt64
         var uaddr: UInt64
         var older: Int32     // FIFO neighbours
@@ -109,7 +110,7 @@ public final class IOTLB {
     /// time on every access to a class's stored property (a call per field on
     /// the look-up path). Node indices handed between the functions below are
     /// always in `0..<used` (`node(_:)` checks that in debug builds).
-    private struct State {
+    struct State {
         var count = 0
         var pinnedCount = 0
         var generation: UInt64 = 0
@@ -133,27 +134,27 @@ public final class IOTLB {
         var oldest: Int32 = -1
         var newest: Int32 = -1
     }
-    private let state: UnsafeMutablePointer<State>
+    let state: UnsafeMutablePointer<State>
 
     // The fields by name (computed: reads and writes go through the pointer).
-    private var hot: UnsafeMutablePointer<Hot> { get { state.pointee.hot } set { state.pointee.hot = newValue } }
-    private var cold: UnsafeMutablePointer<Cold> { get { state.pointee.cold } set { state.pointee.cold = newValue } }
-    private var capacity: Int { get { state.pointee.capacity } set { state.pointee.capacity = newValue } }
-    private var used: Int { get { state.pointee.used } set { state.pointee.used = newValue } }
-    private var version: UInt64 { get { state.pointee.version } set { state.pointee.version = newValue } }
-    private var searchVersion: UInt64 { get { state.pointee.searchVersion } set { state.pointee.searchVersion = newValue } }
-    private var staleLookups: Int { get { state.pointee.staleLookups } set { state.pointee.staleLookups = newValue } }
-    private var searchKeys: UnsafeMutablePointer<UInt64> {
+    var hot: UnsafeMutablePointer<Hot> { get { state.pointee.hot } set { state.pointee.hot = newValue } }
+    var cold: UnsafeMutablePointer<Cold> { get { state.pointee.cold } set { state.pointee.cold = newValue } }
+    var capacity: Int { get { state.pointee.capacity } set { state.pointee.capacity = newValue } }
+    var used: Int { get { state.pointee.used } set { state.pointee.used = newValue } }
+    var version: UInt64 { get { state.pointee.version } set { state.pointee.version = newValue } }
+    var searchVersion: UInt64 { get { state.pointee.searchVersion } set { state.pointee.searchVersion = newValue } }
+    var staleLookups: Int { get { state.pointee.staleLookups } set { state.pointee.staleLookups = newValue } }
+    var searchKeys: UnsafeMutablePointer<UInt64> {
         get { state.pointee.searchKeys } set { state.pointee.searchKeys = newValue }
     }
-    private var searchNodes: UnsafeMutablePointer<Int32> {
+    var searchNodes: UnsafeMutablePointer<Int32> {
         get { state.pointee.searchNodes } set { state.pointee.searchNodes = newValue }
     }
-    private var searchCount: Int { get { state.pointee.searchCount } set { state.pointee.searchCount = newValue } }
-    private var freeList: Int32 { get { state.pointee.freeList } set { state.pointee.freeList = newValue } }
-    private var root: Int32 { get { state.pointee.root } set { state.pointee.root = newValue } }
-    private var oldest: Int32 { get { state.pointee.oldest } set { state.pointee.oldest = newValue } }
-    private var newest: Int32 { get { state.pointee.newest } set { state.pointee.newest = newValue } }
+    var searchCount: Int { get { state.pointee.searchCount } set { state.pointee.searchCount = newValue } }
+    var freeList: Int32 { get { state.pointee.freeList } set { state.pointee.freeList = newValue } }
+    var root: Int32 { get { state.pointee.root } set { state.pointee.root = newValue } }
+    var oldest: Int32 { get { state.pointee.oldest } set { state.pointee.oldest = newValue } }
+    var newest: Int32 { get { state.pointee.newest } set { state.pointee.newest = newValue } }
 
     /// A table holding at most `maxEntries` (1 ... `entriesCeiling`) entries.
     public init(maxEntries: Int) {
@@ -252,7 +253,7 @@ public final class IOTLB {
     /// to compile to conditional moves: random look-ups would otherwise pay a
     /// mispredicted branch per level.
     @inline(__always)
-    private func floor(_ key: UInt64) -> Int32 {
+    func floor(_ key: UInt64) -> Int32 {
         var n = root
         var best: Int32 = -1
         while n >= 0 {
@@ -363,216 +364,5 @@ public final class IOTLB {
             n = cold[node(n)].newer
         }
         state.pointee.pinnedCount = 0
-    }
-
-    // MARK: Internals
-
-    /// A node index as a pool offset: the one place indices meet raw memory,
-    /// checked in debug builds (the invariant stated on `State`).
-    @inline(__always)
-    private func node(_ n: Int32) -> Int {
-        assert(n >= 0 && Int(n) < used, "node \(n) outside the pool's \(used) nodes")
-        return Int(n)
-    }
-
-    /// Moves node `n` to the newest end of the FIFO list.
-    private func makeNewest(_ n: Int32) {
-        guard n != newest else { return }
-        let c = cold[node(n)]
-        if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
-        cold[node(c.newer)].older = c.older
-        cold[node(n)].older = newest
-        cold[node(n)].newer = -1
-        cold[node(newest)].newer = n
-        newest = n
-    }
-
-    private func entry(_ n: Int32) -> IOTLBEntry {
-        let c = cold[node(n)]
-        return IOTLBEntry(range: AddressRange(first: IOVA(hot[node(n)].first), last: IOVA(c.last)),
-                          uaddr: UserAddr(c.uaddr), perm: Permissions(rawValue: c.perm))
-    }
-
-    private func removeOverlapping(_ range: AddressRange<IOVA>, reason: RemovalReason,
-                                   _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
-        // Entries never overlap, so the overlapping ones form a run in key order:
-        // take the lowest one each time (the entry holding `first`, else the
-        // first entry starting after it) until the run ends. No walk state to
-        // keep across removals.
-        var removed = 0
-        let lo = range.first.raw, hi = range.last.raw
-        while true {
-            var n = floor(lo)
-            if n < 0 || cold[node(n)].last < lo { n = ceiling(lo) }
-            guard n >= 0, hot[node(n)].first <= hi else { return removed }
-            if let e = removeNode(key: hot[node(n)].first) { onRemove(e, reason) }
-            removed += 1
-        }
-    }
-
-    /// The node with the least first >= key, or -1.
-    @inline(__always)
-    private func ceiling(_ key: UInt64) -> Int32 {
-        var n = root
-        var best: Int32 = -1
-        while n >= 0 {
-            let h = hot[node(n)]
-            let left = h.first >= key
-            best = left ? n : best
-            n = left ? h.left : h.right
-        }
-        return best
-    }
-
-    /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
-    /// so a node ending below `lo` has nothing useful on its left, and a node
-    /// starting above `hi` nothing on its right.
-    private func visit(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
-        if n < 0 { return }
-        let h = hot[node(n)]
-        if h.first > hi { visit(h.left, lo, hi, body); return }
-        if cold[node(n)].last < lo { visit(h.right, lo, hi, body); return }
-        visit(h.left, lo, hi, body)
-        body(n)
-        visit(h.right, lo, hi, body)
-    }
-
-    /// `visit` that stops as soon as `body` returns false; returns whether it went on to the end.
-    private func visitUntil(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Bool) -> Bool {
-        if n < 0 { return true }
-        let h = hot[node(n)]
-        if h.first > hi { return visitUntil(h.left, lo, hi, body) }
-        if cold[node(n)].last < lo { return visitUntil(h.right, lo, hi, body) }
-        return visitUntil(h.left, lo, hi, body) && body(n) && visitUntil(h.right, lo, hi, body)
-    }
-
-    private func allocateNode() -> Int32 {
-        if freeList >= 0 {
-            let n = freeList
-            freeList = hot[node(n)].left
-            return n
-        }
-        if used == capacity {
-            let bigger = min(capacity * 2, maxEntries)
-            let freshHot = UnsafeMutablePointer<Hot>.allocate(capacity: bigger)
-            freshHot.moveInitialize(from: hot, count: used)
-            hot.deallocate()
-            hot = freshHot
-            let freshCold = UnsafeMutablePointer<Cold>.allocate(capacity: bigger)
-            freshCold.moveInitialize(from: cold, count: used)
-            cold.deallocate()
-            cold = freshCold
-            searchKeys.deallocate()
-            searchNodes.deallocate()
-            searchKeys = .allocate(capacity: bigger + 1)
-            searchNodes = .allocate(capacity: bigger + 1)
-            searchVersion = .max
-            capacity = bigger
-        }
-        used += 1
-        return Int32(used - 1)
-    }
-
-    /// Unlinks the node whose range starts at `key` from tree and FIFO list.
-    @discardableResult
-    private func removeNode(key: UInt64) -> IOTLBEntry? {
-        var found: Int32 = -1
-        root = remove(root, key, &found)
-        guard found >= 0 else { return nil }
-        let removed = entry(found)
-        let c = cold[node(found)]
-        if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
-        if c.newer >= 0 { cold[node(c.newer)].older = c.older } else { newest = c.older }
-        if c.pinned { state.pointee.pinnedCount -= 1 }
-        hot[node(found)].left = freeList
-        freeList = found
-        state.pointee.count -= 1
-        state.pointee.generation &+= 1
-        version &+= 1
-        return removed
-    }
-
-    @inline(__always)
-    private func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[node(n)].height }
-
-    @inline(__always)
-    private func refresh(_ n: Int32) {
-        cold[node(n)].height = max(height(hot[node(n)].left), height(hot[node(n)].right)) + 1
-    }
-
-    private func rotateRight(_ n: Int32) -> Int32 {
-        let l = hot[node(n)].left
-        hot[node(n)].left = hot[node(l)].right
-        hot[node(l)].right = n
-        refresh(n); refresh(l)
-        return l
-    }
-
-    private func rotateLeft(_ n: Int32) -> Int32 {
-        let r = hot[node(n)].right
-        hot[node(n)].right = hot[node(r)].left
-        hot[node(r)].left = n
-        refresh(n); refresh(r)
-        return r
-    }
-
-    private func rebalance(_ n: Int32) -> Int32 {
-        refresh(n)
-        let l = hot[node(n)].left, r = hot[node(n)].right
-        let balance = Int(height(l)) - Int(height(r))
-        if balance > 1 {
-            if height(hot[node(l)].left) < height(hot[node(l)].right) {
-                hot[node(n)].left = rotateLeft(l)
-            }
-            return rotateRight(n)
-        }
-        if balance < -1 {
-            if height(hot[node(r)].right) < height(hot[node(r)].left) {
-                hot[node(n)].right = rotateRight(r)
-            }
-            return rotateLeft(n)
-        }
-        return n
-    }
-
-    private func insert(_ t: Int32, _ n: Int32) -> Int32 {
-        if t < 0 { return n }
-        if hot[node(n)].first < hot[node(t)].first {
-            hot[node(t)].left = insert(hot[node(t)].left, n)
-        } else {
-            hot[node(t)].right = insert(hot[node(t)].right, n)
-        }
-        return rebalance(t)
-    }
-
-    private func remove(_ t: Int32, _ key: UInt64, _ found: inout Int32) -> Int32 {
-        if t < 0 { return -1 }
-        let k = hot[node(t)].first
-        if key < k {
-            hot[node(t)].left = remove(hot[node(t)].left, key, &found)
-        } else if key > k {
-            hot[node(t)].right = remove(hot[node(t)].right, key, &found)
-        } else {
-            found = t
-            let l = hot[node(t)].left, r = hot[node(t)].right
-            if l < 0 { return r }
-            if r < 0 { return l }
-            var successor: Int32 = -1
-            let newRight = removeMin(r, &successor)
-            hot[node(successor)].left = l
-            hot[node(successor)].right = newRight
-            return rebalance(successor)
-        }
-        return rebalance(t)
-    }
-
-    private func removeMin(_ t: Int32, _ minNode: inout Int32) -> Int32 {
-        let l = hot[node(t)].left
-        if l < 0 {
-            minNode = t
-            return hot[node(t)].right
-        }
-        hot[node(t)].left = removeMin(l, &minNode)
-        return rebalance(t)
     }
 }
