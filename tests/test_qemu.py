@@ -73,7 +73,7 @@ class QemuGuest(unittest.TestCase):
         cls.daemon_log_path = os.path.join(cls.tmp, "iotlbd.log")
         cls.daemon_log = open(cls.daemon_log_path, "w")
         # Info level: refused vhost-user requests are logged ("… refused: …").
-        cls.daemon = Daemon(log=cls.daemon_log, log_level="info")
+        cls.daemon = Daemon("--vhost-user-dir", cls.tmp, log=cls.daemon_log, log_level="info")  # sockets must lie there
         cls.boots = {}  # QEMU boots per test name (a guest that resets before /init boots again)
 
     @classmethod
@@ -187,7 +187,7 @@ class QemuGuest(unittest.TestCase):
         """The README's QEMU command line is the one run.sh runs."""
         env = dict(os.environ, QEMU_GUEST_CACHE=".cache/qemu-guest")
         env.pop("QG_FRAMES", None)
-        out = subprocess.run([os.path.join(GUEST, "run.sh"), "--print", "/tmp/q0.sock", "strict"],
+        out = subprocess.run([os.path.join(GUEST, "run.sh"), "--print", "/run/iotlbd/q0.sock", "strict"],
                              capture_output=True, text=True, env=env, check=True).stdout
         self.assertIn("```sh\n" + out + "```", read_text(os.path.join(ROOT, "README.md")),
                       "README \"Use with QEMU\" and scripts/qemu-guest/run.sh disagree")
