@@ -53,19 +53,9 @@ struct ProcessStats {
         one("process_max_fds", "gauge", "Maximum number of open file descriptors.", maxFDs)
     }
 
-    /// A small /proc file's text.
+    /// A small /proc file's text (the state file's reader serves here too).
     private static func readText(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
-            bytes += chunk[0..<n]
-        }
+        guard let bytes = (try? ConfigStore.read(path)) ?? nil else { return nil }
         return String(decoding: bytes, as: UTF8.self)
     }
 
