@@ -50,8 +50,11 @@ COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")
 QEMU_DISCONNECT_MESSAGES = re.compile(
     r"Failed to read msg header|Fail to invalidate device iotlb|Unexpected end-of-file before all data were read"
     r"|Failed to set msg fds|ring restore failed|Fail to update device iotlb|Failed to write msg|vhost_set_vring_call failed"
-    r"|Error writing|Unexpected IOTLB message when virtio device is stopped|Failed to read from backend"
+    r"|Error writing|Failed to read from backend"
     r"|vhost lost connection|Failed to set msg")
+# Benign at any time (tests/test_qemu.py): a miss sent just before the guest
+# reset the NIC reaches QEMU after it stopped the rings.
+QEMU_BENIGN = "Unexpected IOTLB message when virtio device is stopped"
 ERROR_COUNTERS = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", "rx_length_errors",
                   "rx_over_errors", "rx_missed_errors", "rx_nohandler", "rx_dropped",
                   "ip_InHdrErrors", "ip_InAddrErrors", "ip_InUnknownProtos", "ip_InDiscards",
@@ -162,6 +165,7 @@ class QemuRestart(unittest.TestCase):
         self.assertEqual(stats["access_failures"], 0, f"daemon {n}: {stats}")
         self.assertEqual(dev["vhost_user"]["memory_faults"], 0, f"daemon {n}: {dev['vhost_user']}")
         self.assertGreater(stats["misses"], 0, f"daemon {n}: the IOTLB did not work")
+        self.assertEqual(dev["vhost_user"]["connections"], 1, f"daemon {n}: {dev['vhost_user']}")
         with open(self.daemons[n - 1][1], errors="replace") as f:
             bad = [line for line in f if "refused" in line or "not supported" in line]
         self.assertEqual(bad, [], f"daemon {n} refused requests of QEMU")
@@ -200,7 +204,6 @@ class QemuRestart(unittest.TestCase):
                           lambda: time.monotonic() - t_from >= TRAFFIC_BEFORE and rx_since(t_from, base), 15, poll=0.05)
             dev, _ = self.check_lifetime(d, n)
             self.assertTrue(dev["vhost_user"]["connected"], dev["vhost_user"])
-            self.assertEqual(dev["vhost_user"]["connections"], 1, dev["vhost_user"])
             t_kill = time.monotonic()
             d.proc.kill()  # kill -9, mid-traffic
             d.proc.wait()
@@ -237,6 +240,7 @@ class QemuRestart(unittest.TestCase):
         with self.console.lock:
             lines = list(self.console.lines)
         qemu_errors = [line for t, line in lines if line.startswith("qemu-system-x86_64:") and ": info: " not in line
+                       and QEMU_BENIGN not in line
                        and not (QEMU_DISCONNECT_MESSAGES.search(line)
                                 and any(r["t_kill"] <= t <= r["t_conn"] + 1 for r in windows))]
         self.assertEqual(qemu_errors, [], "QEMU complained of something else than its back-end going away")
