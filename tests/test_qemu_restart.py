@@ -19,7 +19,8 @@ The outage is measured three ways from the kill: to the restarted device's
 guest counters line showing rx growth after the restart (as read from the
 serial console; the lines come every ~0.5 s). Printed per restart and as
 medians. QEMU and every daemon are bounded in time and killed on failure.
-Run by `make test-qemu-restart`."""
+QG_RESTARTS=N (default 3) kills N times (the guest sends longer). Takes ~45 s.
+Run by `make test-qemu-restart` (part of `make test`)."""
 import json
 import os
 import re
