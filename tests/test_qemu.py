@@ -73,7 +73,8 @@ class QemuGuest(unittest.TestCase):
         cls.daemon_log_path = os.path.join(cls.tmp, "iotlbd.log")
         cls.daemon_log = open(cls.daemon_log_path, "w")
         # Info level: refused vhost-user requests are logged ("… refused: …").
-        cls.daemon = Daemon("--vhost-user-dir", cls.tmp, log=cls.daemon_log, log_level="info")  # sockets must lie there
+        # The sockets live in the test's folder: it is the --vhost-user-dir.
+        cls.daemon = Daemon("--vhost-user-dir", cls.tmp, log=cls.daemon_log, log_level="info")
         cls.boots = {}  # QEMU boots per test name (a guest that resets before /init boots again)
 
     @classmethod

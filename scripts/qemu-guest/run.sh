@@ -1,15 +1,21 @@
 #!/bin/sh
 # Boots the test guest (scripts/qemu-guest/build.sh) under QEMU against a
 # vhost-user socket iotlbd serves:
-#   run.sh [--print] SOCKET [strict|lazy|off] [extra QEMU arguments...]
+#   run.sh [--print] [--server] SOCKET [strict|lazy|off] [extra QEMU arguments...]
 # --print: only print the command line, one option a line (as in the README).
+# --server: QEMU listens on SOCKET (server=on,wait=off) and the device is in
+#   client mode ("vhost_user": {"socket": .., "mode": "client"}): QEMU waits
+#   for the daemon at start-up, and takes it again after it went away (a
+#   restarted iotlbd connects again; the guest sees the link down meanwhile).
 # strict (default): an Intel vIOMMU with device IOTLB (ATS), the NIC behind it
 #   (iommu_platform=on, ats=on), the guest kernel in strict mode
 #   (intel_iommu=on iommu.strict=1: one invalidation per unmap);
 # lazy: the same with iommu.strict=0 (flush queue, batched invalidations);
 # off: no vIOMMU; create the device with "iotlb": false.
 # The guest's serial console is this script's stdout; the command line goes to
-# stderr first. QG_FRAMES sets the frames the guest sends per size and phase.
+# stderr first. QG_FRAMES sets the frames the guest sends per size and phase;
+# QG_MODE=continuous with QG_SECONDS=S makes it send bursts of QG_FRAMES
+# frames for S seconds, printing counters every ~0.5 s (scripts/qemu-guest/init).
 # This is the one place the QEMU command line lives (README "Use with QEMU",
 # tests/test_qemu.py). Why each part:
 #   TCG (not KVM): /dev/kvm here is nested and a Debian kernel does not boot on it;
@@ -18,13 +24,16 @@
 #   vectors=0 (INTx): QEMU 7.2 + TCG + vhost-user segfaults unmasking MSI-X vectors.
 set -eu
 PRINT=; [ "${1:-}" = --print ] && { PRINT=1; shift; }
-[ $# -ge 1 ] || { echo "usage: $0 [--print] SOCKET [strict|lazy|off] [QEMU args...]" >&2; exit 2; }
+SERVER=; [ "${1:-}" = --server ] && { SERVER=",server=on,wait=off"; shift; }
+[ $# -ge 1 ] || { echo "usage: $0 [--print] [--server] SOCKET [strict|lazy|off] [QEMU args...]" >&2; exit 2; }
 SOCK=$1; shift
 MODE=${1:-strict}; [ $# -ge 1 ] && shift
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${QEMU_GUEST_CACHE:-$(cd "$HERE/../.." && pwd)/.cache/qemu-guest}
 QEMU=${QEMU:-qemu-system-x86_64}
 APPEND="console=ttyS0 panic=-1 ipv6.disable=1 qg_frames=${QG_FRAMES:-2000}"
+[ -n "${QG_MODE:-}" ] && APPEND="$APPEND qg_mode=$QG_MODE"
+[ -n "${QG_SECONDS:-}" ] && APPEND="$APPEND qg_seconds=$QG_SECONDS"
 case "$MODE" in
     strict) IOMMU="-device intel-iommu,intremap=on,device-iotlb=on"; NIC=",iommu_platform=on,ats=on"
             APPEND="$APPEND intel_iommu=on iommu.strict=1" ;;
@@ -36,7 +45,7 @@ esac
 set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
     -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
     $IOMMU \
-    -chardev "socket,id=c0,path=$SOCK" -netdev vhost-user,id=n0,chardev=c0 \
+    -chardev "socket,id=c0,path=$SOCK$SERVER" -netdev vhost-user,id=n0,chardev=c0 \
     -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
     -device "virtio-net-pci,bus=rp0,netdev=n0,disable-legacy=on,vectors=0$NIC" \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.gz" -append "$APPEND" \
