@@ -427,6 +427,94 @@ struct VhostUserTests {
         #expect(access(dir + "/a.sock", F_OK) != 0 && access(dir + "/sub/b.sock", F_OK) != 0)
     }
 
+    @Test("hostile front-ends (a file shorter than its region, a flood, piles of descriptors, gone mid-GET_VRING_BASE) end only their own connection")
+    func hostileFrontEnds() throws {
+        let d = try LiveDaemon()  // one datapath thread, shared with the other tenant below
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
+        try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
+        func otherMoves() throws -> Bool {
+            func received() throws -> Int64 {
+                let w = try d.expect(200, "GET", "/v1/devices/other/workload")
+                #expect(w["verify_errors"] == 0)
+                if case .int(let n)? = w["received"] { return n }
+                return -1
+            }
+            let r0 = try received()
+            usleep(100_000)
+            return try received() > r0
+        }
+        let path = Self.socketPath("hostile")
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
+        func disconnected() throws -> Bool {
+            try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connected"] == .bool(false) }
+        }
+        var eventIDs: Set<Int> = []
+
+        // A memory file shorter than the region it is said to back: refused, nothing mapped.
+        do {
+            let fe = try VhostUserFrontEnd(path: path, size: 4 << 20)
+            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+            let long = VhostUserMemoryRegion(guestPhysAddr: 0, memorySize: 8 << 20, userspaceAddr: 0x7f00_0000_0000, mmapOffset: 0)
+            #expect((try? fe.acked(.setMemTable, fe.memTablePayload([long]), fds: [fe.memFD])) != 0)
+            #expect(try d.expect(200, "GET", "/v1/devices/vu")["mem_table"] == .null)
+        }
+        #expect(try disconnected())
+        #expect(try otherMoves())
+
+        // A flood: 20,000 messages as fast as the socket takes them, then gone.
+        do {
+            let fe = try VhostUserFrontEnd(path: path)
+            var sent = 0
+            var num = PayloadWriter()
+            num.u32(0); num.u32(256)
+            let message = VhostUserHeader(request: VhostUserRequest.setVringNum.rawValue, flags: VhostUserHeader.version,
+                                          size: UInt32(num.bytes.count)).bytes + num.bytes
+            while sent < 20_000, (try? fe.sendRaw(message)) != nil { sent += 1 }
+            #expect(sent > 1000)
+        }
+        #expect(try disconnected())
+        #expect(try otherMoves())
+
+        // Piles of descriptors: 50 messages with 8 eventfds each where one (or none) is taken.
+        do {
+            let fe = try VhostUserFrontEnd(path: path)
+            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+            for i in 0..<50 {
+                let fds = (0..<8).map { _ in fe.eventFD() }
+                try? fe.set64(i % 2 == 0 ? .setVringCall : .getFeatures, UInt64(i % 2), fds: fds)
+            }
+            eventIDs.formUnion(fe.eventIDs)
+        }
+        #expect(try disconnected())
+        #expect(try otherMoves())
+
+        // Gone while its GET_VRING_BASE is answered: the reply has nowhere to go.
+        do {
+            let fe = try VhostUserFrontEnd(path: path)
+            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+            #expect(try fe.setMemTable() == 0)
+            let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+            let sent = Self.frames(8, seed: 41)
+            #expect(try t.loop(sent) == sent)
+            var st = PayloadWriter()
+            st.u32(1); st.u32(0)
+            try fe.send(.getVringBase, st.bytes)
+            eventIDs.formUnion(fe.eventIDs)
+        }  // closed without reading the reply
+        #expect(try disconnected())
+        #expect(try otherMoves())
+
+        // Nothing of theirs is left open, and a well-behaved front-end is served.
+        #expect(leftoversOfFrontEnds(eventIDs: eventIDs) == [])
+        let fe = try VhostUserFrontEnd(path: path)
+        try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+        #expect(try fe.setMemTable() == 0)
+        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+        let sent = Self.frames(16, seed: 42)
+        #expect(try t.loop(sent) == sent)
+        #expect(try d.expect(200, "GET", "/healthz")["status"] == "ok")
+    }
+
     @Test("a front-end talking nonsense loses its connection, never the daemon")
     func protocolFuzz() throws {
         let d = try LiveDaemon()
