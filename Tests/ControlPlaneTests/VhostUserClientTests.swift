@@ -35,11 +35,7 @@ extension VhostUserTests {
             #expect(listener >= 0)
             do {
                 let fe = try VhostUserFrontEnd.accepting(listener)
-                try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-                #expect(try fe.setMemTable() == 0)
-                let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-                let sent = Self.frames(32, seed: UInt64(40 + round))
-                #expect(try t.loop(sent) == sent)
+                try Self.plainTraffic(fe, frames: 32, seed: UInt64(40 + round))
                 let v = try vhostUser(d, "vc")
                 #expect(v["connected"] == .bool(true))
                 #expect(v["connections"] == .int(Int64(round + 1)))

@@ -93,6 +93,38 @@ struct VhostUserTests {
 
     static let plainFeatures = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
 
+    /// A well-behaved front-end without a vIOMMU: negotiates, passes its memory
+    /// table, lays its rings and gets `n` frames through, byte-exact.
+    @discardableResult
+    static func plainTraffic(_ fe: VhostUserFrontEnd, frames n: Int, seed: UInt64) throws -> Traffic {
+        try fe.negotiate(features: plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
+        #expect(try fe.setMemTable() == 0)
+        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
+        let sent = frames(n, seed: seed)
+        #expect(try t.loop(sent) == sent)
+        return t
+    }
+
+    /// Device "other" with a built-in guest (64 B, static), on the one datapath
+    /// thread a LiveDaemon has: the tenant a hostile front-end must not stop.
+    static func startOtherTenant(_ d: LiveDaemon) throws {
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
+        try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
+    }
+
+    /// Whether "other" received frames within `seconds`, every one verified.
+    static func otherMoves(_ d: LiveDaemon, seconds: Double = 0.1) throws -> Bool {
+        func received() throws -> Int64 {
+            let w = try d.expect(200, "GET", "/v1/devices/other/workload")
+            #expect(w["verify_errors"] == 0)
+            if case .int(let n)? = w["received"] { return n }
+            return -1
+        }
+        let r0 = try received()
+        usleep(UInt32(seconds * 1e6))
+        return try received() > r0
+    }
+
     @Test("IOTLB off: negotiation, memory table from a file, frames loop back byte-exact, calls signalled")
     func loopbackWithoutIOTLB() throws {
         let d = try LiveDaemon()
@@ -278,11 +310,7 @@ struct VhostUserTests {
         for round in 0..<6 {
             do {
                 let fe = try VhostUserFrontEnd(path: path)
-                try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-                #expect(try fe.setMemTable() == 0)
-                let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-                let sent = Self.frames(16, seed: UInt64(10 + round))
-                #expect(try t.loop(sent) == sent)
+                try Self.plainTraffic(fe, frames: 16, seed: UInt64(10 + round))
                 eventIDs.formUnion(fe.eventIDs)
             }  // the front-end closes its socket, files and eventfds here
             #expect(try eventually {
@@ -302,17 +330,11 @@ struct VhostUserTests {
     @Test("a front-end that shrinks its memory file loses its connection; the daemon and another device on the same worker go on")
     func truncatedMemoryFile() throws {
         let d = try LiveDaemon()  // one datapath thread: both devices share it
-        // The other tenant: the built-in guest, static mappings, on the same worker.
-        try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
-        try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
+        try Self.startOtherTenant(d)
         let path = Self.socketPath("shrink")
         try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
         let fe = try VhostUserFrontEnd(path: path)
-        try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-        #expect(try fe.setMemTable() == 0)
-        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-        let sent = Self.frames(16, seed: 77)
-        #expect(try t.loop(sent) == sent)
+        let t = try Self.plainTraffic(fe, frames: 16, seed: 77)
         // The front-end takes its memory away under the datapath, which polls the rings.
         #expect(ftruncate(fe.memFD, 0) == 0)
         var kick: UInt64 = 1
@@ -325,23 +347,10 @@ struct VhostUserTests {
         }, "the connection ends with the reason")
         #expect(try d.call("GET", "/metrics").text.contains(#"iotlbd_vhost_user_memory_faults_total{device="vu"} "#))
         // The daemon is up and the other device's traffic goes on.
-        func received() throws -> Int64 {
-            let w = try d.expect(200, "GET", "/v1/devices/other/workload")
-            #expect(w["verify_errors"] == 0)
-            if case .int(let n)? = w["received"] { return n }
-            return -1
-        }
-        let r0 = try received()
-        usleep(300_000)
-        #expect(try received() > r0, "the other device still moves frames")
+        #expect(try Self.otherMoves(d, seconds: 0.3), "the other device still moves frames")
         #expect(try d.expect(200, "GET", "/healthz")["status"] == "ok")
         // A new front-end with a good file is served again.
-        let fe2 = try VhostUserFrontEnd(path: path)
-        try fe2.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-        #expect(try fe2.setMemTable() == 0)
-        let t2 = try Traffic(fe2, ringAddress: fe2.uaddr, address: { $0 })
-        let again = Self.frames(16, seed: 78)
-        #expect(try t2.loop(again) == again)
+        try Self.plainTraffic(VhostUserFrontEnd(path: path), frames: 16, seed: 78)
     }
 
     @Test("device creation: bad socket fields are 400, a socket in use is 409, nothing is left behind")
@@ -429,20 +438,9 @@ struct VhostUserTests {
 
     @Test("hostile front-ends (a file shorter than its region, a flood, piles of descriptors, gone mid-GET_VRING_BASE) end only their own connection")
     func hostileFrontEnds() throws {
-        let d = try LiveDaemon()  // one datapath thread, shared with the other tenant below
-        try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
-        try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
-        func otherMoves() throws -> Bool {
-            func received() throws -> Int64 {
-                let w = try d.expect(200, "GET", "/v1/devices/other/workload")
-                #expect(w["verify_errors"] == 0)
-                if case .int(let n)? = w["received"] { return n }
-                return -1
-            }
-            let r0 = try received()
-            usleep(100_000)
-            return try received() > r0
-        }
+        let d = try LiveDaemon()  // one datapath thread, shared with the other tenant
+        try Self.startOtherTenant(d)
+        func otherMoves() throws -> Bool { try Self.otherMoves(d) }
         let path = Self.socketPath("hostile")
         try d.expect(201, "POST", "/v1/devices", #"{"id":"vu","iotlb":false,"vhost_user":{"socket":"\#(path)"}}"#)
         func disconnected() throws -> Bool {
@@ -491,11 +489,7 @@ struct VhostUserTests {
         // Gone while its GET_VRING_BASE is answered: the reply has nowhere to go.
         do {
             let fe = try VhostUserFrontEnd(path: path)
-            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-            #expect(try fe.setMemTable() == 0)
-            let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-            let sent = Self.frames(8, seed: 41)
-            #expect(try t.loop(sent) == sent)
+            try Self.plainTraffic(fe, frames: 8, seed: 41)
             var st = PayloadWriter()
             st.u32(1); st.u32(0)
             try fe.send(.getVringBase, st.bytes)
@@ -506,12 +500,7 @@ struct VhostUserTests {
 
         // Nothing of theirs is left open, and a well-behaved front-end is served.
         #expect(leftoversOfFrontEnds(eventIDs: eventIDs) == [])
-        let fe = try VhostUserFrontEnd(path: path)
-        try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-        #expect(try fe.setMemTable() == 0)
-        let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-        let sent = Self.frames(16, seed: 42)
-        #expect(try t.loop(sent) == sent)
+        try Self.plainTraffic(VhostUserFrontEnd(path: path), frames: 16, seed: 42)
         #expect(try d.expect(200, "GET", "/healthz")["status"] == "ok")
     }
 
@@ -550,11 +539,7 @@ struct VhostUserTests {
         #expect(try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connected"] == .bool(false) })
         do {
             let fe = try VhostUserFrontEnd(path: path)
-            try fe.negotiate(features: Self.plainFeatures, protocol: VhostUserProtocolFeature.replyAck)
-            #expect(try fe.setMemTable() == 0)
-            let t = try Traffic(fe, ringAddress: fe.uaddr, address: { $0 })
-            let sent = Self.frames(8, seed: 5)
-            #expect(try t.loop(sent) == sent)
+            try Self.plainTraffic(fe, frames: 8, seed: 5)
             eventIDs.formUnion(fe.eventIDs)
         }
         #expect(try eventually { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["connected"] == .bool(false) })
