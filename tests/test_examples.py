@@ -56,6 +56,15 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=10)
 
+    def vhost_user_device(self, name, iotlb, directory):
+        """Creates device `name` serving the vhost-user socket DIRECTORY/NAME.sock
+        (DIRECTORY: the daemon's --vhost-user-dir); returns the socket's path."""
+        sock = os.path.join(directory, name + ".sock")
+        status, dev = self.call("POST", "/v1/devices", {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
+        if status != 201:
+            raise AssertionError(f"creating {name}: {status} {dev}")
+        return sock
+
     def wait_done(self, device, timeout=60):
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -86,13 +86,6 @@ class QemuGuest(unittest.TestCase):
         else:
             shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def create(self, name, iotlb):
-        sock = os.path.join(self.tmp, name + ".sock")
-        status, dev = self.daemon.call("POST", "/v1/devices",
-                                       {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
-        self.assertEqual(status, 201, dev)
-        return sock
-
     def boot(self, name, sock, mode, after_phase1=None):
         """Boots the guest (run.sh SOCK MODE) until it powers off, QEMU_TIMEOUT at
         most; calls `after_phase1()` once the first counters line shows.
@@ -198,7 +191,7 @@ class QemuGuest(unittest.TestCase):
         the IOTLB on: misses forwarded to QEMU, updates and invalidations from it,
         traffic both ways before and after a driver reload. Returns the IOTLB stats."""
         name = f"qemu-{mode}"
-        sock = self.create(name, True)
+        sock = self.daemon.vhost_user_device(name, True, self.tmp)
         mid = {}
 
         def snapshot():
@@ -246,7 +239,7 @@ class QemuGuest(unittest.TestCase):
 
     def test_no_viommu(self):
         """No vIOMMU, device IOTLB off: guest-physical addresses, no IOTLB traffic."""
-        sock = self.create("qemu-off", False)
+        sock = self.daemon.vhost_user_device("qemu-off", False, self.tmp)
         phases, text = self.boot("off", sock, "off")
         self.check_traffic(phases, "none", text)
         dev = self.finished_device("qemu-off")

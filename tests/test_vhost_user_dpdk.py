@@ -126,13 +126,6 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
         cls.huge.__exit__(None, None, None)
 
-    def create(self, name, iotlb):
-        sock = os.path.join(self.tmp, name + ".sock")
-        status, dev = self.daemon.call("POST", "/v1/devices",
-                                       {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
-        self.assertEqual(status, 201, dev)
-        return sock
-
     def vring(self, name, n):
         return self.daemon.call("GET", f"/v1/devices/{name}/vrings/{n}")[1]
 
@@ -194,7 +187,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         self.fail(f"{name} did not go back to waiting: {dev}")
 
     def test_iotlb_off(self):
-        sock = self.create("dpdk-off", False)
+        sock = self.daemon.vhost_user_device("dpdk-off", False, self.tmp)
         frames = make_frames(200, seed=1)
         back = self.run_testpmd("dpdk-off", sock, frames, "off")
         self.assertEqual(len(back), len(frames))
@@ -203,7 +196,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
         self.assertEqual(dev["vhost_user"]["connections"], 1)
 
     def test_iotlb_on_identity_and_reconnect(self):
-        sock = self.create("dpdk-on", True)
+        sock = self.daemon.vhost_user_device("dpdk-on", True, self.tmp)
         for round_ in range(2):
             frames = make_frames(200, seed=10 + round_)
             back = self.run_testpmd("dpdk-on", sock, frames, f"on{round_}")
