@@ -101,7 +101,7 @@ extension ControlPlane {
         perDevice("iotlbd_iotlb_evictions_total", "counter", "IOTLB entries removed by FIFO replacement.") { $0.stats.evictions }
         perDevice("iotlbd_iotlb_access_failures_total", "counter", "Accesses refused by an entry's permission.") { $0.stats.accessFailures }
         perDevice("iotlbd_iotlb_miss_reannouncements_total", "counter",
-                  "Misses announced again (fresh seq) because updates left them unresolved.") { $0.stats.reannouncedMisses }
+                  "Misses announced again (fresh seq) after an update that may have lost their answer.") { $0.stats.reannouncedMisses }
         perDevice("iotlbd_iotlb_entries", "gauge", "IOTLB entries held.") { UInt64($0.stats.entries) }
         perDevice("iotlbd_iotlb_max_entries", "gauge", "IOTLB capacity before FIFO replacement.") { UInt64($0.stats.maxEntries) }
         perDevice("iotlbd_iotlb_pending_misses", "gauge", "Queues waiting for an IOTLB update.") { UInt64($0.stats.pendingMisses) }

@@ -42,8 +42,9 @@ public final class Completions: @unchecked Sendable {
             }
             for b in batch { b() }
             batch.removeAll(keepingCapacity: true)
-            if !running && queue.withLock({ $0.items.isEmpty }) { return }
-            if batch.isEmpty && queue.withLock({ $0.items.isEmpty }) { wake.wait(timeoutNanos: 100_000_000) }
+            guard queue.withLock({ $0.items.isEmpty }) else { continue }
+            if !running { return }
+            wake.wait(timeoutNanos: 100_000_000)  // a signal since the check returns at once
         }
     }
 }

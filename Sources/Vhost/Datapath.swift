@@ -65,9 +65,14 @@ extension Device {
     /// are inserted first) would make every round miss once the working set
     /// outgrows the IOTLB.
     func pinRings(_ c: VringConfig) {
-        for (addr, bytes) in [(c.descAddr, c.descBytes), (c.availAddr, c.availBytes), (c.usedAddr, c.usedBytes)] {
+        // Three calls, not a loop over an array literal: this runs on the datapath
+        // whenever a translation changed, where an array literal may allocate.
+        func pin(_ addr: UInt64, _ bytes: Int) {
             if let r = AddressRange(start: IOVA(addr), size: UInt64(bytes)) { iotlb.pin(r) }
         }
+        pin(c.descAddr, c.descBytes)
+        pin(c.availAddr, c.availBytes)
+        pin(c.usedAddr, c.usedBytes)
     }
 
     /// Pins exactly the rings of the queues that run (after a vring changed).
@@ -92,7 +97,6 @@ extension Device {
         guard !entries.isEmpty, (try? updateIOTLB(entries)) != nil else { return false }
         switch iotlb.translate(iova, access: perm, size: 1) {
         case .mapped:
-            counters.resolvedOnWorker &+= 1
             recordResolution(since: since, now: monotonicNanos())
             return true
         case .denied:

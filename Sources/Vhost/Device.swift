@@ -28,13 +28,9 @@ public struct IOTLBStats: Equatable, Sendable {
     public var evictions: UInt64 = 0
     public var accessFailures: UInt64 = 0
     public var pendingMisses = 0
-    /// Misses announced again with a fresh seq: updates came while the queue
-    /// waited and none covered its miss (the answer was evicted, too narrow, ...).
+    /// Misses announced again with a fresh seq: an update that may have lost
+    /// the answer (evictions, replacements, too little permission) left them open.
     public var reannouncedMisses: UInt64 = 0
-    /// Misses the in-process vIOMMU answered on the worker (never published).
-    public var resolvedOnWorker: UInt64 = 0
-    /// Guest memory pages lost because a front-end shrank the file behind them.
-    public var lostPages: UInt64 = 0
 }
 
 /// An in-process vIOMMU (the built-in guest's) that answers misses on the
@@ -196,9 +192,8 @@ public final class Device {
         var list = iotlb.entries(overlapping: range, limit: limit >= Int.max - 2 ? .max : limit + 2)
         // The range may begin inside the entry the cursor names: that one was returned already.
         if let after, let first = list.first, first.range.first <= after { list.removeFirst() }
-        if list.count > limit { list.removeLast(list.count - limit - 1) }
         let more = list.count > limit
-        if more { list.removeLast() }
+        if more { list.removeLast(list.count - limit) }
         return (list, more)
     }
 
@@ -356,7 +351,6 @@ public final class Device {
     /// file; the SIGBUS guard put zeros there): nothing in it can be trusted.
     func checkLostMemory() {
         guard let lost = memory?.lostPages, lost > lostPagesSeen else { return }
-        counters.lostPages &+= lost - lostPagesSeen
         lostPagesSeen = lost
         for vq in queues where vq.state != .disabled {
             fail(vq, "guest memory lost: the front-end shrank the file behind it (\(lost) pages)")
