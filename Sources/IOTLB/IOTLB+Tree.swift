@@ -38,30 +38,35 @@ extension IOTLB {
         // Entries never overlap, so the overlapping ones form a run in key order:
         // take the lowest one each time (the entry holding `first`, else the
         // first entry starting after it) until the run ends. No walk state to
-        // keep across removals.
+        // keep across removals. An entry reaching `hi` ends the run: the common
+        // invalidation (one page, one entry) costs one search and one removal.
         var removed = 0
         let lo = range.first.raw, hi = range.last.raw
         while true {
-            var n = floor(lo)
-            if n < 0 || cold[node(n)].last < lo { n = ceiling(lo) }
+            let (below, above) = neighbours(lo)
+            let n = below >= 0 && cold[node(below)].last >= lo ? below : above
             guard n >= 0, hot[node(n)].first <= hi else { return removed }
+            let end = cold[node(n)].last
             if let e = removeNode(key: hot[node(n)].first) { onRemove(e, reason) }
             removed += 1
+            if end >= hi { return removed }
         }
     }
 
-    /// The node with the least first >= key, or -1.
+    /// In one descent: the node with the greatest first <= key, and the one
+    /// with the least first > key (-1 for none).
     @inline(__always)
-    func ceiling(_ key: UInt64) -> Int32 {
+    func neighbours(_ key: UInt64) -> (atOrBelow: Int32, above: Int32) {
         var n = root
-        var best: Int32 = -1
+        var below: Int32 = -1, above: Int32 = -1
         while n >= 0 {
             let h = hot[node(n)]
-            let left = h.first >= key
-            best = left ? n : best
-            n = left ? h.left : h.right
+            let right = h.first <= key
+            below = right ? n : below
+            above = right ? above : n
+            n = right ? h.right : h.left
         }
-        return best
+        return (below, above)
     }
 
     /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
@@ -116,8 +121,7 @@ extension IOTLB {
     /// Unlinks the node whose range starts at `key` from tree and FIFO list.
     @discardableResult
     func removeNode(key: UInt64) -> IOTLBEntry? {
-        var found: Int32 = -1
-        root = remove(root, key, &found)
+        let found = unlink(key)
         guard found >= 0 else { return nil }
         let removed = entry(found)
         let c = cold[node(found)]
@@ -128,7 +132,7 @@ extension IOTLB {
         freeList = found
         state.pointee.count -= 1
         state.pointee.generation &+= 1
-        version &+= 1
+        mutated()
         return removed
     }
 
@@ -175,44 +179,108 @@ extension IOTLB {
         return n
     }
 
-    func insert(_ t: Int32, _ n: Int32) -> Int32 {
-        if t < 0 { return n }
-        if hot[node(n)].first < hot[node(t)].first {
-            hot[node(t)].left = insert(hot[node(t)].left, n)
-        } else {
-            hot[node(t)].right = insert(hot[node(t)].right, n)
-        }
-        return rebalance(t)
+    /// The deepest an AVL tree of `entriesCeiling` nodes gets is ~1.44 log2(n) < 32.
+    static let maxDepth = 64
+
+    /// Sets the link from `parent` (the root when -1) that named `old` to `new`.
+    @inline(__always)
+    func relink(_ parent: Int32, _ old: Int32, _ new: Int32) {
+        if parent < 0 { root = new } else if hot[node(parent)].left == old { hot[node(parent)].left = new } else { hot[node(parent)].right = new }
     }
 
-    func remove(_ t: Int32, _ key: UInt64, _ found: inout Int32) -> Int32 {
-        if t < 0 { return -1 }
-        let k = hot[node(t)].first
-        if key < k {
-            hot[node(t)].left = remove(hot[node(t)].left, key, &found)
-        } else if key > k {
-            hot[node(t)].right = remove(hot[node(t)].right, key, &found)
-        } else {
-            found = t
+    /// Walks `path` (root first, `depth` long) back up, rebalancing, until a
+    /// subtree's height is what it was: above it nothing changed. Insertions
+    /// and removals both touch O(1) nodes on average this way, where a
+    /// recursive version rebalances every level.
+    func retrace(_ path: UnsafeMutableBufferPointer<Int32>, _ depth: Int) {
+        var i = depth - 1
+        while i >= 0 {
+            let t = path[i]
+            let before = cold[node(t)].height
+            let top = rebalance(t)
+            if top != t { relink(i > 0 ? path[i - 1] : -1, t, top) }
+            if cold[node(top)].height == before { return }
+            i -= 1
+        }
+    }
+
+    /// Links the detached node `n` into the tree by its first IOVA.
+    func link(_ n: Int32) {
+        guard root >= 0 else { root = n; return }
+        let key = hot[node(n)].first
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path in
+            var depth = 0
+            var t = root
+            while true {
+                path[depth] = t
+                depth += 1
+                if key < hot[node(t)].first {
+                    if hot[node(t)].left < 0 { hot[node(t)].left = n; break }
+                    t = hot[node(t)].left
+                } else {
+                    if hot[node(t)].right < 0 { hot[node(t)].right = n; break }
+                    t = hot[node(t)].right
+                }
+            }
+            retrace(path, depth)
+        }
+    }
+
+    /// Unlinks the node whose range starts at `key` from the tree; returns it, or -1.
+    func unlink(_ key: UInt64) -> Int32 {
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path -> Int32 in
+            var depth = 0
+            var t = root
+            while t >= 0 && hot[node(t)].first != key {
+                path[depth] = t
+                depth += 1
+                t = key < hot[node(t)].first ? hot[node(t)].left : hot[node(t)].right
+            }
+            guard t >= 0 else { return -1 }
+            let parent: Int32 = depth > 0 ? path[depth - 1] : -1
             let l = hot[node(t)].left, r = hot[node(t)].right
-            if l < 0 { return r }
-            if r < 0 { return l }
-            var successor: Int32 = -1
-            let newRight = removeMin(r, &successor)
-            hot[node(successor)].left = l
-            hot[node(successor)].right = newRight
-            return rebalance(successor)
+            if l < 0 || r < 0 {
+                relink(parent, t, l < 0 ? r : l)
+            } else {
+                // Two children: the successor (leftmost of the right subtree) takes t's place.
+                let slot = depth
+                path[depth] = t  // replaced by the successor below
+                depth += 1
+                var s = r
+                while hot[node(s)].left >= 0 {
+                    path[depth] = s
+                    depth += 1
+                    s = hot[node(s)].left
+                }
+                if s != r {
+                    hot[node(path[depth - 1])].left = hot[node(s)].right
+                    hot[node(s)].right = r
+                }
+                hot[node(s)].left = l
+                cold[node(s)].height = cold[node(t)].height
+                relink(parent, t, s)
+                path[slot] = s
+            }
+            retrace(path, depth)
+            return t
         }
-        return rebalance(t)
     }
 
-    func removeMin(_ t: Int32, _ minNode: inout Int32) -> Int32 {
-        let l = hot[node(t)].left
-        if l < 0 {
-            minNode = t
-            return hot[node(t)].right
+    /// Whether the tree is sound: keys in order, stored heights right, every
+    /// node balanced, and exactly `count` nodes reachable (for tests).
+    func treeIsValid() -> Bool {
+        var reached = 0
+        var previous: UInt64? = nil
+        func check(_ t: Int32) -> Int8? {
+            if t < 0 { return 0 }
+            guard let lh = check(hot[node(t)].left) else { return nil }
+            if let p = previous, p >= hot[node(t)].first { return nil }
+            previous = hot[node(t)].first
+            reached += 1
+            guard let rh = check(hot[node(t)].right), abs(Int(lh) - Int(rh)) <= 1,
+                  cold[node(t)].height == max(lh, rh) + 1 else { return nil }
+            return cold[node(t)].height
         }
-        hot[node(t)].left = removeMin(l, &minNode)
-        return rebalance(t)
+        return check(root) != nil && reached == count
     }
 }

@@ -11,8 +11,8 @@
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
 // threaded by a FIFO list (IOTLB+Tree.swift). Look-up and update are
 // O(log n); a look-up touches no reference-counted object and allocates
-// nothing, except when it rebuilds the search array (below: once per
-// max(n/4, 16) stale look-ups). What a miss means is left to the caller.
+// nothing (not even when it rebuilds the search array, below). What a miss
+// means is left to the caller.
 
 /// One translation: the IOVAs of `range` map to `uaddr` onwards, with permission `perm`.
 public struct IOTLBEntry: Hashable, Sendable {
@@ -120,9 +120,10 @@ public final class IOTLB {
         var used = 0           // nodes ever handed out (high-water mark)
         // A read-mostly accelerator: the keys in Eytzinger (breadth-first) order,
         // so a look-up walks one contiguous array instead of chasing nodes. It is
-        // rebuilt (O(n)) only after max(n/4, 16) look-ups have found it stale, so
-        // its cost stays O(1) amortized per look-up and mutations stay O(log n);
-        // tables that change between every few look-ups simply keep using the tree.
+        // rebuilt (O(n), no allocation) only after max(n/4, 16) look-ups in a row
+        // found it stale with no mutation between them, so its cost stays O(1)
+        // amortized per look-up and mutations stay O(log n); tables that change
+        // between every few look-ups (dynamic mappings) simply keep using the tree.
         var version: UInt64 = 0          // bumped by every mutation
         var searchVersion: UInt64 = .max  // the version the arrays describe
         var staleLookups = 0
@@ -222,31 +223,45 @@ public final class IOTLB {
         return k == 0 ? -1 : searchNodes[k]
     }
 
-    private func rebuildSearch() {
-        searchCount = 0
-        var sorted = [Int32]()
-        sorted.reserveCapacity(count)
-        inOrder(root) { sorted.append($0) }
-        var next = 0
-        func fill(_ k: Int) {
-            guard k <= sorted.count else { return }
-            fill(2 * k)
-            searchKeys[k] = hot[Int(sorted[next])].first
-            searchNodes[k] = sorted[next]
-            next += 1
-            fill(2 * k + 1)
-        }
-        fill(1)
-        searchCount = sorted.count
-        searchVersion = version
+    /// Marks the search arrays stale and restarts the count of look-ups
+    /// since the last change.
+    @inline(__always)
+    func mutated() {
+        version &+= 1
         staleLookups = 0
     }
 
-    private func inOrder(_ n: Int32, _ body: (Int32) -> Void) {
-        if n < 0 { return }
-        inOrder(hot[node(n)].left, body)
-        body(n)
-        inOrder(hot[node(n)].right, body)
+    /// Lays the keys out in Eytzinger order: an in-order walk of the tree (an
+    /// explicit stack, no allocation) feeds the array's in-order positions.
+    private func rebuildSearch() {
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { stack in
+            var depth = 0
+            var next = root
+            func nextInOrder() -> Int32 {
+                while next >= 0 {
+                    stack[depth] = next
+                    depth += 1
+                    next = hot[node(next)].left
+                }
+                depth -= 1
+                let n = stack[depth]
+                next = hot[node(n)].right
+                return n
+            }
+            let total = count
+            func fill(_ k: Int) {
+                guard k <= total else { return }
+                fill(2 * k)
+                let n = nextInOrder()
+                searchKeys[k] = hot[node(n)].first
+                searchNodes[k] = n
+                fill(2 * k + 1)
+            }
+            fill(1)
+            searchCount = total
+        }
+        searchVersion = version
+        staleLookups = 0
     }
 
     /// The node with the greatest first <= key, or -1. The descent is written
@@ -318,9 +333,9 @@ public final class IOTLB {
                             perm: e.perm.rawValue, pinned: false)
         if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n
-        root = insert(root, n)
+        link(n)
         state.pointee.count += 1
-        version &+= 1
+        mutated()
         return outcome
     }
 
@@ -343,7 +358,7 @@ public final class IOTLB {
         state.pointee.count = 0
         state.pointee.pinnedCount = 0
         if removed > 0 { state.pointee.generation &+= 1 }
-        version &+= 1
+        mutated()
         return removed
     }
 

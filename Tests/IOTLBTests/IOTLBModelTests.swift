@@ -108,6 +108,7 @@ func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
             }
             #expect(tlb.count == model.entries.count)
             #expect(tlb.pinnedCount == model.pinned.count, "step \(step)")
+            #expect(tlb.treeIsValid(), "step \(step)")
             if step % 500 == 0 {
                 #expect(tlb.entriesByAge() == model.entries)
                 #expect(tlb.entries() == model.entries.sorted { $0.range.first < $1.range.first })
