@@ -12,14 +12,12 @@ import Vhost
 final class BuiltinTranslator: @unchecked Sendable {
     private let iommu: GuestIOMMU
     private let table: MemoryTable
-    /// The guest IOMMU's mapping log read so far (touched on the worker only).
-    private var recentCursor: UInt64 = 0
     /// Misses answered so far.
     let answered = Atomic<UInt64>(0)
 
-    /// Pages of recent mappings sent with each answer, at most: the buffers
-    /// posted in the same batch would miss one after another otherwise.
-    static let recentPerAnswer = 1024
+    /// Pages mapped after the missed one sent with each answer, at most: the
+    /// buffers posted in the same batch would miss one after another otherwise.
+    static let readAhead = 1024
 
     init(iommu: GuestIOMMU, table: MemoryTable) {
         self.iommu = iommu
@@ -27,23 +25,18 @@ final class BuiltinTranslator: @unchecked Sendable {
     }
 
     /// The resolver the device calls on its worker. With the missed page it
-    /// sends the guest's recent mappings, but no more than a quarter of the
-    /// entries the IOTLB can hold beside its pinned ones: a batch larger than
-    /// the IOTLB would evict its own answer, and the entries of the chain
-    /// being processed must survive it. The missed page comes last.
+    /// sends the pages the guest mapped after it (read-ahead), but no more than
+    /// a quarter of the entries the IOTLB can hold beside its pinned ones: a
+    /// batch larger than the IOTLB would evict its own answer, and the entries
+    /// of the chain being processed must survive it. The missed page comes last.
     var resolver: MissResolver {
         { [self] iova, _, budget in
             guard let page = iommu.translate(iova), let missed = page.iotlbEntry(clippedTo: table, around: iova) else {
                 return []
             }
             var entries: [IOTLBEntry] = []
-            let extra = min(BuiltinTranslator.recentPerAnswer, budget / 4)
-            if extra > 0 {
-                let (recent, next) = iommu.recentMappings(since: recentCursor, limit: extra)
-                recentCursor = next
-                for p in recent {
-                    if let e = p.iotlbEntry(clippedTo: table, around: p.iova.first), e != missed { entries.append(e) }
-                }
+            for p in iommu.mappings(after: iova, limit: min(BuiltinTranslator.readAhead, budget / 4)) {
+                if let e = p.iotlbEntry(clippedTo: table, around: p.iova.first), e != missed { entries.append(e) }
             }
             entries.append(missed)
             answered.add(1, ordering: .relaxed)

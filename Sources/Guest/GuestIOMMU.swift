@@ -41,6 +41,7 @@ public final class GuestIOMMU: Sendable {
         var gpaPage: UInt64
         var perm: Permissions
         var refs: Int
+        var logged: UInt64    // its place in the mapping log when last appended there
     }
     private struct Table {
         var pages: [UInt64: Page] = [:]  // by IOVA page number
@@ -54,53 +55,85 @@ public final class GuestIOMMU: Sendable {
 
     private var shift: UInt64 { UInt64(pageSize.bytes.trailingZeroBitCount) }
 
+    /// One buffer a driver maps: `[iova, iova+size)` to `[gpa, gpa+size)`.
+    public struct MapRequest: Sendable {
+        public var iova: IOVA
+        public var gpa: GuestPhysAddr
+        public var size: UInt64
+        public var perm: Permissions
+        public init(iova: IOVA, gpa: GuestPhysAddr, size: UInt64, perm: Permissions) {
+            self.iova = iova
+            self.gpa = gpa
+            self.size = size
+            self.perm = perm
+        }
+    }
+
     /// Maps the pages covering `[iova, iova+size)` to `[gpa, gpa+size)` (same
     /// offset within the page). Returns the pages that were not mapped before
     /// or whose permission grew: what a device IOTLB does not know yet.
     @discardableResult
     public func map(iova: IOVA, gpa: GuestPhysAddr, size: UInt64, perm: Permissions) -> [GuestPageMapping] {
-        precondition(iova.raw % pageSize.bytes == gpa.raw % pageSize.bytes, "IOVA and GPA must share the page offset")
-        let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
-        let gpaFirst = gpa.raw >> shift
         var fresh: [GuestPageMapping] = []
+        map(CollectionOfOne(MapRequest(iova: iova, gpa: gpa, size: size, perm: perm)), fresh: &fresh)
+        return fresh
+    }
+
+    /// Maps every request in one critical section (a driver refilling a ring),
+    /// appending to `fresh` the pages a device IOTLB does not know yet.
+    public func map(_ requests: some Collection<MapRequest>, fresh: inout [GuestPageMapping]) {
         table.withLock { t in
-            for n in first...last {
-                if var p = t.pages[n] {
-                    p.refs += 1
-                    let grew = !p.perm.isSuperset(of: perm)
-                    p.perm.formUnion(perm)
-                    t.pages[n] = p
-                    if grew { fresh.append(mapping(n, p)); GuestIOMMU.remember(n, in: &t) }
-                } else {
-                    let page = Page(gpaPage: gpaFirst + (n - first), perm: perm, refs: 1)
-                    t.pages[n] = page
-                    fresh.append(mapping(n, page))
-                    GuestIOMMU.remember(n, in: &t)
-                }
+            for r in requests { map(r, in: &t, fresh: &fresh) }
+        }
+    }
+
+    private func map(_ r: MapRequest, in t: inout Table, fresh: inout [GuestPageMapping]) {
+        precondition(r.iova.raw % pageSize.bytes == r.gpa.raw % pageSize.bytes, "IOVA and GPA must share the page offset")
+        let first = r.iova.raw >> shift, last = (r.iova.raw + r.size - 1) >> shift
+        let gpaFirst = r.gpa.raw >> shift
+        for n in first...last {
+            if var p = t.pages[n] {
+                p.refs += 1
+                let grew = !p.perm.isSuperset(of: r.perm)
+                p.perm.formUnion(r.perm)
+                if grew { p.logged = GuestIOMMU.remember(n, in: &t) }
+                t.pages[n] = p
+                if grew { fresh.append(mapping(n, p)) }
+            } else {
+                let page = Page(gpaPage: gpaFirst + (n - first), perm: r.perm, refs: 1, logged: GuestIOMMU.remember(n, in: &t))
+                t.pages[n] = page
+                fresh.append(mapping(n, page))
             }
         }
-        return fresh
     }
 
     /// Drops one map of each page covering `[iova, iova+size)`. Returns the
     /// pages no longer mapped: the device IOTLB must forget them before reuse.
     @discardableResult
     public func unmap(iova: IOVA, size: UInt64) -> [AddressRange<IOVA>] {
-        let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
         var gone: [AddressRange<IOVA>] = []
+        unmap(CollectionOfOne((iova, size)), gone: &gone)
+        return gone
+    }
+
+    /// Unmaps every `(iova, size)` buffer in one critical section, appending to
+    /// `gone` the pages no longer mapped.
+    public func unmap(_ buffers: some Collection<(IOVA, UInt64)>, gone: inout [AddressRange<IOVA>]) {
         table.withLock { t in
-            for n in first...last {
-                guard var p = t.pages[n] else { continue }
-                p.refs -= 1
-                if p.refs == 0 {
-                    t.pages[n] = nil
-                    gone.append(mapping(n, p).iova)
-                } else {
-                    t.pages[n] = p
+            for (iova, size) in buffers {
+                let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
+                for n in first...last {
+                    guard var p = t.pages[n] else { continue }
+                    p.refs -= 1
+                    if p.refs == 0 {
+                        t.pages[n] = nil
+                        gone.append(mapping(n, p).iova)
+                    } else {
+                        t.pages[n] = p
+                    }
                 }
             }
         }
-        return gone
     }
 
     /// The page holding `iova`, if mapped.
@@ -112,26 +145,34 @@ public final class GuestIOMMU: Sendable {
     /// Pages mapped now.
     public var mappedPages: Int { table.withLock { $0.pages.count } }
 
-    /// Pages mapped (or widened) since `cursor` that are still mapped, at most
-    /// `limit`, and the cursor to continue from. A translator answering a miss
-    /// pushes these too, so one miss brings in a whole batch of new buffers.
-    public func recentMappings(since cursor: UInt64, limit: Int) -> ([GuestPageMapping], UInt64) {
+    /// The pages mapped (or widened) after the page holding `iova` that are
+    /// still mapped, in mapping order, at most `limit`: a translator answering
+    /// a miss sends these too. A driver maps buffers in the order it posts
+    /// them, so these are what the device reads next (read-ahead), not pages
+    /// it is done with: an IOTLB smaller than the buffers in flight keeps the
+    /// ones about to be used.
+    public func mappings(after iova: IOVA, limit: Int) -> [GuestPageMapping] {
         table.withLock { t in
+            guard limit > 0, let missed = t.pages[iova.raw >> shift] else { return [] }
             let cap = UInt64(GuestIOMMU.recentCapacity)
-            var from = max(cursor, t.recentCount > cap ? t.recentCount - cap : 0)
+            var at = max(missed.logged + 1, t.recentCount > cap ? t.recentCount - cap : 0)
             var out: [GuestPageMapping] = []
-            while from < t.recentCount && out.count < limit {
-                let n = t.recent[Int(from % cap)]
-                if let p = t.pages[n], !out.contains(where: { $0.iova.first.raw == n << shift }) { out.append(mapping(n, p)) }
-                from += 1
+            out.reserveCapacity(min(limit, Int(t.recentCount - min(at, t.recentCount))))
+            while at < t.recentCount && out.count < limit {
+                let n = t.recent[Int(at % cap)]
+                // A page logged twice is sent once, at its latest place.
+                if let p = t.pages[n], p.logged == at { out.append(mapping(n, p)) }
+                at += 1
             }
-            return (out, from)
+            return out
         }
     }
 
-    private static func remember(_ n: UInt64, in t: inout Table) {
+    /// Appends page `n` to the mapping log; returns its place there.
+    private static func remember(_ n: UInt64, in t: inout Table) -> UInt64 {
         if t.recent.count < recentCapacity { t.recent.append(n) } else { t.recent[Int(t.recentCount % UInt64(recentCapacity))] = n }
         t.recentCount += 1
+        return t.recentCount - 1
     }
 
     private func mapping(_ n: UInt64, _ p: Page) -> GuestPageMapping {

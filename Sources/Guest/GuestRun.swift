@@ -2,8 +2,14 @@
 // map and unmap (dynamic) with the device IOTLB kept in step. Runs on the
 // workload's thread only.
 import Glibc
+import Synchronization
 import IOTLB
 import Vhost
+
+/// The last ticket a command completed, published by the worker.
+final class TicketCounter: Sendable {
+    let value = Atomic<UInt64>(0)
+}
 
 /// The guest thread's own state: rings, slots, counters. Touched only by that thread.
 final class GuestRun {
@@ -23,6 +29,17 @@ final class GuestRun {
 
     var rxFree: [UInt16]
     var txFree: [UInt16]
+    /// Dynamic mappings (strict): buffers unmapped since the last invalidation
+    /// was sent, and those whose invalidation (ticket `awaited`) is in flight.
+    /// A buffer is posted again only once its old IOVA has left the device
+    /// IOTLB, as Linux's strict dma_unmap guarantees; the guest goes on with
+    /// other buffers meanwhile instead of waiting for the round trip.
+    var rxUnmapped: [UInt16] = [], txUnmapped: [UInt16] = []
+    var rxQuarantined: [UInt16] = [], txQuarantined: [UInt16] = []
+    var awaited: UInt64 = 0
+    var tickets: UInt64 = 0
+    /// The last ticket whose invalidation the device has applied (set on the worker).
+    let invalidated = TicketCounter()
     var stats = WorkloadStats()
     let startTime = monotonicNanos()
     var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
@@ -63,6 +80,7 @@ final class GuestRun {
 
     private func update(_ entries: [IOTLBEntry]) throws(WorkloadError) {
         guard !entries.isEmpty else { return }
+        // Commands run in order: an update follows every invalidation sent before.
         let r = workload.handle.performSync { d -> Result<UpdateReport, EngineError> in
             guard let d else { return .failure(.notFound("device gone")) }
             do throws(EngineError) { return .success(try d.updateIOTLB(entries)) } catch { return .failure(error) }
@@ -71,11 +89,10 @@ final class GuestRun {
         stats.eagerUpdates &+= 1
     }
 
-    /// One command for one round of the guest: invalidate what it unmapped
-    /// (adjacent ranges merged), then install what it mapped (eager). Both
-    /// are applied before the guest publishes the buffers that reuse the IOVAs.
-    private func invalidateThenUpdate(_ ranges: inout [AddressRange<IOVA>], _ entries: [IOTLBEntry]) {
-        guard !ranges.isEmpty || !entries.isEmpty else { return }
+    /// Sends the invalidation of what the guest unmapped (adjacent ranges
+    /// merged) without waiting; `invalidated` reaches `ticket` once the
+    /// device IOTLB has dropped them. The buffers stay out of use until then.
+    private func submitInvalidation(_ ranges: inout [AddressRange<IOVA>], ticket: UInt64) {
         ranges.sort { $0.first < $1.first }
         var merged: [AddressRange<IOVA>] = []
         for r in ranges {
@@ -85,26 +102,27 @@ final class GuestRun {
                 merged.append(r)
             }
         }
-        let invalidations = merged
-        _ = workload.handle.performSync { d -> Bool in
-            guard let d else { return false }
-            if !invalidations.isEmpty { _ = try? d.invalidateIOTLB(invalidations) }
-            if !entries.isEmpty { _ = try? d.updateIOTLB(entries) }
-            return true
+        ranges.removeAll(keepingCapacity: true)
+        let invalidations = merged, invalidated = self.invalidated
+        workload.handle.submit { d in
+            if !invalidations.isEmpty { _ = try? d?.invalidateIOTLB(invalidations) }
+            invalidated.value.store(ticket, ordering: .releasing)
         }
         if !invalidations.isEmpty { stats.invalidations &+= 1 }
-        if !entries.isEmpty { stats.eagerUpdates &+= 1 }
     }
 
-    /// Maps guest-physical [gpa, gpa+len) at `iova` (by default its static IOVA) in the
-    /// guest IOMMU; with `eager`, pushes new pages to the device.
-    private func map(_ gpa: UInt64, _ len: Int, _ perm: Permissions, at iova: UInt64? = nil, pushing: inout [IOTLBEntry]) {
+    /// Maps guest-physical [gpa, gpa+len) at its static IOVA in the guest
+    /// IOMMU; with `eager`, pushes new pages to the device.
+    private func map(_ gpa: UInt64, _ len: Int, _ perm: Permissions, pushing: inout [IOTLBEntry]) {
         guard let iommu else { return }
-        let fresh = iommu.map(iova: IOVA(iova ?? dma(gpa)), gpa: GuestPhysAddr(gpa), size: UInt64(len), perm: perm)
-        if config.eager {
-            for page in fresh {
-                if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first) { pushing.append(e) }
-            }
+        appendEager(iommu.map(iova: IOVA(dma(gpa)), gpa: GuestPhysAddr(gpa), size: UInt64(len), perm: perm), to: &pushing)
+    }
+
+    /// With `eager`, the IOTLB entries of `fresh` pages, appended to `pushing`.
+    private func appendEager(_ fresh: [GuestPageMapping], to pushing: inout [IOTLBEntry]) {
+        guard config.eager else { return }
+        for page in fresh {
+            if let e = page.iotlbEntry(clippedTo: table, around: page.iova.first) { pushing.append(e) }
         }
     }
 
@@ -153,8 +171,16 @@ final class GuestRun {
         let txHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(txGPA(UInt16($0))), slot) }
         var push: [IOTLBEntry] = []
         var unmapped: [AddressRange<IOVA>] = []
+        // Dynamic: the buffers of one round, mapped and unmapped in one critical
+        // section each (as a driver batches a refill), not one per buffer.
+        var toUnmap: [(IOVA, UInt64)] = []
+        var toMap: [GuestIOMMU.MapRequest] = []
+        var fresh: [GuestPageMapping] = []
         push.reserveCapacity(config.ringSize)
         unmapped.reserveCapacity(2 * config.ringSize)
+        toUnmap.reserveCapacity(2 * config.ringSize)
+        toMap.reserveCapacity(2 * config.ringSize)
+        fresh.reserveCapacity(2 * config.ringSize)
         rxFree.reserveCapacity(config.ringSize)
         txFree.reserveCapacity(config.ringSize)
         var stopping = false
@@ -165,9 +191,11 @@ final class GuestRun {
             // handed out again (below).
             while let u = tx.takeUsed() {
                 if dynamic {
-                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: false, u.id, txGPA(u.id))), size: UInt64(slot))
+                    toUnmap.append((IOVA(dynamicIOVA(rx: false, u.id, txGPA(u.id))), UInt64(slot)))
+                    txUnmapped.append(u.id)
+                } else {
+                    txFree.append(u.id)
                 }
-                txFree.append(u.id)
                 progress = true
             }
             while let u = rx.takeUsed() {
@@ -179,18 +207,43 @@ final class GuestRun {
                 }
                 stats.received &+= 1
                 if dynamic {
-                    unmapped += iommu!.unmap(iova: IOVA(dynamicIOVA(rx: true, u.id, rxGPA(u.id))), size: UInt64(slot))
+                    toUnmap.append((IOVA(dynamicIOVA(rx: true, u.id, rxGPA(u.id))), UInt64(slot)))
+                    rxUnmapped.append(u.id)
+                } else {
+                    rxFree.append(u.id)
                 }
-                rxFree.append(u.id)
                 progress = true
             }
+            if !toUnmap.isEmpty {
+                iommu!.unmap(toUnmap, gone: &unmapped)
+                toUnmap.removeAll(keepingCapacity: true)
+            }
 
-            // Dynamic mappings: every refill costs a synchronous invalidation (strict
-            // mode), so while frames are in flight gather a quarter of the ring
-            // first, as a driver's interrupt coalescing does: a sync for every
-            // frame or two would bound the guest by the round trip, not the work.
+            // Dynamic mappings: buffers whose invalidation has completed are free
+            // again; what was unmapped since goes out in one invalidation, once a
+            // quarter of a ring has gathered (a driver's interrupt coalescing: a
+            // command per frame or two would bound the guest by the round trip)
+            // or nothing is left in flight.
             let quarter = config.ringSize / 4
-            let coalesce = dynamic && txFree.count < quarter && rxFree.count < quarter && txFree.count < config.ringSize
+            if dynamic {
+                if awaited != 0 && invalidated.value.load(ordering: .acquiring) >= awaited {
+                    rxFree += rxQuarantined; txFree += txQuarantined
+                    rxQuarantined.removeAll(keepingCapacity: true); txQuarantined.removeAll(keepingCapacity: true)
+                    awaited = 0
+                    progress = true
+                }
+                let txInFlight = config.ringSize - txFree.count - txUnmapped.count - txQuarantined.count
+                if awaited == 0 && !(rxUnmapped.isEmpty && txUnmapped.isEmpty)
+                    && (rxUnmapped.count >= quarter || txUnmapped.count >= quarter || txInFlight == 0) {
+                    tickets &+= 1
+                    awaited = tickets
+                    submitInvalidation(&unmapped, ticket: awaited)
+                    swap(&rxQuarantined, &rxUnmapped); swap(&txQuarantined, &txUnmapped)
+                    progress = true
+                }
+            }
+            let coalesce = dynamic && txFree.count < quarter && rxFree.count < quarter
+                && txFree.count + txUnmapped.count + txQuarantined.count < config.ringSize
             if !coalesce {
                 // Refill RX, then send while TX slots are free.
                 push.removeAll(keepingCapacity: true)
@@ -199,7 +252,7 @@ final class GuestRun {
                     var addr = dma(rxGPA(i))
                     if dynamic {
                         addr = dynamicIOVA(rx: true, i, rxGPA(i))
-                        map(rxGPA(i), slot, .write, at: addr, pushing: &push)
+                        toMap.append(.init(iova: IOVA(addr), gpa: GuestPhysAddr(rxGPA(i)), size: UInt64(slot), perm: .write))
                     }
                     rx.setDescriptor(Int(i), addr: addr, len: UInt32(slot), flags: 2)
                     rx.stage(i)
@@ -210,7 +263,7 @@ final class GuestRun {
                     var addr = dma(txGPA(i))
                     if dynamic {
                         addr = dynamicIOVA(rx: false, i, txGPA(i))
-                        map(txGPA(i), slot, .read, at: addr, pushing: &push)
+                        toMap.append(.init(iova: IOVA(addr), gpa: GuestPhysAddr(txGPA(i)), size: UInt64(slot), perm: .read))
                     }
                     tx.setDescriptor(Int(i), addr: addr, len: frameBytes)
                     tx.stage(i)
@@ -225,11 +278,14 @@ final class GuestRun {
                         progress = true
                     }
                 }
-                // Before anything is published: the unmapped IOVAs leave the device
-                // IOTLB (Linux strict mode), and eager mappings enter it.
-                if dynamic {
-                    invalidateThenUpdate(&unmapped, push)
-                    unmapped.removeAll(keepingCapacity: true)
+                // Before anything is published: the buffers enter the guest IOMMU
+                // and, eager, the device IOTLB.
+                if dynamic && !toMap.isEmpty {
+                    iommu!.map(toMap, fresh: &fresh)
+                    appendEager(fresh, to: &push)
+                    toMap.removeAll(keepingCapacity: true)
+                    fresh.removeAll(keepingCapacity: true)
+                    if !push.isEmpty { try? update(push) }
                 }
                 if rxPosted { rx.publish() }
                 if txPosted { tx.publish() }

@@ -35,6 +35,13 @@ public final class DeviceHandle: Sendable {
         }
     }
 
+    /// Runs `op` on the owning thread between batches without waiting: `op`
+    /// itself publishes whatever the caller needs to learn (an atomic, say).
+    public func submit(_ op: @escaping @Sendable (Device?) -> Void) {
+        let id = config.id
+        worker.submit { w in op(w.devices[id]) }
+    }
+
     /// Runs `op` on the owning thread and waits for its result.
     public func performSync<T: Sendable>(_ op: @escaping @Sendable (Device?) -> T) -> T {
         let id = config.id
