@@ -226,6 +226,34 @@ extension IOTLB {
         }
     }
 
+    /// Links the node `make` returns for [lo, hi] when no entry overlaps that
+    /// range, in one descent: the search for overlaps is the walk to the
+    /// insertion point. Returns false, having changed nothing, otherwise.
+    func linkIfFree(_ lo: UInt64, _ hi: UInt64, _ make: () -> Int32) -> Bool {
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path -> Bool in
+            var depth = 0
+            var t = root
+            var below: Int32 = -1, above: Int32 = -1
+            while t >= 0 {
+                path[depth] = t
+                depth += 1
+                let h = hot[node(t)]
+                let right = h.first <= lo
+                below = right ? t : below
+                above = right ? above : t
+                t = right ? h.right : h.left
+            }
+            if below >= 0 && cold[node(below)].last >= lo { return false }
+            if above >= 0 && hot[node(above)].first <= hi { return false }
+            let n = make()
+            guard depth > 0 else { root = n; return true }
+            let parent = path[depth - 1]
+            if lo < hot[node(parent)].first { hot[node(parent)].left = n } else { hot[node(parent)].right = n }
+            retrace(path, depth)
+            return true
+        }
+    }
+
     /// Unlinks the node whose range starts at `key` from the tree; returns it, or -1.
     func unlink(_ key: UInt64) -> Int32 {
         withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path -> Int32 in

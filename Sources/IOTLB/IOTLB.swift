@@ -318,25 +318,34 @@ public final class IOTLB {
     @discardableResult
     public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
         var outcome = UpdateOutcome()
-        outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
-        if count == maxEntries, oldest >= 0 {
-            // A pinned entry goes to the back of the line instead, unless every entry is pinned.
-            if pinnedCount < count {
-                while cold[node(oldest)].pinned { makeNewest(oldest) }
+        // The common case, room and no overlap, takes one descent.
+        let linked = count < maxEntries && linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+        if !linked {
+            outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
+            if count == maxEntries, oldest >= 0 {
+                // A pinned entry goes to the back of the line instead, unless every entry is pinned.
+                if pinnedCount < count {
+                    while cold[node(oldest)].pinned { makeNewest(oldest) }
+                }
+                if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
+                outcome.evicted = 1
             }
-            if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
-            outcome.evicted = 1
+            link(newNode(e))
         }
+        state.pointee.count += 1
+        mutated()
+        return outcome
+    }
+
+    /// A node for `e`, newest in the FIFO list, not yet in the tree.
+    private func newNode(_ e: IOTLBEntry) -> Int32 {
         let n = allocateNode()
         hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
         cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
                             perm: e.perm.rawValue, pinned: false)
         if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n
-        link(n)
-        state.pointee.count += 1
-        mutated()
-        return outcome
+        return n
     }
 
     /// Removes, whole, every entry overlapping `range`; returns how many.
