@@ -44,7 +44,7 @@ public final class GuestIOMMU: Sendable {
         var logged: UInt64    // its place in the mapping log when last appended there
     }
     private struct Table {
-        var pages: [UInt64: Page] = [:]  // by IOVA page number
+        var pages = PageTable<Page>()  // by IOVA page number
         var recent: [UInt64] = []        // page numbers mapped or widened, a ring of `recentCapacity`
         var recentCount: UInt64 = 0      // ever appended
     }

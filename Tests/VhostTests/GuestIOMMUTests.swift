@@ -1,4 +1,4 @@
-import Guest
+@testable import Guest
 import IOTLB
 import Testing
 
@@ -29,5 +29,45 @@ import Testing
         #expect(e.range == AddressRange(first: IOVA(0x4010_0000), last: IOVA(0x403f_ffff)))
         #expect(e.uaddr == UserAddr(0x7000_0000) && e.perm == .read)
         #expect(page.iotlbEntry(clippedTo: table, around: IOVA(0x4000_0000)) == nil)
+    }
+
+    @Test("read-ahead: the pages mapped after the missed one, each once at its latest place, still mapped, at most limit")
+    func mappingsAfterAMissReadAhead() {
+        let m = GuestIOMMU(pageSize: .k4)
+        func map(_ page: UInt64) { m.map(iova: IOVA(page << 12), gpa: GuestPhysAddr(page << 12), size: 1, perm: .read) }
+        for p: UInt64 in [1, 2, 3, 4, 5] { map(p) }
+        m.unmap(iova: IOVA(3 << 12), size: 1)   // gone: not sent
+        m.unmap(iova: IOVA(2 << 12), size: 1)
+        map(2)                                   // mapped again: sent at its new place, after 5
+        let after1 = m.mappings(after: IOVA(1 << 12), limit: 10).map { $0.iova.first.raw >> 12 }
+        #expect(after1 == [4, 5, 2])
+        #expect(m.mappings(after: IOVA(1 << 12), limit: 2).map { $0.iova.first.raw >> 12 } == [4, 5])
+        #expect(m.mappings(after: IOVA(2 << 12), limit: 10).isEmpty)   // the newest page: nothing after it
+        #expect(m.mappings(after: IOVA(9 << 12), limit: 10).isEmpty)   // not mapped: no answer
+    }
+
+    @Test("the page table agrees with a Dictionary under random map/unmap churn")
+    func pageTableMatchesDictionary() {
+        var table = PageTable<Int>()
+        var model: [UInt64: Int] = [:]
+        var state: UInt64 = 0x1234_5678
+        func next() -> UInt64 { state = state &* 6364136223846793005 &+ 1442695040888963407; return state >> 33 }
+        for step in 0..<60_000 {
+            // Clustered keys (a driver's neighbouring buffers) and scattered ones.
+            let key = next() % 4 == 0 ? next() : 0x10_0000 + next() % 3000
+            switch next() % 3 {
+            case 0, 1:
+                table[key] = step
+                model[key] = step
+            default:
+                table[key] = nil
+                model[key] = nil
+            }
+            if step % 997 == 0 {
+                #expect(table.count == model.count)
+                for (k, v) in model { #expect(table[k] == v) }
+            }
+            #expect(table[key] == model[key])
+        }
     }
 }
