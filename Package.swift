@@ -22,10 +22,7 @@ let package = Package(
         // checking costs the look-up path nothing.
         .target(name: "IOTLB"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket", "CFaultGuard"],
-                // The datapath owns its state on one thread by design (commands between
-                // batches); dynamic exclusivity checks would cost a runtime call per access.
-                swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket", "CFaultGuard"]),
         // A SIGBUS handler for guest memory a front-end passed as a file (it may shrink it).
         .target(name: "CFaultGuard"),
         // Acquire/release on ring indices in guest memory (header-only C).
@@ -33,8 +30,7 @@ let package = Package(
         // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.
         .target(name: "CUnixSocket"),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
-        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"],
-                swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",

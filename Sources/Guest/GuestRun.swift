@@ -27,22 +27,57 @@ final class GuestRun {
     let txBuffers: UInt64
     let slot: Int
 
-    var rxFree: [UInt16]
-    var txFree: [UInt16]
-    /// Dynamic mappings (strict): buffers unmapped since the last invalidation
-    /// was sent, and those whose invalidation (ticket `awaited`) is in flight.
-    /// A buffer is posted again only once its old IOVA has left the device
-    /// IOTLB, as Linux's strict dma_unmap guarantees; the guest goes on with
-    /// other buffers meanwhile instead of waiting for the round trip.
-    var rxUnmapped: [UInt16] = [], txUnmapped: [UInt16] = []
-    var rxQuarantined: [UInt16] = [], txQuarantined: [UInt16] = []
-    var awaited: UInt64 = 0
-    var tickets: UInt64 = 0
+    /// The loop's own state.
+    ///
+    /// SAFETY: only the workload's thread touches a run. Behind a pointer the
+    /// loop pays no run-time exclusivity check per access, as it would on a
+    /// class's stored properties (a runtime call each, several per frame).
+    /// The fields keep their names as properties below, in place (no copies).
+    struct Mutable {
+        var rxFree: [UInt16] = []
+        var txFree: [UInt16] = []
+        /// Dynamic mappings (strict): buffers unmapped since the last invalidation
+        /// was sent, and those whose invalidation (ticket `awaited`) is in flight.
+        /// A buffer is posted again only once its old IOVA has left the device
+        /// IOTLB, as Linux's strict dma_unmap guarantees; the guest goes on with
+        /// other buffers meanwhile instead of waiting for the round trip.
+        var rxUnmapped: [UInt16] = [], txUnmapped: [UInt16] = []
+        var rxQuarantined: [UInt16] = [], txQuarantined: [UInt16] = []
+        var awaited: UInt64 = 0
+        var tickets: UInt64 = 0
+        var stats = WorkloadStats()
+        var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
+    }
+    private let m: UnsafeMutablePointer<Mutable> = {
+        let p = UnsafeMutablePointer<Mutable>.allocate(capacity: 1)
+        p.initialize(to: Mutable())
+        return p
+    }()
+    var rxFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.rxFree)!) } unsafeMutableAddress { m.pointer(to: \.rxFree)! } }
+    var txFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.txFree)!) } unsafeMutableAddress { m.pointer(to: \.txFree)! } }
+    var rxUnmapped: [UInt16] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.rxUnmapped)!) } unsafeMutableAddress { m.pointer(to: \.rxUnmapped)! }
+    }
+    var txUnmapped: [UInt16] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.txUnmapped)!) } unsafeMutableAddress { m.pointer(to: \.txUnmapped)! }
+    }
+    var rxQuarantined: [UInt16] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.rxQuarantined)!) } unsafeMutableAddress { m.pointer(to: \.rxQuarantined)! }
+    }
+    var txQuarantined: [UInt16] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.txQuarantined)!) } unsafeMutableAddress { m.pointer(to: \.txQuarantined)! }
+    }
+    var awaited: UInt64 { get { m.pointee.awaited } set { m.pointee.awaited = newValue } }
+    var tickets: UInt64 { get { m.pointee.tickets } set { m.pointee.tickets = newValue } }
+    var stats: WorkloadStats {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.stats)!) } unsafeMutableAddress { m.pointer(to: \.stats)! }
+    }
+    var window: [(UInt64, UInt64)] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.window)!) } unsafeMutableAddress { m.pointer(to: \.window)! }
+    }
     /// The last ticket whose invalidation the device has applied (set on the worker).
     let invalidated = TicketCounter()
-    var stats = WorkloadStats()
     let startTime = monotonicNanos()
-    var window: [(UInt64, UInt64)] = []  // (time, received) samples for the rate
 
     init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
          rxRing: RingLayout, txRing: RingLayout, rxBuffers: UInt64, txBuffers: UInt64) {
@@ -57,8 +92,13 @@ final class GuestRun {
         self.rxBuffers = rxBuffers
         self.txBuffers = txBuffers
         self.slot = config.slotBytes
-        rxFree = Array((0..<config.ringSize).map { UInt16(truncatingIfNeeded: $0) }.reversed())
-        txFree = rxFree
+        m.pointee.rxFree = Array((0..<config.ringSize).map { UInt16(truncatingIfNeeded: $0) }.reversed())
+        m.pointee.txFree = m.pointee.rxFree
+    }
+
+    deinit {
+        m.deinitialize(count: 1)
+        m.deallocate()
     }
 
     /// What a descriptor names for guest-physical `gpa` under a static mapping.

@@ -48,14 +48,26 @@ public final class SplitRingDriver: @unchecked Sendable {
     private let desc: UnsafeMutableRawPointer
     private let avail: UnsafeMutableRawPointer
     private let used: UnsafeMutableRawPointer
-    /// The avail index as the driver last published it.
-    public private(set) var availIdx: UInt16 = 0
+    /// The driver's two indices.
+    ///
+    /// SAFETY: one thread drives a ring at a time (the guest's). Behind a
+    /// pointer they cost no run-time exclusivity check per frame, as a
+    /// class's stored properties would.
+    private struct Indices {
+        var avail: UInt16 = 0
+        var lastUsed: UInt16 = 0
+    }
+    private let indices: UnsafeMutablePointer<Indices>
+    /// The avail index as the driver last staged it.
+    public var availIdx: UInt16 { indices.pointee.avail }
     /// Used elements consumed so far.
-    public private(set) var lastUsedIdx: UInt16 = 0
+    public var lastUsedIdx: UInt16 { indices.pointee.lastUsed }
 
     /// Zeroes the rings at `layout` and takes them over.
     public init(memory: GuestPhysicalMemory, layout: RingLayout) {
         self.layout = layout
+        indices = .allocate(capacity: 1)
+        indices.initialize(to: Indices())
         let n = layout.num
         desc = memory.at(layout.descGPA, 16 * n)
         avail = memory.at(layout.availGPA, 4 + 2 * n + 2)
@@ -64,6 +76,8 @@ public final class SplitRingDriver: @unchecked Sendable {
         avail.initializeMemory(as: UInt8.self, repeating: 0, count: 4 + 2 * n + 2)
         used.initializeMemory(as: UInt8.self, repeating: 0, count: 4 + 8 * n + 2)
     }
+
+    deinit { indices.deallocate() }
 
     /// Writes descriptor `i`: `addr` is what the device sees (an IOVA, or a GPA without IOMMU).
     public func setDescriptor(_ i: Int, addr: UInt64, len: UInt32, flags: UInt16 = 0, next: UInt16 = 0) {
@@ -82,7 +96,7 @@ public final class SplitRingDriver: @unchecked Sendable {
     public func stage(_ head: UInt16) {
         let slot = Int(availIdx) & (layout.num - 1)
         (avail + 4 + 2 * slot).storeBytes(of: head.littleEndian, as: UInt16.self)
-        availIdx &+= 1
+        indices.pointee.avail &+= 1
     }
 
     /// Publishes staged heads (release: descriptors and ring entries are visible first).
@@ -117,7 +131,7 @@ public final class SplitRingDriver: @unchecked Sendable {
         guard deviceUsedIdx != lastUsedIdx else { return nil }
         let slot = Int(lastUsedIdx) & (layout.num - 1)
         let p = used + 4 + 8 * slot
-        lastUsedIdx &+= 1
+        indices.pointee.lastUsed &+= 1
         return UsedElement(id: UInt16(truncatingIfNeeded: UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))),
                            len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
     }

@@ -47,10 +47,6 @@ public final class Device {
     public let iotlb: IOTLB
     /// Guest memory and its table, once set.
     public private(set) var memory: GuestMemory?
-    /// Bumped whenever the memory table is replaced (cached translations die with it).
-    var memoryGeneration: UInt64 = 0
-    /// The memory table flattened for the datapath.
-    var regions = RegionIndex()
     /// The queues without reference counting, for the datapath (`queues` owns them).
     let queueRefs: UnsafeMutablePointer<Unmanaged<VirtQueue>>
     /// The virtqueues: even index RX, odd TX.
@@ -58,28 +54,67 @@ public final class Device {
     /// Where misses and access failures are published.
     public let missLog: MissLog
     let limits: EngineLimits
-    var counters = IOTLBStats()
-    /// Frames cut short because the RX chain was smaller than the TX frame.
-    var truncatedFrames: UInt64 = 0
-    /// The worker that owns the device (it outlives the device). Unmanaged:
-    /// read on the datapath, where a reference count would cost per batch.
-    var owner: Unmanaged<DatapathWorker>?
-    /// Answers misses on the worker when set (see `MissResolver`).
-    public var missResolver: MissResolver?
-    /// Whether drivers should kick (the worker is about to sleep).
-    var kicksWanted = false
-    /// Whether RX chains start with a 12-byte virtio-net header whose
-    /// num_buffers the device sets (a vhost-user net front-end with
-    /// VIRTIO_F_VERSION_1 or MRG_RXBUF). The loopback copies the TX header.
-    var rxNetHeaderNumBuffers = false
-    /// Miss resolution times (µs): the most recent samples, their count and maximum.
-    var resolutionSamples: [UInt32] = []
-    var resolutionCount: UInt64 = 0
-    var resolutionMax: UInt32 = 0
     static let resolutionWindow = 4096
-    /// Cumulative-free bucket counts of resolution times (µs) for the Prometheus histogram.
-    var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
-    var resolutionSumMicros: UInt64 = 0
+
+    /// What the datapath mutates, in one struct behind a pointer.
+    ///
+    /// SAFETY: a device has one owner thread (its worker), so no two accesses
+    /// to these fields ever overlap. Behind a pointer the compiler does not
+    /// check exclusivity at run time on each access, as it would for a
+    /// class's stored properties (a runtime call per field per descriptor).
+    /// The fields keep their names as properties below; the memory lives as
+    /// long as the device.
+    struct Mutable {
+        /// Bumped whenever the memory table is replaced (cached translations die with it).
+        var memoryGeneration: UInt64 = 0
+        /// The memory table flattened for the datapath.
+        var regions = RegionIndex()
+        var counters = IOTLBStats()
+        /// Frames cut short because the RX chain was smaller than the TX frame.
+        var truncatedFrames: UInt64 = 0
+        /// The worker that owns the device (it outlives the device). Unmanaged:
+        /// read on the datapath, where a reference count would cost per batch.
+        var owner: Unmanaged<DatapathWorker>?
+        /// Answers misses on the worker when set (see `MissResolver`).
+        var missResolver: MissResolver?
+        /// Whether drivers should kick (the worker is about to sleep).
+        var kicksWanted = false
+        /// Whether RX chains start with a 12-byte virtio-net header whose
+        /// num_buffers the device sets (a vhost-user net front-end with
+        /// VIRTIO_F_VERSION_1 or MRG_RXBUF). The loopback copies the TX header.
+        var rxNetHeaderNumBuffers = false
+        /// Miss resolution times (µs): the most recent samples, their count and maximum.
+        var resolutionSamples: [UInt32] = []
+        var resolutionCount: UInt64 = 0
+        var resolutionMax: UInt32 = 0
+        /// Cumulative-free bucket counts of resolution times (µs) for the Prometheus histogram.
+        var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
+        var resolutionSumMicros: UInt64 = 0
+    }
+    private let m: UnsafeMutablePointer<Mutable>
+
+    var memoryGeneration: UInt64 { get { m.pointee.memoryGeneration } set { m.pointee.memoryGeneration = newValue } }
+    var regions: RegionIndex { get { m.pointee.regions } set { m.pointee.regions = newValue } }
+    var counters: IOTLBStats { get { m.pointee.counters } set { m.pointee.counters = newValue } }
+    var truncatedFrames: UInt64 { get { m.pointee.truncatedFrames } set { m.pointee.truncatedFrames = newValue } }
+    var owner: Unmanaged<DatapathWorker>? { get { m.pointee.owner } set { m.pointee.owner = newValue } }
+    public var missResolver: MissResolver? { get { m.pointee.missResolver } set { m.pointee.missResolver = newValue } }
+    var kicksWanted: Bool { get { m.pointee.kicksWanted } set { m.pointee.kicksWanted = newValue } }
+    var rxNetHeaderNumBuffers: Bool {
+        get { m.pointee.rxNetHeaderNumBuffers } set { m.pointee.rxNetHeaderNumBuffers = newValue }
+    }
+    // Arrays in place (a get/set pair would copy them on every change).
+    var resolutionSamples: [UInt32] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.resolutionSamples)!) }
+        unsafeMutableAddress { m.pointer(to: \.resolutionSamples)! }
+    }
+    var resolutionBuckets: [UInt64] {
+        unsafeAddress { UnsafePointer(m.pointer(to: \.resolutionBuckets)!) }
+        unsafeMutableAddress { m.pointer(to: \.resolutionBuckets)! }
+    }
+    var resolutionCount: UInt64 { get { m.pointee.resolutionCount } set { m.pointee.resolutionCount = newValue } }
+    var resolutionMax: UInt32 { get { m.pointee.resolutionMax } set { m.pointee.resolutionMax = newValue } }
+    var resolutionSumMicros: UInt64 { get { m.pointee.resolutionSumMicros } set { m.pointee.resolutionSumMicros = newValue } }
     /// Upper bounds (µs) of the resolution histogram's buckets.
     public static let resolutionBounds: [UInt32] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000, 1_000_000]
 
@@ -88,7 +123,9 @@ public final class Device {
         self.limits = limits
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
-        resolutionSamples.reserveCapacity(Device.resolutionWindow)
+        m = .allocate(capacity: 1)
+        m.initialize(to: Mutable())
+        m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
         self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
         queueRefs = .allocate(capacity: queues.count)
         for (i, q) in queues.enumerated() { (queueRefs + i).initialize(to: .passUnretained(q)) }
@@ -96,7 +133,9 @@ public final class Device {
 
     deinit {
         queueRefs.deallocate()
-        regions.free()
+        m.pointee.regions.free()
+        m.deinitialize(count: 1)
+        m.deallocate()
     }
 
     /// The memory table, once set.

@@ -112,24 +112,70 @@ public struct VringSnapshot: Sendable, Equatable {
 public final class VirtQueue {
     /// Index in the device (even RX, odd TX).
     public let index: Int
-    var config: VringConfig?
-    var state: VringState = .disabled
-    var lastAvailIdx: UInt16 = 0
-    var usedIdx: UInt16 = 0
-    var needsUsedInit = true
-    var pending: PendingEvent?
-    var failure: String?
 
-    // Ring translations, checked for the whole ring length ("prefetch") and
-    // valid while the device's translation generation is unchanged. A nil
-    // host pointer with `ringsReady` means the area spans several mappings:
-    // accessed through the general accessors.
-    var ringsReady = false
-    var ringGeneration: UInt64 = .max
-    var descHost: UnsafeMutableRawPointer?
-    var availHost: UnsafeMutableRawPointer?
-    var usedHost: UnsafeMutableRawPointer?
-    var ringCache = TranslationCache()
+    /// Everything the queue mutates, in one struct behind a pointer.
+    ///
+    /// SAFETY: a queue has one owner thread (its device's worker), so no two
+    /// accesses to these fields ever overlap. Behind a pointer the compiler
+    /// does not check exclusivity at run time on each access, as it would for
+    /// a class's stored properties (a runtime call per field on the
+    /// per-descriptor path). The fields keep their names as properties below;
+    /// the memory lives as long as the queue.
+    struct Mutable {
+        var config: VringConfig?
+        var state: VringState = .disabled
+        var lastAvailIdx: UInt16 = 0
+        var usedIdx: UInt16 = 0
+        var needsUsedInit = true
+        var pending: PendingEvent?
+        var failure: String?
+        // Ring translations, checked for the whole ring length ("prefetch") and
+        // valid while the device's translation generation is unchanged. A nil
+        // host pointer with `ringsReady` means the area spans several mappings:
+        // accessed through the general accessors.
+        var ringsReady = false
+        var ringGeneration: UInt64 = .max
+        var descHost: UnsafeMutableRawPointer?
+        var availHost: UnsafeMutableRawPointer?
+        var usedHost: UnsafeMutableRawPointer?
+        var ringCache = TranslationCache()
+        // Counters.
+        var hits: UInt64 = 0
+        var misses: UInt64 = 0
+        var accessFailures: UInt64 = 0
+        var chains: UInt64 = 0
+        var bytes: UInt64 = 0
+        var notifications: UInt64 = 0
+        // A vhost-user front-end's notifications: its call eventfd (-1: none) and
+        // whether it kicks (then the used ring's flags tell it when to).
+        var callFD: Int32 = -1
+        var driverKicks = false
+    }
+    private let m: UnsafeMutablePointer<Mutable>
+
+    var config: VringConfig? { get { m.pointee.config } set { m.pointee.config = newValue } }
+    var state: VringState { get { m.pointee.state } set { m.pointee.state = newValue } }
+    var lastAvailIdx: UInt16 { get { m.pointee.lastAvailIdx } set { m.pointee.lastAvailIdx = newValue } }
+    var usedIdx: UInt16 { get { m.pointee.usedIdx } set { m.pointee.usedIdx = newValue } }
+    var needsUsedInit: Bool { get { m.pointee.needsUsedInit } set { m.pointee.needsUsedInit = newValue } }
+    var pending: PendingEvent? { get { m.pointee.pending } set { m.pointee.pending = newValue } }
+    var failure: String? { get { m.pointee.failure } set { m.pointee.failure = newValue } }
+    var ringsReady: Bool { get { m.pointee.ringsReady } set { m.pointee.ringsReady = newValue } }
+    var ringGeneration: UInt64 { get { m.pointee.ringGeneration } set { m.pointee.ringGeneration = newValue } }
+    var descHost: UnsafeMutableRawPointer? { get { m.pointee.descHost } set { m.pointee.descHost = newValue } }
+    var availHost: UnsafeMutableRawPointer? { get { m.pointee.availHost } set { m.pointee.availHost = newValue } }
+    var usedHost: UnsafeMutableRawPointer? { get { m.pointee.usedHost } set { m.pointee.usedHost = newValue } }
+    /// The ring areas' last translation, updated in place by the accessors.
+    var ringCache: UnsafeMutablePointer<TranslationCache> { m.pointer(to: \.ringCache)! }
+    var hits: UInt64 { get { m.pointee.hits } set { m.pointee.hits = newValue } }
+    var misses: UInt64 { get { m.pointee.misses } set { m.pointee.misses = newValue } }
+    var accessFailures: UInt64 { get { m.pointee.accessFailures } set { m.pointee.accessFailures = newValue } }
+    var chains: UInt64 { get { m.pointee.chains } set { m.pointee.chains = newValue } }
+    var bytes: UInt64 { get { m.pointee.bytes } set { m.pointee.bytes = newValue } }
+    var notifications: UInt64 { get { m.pointee.notifications } set { m.pointee.notifications = newValue } }
+    var callFD: Int32 { get { m.pointee.callFD } set { m.pointee.callFD = newValue } }
+    var driverKicks: Bool { get { m.pointee.driverKicks } set { m.pointee.driverKicks = newValue } }
+
     /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
     /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep
     /// theirs instead of evicting one another's.
@@ -142,31 +188,24 @@ public final class VirtQueue {
         bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.bufferCacheSlots - 1))
     }
 
-    // Counters.
-    var hits: UInt64 = 0
-    var misses: UInt64 = 0
-    var accessFailures: UInt64 = 0
-    var chains: UInt64 = 0
-    var bytes: UInt64 = 0
-    var notifications: UInt64 = 0
-
-    // A vhost-user front-end's notifications: its call eventfd (-1: none) and
-    // whether it kicks (then the used ring's flags tell it when to).
-    var callFD: Int32 = -1
-    var driverKicks = false
-
     init(index: Int) {
         self.index = index
+        m = .allocate(capacity: 1)
+        m.initialize(to: Mutable())
         bufferCaches.initialize(repeating: TranslationCache(), count: VirtQueue.bufferCacheSlots)
     }
 
-    deinit { bufferCaches.deallocate() }
+    deinit {
+        bufferCaches.deallocate()
+        m.deinitialize(count: 1)
+        m.deallocate()
+    }
 
     /// Drops every cached translation.
     func dropTranslations() {
         ringsReady = false
         descHost = nil; availHost = nil; usedHost = nil
-        ringCache.clear()
+        ringCache.pointee.clear()
         for i in 0..<VirtQueue.bufferCacheSlots { bufferCaches[i].clear() }
     }
 
@@ -209,7 +248,7 @@ extension Device {
         }
         var v: UInt16 = 0
         _ = withUnsafeMutableBytes(of: &v) {
-            copyFromGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache, vq)
+            copyFromGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache.pointee, vq)
         }
         if acquire { CRingAtomics_fence_acquire() }
         return UInt16(littleEndian: v)
@@ -228,7 +267,7 @@ extension Device {
         if release { CRingAtomics_fence_release() }
         var v = value.littleEndian
         _ = withUnsafeBytes(of: &v) {
-            copyToGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache, vq)
+            copyToGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache.pointee, vq)
         }
     }
 
@@ -245,7 +284,7 @@ extension Device {
             return d
         }
         withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-            _ = copyFromGuest(vq.config!.descAddr &+ 16 * UInt64(i), buf.baseAddress!, 16, ringSpace, &vq.ringCache, vq)
+            _ = copyFromGuest(vq.config!.descAddr &+ 16 * UInt64(i), buf.baseAddress!, 16, ringSpace, &vq.ringCache.pointee, vq)
             d = Descriptor.decode(buf.baseAddress!)
         }
         return d
@@ -262,7 +301,7 @@ extension Device {
         } else {
             var elem = (UInt32(id).littleEndian, len.littleEndian)
             _ = withUnsafeBytes(of: &elem) {
-                copyToGuest(vq.config!.usedAddr &+ UInt64(offset), $0.baseAddress!, 8, ringSpace, &vq.ringCache, vq)
+                copyToGuest(vq.config!.usedAddr &+ UInt64(offset), $0.baseAddress!, 8, ringSpace, &vq.ringCache.pointee, vq)
             }
         }
         vq.usedIdx &+= 1

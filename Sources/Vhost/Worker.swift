@@ -23,17 +23,29 @@ public final class DatapathWorker: @unchecked Sendable {
     public internal(set) var devices: [String: Device] = [:] {
         didSet { rebuildPollList() }
     }
-    // The devices again, without reference counting, for the polling loop.
-    private var pollList = UnsafeMutablePointer<Unmanaged<Device>>.allocate(capacity: 1)
-    private var pollCount = 0
+    /// The devices again, without reference counting, for the polling loop.
+    ///
+    /// SAFETY: touched only on the worker thread, like `devices`. Behind a
+    /// pointer, the loop pays no run-time exclusivity check per round.
+    private struct PollList {
+        var devices = UnsafeMutablePointer<Unmanaged<Device>>.allocate(capacity: 1)
+        var count = 0
+    }
+    private let polled: UnsafeMutablePointer<PollList> = {
+        let p = UnsafeMutablePointer<PollList>.allocate(capacity: 1)
+        p.initialize(to: PollList())
+        return p
+    }()
+    private var pollList: UnsafeMutablePointer<Unmanaged<Device>> { polled.pointee.devices }
+    private var pollCount: Int { polled.pointee.count }
 
     private func rebuildPollList() {
-        pollList.deallocate()
-        pollList = .allocate(capacity: max(devices.count, 1))
-        pollCount = 0
+        polled.pointee.devices.deallocate()
+        polled.pointee.devices = .allocate(capacity: max(devices.count, 1))
+        polled.pointee.count = 0
         for d in devices.values {
-            (pollList + pollCount).initialize(to: .passUnretained(d))
-            pollCount += 1
+            (polled.pointee.devices + polled.pointee.count).initialize(to: .passUnretained(d))
+            polled.pointee.count += 1
         }
     }
 
@@ -46,7 +58,10 @@ public final class DatapathWorker: @unchecked Sendable {
         self.index = index
     }
 
-    deinit { pollList.deallocate() }
+    deinit {
+        polled.pointee.devices.deallocate()
+        polled.deallocate()
+    }
 
     func start() {
         thread = startThread(name: "datapath-\(index)") { [self] in run() }
