@@ -21,8 +21,10 @@ let package = Package(
         // mutable state sits behind a pointer (see IOTLB.State), so exclusivity
         // checking costs the look-up path nothing.
         .target(name: "IOTLB"),
+        // OS plumbing, nothing of vhost: threads, locks, the monotonic clock, errno as typed errors.
+        .target(name: "Platform"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket", "CFaultGuard"],
+        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "CRingAtomics", "CUnixSocket", "CFaultGuard"],
                 // The datapath owns its state on one thread by design (commands between
                 // batches); dynamic exclusivity checks would cost a runtime call per access.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
@@ -33,7 +35,7 @@ let package = Package(
         // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.
         .target(name: "CUnixSocket"),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
-        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"],
+        .target(name: "Guest", dependencies: ["IOTLB", "Platform", "Vhost", "CRingAtomics"],
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
@@ -43,7 +45,7 @@ let package = Package(
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
         // HTTP, JSON, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "iotlbd", dependencies: [
@@ -54,14 +56,14 @@ let package = Package(
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "Guest", "Vhost", "IOTLB", "CBenchCounters",
+            "ControlPlane", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
-        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Platform", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,5 +1,6 @@
 // The routes of the contract (DESIGN.md, "HTTP contract (v1)").
 import IOTLB
+import Platform
 import Vhost
 import Logging
 

@@ -1,5 +1,6 @@
 // The vhost-user backends, by device id: created with their device, stopped
 // before it is deleted and when the daemon stops.
+import Platform
 import Vhost
 
 final class VhostUserRegistry: Sendable {

@@ -5,6 +5,7 @@
 // bounded back-off (50 ms doubling to 2 s) whenever the connection is lost or
 // was never there. Status for the HTTP API lives here.
 import Glibc
+import Platform
 import Synchronization
 import CUnixSocket
 

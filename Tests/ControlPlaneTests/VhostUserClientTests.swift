@@ -6,6 +6,7 @@ import Glibc
 import Testing
 @testable import Vhost
 import ControlPlane
+import Platform
 
 // Part of the serialized "vhost-user backend" suite: leftoversOfFrontEnds
 // tells eventfds apart by kernel ids, which are reused, so no other test may

@@ -6,6 +6,7 @@ import Foundation
 import Glibc
 import Guest
 import IOTLB
+import Platform
 import Vhost
 
 struct FrontEndError: Error, CustomStringConvertible {

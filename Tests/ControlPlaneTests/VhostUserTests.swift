@@ -9,6 +9,7 @@ import Glibc
 import Guest
 import IOTLB
 import Testing
+import Platform
 import TestSupport
 @testable import Vhost
 import ControlPlane
