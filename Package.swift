@@ -24,7 +24,8 @@ let package = Package(
         // OS plumbing, nothing of vhost: threads, locks, the monotonic clock, errno as typed errors.
         .target(name: "Platform"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "CRingAtomics", "CUnixSocket", "CFaultGuard"],
+        // No socket code: transports (HTTP, vhost-user) drive it through commands.
+        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "CRingAtomics", "CFaultGuard"],
                 // The datapath owns its state on one thread by design (commands between
                 // batches); dynamic exclusivity checks would cost a runtime call per access.
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
@@ -34,6 +35,9 @@ let package = Package(
         .target(name: "CRingAtomics"),
         // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.
         .target(name: "CUnixSocket"),
+        // The vhost-user transport: listener/connector, sessions, the message codec. Drives
+        // the engine through `performSync`, as HTTP does. Control path: no unsafe flags.
+        .target(name: "VhostUser", dependencies: ["Vhost", "IOTLB", "Platform", "CUnixSocket"]),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
         .target(name: "Guest", dependencies: ["IOTLB", "Platform", "Vhost", "CRingAtomics"],
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
@@ -45,7 +49,7 @@ let package = Package(
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
         // HTTP, JSON, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "iotlbd", dependencies: [
@@ -62,8 +66,9 @@ let package = Package(
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Platform", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -2,6 +2,7 @@
 import IOTLB
 import Platform
 import Vhost
+import VhostUser
 import Logging
 
 extension ControlPlane {

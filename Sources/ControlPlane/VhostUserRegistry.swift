@@ -2,6 +2,7 @@
 // before it is deleted and when the daemon stops.
 import Platform
 import Vhost
+import VhostUser
 
 final class VhostUserRegistry: Sendable {
     private let byDevice = Locked<[String: VhostUserBackend]>([:])

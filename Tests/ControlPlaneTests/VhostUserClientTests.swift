@@ -4,7 +4,8 @@
 import CUnixSocket
 import Glibc
 import Testing
-@testable import Vhost
+import Vhost
+import VhostUser
 import ControlPlane
 import Platform
 

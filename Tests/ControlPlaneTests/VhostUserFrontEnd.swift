@@ -8,6 +8,7 @@ import Guest
 import IOTLB
 import Platform
 import Vhost
+import VhostUser
 
 struct FrontEndError: Error, CustomStringConvertible {
     let description: String

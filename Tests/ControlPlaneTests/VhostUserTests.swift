@@ -8,10 +8,11 @@ import Foundation
 import Glibc
 import Guest
 import IOTLB
-import Testing
 import Platform
+import Testing
 import TestSupport
-@testable import Vhost
+import Vhost
+@testable import VhostUser
 import ControlPlane
 
 @Suite("vhost-user backend", .serialized)
