@@ -21,16 +21,23 @@ let package = Package(
         // mutable state sits behind a pointer (see IOTLB.State), so exclusivity
         // checking costs the look-up path nothing.
         .target(name: "IOTLB"),
+        // OS plumbing, nothing of vhost: threads, locks, the monotonic clock, errno as typed errors.
+        .target(name: "Platform"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
-        .target(name: "Vhost", dependencies: ["IOTLB", "CRingAtomics", "CUnixSocket", "CFaultGuard"]),
+        // No socket code: transports (HTTP, vhost-user) drive it through commands.
+        // No unsafe flags: the datapath's state sits behind pointers (see VirtQueue.Mutable).
+        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "CRingAtomics", "CFaultGuard"]),
         // A SIGBUS handler for guest memory a front-end passed as a file (it may shrink it).
         .target(name: "CFaultGuard"),
         // Acquire/release on ring indices in guest memory (header-only C).
         .target(name: "CRingAtomics"),
         // Unix sockets with descriptors passed by SCM_RIGHTS (vhost-user), whose CMSG macros Swift cannot import.
         .target(name: "CUnixSocket"),
+        // The vhost-user transport: listener/connector, sessions, the message codec. Drives
+        // the engine through `performSync`, as HTTP does. Control path: no unsafe flags.
+        .target(name: "VhostUser", dependencies: ["Vhost", "IOTLB", "Platform", "CUnixSocket"]),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
-        .target(name: "Guest", dependencies: ["IOTLB", "Vhost", "CRingAtomics"]),
+        .target(name: "Guest", dependencies: ["IOTLB", "Platform", "Vhost", "CRingAtomics"]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
         .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",
@@ -39,7 +46,7 @@ let package = Package(
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
         // HTTP, JSON, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "iotlbd", dependencies: [
@@ -50,14 +57,15 @@ let package = Package(
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "Guest", "Vhost", "IOTLB", "CBenchCounters",
+            "ControlPlane", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
-        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest"]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],
     swiftLanguageModes: [.v6]
 )

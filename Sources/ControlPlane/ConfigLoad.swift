@@ -7,6 +7,7 @@
 import Glibc
 import Guest
 import IOTLB
+import Platform
 import Vhost
 
 /// One device of a configuration document, checked.

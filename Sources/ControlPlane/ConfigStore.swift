@@ -7,6 +7,7 @@ import Glibc
 import Guest
 import IOTLB
 import Logging
+import Platform
 import Vhost
 
 /// One device as configured.

@@ -8,6 +8,7 @@
 import CMicroHTTPD
 import CUnixSocket
 import Glibc
+import Platform
 import Synchronization
 import Vhost
 

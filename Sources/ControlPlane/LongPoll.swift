@@ -2,6 +2,7 @@
 // answers expired waiters. A waiter is answered exactly once, by whichever
 // comes first: an event, its deadline, or its device closing.
 import Glibc
+import Platform
 import Synchronization
 import Vhost
 

@@ -1,6 +1,7 @@
 // GET /metrics: Prometheus text exposition. Device figures are snapshots the
 // owning worker takes between batches (one command per device per scrape);
 // the datapath keeps plain counters, no per-frame atomics.
+import Platform
 import Synchronization
 import Vhost
 

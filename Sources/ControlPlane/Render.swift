@@ -1,6 +1,7 @@
 // How engine values are written in answers: addresses and sizes as "0x…".
 import IOTLB
 import Vhost
+import VhostUser
 
 extension JSON {
     static func entry(_ e: IOTLBEntry) -> JSON {

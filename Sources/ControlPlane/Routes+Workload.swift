@@ -2,6 +2,7 @@
 import Glibc
 import Guest
 import IOTLB
+import Platform
 import Synchronization
 import Vhost
 

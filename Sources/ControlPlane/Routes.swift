@@ -1,6 +1,8 @@
 // The routes of the contract (DESIGN.md, "HTTP contract (v1)").
 import IOTLB
+import Platform
 import Vhost
+import VhostUser
 import Logging
 
 extension ControlPlane {

@@ -1,6 +1,8 @@
 // The vhost-user backends, by device id: created with their device, stopped
 // before it is deleted and when the daemon stops.
+import Platform
 import Vhost
+import VhostUser
 
 final class VhostUserRegistry: Sendable {
     private let byDevice = Locked<[String: VhostUserBackend]>([:])

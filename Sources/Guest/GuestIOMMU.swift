@@ -3,6 +3,7 @@
 // any buffer in it is mapped (a count per page); its permission is the union
 // of what its buffers asked. Thread-safe: the guest maps and unmaps, a
 // translator reads.
+import Platform
 import Synchronization
 import Vhost
 import IOTLB

@@ -2,6 +2,7 @@
 // map and unmap (dynamic) with the device IOTLB kept in step. Runs on the
 // workload's thread only.
 import Glibc
+import Platform
 import Synchronization
 import IOTLB
 import Vhost

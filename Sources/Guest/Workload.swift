@@ -3,6 +3,7 @@
 // IOMMU (static or dynamic), sends frames on TX, refills RX, and verifies
 // every byte that comes back through the device's loopback.
 import Glibc
+import Platform
 import Synchronization
 import IOTLB
 import Vhost

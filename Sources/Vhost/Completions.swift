@@ -3,6 +3,7 @@
 // observers (logging, forwarding). A datapath thread only appends here; one
 // control-plane thread runs it, so slow readers never cost the datapath time.
 import Glibc
+import Platform
 
 /// A FIFO of closures run in order on one thread of its own.
 public final class Completions: @unchecked Sendable {

@@ -4,6 +4,7 @@
 // only the worker-owned device, its queues and guest memory are touched.
 import IOTLB
 import CRingAtomics
+import Platform
 
 extension Device {
     /// Chains one queue processes per round before others get their turn.

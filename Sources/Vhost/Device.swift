@@ -2,6 +2,7 @@
 // worker; every method runs on that worker's thread (see Worker.swift).
 import IOTLB
 import CRingAtomics
+import Platform
 
 /// What an IOTLB update did.
 public struct UpdateReport: Equatable, Sendable {

@@ -16,6 +16,7 @@ public enum TranslatorKind: String, Sendable, CaseIterable {
     case external
 }
 
+// Here, not in VhostUser: it is part of a device's configuration, which the engine holds.
 /// Which side of a vhost-user socket listens.
 public enum VhostUserMode: String, Sendable, CaseIterable {
     /// The daemon listens; front-ends connect (one at a time).

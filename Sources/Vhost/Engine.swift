@@ -1,4 +1,5 @@
 // The engine: datapath workers and the registry of devices.
+import Platform
 import Synchronization
 import IOTLB
 

@@ -2,23 +2,7 @@
 import CFaultGuard
 import Glibc
 import IOTLB
-
-/// A system call failed; `errno` says why.
-public struct SystemCallError: Error, CustomStringConvertible, Sendable {
-    public let call: String
-    public let errno: Int32
-    public var description: String { "\(call): \(String(cString: strerror(errno)))" }
-}
-
-/// Calls `body` until it stops failing with EINTR; turns -1 into a typed error.
-@discardableResult
-func syscall<T: FixedWidthInteger>(_ name: String, _ body: () -> T) throws(SystemCallError) -> T {
-    while true {
-        let r = body()
-        if r != -1 { return r }
-        if errno != EINTR { throw SystemCallError(call: name, errno: errno) }
-    }
-}
+import Platform
 
 /// One region's host mapping; unmapped when the last table using it goes.
 final class RegionMapping: @unchecked Sendable {

@@ -3,6 +3,7 @@
 // resolves; HTTP long-polls read and wait. Not on the per-packet path: a
 // queue posts at most one event and then stops. Waiters and observers are
 // answered on the completion thread, never on the posting datapath thread.
+import Platform
 import Synchronization
 import IOTLB
 

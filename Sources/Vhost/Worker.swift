@@ -3,6 +3,7 @@
 // command's completion has run, no datapath access uses what it replaced.
 import CFaultGuard
 import Glibc
+import Platform
 import Synchronization
 
 /// One datapath thread and the devices it owns.

@@ -2,6 +2,7 @@
 import ArgumentParser
 import ControlPlane
 import IOTLB
+import Platform
 import Vhost
 
 struct LookupBench: ParsableCommand {

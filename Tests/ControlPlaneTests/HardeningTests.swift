@@ -2,6 +2,7 @@ import ControlPlane
 import Foundation
 import Glibc
 import IOTLB
+import Platform
 import Synchronization
 import Testing
 import TestSupport

@@ -1,4 +1,5 @@
 import ControlPlane
+import Platform
 import Synchronization
 import Dispatch
 import Foundation

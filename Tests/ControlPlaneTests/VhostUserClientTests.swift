@@ -4,8 +4,10 @@
 import CUnixSocket
 import Glibc
 import Testing
-@testable import Vhost
+import Vhost
+import VhostUser
 import ControlPlane
+import Platform
 
 // Part of the serialized "vhost-user backend" suite: leftoversOfFrontEnds
 // tells eventfds apart by kernel ids, which are reused, so no other test may

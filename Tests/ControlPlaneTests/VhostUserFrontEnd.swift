@@ -6,7 +6,9 @@ import Foundation
 import Glibc
 import Guest
 import IOTLB
+import Platform
 import Vhost
+import VhostUser
 
 struct FrontEndError: Error, CustomStringConvertible {
     let description: String

@@ -1,6 +1,7 @@
 import Guest
 import IOTLB
 import Testing
+import Platform
 @testable import Vhost
 
 @Suite struct DatapathTests {

@@ -2,6 +2,7 @@ import Glibc
 import Guest
 import IOTLB
 import Testing
+import Platform
 @testable import Vhost
 
 /// A hand-laid guest: one device with RX (vq 0) and TX (vq 1) rings written

@@ -4,6 +4,7 @@
 import CUnixSocket
 import Glibc
 import IOTLB
+import Vhost
 
 extension VhostUserSession {
     func setMemTable(_ r: inout PayloadReader, _ fds: inout [Int32]) throws {

@@ -1,7 +1,7 @@
 // The vhost-user codec against the byte layouts of vhost-user.rst and
 // <linux/vhost_types.h>.
 import Testing
-@testable import Vhost
+@testable import VhostUser
 
 @Suite("vhost-user codec")
 struct VhostUserProtocolTests {

@@ -5,8 +5,10 @@
 // bounded back-off (50 ms doubling to 2 s) whenever the connection is lost or
 // was never there. Status for the HTTP API lives here.
 import Glibc
+import Platform
 import Synchronization
 import CUnixSocket
+import Vhost
 
 /// Why a vhost-user socket could not be served.
 public struct VhostUserSetupError: Error, CustomStringConvertible, Sendable {
@@ -189,11 +191,7 @@ public final class VhostUserBackend: @unchecked Sendable {
         }
     }
 
-    static func monotonicMillis() -> Int {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int(ts.tv_sec) * 1000 + Int(ts.tv_nsec) / 1_000_000
-    }
+    static func monotonicMillis() -> Int { Int(monotonicNanos() / 1_000_000) }
 
     /// Waits `millis` unless stopped meanwhile.
     private func pause(_ millis: Int) {

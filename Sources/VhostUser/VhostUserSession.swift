@@ -7,6 +7,7 @@
 import Glibc
 import IOTLB
 import CUnixSocket
+import Vhost
 
 /// A protocol violation: the connection is dropped.
 struct VhostUserProtocolError: Error {
