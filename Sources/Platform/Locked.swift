@@ -6,21 +6,32 @@ import Glibc
 /// the futex calls `Mutex` makes on Linux, and reports false races).
 public final class Locked<Value>: @unchecked Sendable {
     // Visible to inlined `withLock` only (as it was when this lived in the engine).
-    @usableFromInline var mutex = pthread_mutex_t()
-    @usableFromInline var value: Value
+    // SAFETY: allocated once, freed in deinit: a pthread mutex must not move,
+    // and the value is only touched with the mutex held (no run-time
+    // exclusivity check needed, or possible across threads).
+    @usableFromInline let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    @usableFromInline let value: UnsafeMutablePointer<Value>
 
     public init(_ value: Value) {
-        self.value = value
-        pthread_mutex_init(&mutex, nil)
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        self.value = .allocate(capacity: 1)
+        self.value.initialize(to: value)
     }
 
-    deinit { pthread_mutex_destroy(&mutex) }
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        value.deinitialize(count: 1)
+        value.deallocate()
+    }
 
     /// Runs `body` with the value, holding the lock.
     @inlinable @inline(__always)
     public func withLock<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body(&value)
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value.pointee)
     }
 }
