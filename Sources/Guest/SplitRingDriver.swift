@@ -3,6 +3,7 @@
 // hand-laid rings with it and the built-in guest drives traffic with it.
 import CRingAtomics
 import IOTLB
+import Vhost
 
 /// Where a ring's three areas live, in guest-physical memory and as the device addresses them.
 public struct RingLayout: Sendable, Equatable {
@@ -20,16 +21,16 @@ public struct RingLayout: Sendable, Equatable {
     }
 
     /// Lays the three areas one after another from `base` (4 KiB aligned each).
-    public static func packed(num: Int, at base: GuestPhysAddr, eventIdx: Bool = false) -> RingLayout {
+    public static func consecutive(num: Int, at base: GuestPhysAddr, eventIdx: Bool = false) -> RingLayout {
         func up(_ x: UInt64) -> UInt64 { (x + 4095) & ~4095 }
         let desc = base.raw
-        let avail = up(desc + UInt64(16 * num))
-        let used = up(avail + UInt64(4 + 2 * num + 2))
+        let avail = up(desc + UInt64(SplitRing.descBytes(num: num)))
+        let used = up(avail + UInt64(SplitRing.availBytes(num: num, eventIdx: true)))
         return RingLayout(num: num, descGPA: base, availGPA: GuestPhysAddr(avail), usedGPA: GuestPhysAddr(used))
     }
 
     /// Bytes from `descGPA` to the end of the used ring.
-    public var span: UInt64 { usedGPA.raw + UInt64(4 + 8 * num + 2) - descGPA.raw }
+    public var span: UInt64 { usedGPA.raw + UInt64(SplitRing.usedBytes(num: num, eventIdx: true)) - descGPA.raw }
 }
 
 /// One used element.
@@ -69,39 +70,40 @@ public final class SplitRingDriver: @unchecked Sendable {
         indices = .allocate(capacity: 1)
         indices.initialize(to: Indices())
         let n = layout.num
-        desc = memory.at(layout.descGPA, 16 * n)
-        avail = memory.at(layout.availGPA, 4 + 2 * n + 2)
-        used = memory.at(layout.usedGPA, 4 + 8 * n + 2)
-        desc.initializeMemory(as: UInt8.self, repeating: 0, count: 16 * n)
-        avail.initializeMemory(as: UInt8.self, repeating: 0, count: 4 + 2 * n + 2)
-        used.initializeMemory(as: UInt8.self, repeating: 0, count: 4 + 8 * n + 2)
+        // Room for the event fields: the device may use them (EVENT_IDX).
+        let descBytes = SplitRing.descBytes(num: n)
+        let availBytes = SplitRing.availBytes(num: n, eventIdx: true)
+        let usedBytes = SplitRing.usedBytes(num: n, eventIdx: true)
+        desc = memory.at(layout.descGPA, descBytes)
+        avail = memory.at(layout.availGPA, availBytes)
+        used = memory.at(layout.usedGPA, usedBytes)
+        desc.initializeMemory(as: UInt8.self, repeating: 0, count: descBytes)
+        avail.initializeMemory(as: UInt8.self, repeating: 0, count: availBytes)
+        used.initializeMemory(as: UInt8.self, repeating: 0, count: usedBytes)
     }
 
     deinit { indices.deallocate() }
 
     /// Writes descriptor `i`: `addr` is what the device sees (an IOVA, or a GPA without IOMMU).
     public func setDescriptor(_ i: Int, addr: UInt64, len: UInt32, flags: UInt16 = 0, next: UInt16 = 0) {
-        SplitRingDriver.write(descriptorAt: desc + 16 * i, addr: addr, len: len, flags: flags, next: next)
+        Descriptor(addr: addr, len: len, flags: flags, next: next).encode(to: desc + SplitRing.descriptor(i))
     }
 
     /// Writes a descriptor at `p` (a descriptor table slot or an indirect table entry).
     public static func write(descriptorAt p: UnsafeMutableRawPointer, addr: UInt64, len: UInt32, flags: UInt16, next: UInt16) {
-        p.storeBytes(of: addr.littleEndian, toByteOffset: 0, as: UInt64.self)
-        p.storeBytes(of: len.littleEndian, toByteOffset: 8, as: UInt32.self)
-        p.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-        p.storeBytes(of: next.littleEndian, toByteOffset: 14, as: UInt16.self)
+        Descriptor(addr: addr, len: len, flags: flags, next: next).encode(to: p)
     }
 
     /// Puts `head` in the next avail slot without publishing it.
     public func stage(_ head: UInt16) {
         let slot = Int(availIdx) & (layout.num - 1)
-        (avail + 4 + 2 * slot).storeBytes(of: head.littleEndian, as: UInt16.self)
+        (avail + SplitRing.availEntry(slot)).storeBytes(of: head.littleEndian, as: UInt16.self)
         indices.pointee.avail &+= 1
     }
 
     /// Publishes staged heads (release: descriptors and ring entries are visible first).
     public func publish() {
-        CRingAtomics_store_release_u16(avail + 2, availIdx.littleEndian)
+        CRingAtomics_store_release_u16(avail + SplitRing.availIdx, availIdx.littleEndian)
     }
 
     /// Offers `head` at once.
@@ -111,26 +113,28 @@ public final class SplitRingDriver: @unchecked Sendable {
     }
 
     /// Sets the avail flags (bit 0: no interrupt).
-    public func setAvailFlags(_ flags: UInt16) { (avail).storeBytes(of: flags.littleEndian, as: UInt16.self) }
+    public func setAvailFlags(_ flags: UInt16) {
+        (avail + SplitRing.availFlags).storeBytes(of: flags.littleEndian, as: UInt16.self)
+    }
 
     /// Sets used_event (EVENT_IDX).
     public func setUsedEvent(_ idx: UInt16) {
-        (avail + 4 + 2 * layout.num).storeBytes(of: idx.littleEndian, as: UInt16.self)
+        (avail + SplitRing.usedEvent(num: layout.num)).storeBytes(of: idx.littleEndian, as: UInt16.self)
     }
 
     /// The device's used index now (acquire).
-    public var deviceUsedIdx: UInt16 { UInt16(littleEndian: CRingAtomics_load_acquire_u16(used + 2)) }
+    public var deviceUsedIdx: UInt16 { UInt16(littleEndian: CRingAtomics_load_acquire_u16(used + SplitRing.usedIdx)) }
 
     /// The avail_event the device wrote (EVENT_IDX).
     public var availEvent: UInt16 {
-        UInt16(littleEndian: (used + 4 + 8 * layout.num).loadUnaligned(as: UInt16.self))
+        UInt16(littleEndian: (used + SplitRing.availEvent(num: layout.num)).loadUnaligned(as: UInt16.self))
     }
 
     /// The next used element, if the device has returned one.
     public func takeUsed() -> UsedElement? {
         guard deviceUsedIdx != lastUsedIdx else { return nil }
         let slot = Int(lastUsedIdx) & (layout.num - 1)
-        let p = used + 4 + 8 * slot
+        let p = used + SplitRing.usedElement(slot)
         indices.pointee.lastUsed &+= 1
         return UsedElement(id: UInt16(truncatingIfNeeded: UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))),
                            len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))

@@ -90,7 +90,7 @@ public final class Workload: @unchecked Sendable {
     private func setUp() throws(WorkloadError) -> GuestRun {
         let c = config
         let slot = c.slotBytes
-        let ringLayoutSize = RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(0)).span
+        let ringLayoutSize = RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(0)).span
         let ringsBytes = (ringLayoutSize + 4095) & ~4095
         let need = 2 * ringsBytes + 2 * UInt64(c.ringSize) * UInt64(slot)
         // A memory table if the device has none: one region at GPA 0, 2 MiB-rounded, at least 16 MiB.
@@ -116,8 +116,8 @@ public final class Workload: @unchecked Sendable {
         let iommu = device.iotlb ? GuestIOMMU(pageSize: c.pageSize) : nil
         self.iommu = iommu
         let run = GuestRun(workload: self, memory: guestMemory, table: table, iotlb: device.iotlb, iommu: iommu,
-                           rxRing: RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(gpa0)),
-                           txRing: RingLayout.packed(num: c.ringSize, at: GuestPhysAddr(gpa0 + ringsBytes)),
+                           rxRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0)),
+                           txRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0 + ringsBytes)),
                            rxBuffers: gpa0 + 2 * ringsBytes,
                            txBuffers: gpa0 + 2 * ringsBytes + UInt64(c.ringSize) * UInt64(slot))
         published.withLock { $0.guestMemoryBytes = table.totalBytes }

@@ -54,7 +54,7 @@ extension Device {
         vq.ringsReady = true
         vq.ringGeneration = translationGeneration
         if vq.needsUsedInit {
-            vq.usedIdx = ringLoad16(vq, vq.usedHost, c.usedAddr, 2)
+            vq.usedIdx = ringLoad16(vq, vq.usedHost, c.usedAddr, SplitRing.usedIdx)
             vq.needsUsedInit = false
         }
         if vq.driverKicks { writeUsedFlags(vq) }
@@ -145,7 +145,7 @@ extension Device {
     /// false when there was nothing to do.
     func processTX(_ tx: VirtQueue, _ rx: VirtQueue) -> Bool {
         guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
-        let availIdx = ringLoad16(tx, tx.availHost, c.availAddr, 2, acquire: true)
+        let availIdx = ringLoad16(tx, tx.availHost, c.availAddr, SplitRing.availIdx, acquire: true)
         if availIdx == tx.lastAvailIdx { return false }
         if UInt16(truncatingIfNeeded: availIdx &- tx.lastAvailIdx) > UInt16(c.num) {
             fail(tx, "avail index moved \(availIdx &- tx.lastAvailIdx) entries past last_avail_idx; the ring has \(c.num)")
@@ -155,7 +155,7 @@ extension Device {
         var rxAvail: UInt16 = 0
         if loopback {
             guard rx.state == .running, rx.ringsReady, let rc = rx.config else { return false }
-            rxAvail = ringLoad16(rx, rx.availHost, rc.availAddr, 2, acquire: true)
+            rxAvail = ringLoad16(rx, rx.availHost, rc.availAddr, SplitRing.availIdx, acquire: true)
         }
         var txOld = tx.usedIdx, rxOld = rx.usedIdx
         var done = 0
@@ -163,11 +163,11 @@ extension Device {
         while tx.lastAvailIdx != availIdx && done < Device.batch {
             prefetchAhead(tx, avail: availIdx)
             if loopback { prefetchAhead(rx, avail: rxAvail) }
-            let head = ringLoad16(tx, tx.availHost, c.availAddr, 4 + 2 * (Int(tx.lastAvailIdx) & mask))
+            let head = ringLoad16(tx, tx.availHost, c.availAddr, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
             var sent = 0
             if loopback {
                 guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break }  // no RX buffer: wait
-                let rxHead = ringLoad16(rx, rx.availHost, rc.availAddr, 4 + 2 * (Int(rx.lastAvailIdx) & (rc.num - 1)))
+                let rxHead = ringLoad16(rx, rx.availHost, rc.availAddr, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
                 guard let (read, written) = copyChain(from: tx, head, to: rx, rxHead) else { break }
                 putUsed(rx, id: rxHead, len: UInt32(written))
                 rx.lastAvailIdx &+= 1
@@ -209,13 +209,12 @@ extension Device {
         let pending = avail &- vq.lastAvailIdx
         let mask = c.num - 1
         @inline(__always) func headAt(_ ahead: UInt16) -> Int {
-            Int(UInt16(littleEndian: (ring + 4 + 2 * (Int(vq.lastAvailIdx &+ ahead) & mask)).loadUnaligned(as: UInt16.self))) & mask
+            Int(UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ ahead) & mask)).loadUnaligned(as: UInt16.self))) & mask
         }
-        if pending > 8 { CRingAtomics_prefetch(desc + 16 * headAt(8)) }
+        if pending > 8 { CRingAtomics_prefetch(desc + SplitRing.descriptor(headAt(8))) }
         guard pending > 4 else { return }
-        let d = desc + 16 * headAt(4)
-        let addr = UInt64(littleEndian: d.loadUnaligned(as: UInt64.self))
-        let flags = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+        let d = Descriptor.decode(desc + SplitRing.descriptor(headAt(4)))
+        let addr = d.addr, flags = d.flags
         let cache = vq.bufferCache(addr).pointee
         guard flags & Descriptor.indirect == 0, addr >= cache.first, addr < cache.last, let host = cache.host,
               cache.generation == translationGeneration else { return }

@@ -45,11 +45,11 @@ struct DescriptorChain {
                 guard Int(i) < indirectCount else {
                     return .error(.malformed("indirect descriptor \(i) is past its table of \(indirectCount)"))
                 }
-                d = Descriptor(addr: 0, len: 0, flags: 0, next: 0)
+                d = Descriptor(addr: 0, len: 0)
                 var fault: AccessFault?
+                let at = indirectBase &+ UInt64(SplitRing.descriptor(Int(i)))
                 withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-                    fault = device.copyFromGuest(indirectBase &+ 16 &* UInt64(i), buf.baseAddress!, 16,
-                                                 device.bufferSpace, &vq.bufferCache(indirectBase &+ 16 &* UInt64(i)).pointee, vq)
+                    fault = device.copyFromGuest(at, buf.baseAddress!, 16, device.bufferSpace, &vq.bufferCache(at).pointee, vq)
                     if fault == nil { d = Descriptor.decode(buf.baseAddress!) }
                 }
                 if let fault { return .error(.fault(fault)) }

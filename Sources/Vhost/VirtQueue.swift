@@ -43,9 +43,9 @@ public struct VringConfig: Sendable, Equatable {
     }
 
     /// Bytes of each ring area (the kernel's vq_meta_prefetch lengths).
-    public var descBytes: Int { 16 * num }
-    public var availBytes: Int { 4 + 2 * num + (eventIdx ? 2 : 0) }
-    public var usedBytes: Int { 4 + 8 * num + (eventIdx ? 2 : 0) }
+    public var descBytes: Int { SplitRing.descBytes(num: num) }
+    public var availBytes: Int { SplitRing.availBytes(num: num, eventIdx: eventIdx) }
+    public var usedBytes: Int { SplitRing.usedBytes(num: num, eventIdx: eventIdx) }
 
     /// The first field that breaks the ring rules, with why.
     public func problem() -> (field: String, message: String)? {
@@ -218,18 +218,6 @@ public final class VirtQueue {
     }
 }
 
-/// A descriptor as laid in guest memory (virtio 1.x, 2.7.5).
-struct Descriptor {
-    var addr: UInt64
-    var len: UInt32
-    var flags: UInt16
-    var next: UInt16
-
-    static let next: UInt16 = 1
-    static let write: UInt16 = 2
-    static let indirect: UInt16 = 4
-}
-
 // MARK: Ring field access, after a successful prefetch of the round.
 
 extension Device {
@@ -274,17 +262,11 @@ extension Device {
     /// Descriptor `i` of the queue's table (`i` < num).
     @inline(__always)
     func descriptor(_ vq: VirtQueue, _ i: UInt16) -> Descriptor {
-        var d = Descriptor(addr: 0, len: 0, flags: 0, next: 0)
-        if let host = vq.descHost {
-            let p = host + 16 * Int(i)
-            d.addr = UInt64(littleEndian: p.loadUnaligned(as: UInt64.self))
-            d.len = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
-            d.flags = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
-            d.next = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
-            return d
-        }
+        if let host = vq.descHost { return Descriptor.decode(host + SplitRing.descriptor(Int(i))) }
+        var d = Descriptor(addr: 0, len: 0)
         withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-            _ = copyFromGuest(vq.config!.descAddr &+ 16 * UInt64(i), buf.baseAddress!, 16, ringSpace, &vq.ringCache.pointee, vq)
+            _ = copyFromGuest(vq.config!.descAddr &+ UInt64(SplitRing.descriptor(Int(i))), buf.baseAddress!, 16, ringSpace,
+                              &vq.ringCache.pointee, vq)
             d = Descriptor.decode(buf.baseAddress!)
         }
         return d
@@ -294,7 +276,7 @@ extension Device {
     @inline(__always)
     func putUsed(_ vq: VirtQueue, id: UInt16, len: UInt32) {
         let slot = Int(vq.usedIdx) & (vq.config!.num - 1)
-        let offset = 4 + 8 * slot
+        let offset = SplitRing.usedElement(slot)
         if let host = vq.usedHost {
             (host + offset).storeBytes(of: UInt32(id).littleEndian, as: UInt32.self)
             (host + offset + 4).storeBytes(of: len.littleEndian, as: UInt32.self)
@@ -311,15 +293,15 @@ extension Device {
     /// decides whether the driver asked to be notified.
     func publishUsed(_ vq: VirtQueue, from old: UInt16) {
         guard let c = vq.config else { return }
-        ringStore16(vq, vq.usedHost, c.usedAddr, 2, vq.usedIdx, release: true)
+        ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.usedIdx, vq.usedIdx, release: true)
         if c.eventIdx {
-            ringStore16(vq, vq.usedHost, c.usedAddr, 4 + 8 * c.num, vq.lastAvailIdx)  // avail_event
+            ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.availEvent(num: c.num), vq.lastAvailIdx)
             CRingAtomics_fence_seq_cst()
-            let usedEvent = ringLoad16(vq, vq.availHost, c.availAddr, 4 + 2 * c.num)
+            let usedEvent = ringLoad16(vq, vq.availHost, c.availAddr, SplitRing.usedEvent(num: c.num))
             // vring_need_event: notify when used_event lies in (old, new].
             if vq.usedIdx &- usedEvent &- 1 < vq.usedIdx &- old { notify(vq) }
         } else {
-            let flags = ringLoad16(vq, vq.availHost, c.availAddr, 0)
+            let flags = ringLoad16(vq, vq.availHost, c.availAddr, SplitRing.availFlags)
             if flags & 1 == 0 { notify(vq) }  // VRING_AVAIL_F_NO_INTERRUPT clear
         }
     }
@@ -338,15 +320,6 @@ extension Device {
     /// VRING_USED_F_NO_NOTIFY while the worker polls, clear when it wants kicks.
     func writeUsedFlags(_ vq: VirtQueue) {
         guard let c = vq.config, !c.eventIdx else { return }
-        ringStore16(vq, vq.usedHost, c.usedAddr, 0, kicksWanted ? 0 : 1)
-    }
-}
-
-extension Descriptor {
-    static func decode(_ p: UnsafeRawPointer) -> Descriptor {
-        Descriptor(addr: UInt64(littleEndian: p.loadUnaligned(as: UInt64.self)),
-                   len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
-                   flags: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
-                   next: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 14, as: UInt16.self)))
+        ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.usedFlags, kicksWanted ? 0 : 1)
     }
 }

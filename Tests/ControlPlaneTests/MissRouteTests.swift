@@ -17,8 +17,8 @@ import Vhost
         try d.deviceWithMemory(id, extra: #","translator":"external""#)
         let h = try #require(d.daemon.engine.device(id))
         let mem = GuestPhysicalMemory(h.performSync { $0!.memory! })
-        let rx = SplitRingDriver(memory: mem, layout: .packed(num: 16, at: GuestPhysAddr(0x10000)))
-        let tx = SplitRingDriver(memory: mem, layout: .packed(num: 16, at: GuestPhysAddr(0x20000)))
+        let rx = SplitRingDriver(memory: mem, layout: .consecutive(num: 16, at: GuestPhysAddr(0x10000)))
+        let tx = SplitRingDriver(memory: mem, layout: .consecutive(num: 16, at: GuestPhysAddr(0x20000)))
         return (mem, rx, tx)
     }
 

@@ -191,7 +191,7 @@ final class VhostUserFrontEnd: @unchecked Sendable {
     /// with a call and a kick eventfd, then enables it.
     func setUpRing(_ index: Int, num: Int, at base: UInt64, address: (UInt64) -> UInt64,
                    enable: Bool = true) throws -> (driver: SplitRingDriver, call: Int32, kick: Int32) {
-        let layout = RingLayout.packed(num: num, at: GuestPhysAddr(base))
+        let layout = RingLayout.consecutive(num: num, at: GuestPhysAddr(base))
         let driver = SplitRingDriver(memory: guest, layout: layout)
         let call = eventFD(), kick = eventFD()
         try set64(.setVringCall, UInt64(index), fds: [call])

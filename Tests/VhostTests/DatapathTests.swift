@@ -135,7 +135,7 @@ import Platform
                                   userspaceAddr: UserAddr(FakeGuest.uaddrBase))
         let mem = GuestPhysicalMemory(handle.performSync { d in _ = try! d!.setMemTable([region]); return d!.memory! })
         let rings = [0x10000, 0x20000, 0x30000, 0x40000].map {
-            SplitRingDriver(memory: mem, layout: .packed(num: 16, at: GuestPhysAddr(UInt64($0))))
+            SplitRingDriver(memory: mem, layout: .consecutive(num: 16, at: GuestPhysAddr(UInt64($0))))
         }
         let off = FakeGuest.iovaOffset
         let entries = [IOTLBEntry(range: AddressRange(start: IOVA(off), size: 0x100000)!, uaddr: UserAddr(FakeGuest.uaddrBase), perm: .readWrite),
@@ -271,7 +271,7 @@ import Platform
         #expect(g.waitUsed(g.rx)?.len == 16)
         // A head past the ring, a buffer wrapping 2^64, nested indirect: each fails, the daemon stays.
         for bad in 0..<3 {
-            let txd = SplitRingDriver(memory: g.memory, layout: .packed(num: 16, at: GuestPhysAddr(0x40000 + UInt64(bad) * 0x10000)))
+            let txd = SplitRingDriver(memory: g.memory, layout: .consecutive(num: 16, at: GuestPhysAddr(0x40000 + UInt64(bad) * 0x10000)))
             switch bad {
             case 0: txd.stage(99); txd.publish()
             case 1:

@@ -32,8 +32,8 @@ final class FakeGuest: @unchecked Sendable {
             do throws(EngineError) { _ = try d!.setMemTable([region]); return .success(d!.memory!) } catch { return .failure(error) }
         }
         memory = GuestPhysicalMemory(try mem.get())
-        rx = SplitRingDriver(memory: memory, layout: .packed(num: num, at: GuestPhysAddr(0x10000)))
-        tx = SplitRingDriver(memory: memory, layout: .packed(num: num, at: GuestPhysAddr(0x20000)))
+        rx = SplitRingDriver(memory: memory, layout: .consecutive(num: num, at: GuestPhysAddr(0x10000)))
+        tx = SplitRingDriver(memory: memory, layout: .consecutive(num: num, at: GuestPhysAddr(0x20000)))
     }
 
     deinit { engine.shutdown() }
