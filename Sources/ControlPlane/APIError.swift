@@ -66,8 +66,10 @@ extension APIError {
         case .tooManyRegions(let n, let max):
             self.init(422, "invalid_mem_table", "\(n) regions, at most \(max) allowed", field: "regions")
         case .overflow(let i, let f):
-            self.init(422, "range_overflow", "region is empty or \(f == "memory_size" ? "guest_phys_addr" : f)+memory_size passes 2^64-1",
-                      field: "regions[\(i)].\(f)")
+            // A size-0 region or a guest-physical end past 2^64-1 is memory_size's fault.
+            let start = f == .userspaceAddr ? "userspace_addr" : "guest_phys_addr"
+            self.init(422, "range_overflow", "region is empty or \(start)+memory_size passes 2^64-1",
+                      field: "regions[\(i)].\(f.jsonName)")
         case .gpaOverlap(let i, let o):
             self.init(422, "invalid_mem_table", "region \(i) overlaps region \(o) in guest-physical space",
                       field: "regions[\(i)].guest_phys_addr")
@@ -77,6 +79,17 @@ extension APIError {
         case .tooLarge(let total, let max):
             self.init(422, "invalid_mem_table", "regions total \(hexText(total)) bytes, at most \(hexText(max)) allowed (--max-guest-memory)",
                       field: "regions")
+        }
+    }
+}
+
+extension MemoryRegion.Field {
+    /// The field's name in a request's `regions[i]`.
+    var jsonName: String {
+        switch self {
+        case .guestPhysAddr: "guest_phys_addr"
+        case .memorySize: "memory_size"
+        case .userspaceAddr: "userspace_addr"
         }
     }
 }
