@@ -14,7 +14,7 @@ final class WorkloadRegistry: Sendable {
 
     /// Claims `id` for a new workload unless one is starting or running there.
     func claim(_ id: String) -> Bool {
-        let running = byDevice.withLock { $0[id].map { $0.stats.state == "running" || $0.stats.state == "starting" } ?? false }
+        let running = byDevice.withLock { $0[id]?.stats.state.isActive ?? false }
         if running { return false }
         return starting.withLock { $0.insert(id).inserted }
     }
@@ -132,7 +132,7 @@ extension JSON {
         let s = stats ?? w.stats
         let c = w.config
         var pairs: [(String, JSON)] = [
-            ("state", .string(s.state)), ("sent", .count(s.sent)), ("received", .count(s.received)),
+            ("state", .string(s.state.rawValue)), ("sent", .count(s.sent)), ("received", .count(s.received)),
             ("verify_errors", .count(s.verifyErrors)), ("pps", .double((s.pps * 10).rounded() / 10)),
             ("gbps", .double((s.gbps * 1000).rounded() / 1000)), ("elapsed_s", .double((s.elapsed * 1000).rounded() / 1000)),
             ("packet_size", .count(c.packetSize)), ("page_size", .string(c.pageSize.rawValue)),
