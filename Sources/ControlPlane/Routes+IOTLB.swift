@@ -37,14 +37,14 @@ extension ControlPlane {
                 try f.finish()
             }
             let batch = ranges
-            return h.reply({ d throws(EngineError) in (try d.invalidateIOTLB(batch), d.iotlb.count) }) {
+            return h.reply({ d throws(EngineError) in (try d.invalidateIOTLB(batch), d.stats().entries) }) {
                 .json(200, ["removed": .count($0.0), "entries": .count($0.1)])
             }
         }
 
         r.delete("/v1/devices/{id}/iotlb") { req throws(APIError) in
             let h = try engine.device(for: req)
-            return h.reply({ d throws(EngineError) in (try d.flushIOTLB(), d.iotlb.count) }) {
+            return h.reply({ d throws(EngineError) in (try d.flushIOTLB(), d.stats().entries) }) {
                 .json(200, ["removed": .count($0.0), "entries": .count($0.1)])
             }
         }
