@@ -59,6 +59,34 @@ extension APIError {
         }
     }
 
+    /// Maps a devices service refusal to its HTTP answer. `fieldPrefix` prefixes
+    /// the fields named ("devices[2]." in a configuration file); with none, a
+    /// duplicate id names no field.
+    init(_ e: DevicesError, fieldPrefix p: String = "") {
+        let socketField = p + "vhost_user.socket"
+        switch e {
+        case .exists(let id):
+            self.init(409, "conflict", "device \(id) exists", field: p.isEmpty ? nil : p + "id")
+        case .socketRefused(let why):
+            self = .invalidField(socketField, why)
+        case .socketTaken(let path, let other):
+            self.init(409, "conflict", "device \(other) uses \(path)", field: socketField)
+        case .socketSetup(let s):
+            self = s.inUse ? APIError(409, "conflict", s.description, field: socketField) : .invalidField(socketField, s.description)
+        case .engine(let ee):
+            self.init(ee)
+            if let f = field, !p.isEmpty { field = p + f }
+        case .notFound(let id):
+            self = .notFound("device \(id) not found")
+        case .workloadBusy(let id):
+            self.init(409, "conflict", "a workload is already running on \(id); DELETE it first")
+        case .workloadUnsuitable(let why):
+            self.init(409, "conflict", why)
+        case .noWorkload(let id):
+            self = .notFound("no workload on \(id)")
+        }
+    }
+
     init(memTable e: MemoryTableError) {
         switch e {
         case .empty:
