@@ -46,6 +46,8 @@ let package = Package(
             "IOTLB", "Vhost", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
+        .target(name: "HTTPClient", dependencies: ["ControlPlane"]),
         .executableTarget(name: "iotlbd", dependencies: [
             "ControlPlane",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -54,13 +56,13 @@ let package = Package(
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "Guest", "Vhost", "IOTLB", "CBenchCounters",
+            "ControlPlane", "HTTPClient", "Guest", "Vhost", "IOTLB", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Vhost", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Guest"]),
     ],
     swiftLanguageModes: [.v6]
