@@ -49,6 +49,8 @@ let package = Package(
             "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
+        .target(name: "HTTPClient", dependencies: ["ControlPlane"]),
         .executableTarget(name: "iotlbd", dependencies: [
             "ControlPlane",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -57,13 +59,13 @@ let package = Package(
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
+            "ControlPlane", "HTTPClient", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],

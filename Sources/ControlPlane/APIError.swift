@@ -59,6 +59,34 @@ extension APIError {
         }
     }
 
+    /// Maps a devices service refusal to its HTTP answer. `fieldPrefix` prefixes
+    /// the fields named ("devices[2]." in a configuration file); with none, a
+    /// duplicate id names no field.
+    init(_ e: DevicesError, fieldPrefix p: String = "") {
+        let socketField = p + "vhost_user.socket"
+        switch e {
+        case .exists(let id):
+            self.init(409, "conflict", "device \(id) exists", field: p.isEmpty ? nil : p + "id")
+        case .socketRefused(let why):
+            self = .invalidField(socketField, why)
+        case .socketTaken(let path, let other):
+            self.init(409, "conflict", "device \(other) uses \(path)", field: socketField)
+        case .socketSetup(let s):
+            self = s.inUse ? APIError(409, "conflict", s.description, field: socketField) : .invalidField(socketField, s.description)
+        case .engine(let ee):
+            self.init(ee)
+            if let f = field, !p.isEmpty { field = p + f }
+        case .notFound(let id):
+            self = .notFound("device \(id) not found")
+        case .workloadBusy(let id):
+            self.init(409, "conflict", "a workload is already running on \(id); DELETE it first")
+        case .workloadUnsuitable(let why):
+            self.init(409, "conflict", why)
+        case .noWorkload(let id):
+            self = .notFound("no workload on \(id)")
+        }
+    }
+
     init(memTable e: MemoryTableError) {
         switch e {
         case .empty:
@@ -66,8 +94,10 @@ extension APIError {
         case .tooManyRegions(let n, let max):
             self.init(422, "invalid_mem_table", "\(n) regions, at most \(max) allowed", field: "regions")
         case .overflow(let i, let f):
-            self.init(422, "range_overflow", "region is empty or \(f == "memory_size" ? "guest_phys_addr" : f)+memory_size passes 2^64-1",
-                      field: "regions[\(i)].\(f)")
+            // A size-0 region or a guest-physical end past 2^64-1 is memory_size's fault.
+            let start = f == .userspaceAddr ? "userspace_addr" : "guest_phys_addr"
+            self.init(422, "range_overflow", "region is empty or \(start)+memory_size passes 2^64-1",
+                      field: "regions[\(i)].\(f.jsonName)")
         case .gpaOverlap(let i, let o):
             self.init(422, "invalid_mem_table", "region \(i) overlaps region \(o) in guest-physical space",
                       field: "regions[\(i)].guest_phys_addr")
@@ -77,6 +107,17 @@ extension APIError {
         case .tooLarge(let total, let max):
             self.init(422, "invalid_mem_table", "regions total \(hexText(total)) bytes, at most \(hexText(max)) allowed (--max-guest-memory)",
                       field: "regions")
+        }
+    }
+}
+
+extension MemoryRegion.Field {
+    /// The field's name in a request's `regions[i]`.
+    var jsonName: String {
+        switch self {
+        case .guestPhysAddr: "guest_phys_addr"
+        case .memorySize: "memory_size"
+        case .userspaceAddr: "userspace_addr"
         }
     }
 }

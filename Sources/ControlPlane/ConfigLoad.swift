@@ -108,11 +108,12 @@ extension ControlPlane {
 
     /// Creates one loaded device and sets what it had; `field` prefixes refusals.
     private func apply(_ d: LoadedDevice, at field: String) throws(APIError) {
-        let h = try Self.createDevice(d.config, field: field, engine: engine, logger: logger, vhostUsers: vhostUsers,
-                                      store: store, sockets: sockets)
+        let managed: ManagedDevice
+        do throws(DevicesError) { managed = try devices.create(d.config) } catch { throw APIError(error, fieldPrefix: field) }
+        let h = managed.handle
         let id = h.config.id
-        func prefixed(_ e: EngineError, _ sub: String) -> APIError {
-            var a = APIError(e)
+        func prefixed(_ e: APIError, _ sub: String) -> APIError {
+            var a = e
             a.field = field + sub + (a.field.map { "." + $0 } ?? "")
             return a
         }
@@ -121,7 +122,7 @@ extension ControlPlane {
                 guard let dev else { return .failure(.notFound("device \(id) is gone")) }
                 do throws(EngineError) { return .success(try dev.setMemTable(regions)) } catch { return .failure(error) }
             }
-            if case .failure(let e) = r { throw prefixed(e, "mem_table") }
+            if case .failure(let e) = r { throw prefixed(APIError(e), "mem_table") }
             store.memTableSet(id, regions)
         }
         for (i, (n, c)) in d.vrings.enumerated() {
@@ -129,28 +130,12 @@ extension ControlPlane {
                 guard let dev else { return .failure(.notFound("device \(id) is gone")) }
                 do throws(EngineError) { return .success(try dev.setVring(n, c)) } catch { return .failure(error) }
             }
-            if case .failure(let e) = r { throw prefixed(e, "vrings[\(i)]") }
+            if case .failure(let e) = r { throw prefixed(APIError(e), "vrings[\(i)]") }
             store.vringSet(id, n, c)
         }
         if let w = d.workload {
-            guard workloads.claim(id) else { throw APIError(409, "conflict", "\(id) is busy", field: field + "workload") }
-            let outcome = Locked<Result<Workload, WorkloadError>?>(nil)
-            Workload.start(w, on: h) { r in outcome.withLock { $0 = r } }
-            var result: Result<Workload, WorkloadError>?
-            while result == nil {
-                usleep(1_000)
-                result = outcome.withLock { $0 }
-            }
-            switch result! {
-            case .success(let started):
-                workloads.started(id, started)
-                store.workloadSet(id, w)
-            case .failure(let e):
-                workloads.started(id, nil)
-                switch e {
-                case .engine(let ee): throw prefixed(ee, "workload")
-                case .unsuitable(let why): throw APIError(409, "conflict", why, field: field + "workload")
-                }
+            do throws(DevicesError) { _ = try devices.startWorkloadAndWait(w, on: managed) } catch {
+                throw prefixed(APIError(error), "workload")
             }
         }
     }

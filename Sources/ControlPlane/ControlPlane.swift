@@ -28,8 +28,8 @@ public final class ControlPlane: Sendable {
     /// The route table (built once).
     public let router: Router
     let timer = LongPollTimer()
-    let workloads = WorkloadRegistry()
-    let vhostUsers = VhostUserRegistry()
+    /// The devices and their parts (front-ends, built-in guests, miss loggers).
+    let devices: Devices
     let requests = RequestCounter()
     /// What clients configured (GET /v1/config, the state file).
     let store: ConfigStore
@@ -47,9 +47,10 @@ public final class ControlPlane: Sendable {
         let store = ConfigStore(stateFile: settings.stateDirectory.map { ($0.hasSuffix("/") ? $0 : $0 + "/") + ConfigFormat.stateFileName },
                                 logger: logger)
         self.store = store
+        let devices = Devices(engine: engine, store: store, sockets: sockets, logger: logger)
+        self.devices = devices
         var r = Router()
-        ControlPlane.addRoutes(to: &r, engine: engine, settings: settings, logger: logger, timer: timer,
-                               workloads: workloads, vhostUsers: vhostUsers, store: store, sockets: sockets)
+        ControlPlane.addRoutes(to: &r, devices: devices, settings: settings, timer: timer, store: store)
         self.router = r
     }
 
@@ -60,36 +61,24 @@ public final class ControlPlane: Sendable {
     public var stateFile: String? { store.stateFile }
 
     /// Creates device `demo0` with a looping built-in guest (64 B frames,
-    /// 2 MiB pages, static mappings) so figures move at once.
+    /// 2 MiB pages, static mappings) so figures move at once. The demo is not
+    /// recorded in the configuration: a restart with --demo makes it again.
     public func startDemo(then done: @escaping @Sendable (Result<String, APIError>) -> Void) {
-        let h: DeviceHandle
-        do throws(EngineError) {
-            h = try engine.createDevice(DeviceConfig(id: "demo0", iotlbMaxEntries: settings.iotlbMaxEntries))
-        } catch { return done(.failure(APIError(error))) }
-        ControlPlane.watchMisses(h, logger: logger)
-        guard workloads.claim("demo0") else { return done(.failure(APIError(409, "conflict", "demo0 is busy"))) }
         var c = WorkloadConfig()
         c.packetSize = 64
         c.pageSize = .m2
         c.mapping = .static
-        let registry = workloads
-        Workload.start(c, on: h) { result in
-            switch result {
-            case .success(let w):
-                registry.started("demo0", w)
-                done(.success("demo0"))
-            case .failure(let e):
-                registry.started("demo0", nil)
-                done(.failure(APIError(409, "conflict", "\(e)")))
-            }
+        do throws(DevicesError) {
+            let d = try devices.create(DeviceConfig(id: "demo0", iotlbMaxEntries: settings.iotlbMaxEntries), persist: false)
+            try devices.startWorkload(c, on: d) { result in done(result.map { _ in d.id }.mapError { APIError($0) }) }
+        } catch {
+            done(.failure(APIError(error)))
         }
     }
 
-    /// Stops the built-in guests and drops vhost-user front-ends (before the engine stops the devices).
-    public func stopWorkloads() {
-        workloads.stopAll()
-        vhostUsers.stopAll()
-    }
+    /// Stops the built-in guests and drops vhost-user front-ends (before the
+    /// engine stops the devices); no device is created after.
+    public func shutdownDevices() { devices.shutdown() }
 
     /// Answers every waiting long-poll and stops the timer thread.
     public func stop() { timer.stop() }
@@ -173,11 +162,14 @@ extension DeviceHandle {
     }
 }
 
-extension Engine {
+extension Devices {
     /// The device named by the request's `{id}`, or 404.
-    func device(for request: Request) throws(APIError) -> DeviceHandle {
+    func device(for request: Request) throws(APIError) -> ManagedDevice {
         let id = request.params["id"] ?? ""
-        guard let h = device(id) else { throw .notFound("device \(id) not found") }
-        return h
+        guard let d = device(id) else { throw .notFound("device \(id) not found") }
+        return d
     }
+
+    /// The engine's device named by the request's `{id}`, or 404.
+    func handle(for request: Request) throws(APIError) -> DeviceHandle { try device(for: request).handle }
 }

@@ -30,14 +30,14 @@ public final class Daemon: Sendable {
     /// `configFile`), then starts serving. Nothing listens when loading fails.
     public func start(configFile: String? = nil) throws(ServerStartError) {
         do throws(StartupError) { try controlPlane.loadConfiguration(configFile: configFile) } catch {
-            controlPlane.stopWorkloads()  // what a refused configuration half-made goes, sockets too
+            controlPlane.shutdownDevices()  // what a refused configuration half-made goes, sockets too
             throw ServerStartError(description: error.description)
         }
         var started: [HTTPServer] = []
         for s in [server] + extraServers {
             do throws(ServerStartError) { try s.start() } catch {
                 for t in started { t.stop() }
-                controlPlane.stopWorkloads()  // the loaded devices' sockets go too
+                controlPlane.shutdownDevices()  // the loaded devices' sockets go too
                 throw error
             }
             started.append(s)
@@ -49,7 +49,7 @@ public final class Daemon: Sendable {
 
     /// Stops the workers (answering every queued command), then the servers.
     public func stop() {
-        controlPlane.stopWorkloads()
+        controlPlane.shutdownDevices()
         engine.shutdown()
         controlPlane.stop()
         server.stop()

@@ -2,8 +2,10 @@
 // owning worker takes between batches (one command per device per scrape);
 // the datapath keeps plain counters, no per-frame atomics.
 import Platform
+import Guest
 import Synchronization
 import Vhost
+import VhostUser
 
 /// HTTP requests by route pattern, method and status.
 final class RequestCounter: Sendable {
@@ -26,9 +28,14 @@ struct DeviceMetrics: Sendable {
     var id: String
     var stats: IOTLBStats
     var vqs: [VringSnapshot]
-    var buckets: [UInt64]
+    /// The miss resolution histogram: each bucket's upper bound (µs) with its own (not cumulative) count.
+    var buckets: [(boundMicros: UInt32, count: UInt64)]
     var sumMicros: UInt64
     var resolutionCount: UInt64
+    /// The built-in guest's figures, nil without one.
+    var workload: WorkloadStats?
+    /// The vhost-user front-end's state, nil without vhost-user.
+    var frontEnd: VhostUserStatus?
 }
 
 /// Writes the exposition format: every family with HELP and TYPE, counters ending in _total.
@@ -66,24 +73,30 @@ extension String {
 extension ControlPlane {
     /// Gathers every device's snapshot from its worker, then renders.
     func metrics(complete: @escaping @Sendable (Response) -> Void) {
-        let handles = engine.devices()
+        let all = devices.all()
         let gathered = Locked<[DeviceMetrics]>([])
-        let left = Locked(handles.count)
+        let left = Locked(all.count)
         let finish: @Sendable () -> Void = { [self] in
             let all = gathered.withLock { $0 }.sorted { $0.id < $1.id }
             complete(Response(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                               body: Array(render(all).utf8)))
         }
-        if handles.isEmpty { return finish() }
-        for h in handles {
-            let id = h.config.id
-            h.perform({ d -> DeviceMetrics? in
+        if all.isEmpty { return finish() }
+        for managed in all {
+            let id = managed.id
+            managed.handle.perform({ d -> DeviceMetrics? in
                 guard let d else { return nil }
                 let (b, sum) = d.resolutionHistogram()
-                return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(), buckets: b, sumMicros: sum,
+                // The bounds go with the counts the device took, so the renderer needs no engine constant.
+                return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(),
+                                     buckets: zip(Device.resolutionBounds, b).map { ($0, $1) }, sumMicros: sum,
                                      resolutionCount: d.resolvedMisses)
             }, then: { m in
-                if let m { gathered.withLock { $0.append(m) } }
+                if var m {
+                    m.workload = managed.workload?.stats
+                    m.frontEnd = managed.frontEnd?.status
+                    gathered.withLock { $0.append(m) }
+                }
                 if left.withLock({ $0 -= 1; return $0 }) == 0 { finish() }
             })
         }
@@ -110,8 +123,8 @@ extension ControlPlane {
         var hs: [(labels: [(String, String)], value: String)] = []
         for d in devices {
             var cumulative: UInt64 = 0
-            for (i, bound) in Device.resolutionBounds.enumerated() {
-                cumulative += d.buckets[i]
+            for (bound, count) in d.buckets {
+                cumulative += count
                 hs.append(([("device", d.id), ("le", "\(Double(bound) / 1e6)")], "\(cumulative)"))
             }
             hs.append(([("device", d.id), ("le", "+Inf")], "\(d.resolutionCount)"))
@@ -143,19 +156,19 @@ extension ControlPlane {
         perQueue("iotlbd_vq_bytes_total", "counter", "Bytes moved, per virtqueue.") { $0.bytes }
         w.family("iotlbd_vq_state", "gauge", "1 for the state each virtqueue is in.", devices.flatMap { d in
             d.vqs.flatMap { v in
-                ["running", "waiting_iotlb", "failed", "disabled"].map {
-                    ([("device", d.id), ("vq", "\(v.index)"), ("state", $0)], v.state.rawValue == $0 ? "1" : "0")
+                [VringState.running, .waitingIOTLB, .failed, .disabled].map {
+                    ([("device", d.id), ("vq", "\(v.index)"), ("state", $0.rawValue)], v.state == $0 ? "1" : "0")
                 }
             }
         })
-        let loads = devices.compactMap { d in workloads.get(d.id).map { (d.id, $0.stats) } }
+        let loads = devices.compactMap { d in d.workload.map { (d.id, $0) } }
         w.family("iotlbd_workload_frames_sent_total", "counter", "Frames the built-in guest sent.",
                  loads.map { ([("device", $0.0)], "\($0.1.sent)") })
         w.family("iotlbd_workload_frames_received_total", "counter", "Frames the built-in guest received back.",
                  loads.map { ([("device", $0.0)], "\($0.1.received)") })
         w.family("iotlbd_workload_verify_errors_total", "counter", "Frames that came back different.",
                  loads.map { ([("device", $0.0)], "\($0.1.verifyErrors)") })
-        let fronts = devices.compactMap { d in vhostUsers.status(d.id).map { (d.id, $0) } }
+        let fronts = devices.compactMap { d in d.frontEnd.map { (d.id, $0) } }
         w.family("iotlbd_vhost_user_connected", "gauge", "1 while a vhost-user front-end is connected.",
                  fronts.map { ([("device", $0.0)], $0.1.connected ? "1" : "0") })
         w.family("iotlbd_vhost_user_connections_total", "counter", "vhost-user front-ends accepted.",

@@ -49,6 +49,11 @@ extension JSON {
         return .object(pairs)
     }
 
+    /// A managed device: its configuration, its front-end's state, and what its worker knows.
+    static func device(_ d: ManagedDevice, detail: DeviceDetail) -> JSON {
+        device(d.config, detail: detail, vhostUser: d.frontEnd?.status)
+    }
+
     static func stats(_ s: IOTLBStats, resolution r: (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32),
                       vqs: [VringSnapshot]) -> JSON {
         let lookups = s.hits + s.misses

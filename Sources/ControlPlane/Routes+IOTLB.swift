@@ -3,9 +3,9 @@ import IOTLB
 import Vhost
 
 extension ControlPlane {
-    static func addIOTLBRoutes(to r: inout Router, engine: Engine) {
+    static func addIOTLBRoutes(to r: inout Router, devices: Devices) {
         r.post("/v1/devices/{id}/iotlb/updates") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             var entries: [IOTLBEntry] = []
             let items = try entriesOf(req.json(), key: "entries")
             for (item, path) in items {
@@ -29,7 +29,7 @@ extension ControlPlane {
         }
 
         r.post("/v1/devices/{id}/iotlb/invalidations") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             var ranges: [AddressRange<IOVA>] = []
             for (item, path) in try entriesOf(req.json(), key: "entries") {
                 var f = try FieldReader(item, path: path)
@@ -37,20 +37,20 @@ extension ControlPlane {
                 try f.finish()
             }
             let batch = ranges
-            return h.reply({ d throws(EngineError) in (try d.invalidateIOTLB(batch), d.iotlb.count) }) {
+            return h.reply({ d throws(EngineError) in (try d.invalidateIOTLB(batch), d.stats().entries) }) {
                 .json(200, ["removed": .count($0.0), "entries": .count($0.1)])
             }
         }
 
         r.delete("/v1/devices/{id}/iotlb") { req throws(APIError) in
-            let h = try engine.device(for: req)
-            return h.reply({ d throws(EngineError) in (try d.flushIOTLB(), d.iotlb.count) }) {
+            let h = try devices.handle(for: req)
+            return h.reply({ d throws(EngineError) in (try d.flushIOTLB(), d.stats().entries) }) {
                 .json(200, ["removed": .count($0.0), "entries": .count($0.1)])
             }
         }
 
         r.get("/v1/devices/{id}/iotlb/entries") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             try req.allowOnly(["iova", "size", "limit", "after"])
             var range: AddressRange<IOVA>?
             let iova = try queryNumber(req, "iova")
@@ -94,7 +94,7 @@ extension ControlPlane {
         }
 
         r.get("/v1/devices/{id}/iotlb/translate") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             try req.allowOnly(["iova", "perm", "size"])
             guard let iova = try queryNumber(req, "iova") else { throw .invalidField("iova", "missing required query argument iova") }
             guard let permText = req.query("perm") else { throw .invalidField("perm", "missing required query argument perm") }
@@ -116,7 +116,7 @@ extension ControlPlane {
         }
 
         r.get("/v1/devices/{id}/iotlb/stats") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             return h.reply({ d throws(EngineError) in (d.stats(), d.resolutionTimes(), d.vrings()) }) {
                 .json(200, .stats($0.0, resolution: $0.1, vqs: $0.2))
             }

@@ -4,9 +4,9 @@ import Platform
 import Vhost
 
 extension ControlPlane {
-    static func addVringRoutes(to r: inout Router, engine: Engine, timer: LongPollTimer, store: ConfigStore) {
+    static func addVringRoutes(to r: inout Router, devices: Devices, timer: LongPollTimer, store: ConfigStore) {
         r.put("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             try requireHTTPOwned(h, "vrings")
             let n = try vringIndex(req)
             let config = try parseVring(req.json())
@@ -18,13 +18,13 @@ extension ControlPlane {
         }
 
         r.get("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             let n = try vringIndex(req)
             return h.reply({ d throws(EngineError) in try d.vring(n) }) { .json(200, .vring($0)) }
         }
 
         r.get("/v1/devices/{id}/iotlb/misses") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             try req.allowOnly(["after", "timeout_ms", "limit"])
             let after = try queryNumber(req, "after") ?? 0
             let timeout = try queryNumber(req, "timeout_ms") ?? 0

@@ -6,63 +6,41 @@ import VhostUser
 import Logging
 
 extension ControlPlane {
-    static func addRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
-                          timer: LongPollTimer, workloads: WorkloadRegistry, vhostUsers: VhostUserRegistry,
-                          store: ConfigStore, sockets: VhostUserSockets) {
+    static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,
+                          store: ConfigStore) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
-        addDeviceRoutes(to: &r, engine: engine, settings: settings, logger: logger, workloads: workloads,
-                        vhostUsers: vhostUsers, store: store, sockets: sockets)
-        addIOTLBRoutes(to: &r, engine: engine)
-        addVringRoutes(to: &r, engine: engine, timer: timer, store: store)
-        addWorkloadRoutes(to: &r, engine: engine, workloads: workloads, store: store)
+        addDeviceRoutes(to: &r, devices: devices, settings: settings, store: store)
+        addIOTLBRoutes(to: &r, devices: devices)
+        addVringRoutes(to: &r, devices: devices, timer: timer, store: store)
+        addWorkloadRoutes(to: &r, devices: devices)
         r.get("/v1/config") { _ in .json(200, store.document) }
     }
 
-    static func addDeviceRoutes(to r: inout Router, engine: Engine, settings: ControlPlaneSettings, logger: Logger,
-                                workloads: WorkloadRegistry, vhostUsers: VhostUserRegistry, store: ConfigStore,
-                                sockets: VhostUserSockets) {
+    static func addDeviceRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, store: ConfigStore) {
         r.post("/v1/devices") { req throws(APIError) in
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             let config = try parseDeviceConfig(body, settings: settings)
-            let h = try createDevice(config, engine: engine, logger: logger, vhostUsers: vhostUsers, store: store,
-                                     sockets: sockets)
-            return h.reply({ d throws(EngineError) in d.detail }) {
-                .json(201, .device(h.config, detail: $0, vhostUser: vhostUsers.status(h.config.id)))
-            }
+            let d: ManagedDevice
+            do throws(DevicesError) { d = try devices.create(config) } catch { throw APIError(error) }
+            return d.handle.reply({ dev throws(EngineError) in dev.detail }) { .json(201, .device(d, detail: $0)) }
         }
 
         r.get("/v1/devices") { _ in
-            .json(200, ["devices": .array(engine.devices().map { .device($0.config) })])
+            .json(200, ["devices": .array(devices.all().map { .device($0.config) })])
         }
 
         r.get("/v1/devices/{id}") { req throws(APIError) in
-            let h = try engine.device(for: req)
-            return h.reply({ d throws(EngineError) in d.detail }) {
-                .json(200, .device(h.config, detail: $0, vhostUser: vhostUsers.status(h.config.id)))
-            }
+            let d = try devices.device(for: req)
+            return d.handle.reply({ dev throws(EngineError) in dev.detail }) { .json(200, .device(d, detail: $0)) }
         }
 
-        r.delete("/v1/devices/{id}") { req throws(APIError) in
+        r.delete("/v1/devices/{id}") { req in
             let id = req.params["id"] ?? ""
-            guard engine.device(id) != nil else { throw .notFound("device \(id) not found") }
-            return .deferred { complete in
-                // The built-in guest stops first (it must not outlive the device's queues);
-                // joining its thread is not for a server thread.
-                startDetachedThread(name: "delete-device") {
-                    _ = workloads.remove(id)
-                    vhostUsers.remove(id)?.stop()  // the front-end is dropped while the device still exists
-                    let found = engine.deleteDevice(id) {
-                        store.deleted(id)
-                        logger.info("device deleted", metadata: ["device": "\(id)"])
-                        complete(.noContent)
-                    }
-                    if !found { complete(.error(.notFound("device \(id) not found"))) }
-                }
-            }
+            return .devices({ done throws(DevicesError) in try devices.delete(id, then: done) }) { .noContent }
         }
 
         r.put("/v1/devices/{id}/mem-table") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             try requireHTTPOwned(h, "memory table")
             let wanted = try parseRegions(req.json())
             let id = h.config.id
@@ -73,39 +51,13 @@ extension ControlPlane {
         }
 
         r.get("/v1/devices/{id}/mem-table") { req throws(APIError) in
-            let h = try engine.device(for: req)
+            let h = try devices.handle(for: req)
             return h.reply({ d throws(EngineError) in
                 guard let t = d.memTable else { throw .noMemTable }
                 return t
             }) { .json(200, .memTable($0)) }
         }
     }
-
-    /// One log line per access failure; one per miss storm (more than
-    /// `stormPerSecond` misses in a second), at most every 10 s per device.
-    static func watchMisses(_ h: DeviceHandle, logger: Logger) {
-        let id = h.config.id
-        let window = Locked<(start: UInt64, count: Int, lastWarned: UInt64)>((0, 0, 0))
-        h.missLog.observe { e in
-            if e.kind == .accessFail {
-                logger.warning("access failure: vq stopped until its vring is set again",
-                               metadata: ["device": "\(id)", "vq": "\(e.vq)", "iova": "\(e.iova)", "perm": "\(e.perm)"])
-                return
-            }
-            let storm = window.withLock { w -> Int? in
-                if e.postedAt - w.start > 1_000_000_000 { w.start = e.postedAt; w.count = 0 }
-                w.count += 1
-                guard w.count == stormPerSecond, e.postedAt - w.lastWarned > 10_000_000_000 else { return nil }
-                w.lastWarned = e.postedAt
-                return w.count
-            }
-            if let n = storm {
-                logger.warning("miss storm: \(n)+ IOTLB misses in a second", metadata: ["device": "\(id)", "last_iova": "\(e.iova)"])
-            }
-        }
-    }
-
-    static let stormPerSecond = 1000
 
     /// `{"socket": PATH, "mode"?: "server"|"client"}`: the Unix socket path (as
     /// given: `VhostUserSockets.resolve` confines it) and who listens.
@@ -149,54 +101,6 @@ extension ControlPlane {
         return config
     }
 
-    /// Creates a device (and its vhost-user backend), records it in the
-    /// configuration. `field` prefixes the fields named in refusals.
-    static func createDevice(_ requested: DeviceConfig, field: String = "", engine: Engine, logger: Logger,
-                             vhostUsers: VhostUserRegistry, store: ConfigStore,
-                             sockets: VhostUserSockets) throws(APIError) -> DeviceHandle {
-        var config = requested
-        let socketField = field + "vhost_user.socket"
-        if !config.id.isEmpty && engine.device(config.id) != nil {
-            throw APIError(409, "conflict", "device \(config.id) exists", field: field.isEmpty ? nil : field + "id")
-        }
-        // The socket first: a path that cannot be served creates no device.
-        var backend: VhostUserBackend?
-        if let given = config.vhostUserSocket {
-            let path = try sockets.resolve(given, field: socketField)
-            config.vhostUserSocket = path
-            if let other = engine.devices().first(where: { $0.config.vhostUserSocket == path }) {
-                throw APIError(409, "conflict", "device \(other.config.id) uses \(path)", field: socketField)
-            }
-            do throws(VhostUserSetupError) {
-                backend = try VhostUserBackend(socket: path, mode: config.vhostUserMode,
-                                               permissions: sockets.permissions, group: sockets.group)
-            } catch {
-                throw error.inUse ? APIError(409, "conflict", error.description, field: socketField)
-                    : .invalidField(socketField, error.description)
-            }
-        }
-        let h: DeviceHandle
-        do throws(EngineError) { h = try engine.createDevice(config) } catch {
-            backend?.stop()
-            var e = APIError(error)
-            if let f = e.field, !field.isEmpty { e.field = field + f }
-            throw e
-        }
-        logger.info("device created", metadata: ["device": "\(h.config.id)", "queues": "\(h.config.queues)",
-                                                 "iotlb": "\(h.config.iotlb)",
-                                                 "vhost_user": "\(h.config.vhostUserSocket.map { "\($0) (\(h.config.vhostUserMode.rawValue))" } ?? "-")"])
-        watchMisses(h, logger: logger)
-        if let backend {
-            let id = h.config.id
-            backend.start(handle: h, limits: engine.limits) { line in
-                logger.info("\(line)", metadata: ["device": "\(id)"])
-            }
-            vhostUsers.add(id, backend)
-        }
-        store.created(h.config)
-        return h
-    }
-
     /// `{"regions":[{"guest_phys_addr","memory_size","userspace_addr"}…]}`.
     static func parseRegions(_ body: JSON, path: String = "") throws(APIError) -> [MemoryRegion] {
         var f = try FieldReader(body, path: path)
@@ -233,4 +137,23 @@ extension ControlPlane {
 extension Device {
     /// The parts of a device answer only its worker knows.
     var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring)) }
+}
+
+extension Reply {
+    /// The answer of a devices service call, delivered when `call` calls back:
+    /// `render` of its result, or its refusal (thrown at once or given later).
+    static func devices<T: Sendable>(
+        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DevicesError>) -> Void) throws(DevicesError) -> Void,
+        render: @escaping @Sendable (T) -> Response
+    ) -> Reply {
+        .deferred { complete in
+            let answer: @Sendable (Result<T, DevicesError>) -> Void = { result in
+                switch result {
+                case .success(let v): complete(render(v))
+                case .failure(let e): complete(.error(APIError(e)))
+                }
+            }
+            do throws(DevicesError) { try call(answer) } catch { answer(.failure(error)) }
+        }
+    }
 }

@@ -53,12 +53,12 @@ public final class Workload: @unchecked Sendable {
         w.thread = startThread(name: "guest") {
             do throws(WorkloadError) {
                 let run = try w.setUp()
-                w.published.withLock { $0.state = "running" }
+                w.published.withLock { $0.state = .running }
                 ready(.success(w))
                 run.loop()
-                w.finishStats(run, state: w.stopFlag.load(ordering: .acquiring) ? "stopped" : "done")
+                w.finishStats(run, state: w.stopFlag.load(ordering: .acquiring) ? .stopped : .done)
             } catch {
-                w.published.withLock { $0.state = "failed"; $0.error = "\(error)" }
+                w.published.withLock { $0.state = .failed; $0.error = "\(error)" }
                 ready(.failure(error))
             }
             if w.translator != nil { handle.performSync { $0?.missResolver = nil } }
@@ -80,7 +80,7 @@ public final class Workload: @unchecked Sendable {
         return s
     }
 
-    private func finishStats(_ run: GuestRun, state: String) {
+    private func finishStats(_ run: GuestRun, state: WorkloadState) {
         run.publish(final: true)
         published.withLock { $0.state = state }
     }
@@ -135,7 +135,7 @@ public final class Workload: @unchecked Sendable {
     var stopping: Bool { stopFlag.load(ordering: .relaxed) }
     func publish(_ s: WorkloadStats) {
         published.withLock { p in
-            let state = p.state == "starting" ? "running" : p.state
+            let state = p.state == .starting ? .running : p.state
             let mem = p.guestMemoryBytes
             p = s
             p.state = state

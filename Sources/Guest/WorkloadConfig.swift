@@ -32,10 +32,20 @@ public struct WorkloadConfig: Sendable, Equatable {
     var slotBytes: Int { (Frame.headerBytes + packetSize + 63) & ~63 }
 }
 
+/// Where a workload is in its life.
+public enum WorkloadState: String, Sendable, Equatable {
+    case starting, running
+    /// All frames asked for came back.
+    case done
+    case stopped, failed
+
+    /// Starting or running: the device is taken.
+    public var isActive: Bool { self == .starting || self == .running }
+}
+
 /// A workload's figures.
 public struct WorkloadStats: Sendable, Equatable {
-    /// "starting", "running", "done" (all frames back), "stopped", "failed".
-    public var state = "starting"
+    public var state = WorkloadState.starting
     public var sent: UInt64 = 0
     public var received: UInt64 = 0
     public var verifyErrors: UInt64 = 0

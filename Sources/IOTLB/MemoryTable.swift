@@ -24,6 +24,11 @@ public struct MemoryRegion: Hashable, Sendable {
     public var gpaRange: AddressRange<GuestPhysAddr>? { AddressRange(start: guestPhysAddr, size: memorySize) }
     /// User address range, nil when empty or wrapping.
     public var uaddrRange: AddressRange<UserAddr>? { AddressRange(start: userspaceAddr, size: memorySize) }
+
+    /// One of a region's three fields, to name the one at fault.
+    public enum Field: Sendable {
+        case guestPhysAddr, memorySize, userspaceAddr
+    }
 }
 
 /// Why a memory table was refused. `index` names the region at fault.
@@ -32,8 +37,9 @@ public enum MemoryTableError: Error, Equatable, Sendable {
     case empty
     /// More than the allowed number of regions.
     case tooManyRegions(count: Int, max: Int)
-    /// A region of size 0 or one whose end passes 2^64-1; `field` is the offending field name.
-    case overflow(index: Int, field: String)
+    /// A region of size 0 (`field` is `.memorySize`) or one whose end passes
+    /// 2^64-1 in guest-physical (`.memorySize`) or user (`.userspaceAddr`) space.
+    case overflow(index: Int, field: MemoryRegion.Field)
     /// Two regions overlap in guest-physical space.
     case gpaOverlap(index: Int, other: Int)
     /// Two regions overlap in user address space.
@@ -71,8 +77,8 @@ public struct MemoryTable: Equatable, Sendable {
         var total: UInt64 = 0
         var overflowed = false
         for (i, r) in regions.enumerated() {
-            if r.memorySize == 0 || r.gpaRange == nil { throw .overflow(index: i, field: "memory_size") }
-            if r.uaddrRange == nil { throw .overflow(index: i, field: "userspace_addr") }
+            if r.memorySize == 0 || r.gpaRange == nil { throw .overflow(index: i, field: .memorySize) }
+            if r.uaddrRange == nil { throw .overflow(index: i, field: .userspaceAddr) }
             let (t, o) = total.addingReportingOverflow(r.memorySize)
             total = t
             overflowed = overflowed || o

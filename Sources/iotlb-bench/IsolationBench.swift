@@ -6,6 +6,7 @@
 import ArgumentParser
 import ControlPlane
 import Foundation
+import HTTPClient
 import Synchronization
 
 struct IsolationBench: ParsableCommand {

@@ -1,4 +1,5 @@
 import ControlPlane
+import HTTPClient
 import Testing
 
 @Suite struct DeviceRouteTests {

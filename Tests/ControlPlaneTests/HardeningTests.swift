@@ -1,6 +1,7 @@
 import ControlPlane
 import Foundation
 import Glibc
+import HTTPClient
 import IOTLB
 import Platform
 import Synchronization

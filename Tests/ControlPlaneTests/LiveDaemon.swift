@@ -1,5 +1,6 @@
 import ControlPlane
 import Glibc
+import HTTPClient
 import Testing
 import Vhost
 

@@ -1,6 +1,7 @@
 import ControlPlane
 import Dispatch
 import Foundation
+import HTTPClient
 import Testing
 
 /// What operators' dashboards and alerts read from /metrics beyond the IOTLB counters.

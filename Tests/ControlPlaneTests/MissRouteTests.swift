@@ -1,4 +1,5 @@
 import ControlPlane
+import HTTPClient
 import Platform
 import Synchronization
 import Dispatch

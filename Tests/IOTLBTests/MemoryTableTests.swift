@@ -55,13 +55,13 @@ import TestSupport
 
     @Test func rejections() {
         #expect(throws: MemoryTableError.empty) { try MemoryTable(regions: []) }
-        #expect(throws: MemoryTableError.overflow(index: 0, field: "memory_size")) {
+        #expect(throws: MemoryTableError.overflow(index: 0, field: .memorySize)) {
             try MemoryTable(regions: [region(0, 0, 0)])
         }
-        #expect(throws: MemoryTableError.overflow(index: 1, field: "memory_size")) {
+        #expect(throws: MemoryTableError.overflow(index: 1, field: .memorySize)) {
             try MemoryTable(regions: [region(0, 1, 0), region(.max, 2, 0x10)])
         }
-        #expect(throws: MemoryTableError.overflow(index: 0, field: "userspace_addr")) {
+        #expect(throws: MemoryTableError.overflow(index: 0, field: .userspaceAddr)) {
             try MemoryTable(regions: [region(0, 2, .max)])
         }
         #expect(throws: MemoryTableError.gpaOverlap(index: 1, other: 0)) {

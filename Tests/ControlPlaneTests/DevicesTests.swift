@@ -1,0 +1,144 @@
+// The devices service on its own, without HTTP: a device's parts come and go together.
+@testable import ControlPlane
+import Glibc
+import Guest
+import Testing
+import Platform
+import Vhost
+
+@Suite struct DevicesTests {
+    /// A control plane over a fresh engine, and its devices service.
+    final class Fixture {
+        let engine = Engine(datapathThreads: 1)
+        let controlPlane: ControlPlane
+        var devices: Devices { controlPlane.devices }
+
+        init() {
+            var settings = ControlPlaneSettings()
+            settings.vhostUserSockets = VhostUserSockets(resolvedDirectory: testSocketDirectory)
+            controlPlane = ControlPlane(engine: engine, settings: settings)
+        }
+
+        deinit {
+            devices.shutdown()
+            engine.shutdown()
+            controlPlane.stop()
+        }
+
+        /// Starts a guest sending until stopped and waits until it runs.
+        func startWorkload(on d: ManagedDevice) throws(DevicesError) -> Workload {
+            try devices.startWorkloadAndWait(WorkloadConfig(), on: d)
+        }
+
+        /// Deletes `id` and waits until the engine dropped it.
+        func delete(_ id: String) throws(DevicesError) {
+            let gone = WakeSignal()
+            let result = Locked<Result<Void, DevicesError>?>(nil)
+            try devices.delete(id) { r in
+                result.withLock { $0 = r }
+                gone.signal()
+            }
+            #expect(gone.wait(timeoutNanos: 10_000_000_000), "delete of \(id) did not finish")
+            #expect(result.withLock { (try? $0?.get()) != nil })
+        }
+
+        /// The device ids the configuration records.
+        var recorded: [String] {
+            guard case .array(let list)? = controlPlane.configuration["devices"] else { return [] }
+            return list.compactMap { if case .string(let id)? = $0["id"] { id } else { nil } }
+        }
+    }
+
+    static func socketPath(_ tag: String) -> String { "\(testSocketDirectory)/devices-\(tag).sock" }
+
+    @Test func deleteTearsDownEveryPart() throws {
+        let f = Fixture()
+        let guest = try f.devices.create(DeviceConfig(id: "g"))
+        let workload = try f.startWorkload(on: guest)
+        #expect(workload.stats.state == .running)
+        let path = Self.socketPath("delete")
+        let front = try f.devices.create(DeviceConfig(id: "vu", vhostUserSocket: path))
+        #expect(front.frontEnd != nil && access(path, F_OK) == 0)
+        #expect(f.recorded == ["g", "vu"])
+        // A poll waiting on the device's misses is answered when it goes.
+        let closed = Locked(false)
+        let waiter = guest.handle.missLog.poll(after: .max - 1, limit: 1) { a in
+            if case .closed = a { closed.withLock { $0 = true } }
+        }
+
+        try f.delete("g")
+        #expect(workload.stats.state == .stopped)
+        #expect(f.devices.device("g") == nil && f.engine.device("g") == nil)
+        #expect(waiter.isFinished && closed.withLock { $0 })
+        try f.delete("vu")
+        #expect(access(path, F_OK) != 0, "the socket goes with its device")
+        #expect(f.devices.device("vu") == nil && f.engine.device("vu") == nil)
+        #expect(f.recorded.isEmpty && f.devices.all().isEmpty)
+
+        #expect(throws: DevicesError.self) { try f.delete("g") }
+        // A stale reference cannot start a guest on a deleted device.
+        #expect(throws: DevicesError.self) { _ = try f.startWorkload(on: guest) }
+    }
+
+    @Test func oneWorkloadAtATimeAndStopForgetsIt() throws {
+        let f = Fixture()
+        let d = try f.devices.create(DeviceConfig(id: "w"))
+        let w = try f.startWorkload(on: d)
+        do throws(DevicesError) {
+            _ = try f.startWorkload(on: d)
+            Issue.record("a second workload started")
+        } catch {
+            guard case .workloadBusy("w") = error else { throw error }
+            #expect(APIError(error) == APIError(409, "conflict", "a workload is already running on w; DELETE it first"))
+        }
+        let stopped = WakeSignal()
+        try f.devices.stopWorkload(on: d) { r in
+            #expect((try? r.get())?.1.state == .stopped)
+            stopped.signal()
+        }
+        #expect(stopped.wait(timeoutNanos: 10_000_000_000))
+        #expect(w.stats.state == .stopped && d.workload == nil)
+        #expect(throws: DevicesError.self) { try f.devices.stopWorkload(on: d) { _ in } }
+        // The device is free again.
+        #expect(try f.startWorkload(on: d).stats.state == .running)
+    }
+
+    @Test func shutdownStopsDevicesOfEveryKind() throws {
+        let f = Fixture()
+        _ = try f.devices.create(DeviceConfig(id: "plain"))
+        let guest = try f.devices.create(DeviceConfig(id: "guest"))
+        let workload = try f.startWorkload(on: guest)
+        let path = Self.socketPath("shutdown")
+        _ = try f.devices.create(DeviceConfig(id: "vu", vhostUserSocket: path))
+        let client = Self.socketPath("client")
+        _ = try f.devices.create(DeviceConfig(id: "vuc", vhostUserSocket: client, vhostUserMode: .client))
+
+        f.devices.shutdown()
+        #expect(workload.stats.state == .stopped && guest.workload == nil)
+        #expect(access(path, F_OK) != 0, "a server socket is removed")
+        do throws(DevicesError) {
+            _ = try f.devices.create(DeviceConfig(id: "late"))
+            Issue.record("a device was created after shutdown")
+        } catch {
+            #expect(APIError(error) == .unavailable)
+        }
+        #expect(f.engine.device("late") == nil)
+    }
+
+    @Test func refusalsMapToTheAnswersOfTheContract() throws {
+        let f = Fixture()
+        _ = try f.devices.create(DeviceConfig(id: "a", vhostUserSocket: Self.socketPath("taken")))
+        func refusal(_ c: DeviceConfig) -> DevicesError? {
+            do throws(DevicesError) { _ = try f.devices.create(c) } catch { return error }
+            return nil
+        }
+        let dup = try #require(refusal(DeviceConfig(id: "a")))
+        #expect(APIError(dup) == APIError(409, "conflict", "device a exists"))
+        #expect(APIError(dup, fieldPrefix: "devices[1].") == APIError(409, "conflict", "device a exists", field: "devices[1].id"))
+        let taken = try #require(refusal(DeviceConfig(id: "b", vhostUserSocket: Self.socketPath("taken"))))
+        #expect(APIError(taken) == APIError(409, "conflict", "device a uses \(Self.socketPath("taken"))", field: "vhost_user.socket"))
+        let outside = try #require(refusal(DeviceConfig(id: "c", vhostUserSocket: "/nonexistent-dir/x.sock")))
+        #expect(APIError(outside).code == "invalid_field" && APIError(outside).field == "vhost_user.socket")
+        #expect(f.engine.device("b") == nil && f.engine.device("c") == nil)
+    }
+}
