@@ -24,8 +24,8 @@ final class GuestRun {
     let iommu: GuestIOMMU?
     let rx: SplitRingDriver
     let tx: SplitRingDriver
-    let rxBuffers: UInt64
-    let txBuffers: UInt64
+    let rxBuffers: GuestPhysAddr
+    let txBuffers: GuestPhysAddr
     let slot: Int
 
     /// The loop's own state.
@@ -81,7 +81,7 @@ final class GuestRun {
     let startTime = monotonicNanos()
 
     init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
-         rxRing: RingLayout, txRing: RingLayout, rxBuffers: UInt64, txBuffers: UInt64) {
+         rxRing: RingLayout, txRing: RingLayout, rxBuffers: GuestPhysAddr, txBuffers: GuestPhysAddr) {
         self.workload = workload
         self.config = workload.config
         self.memory = memory
@@ -103,18 +103,20 @@ final class GuestRun {
     }
 
     /// What a descriptor names for guest-physical `gpa` under a static mapping.
-    @inline(__always) func dma(_ gpa: UInt64) -> UInt64 { iotlb ? gpa + Workload.iovaBase : gpa }
+    @inline(__always) func dma(_ gpa: GuestPhysAddr) -> DMAAddress {
+        iotlb ? .iova(IOVA(gpa.raw + Workload.iovaBase)) : .guestPhys(gpa)
+    }
 
-    func rxGPA(_ i: UInt16) -> UInt64 { rxBuffers + UInt64(i) * UInt64(slot) }
-    func txGPA(_ i: UInt16) -> UInt64 { txBuffers + UInt64(i) * UInt64(slot) }
+    func rxGPA(_ i: UInt16) -> GuestPhysAddr { GuestPhysAddr(rxBuffers.raw + UInt64(i) * UInt64(slot)) }
+    func txGPA(_ i: UInt16) -> GuestPhysAddr { GuestPhysAddr(txBuffers.raw + UInt64(i) * UInt64(slot)) }
 
     /// The IOVA a dynamic mapping gives buffer `i` (RX when `rx`) at guest-physical
     /// `gpa`: its own page-aligned window, the buffer at its page offset.
-    func dynamicIOVA(rx: Bool, _ i: UInt16, _ gpa: UInt64) -> UInt64 {
+    func dynamicIOVA(rx: Bool, _ i: UInt16, _ gpa: GuestPhysAddr) -> IOVA {
         let page = config.pageSize.bytes
         let stride = (UInt64(slot) + page - 1) / page * page + page
         let window = UInt64((rx ? 0 : config.ringSize) + Int(i)) * stride
-        return Workload.dynamicIOVABase + window + gpa % page
+        return IOVA(Workload.dynamicIOVABase + window + gpa.raw % page)
     }
 
     // MARK: Commands to the device (the same path the HTTP API takes)
@@ -154,9 +156,10 @@ final class GuestRun {
 
     /// Maps guest-physical [gpa, gpa+len) at its static IOVA in the guest
     /// IOMMU; with `eager`, pushes new pages to the device.
-    private func map(_ gpa: UInt64, _ len: Int, _ perm: Permissions, pushing: inout [IOTLBEntry]) {
-        guard let iommu else { return }
-        appendEager(iommu.map(iova: IOVA(dma(gpa)), gpa: GuestPhysAddr(gpa), size: UInt64(len), perm: perm), to: &pushing)
+    private func map(_ gpa: GuestPhysAddr, _ len: Int, _ perm: Permissions, pushing: inout [IOTLBEntry]) {
+        // A guest IOMMU exists only with the IOTLB on, where dma() gives IOVAs.
+        guard let iommu, case .iova(let iova) = dma(gpa) else { return }
+        appendEager(iommu.map(iova: iova, gpa: gpa, size: UInt64(len), perm: perm), to: &pushing)
     }
 
     /// With `eager`, the IOTLB entries of `fresh` pages, appended to `pushing`.
@@ -171,7 +174,7 @@ final class GuestRun {
         guard iommu != nil else { return }
         var push: [IOTLBEntry] = []
         for ring in [rx.layout, tx.layout] {
-            map(ring.descGPA.raw, Int(ring.span), .readWrite, pushing: &push)
+            map(ring.descGPA, Int(ring.span), .readWrite, pushing: &push)
         }
         if config.mapping == .static {
             map(rxBuffers, config.ringSize * slot, .write, pushing: &push)
@@ -208,8 +211,8 @@ final class GuestRun {
         let dynamic = config.mapping == .dynamic && iommu != nil
         let frameBytes = UInt32(Frame.headerBytes + config.packetSize)
         // Host pointers of every buffer, resolved once: the guest's CPU view of its RAM.
-        let rxHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(rxGPA(UInt16($0))), slot) }
-        let txHost = (0..<config.ringSize).map { memory.at(GuestPhysAddr(txGPA(UInt16($0))), slot) }
+        let rxHost = (0..<config.ringSize).map { memory.at(rxGPA(UInt16($0)), slot) }
+        let txHost = (0..<config.ringSize).map { memory.at(txGPA(UInt16($0)), slot) }
         var push: [IOTLBEntry] = []
         var unmapped: [AddressRange<IOVA>] = []
         // Dynamic: the buffers of one round, mapped and unmapped in one critical
@@ -232,7 +235,7 @@ final class GuestRun {
             // handed out again (below).
             while let u = tx.takeUsed() {
                 if dynamic {
-                    toUnmap.append((IOVA(dynamicIOVA(rx: false, u.id, txGPA(u.id))), UInt64(slot)))
+                    toUnmap.append((dynamicIOVA(rx: false, u.id, txGPA(u.id)), UInt64(slot)))
                     txUnmapped.append(u.id)
                 } else {
                     txFree.append(u.id)
@@ -248,7 +251,7 @@ final class GuestRun {
                 }
                 stats.received &+= 1
                 if dynamic {
-                    toUnmap.append((IOVA(dynamicIOVA(rx: true, u.id, rxGPA(u.id))), UInt64(slot)))
+                    toUnmap.append((dynamicIOVA(rx: true, u.id, rxGPA(u.id)), UInt64(slot)))
                     rxUnmapped.append(u.id)
                 } else {
                     rxFree.append(u.id)
@@ -292,8 +295,9 @@ final class GuestRun {
                 while let i = rxFree.popLast() {
                     var addr = dma(rxGPA(i))
                     if dynamic {
-                        addr = dynamicIOVA(rx: true, i, rxGPA(i))
-                        toMap.append(.init(iova: IOVA(addr), gpa: GuestPhysAddr(rxGPA(i)), size: UInt64(slot), perm: .write))
+                        let iova = dynamicIOVA(rx: true, i, rxGPA(i))
+                        addr = .iova(iova)
+                        toMap.append(.init(iova: iova, gpa: rxGPA(i), size: UInt64(slot), perm: .write))
                     }
                     rx.setDescriptor(Int(i), addr: addr, len: UInt32(slot), flags: 2)
                     rx.stage(i)
@@ -303,8 +307,9 @@ final class GuestRun {
                     Frame.write(txHost[Int(i)], seq: stats.sent, payload: config.packetSize)
                     var addr = dma(txGPA(i))
                     if dynamic {
-                        addr = dynamicIOVA(rx: false, i, txGPA(i))
-                        toMap.append(.init(iova: IOVA(addr), gpa: GuestPhysAddr(txGPA(i)), size: UInt64(slot), perm: .read))
+                        let iova = dynamicIOVA(rx: false, i, txGPA(i))
+                        addr = .iova(iova)
+                        toMap.append(.init(iova: iova, gpa: txGPA(i), size: UInt64(slot), perm: .read))
                     }
                     tx.setDescriptor(Int(i), addr: addr, len: frameBytes)
                     tx.stage(i)

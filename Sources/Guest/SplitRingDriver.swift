@@ -33,6 +33,22 @@ public struct RingLayout: Sendable, Equatable {
     public var span: UInt64 { usedGPA.raw + UInt64(SplitRing.usedBytes(num: num, eventIdx: true)) - descGPA.raw }
 }
 
+/// What a descriptor names: an IOVA when the device translates through its
+/// IOTLB, the guest-physical address itself without (the no-IOMMU baseline).
+/// A descriptor holds a plain number; this keeps the two apart until then.
+public enum DMAAddress: Sendable, Equatable {
+    case iova(IOVA)
+    case guestPhys(GuestPhysAddr)
+
+    /// The number written into the descriptor.
+    @inlinable public var raw: UInt64 {
+        switch self {
+        case .iova(let a): a.raw
+        case .guestPhys(let a): a.raw
+        }
+    }
+}
+
 /// One used element.
 public struct UsedElement: Sendable, Equatable {
     public var id: UInt16
@@ -83,6 +99,11 @@ public final class SplitRingDriver: @unchecked Sendable {
     }
 
     deinit { indices.deallocate() }
+
+    /// Writes descriptor `i` naming `addr`.
+    public func setDescriptor(_ i: Int, addr: DMAAddress, len: UInt32, flags: UInt16 = 0, next: UInt16 = 0) {
+        setDescriptor(i, addr: addr.raw, len: len, flags: flags, next: next)
+    }
 
     /// Writes descriptor `i`: `addr` is what the device sees (an IOVA, or a GPA without IOMMU).
     public func setDescriptor(_ i: Int, addr: UInt64, len: UInt32, flags: UInt16 = 0, next: UInt16 = 0) {

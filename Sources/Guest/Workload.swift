@@ -115,11 +115,12 @@ public final class Workload: @unchecked Sendable {
         memory = guestMemory
         let iommu = device.iotlb ? GuestIOMMU(pageSize: c.pageSize) : nil
         self.iommu = iommu
+        let rxBuffers = gpa0 + 2 * ringsBytes
+        let txBuffers = rxBuffers + UInt64(c.ringSize) * UInt64(slot)
         let run = GuestRun(workload: self, memory: guestMemory, table: table, iotlb: device.iotlb, iommu: iommu,
                            rxRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0)),
                            txRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0 + ringsBytes)),
-                           rxBuffers: gpa0 + 2 * ringsBytes,
-                           txBuffers: gpa0 + 2 * ringsBytes + UInt64(c.ringSize) * UInt64(slot))
+                           rxBuffers: GuestPhysAddr(rxBuffers), txBuffers: GuestPhysAddr(txBuffers))
         published.withLock { $0.guestMemoryBytes = table.totalBytes }
         if device.iotlb && device.translator == .builtin, let iommu {
             let t = BuiltinTranslator(iommu: iommu, table: table)

@@ -46,6 +46,16 @@ public enum Translation: Equatable, Sendable {
     case denied(perm: Permissions)
 }
 
+/// What `IOTLB.lookup` finds.
+public enum IOTLBLookup: Equatable, Sendable {
+    /// `entry` holds the IOVA, which lands on `uaddr`.
+    case mapped(IOTLBEntry, uaddr: UserAddr)
+    /// No entry holds the IOVA.
+    case miss
+    /// An entry holds the IOVA but lacks a requested permission.
+    case denied(perm: Permissions)
+}
+
 /// Why an entry left the table (reported to `onRemove` callbacks).
 public enum RemovalReason: Sendable {
     /// An update overlapped it.
@@ -179,8 +189,12 @@ public final class IOTLB {
 
     // MARK: Look-up
 
-    /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
-    public func translate(_ iova: IOVA, access: Permissions, size: UInt64 = .max) -> Translation {
+    /// Looks `iova` up for an access needing `access`: the entry holding it and
+    /// the user address `iova` lands on, or why there is none. The one look-up
+    /// both the datapath (which caches the entry's bounds) and `translate`
+    /// (the HTTP API's) answer from.
+    @inline(__always)
+    public func lookup(_ iova: IOVA, access: Permissions) -> IOTLBLookup {
         let key = iova.raw
         let n = lookupFloor(key)
         guard n >= 0 else { return .miss }
@@ -188,11 +202,22 @@ public final class IOTLB {
         guard c.last >= key else { return .miss }
         let perm = Permissions(rawValue: c.perm)
         if !perm.contains(access) { return .denied(perm: perm) }
-        let offset = key &- hot[node(n)].first
-        // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
-        let leftMinusOne = c.last &- key
-        let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
-        return .mapped(uaddr: UserAddr(c.uaddr &+ offset), length: length, perm: perm)
+        let first = hot[node(n)].first
+        return .mapped(IOTLBEntry(range: AddressRange(first: IOVA(first), last: IOVA(c.last)), uaddr: UserAddr(c.uaddr), perm: perm),
+                       uaddr: UserAddr(c.uaddr &+ (key &- first)))
+    }
+
+    /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
+    public func translate(_ iova: IOVA, access: Permissions, size: UInt64 = .max) -> Translation {
+        switch lookup(iova, access: access) {
+        case .miss: return .miss
+        case .denied(let perm): return .denied(perm: perm)
+        case .mapped(let e, let uaddr):
+            // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
+            let leftMinusOne = e.range.last.raw &- iova.raw
+            let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
+            return .mapped(uaddr: uaddr, length: length, perm: e.perm)
+        }
     }
 
     /// The entry holding `iova`, if any.

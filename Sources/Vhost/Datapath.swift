@@ -14,6 +14,12 @@ extension Device {
 
     /// One datapath round over the device's queues; true when it did work.
     func poll() -> Bool {
+        config.iotlb ? poll(ThroughIOTLB.self) : poll(ThroughMemoryTable.self)
+    }
+
+    /// `poll` for a device whose rings and buffers live in the spaces `S`
+    /// names: everything below is specialized for it.
+    private func poll<S: DeviceSpaces>(_: S.Type) -> Bool {
         guard regions.count > 0 else { return false }
         var work = false
         let n = config.queues
@@ -21,13 +27,13 @@ extension Device {
         for i in 0..<n {
             queueRefs[i]._withUnsafeGuaranteedRef { vq in
                 // Re-check the rings only when a translation may have changed.
-                if vq.state == .running && !(vq.ringsReady && vq.ringGeneration == generation) { _ = prepareRings(vq) }
+                if vq.state == .running && !(vq.ringsReady && vq.ringGeneration == generation) { _ = prepareRings(vq, S.Ring.self) }
             }
         }
         var i = 1
         while i < n {
             let busy = queueRefs[i - 1]._withUnsafeGuaranteedRef { rx in
-                queueRefs[i]._withUnsafeGuaranteedRef { tx in processTX(tx, rx) }
+                queueRefs[i]._withUnsafeGuaranteedRef { tx in processTX(tx, rx, S.self) }
             }
             if busy { work = true }
             i += 2
@@ -40,24 +46,29 @@ extension Device {
     /// mismatch an access failure.
     @discardableResult
     func prepareRings(_ vq: VirtQueue) -> Bool {
+        config.iotlb ? prepareRings(vq, ThroughIOTLB.Ring.self) : prepareRings(vq, ThroughMemoryTable.Ring.self)
+    }
+
+    func prepareRings<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) -> Bool {
         guard let c = vq.config, vq.state == .running else { return false }
         if vq.ringsReady && vq.ringGeneration == translationGeneration { return true }
         vq.dropTranslations()
-        let desc = checkRange(c.descAddr, c.descBytes, .read, ringSpace, vq)
+        let ring = c.areas(R.self)
+        let desc = checkRange(ring.desc, c.descBytes, .read, vq)
         if let f = desc.fault { stop(vq, f); return false }
-        let avail = checkRange(c.availAddr, c.availBytes, .read, ringSpace, vq)
+        let avail = checkRange(ring.avail, c.availBytes, .read, vq)
         if let f = avail.fault { stop(vq, f); return false }
-        let used = checkRange(c.usedAddr, c.usedBytes, .write, ringSpace, vq)
+        let used = checkRange(ring.used, c.usedBytes, .write, vq)
         if let f = used.fault { stop(vq, f); return false }
         vq.descHost = desc.contiguous; vq.availHost = avail.contiguous; vq.usedHost = used.contiguous
         if config.iotlb { pinRings(c) }
         vq.ringsReady = true
         vq.ringGeneration = translationGeneration
         if vq.needsUsedInit {
-            vq.usedIdx = ringLoad16(vq, vq.usedHost, c.usedAddr, SplitRing.usedIdx)
+            vq.usedIdx = ringLoad16(vq, vq.usedHost, ring.used, SplitRing.usedIdx)
             vq.needsUsedInit = false
         }
-        if vq.driverKicks { writeUsedFlags(vq) }
+        if vq.driverKicks { writeUsedFlags(vq, R.self) }
         return true
     }
 
@@ -143,9 +154,10 @@ extension Device {
 
     /// Processes up to `batch` TX chains (into `rx` with the loopback backend);
     /// false when there was nothing to do.
-    func processTX(_ tx: VirtQueue, _ rx: VirtQueue) -> Bool {
+    func processTX<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, _: S.Type) -> Bool {
         guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
-        let availIdx = ringLoad16(tx, tx.availHost, c.availAddr, SplitRing.availIdx, acquire: true)
+        let txAvail = S.Ring(c.availAddr)
+        let availIdx = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availIdx, acquire: true)
         if availIdx == tx.lastAvailIdx { return false }
         if UInt16(truncatingIfNeeded: availIdx &- tx.lastAvailIdx) > UInt16(c.num) {
             fail(tx, "avail index moved \(availIdx &- tx.lastAvailIdx) entries past last_avail_idx; the ring has \(c.num)")
@@ -153,9 +165,11 @@ extension Device {
         }
         let loopback = config.backend == .loopback
         var rxAvail: UInt16 = 0
+        var rxRing = S.Ring(0)
         if loopback {
             guard rx.state == .running, rx.ringsReady, let rc = rx.config else { return false }
-            rxAvail = ringLoad16(rx, rx.availHost, rc.availAddr, SplitRing.availIdx, acquire: true)
+            rxRing = S.Ring(rc.availAddr)
+            rxAvail = ringLoad16(rx, rx.availHost, rxRing, SplitRing.availIdx, acquire: true)
         }
         var txOld = tx.usedIdx, rxOld = rx.usedIdx
         var done = 0
@@ -163,38 +177,38 @@ extension Device {
         while tx.lastAvailIdx != availIdx && done < Device.batch {
             prefetchAhead(tx, avail: availIdx)
             if loopback { prefetchAhead(rx, avail: rxAvail) }
-            let head = ringLoad16(tx, tx.availHost, c.availAddr, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
+            let head = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
             var sent = 0
             if loopback {
                 guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break }  // no RX buffer: wait
-                let rxHead = ringLoad16(rx, rx.availHost, rc.availAddr, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
-                guard let (read, written) = copyChain(from: tx, head, to: rx, rxHead) else { break }
-                putUsed(rx, id: rxHead, len: UInt32(written))
+                let rxHead = ringLoad16(rx, rx.availHost, rxRing, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
+                guard let (read, written) = copyChain(from: tx, head, to: rx, rxHead, S.self) else { break }
+                putUsed(rx, id: rxHead, len: UInt32(written), S.Ring.self)
                 rx.lastAvailIdx &+= 1
                 rx.chains &+= 1
                 rx.bytes &+= UInt64(written)
                 sent = read
             } else {
-                guard let read = consumeChain(tx, head) else { break }
+                guard let read = consumeChain(tx, head, S.self) else { break }
                 sent = read
             }
-            putUsed(tx, id: head, len: 0)
+            putUsed(tx, id: head, len: 0, S.Ring.self)
             tx.lastAvailIdx &+= 1
             tx.chains &+= 1
             tx.bytes &+= UInt64(sent)
             done += 1
             // Hand buffers back in small groups, so the driver refills while we go on.
             if done & (Device.publishEvery - 1) == 0 {
-                publishUsed(tx, from: txOld)
-                if loopback { publishUsed(rx, from: rxOld) }
+                publishUsed(tx, from: txOld, S.Ring.self)
+                if loopback { publishUsed(rx, from: rxOld, S.Ring.self) }
                 txOld = tx.usedIdx
                 rxOld = rx.usedIdx
                 // Commands wait (a guest's invalidation, an API call): let them in.
                 if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
             }
         }
-        if tx.usedIdx != txOld { publishUsed(tx, from: txOld) }
-        if loopback && rx.usedIdx != rxOld { publishUsed(rx, from: rxOld) }
+        if tx.usedIdx != txOld { publishUsed(tx, from: txOld, S.Ring.self) }
+        if loopback && rx.usedIdx != rxOld { publishUsed(rx, from: rxOld, S.Ring.self) }
         return done > 0
     }
 
@@ -224,9 +238,10 @@ extension Device {
 
     /// Copies a TX chain's bytes into an RX chain; nil when a fault or a
     /// malformed chain stopped a queue (nothing is published then).
-    private func copyChain(from tx: VirtQueue, _ txHead: UInt16, to rx: VirtQueue, _ rxHead: UInt16) -> (Int, Int)? {
-        var src = ChainCursor(head: txHead, num: tx.config!.num)
-        var dst = ChainCursor(head: rxHead, num: rx.config!.num)
+    private func copyChain<S: DeviceSpaces>(from tx: VirtQueue, _ txHead: UInt16, to rx: VirtQueue, _ rxHead: UInt16,
+                                            _: S.Type) -> (Int, Int)? {
+        var src = ChainCursor<S>(head: txHead, num: tx.config!.num)
+        var dst = ChainCursor<S>(head: rxHead, num: rx.config!.num)
         var read = 0, written = 0
         var headerAt: UnsafeMutableRawPointer?  // where the RX frame starts, when its header fits the first segment
         while true {
@@ -251,11 +266,11 @@ extension Device {
             if !dst.writable { fail(rx, "device-readable descriptor in RX chain \(rxHead)"); return nil }
             let want = Int(min(src.left, dst.left))
             let s: Segment
-            switch segment(src.addr, want, .read, bufferSpace, &tx.bufferCache(src.addr).pointee, tx) {
+            switch segment(src.addr, want, .read, &tx.bufferCache(src.addr.raw).pointee, tx) {
             case .fault(let f): stop(tx, f); return nil
             case .ok(let seg): s = seg
             }
-            switch segment(dst.addr, s.length, .write, bufferSpace, &rx.bufferCache(dst.addr).pointee, rx) {
+            switch segment(dst.addr, s.length, .write, &rx.bufferCache(dst.addr.raw).pointee, rx) {
             case .fault(let f): stop(rx, f); return nil
             case .ok(let d):
                 d.host.copyMemory(from: s.host, byteCount: d.length)
@@ -269,8 +284,8 @@ extension Device {
     }
 
     /// Translates every byte of a TX chain (the sink backend); nil on a fault.
-    private func consumeChain(_ tx: VirtQueue, _ head: UInt16) -> Int? {
-        var chain = DescriptorChain(head: head, num: tx.config!.num)
+    private func consumeChain<S: DeviceSpaces>(_ tx: VirtQueue, _ head: UInt16, _: S.Type) -> Int? {
+        var chain = DescriptorChain<S>(head: head, num: tx.config!.num)
         var total = 0
         while true {
             switch chain.next(self, tx) {
@@ -280,7 +295,9 @@ extension Device {
                 if writable { fail(tx, "device-writable descriptor in TX chain \(head)"); return nil }
                 var off = 0
                 while off < Int(len) {
-                    switch segment(addr &+ UInt64(off), Int(len) - off, .read, bufferSpace, &tx.bufferCache(addr &+ UInt64(off)).pointee, tx) {
+                    // Within the buffer, which the chain walk checked does not pass 2^64-1.
+                    let a = S.Buffer(addr.raw &+ UInt64(off))
+                    switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return nil
                     case .ok(let s): off += s.length
                     }

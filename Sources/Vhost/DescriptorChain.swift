@@ -12,19 +12,21 @@ enum ChainError {
     case malformed(String)
 }
 
-/// One step of a walk.
-enum ChainStep {
-    case buffer(addr: UInt64, len: UInt32, writable: Bool)
+/// One step of a walk: a buffer at an address of the device's buffer space.
+enum ChainStep<Buffer: TranslatedAddress> {
+    case buffer(addr: Buffer, len: UInt32, writable: Bool)
     case end
     case error(ChainError)
 }
 
-/// The descriptors of one chain, in order, direct and indirect alike.
-struct DescriptorChain {
+/// The descriptors of one chain, in order, direct and indirect alike. The
+/// table lives in the device's ring space, the buffers (and indirect tables)
+/// in its buffer space: `S` names both.
+struct DescriptorChain<S: DeviceSpaces> {
     /// The head index, as named by the avail ring.
     let head: UInt16
     private var nextIndex: UInt16?
-    private var indirectBase: UInt64 = 0
+    private var indirectBase = S.Buffer(0)
     private var indirectCount = 0  // 0: walking the queue's own table
     private var ttl: Int
     private var sawWritable = false
@@ -36,7 +38,7 @@ struct DescriptorChain {
     }
 
     /// The next descriptor's buffer, the end, or why the walk stopped.
-    mutating func next(_ device: Device, _ vq: VirtQueue) -> ChainStep {
+    mutating func next(_ device: Device, _ vq: VirtQueue) -> ChainStep<S.Buffer> {
         while let i = nextIndex {
             ttl -= 1
             guard ttl >= 0 else { return .error(.malformed("descriptor chain from head \(head) loops or is longer than its table")) }
@@ -47,9 +49,10 @@ struct DescriptorChain {
                 }
                 d = Descriptor(addr: 0, len: 0)
                 var fault: AccessFault?
-                let at = indirectBase &+ UInt64(SplitRing.descriptor(Int(i)))
+                // The table was checked not to pass 2^64-1 when its descriptor was read.
+                let at = S.Buffer(indirectBase.raw &+ UInt64(SplitRing.descriptor(Int(i))))
                 withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-                    fault = device.copyFromGuest(at, buf.baseAddress!, 16, device.bufferSpace, &vq.bufferCache(at).pointee, vq)
+                    fault = device.copyFromGuest(at, buf.baseAddress!, 16, &vq.bufferCache(at.raw).pointee, vq)
                     if fault == nil { d = Descriptor.decode(buf.baseAddress!) }
                 }
                 if let fault { return .error(.fault(fault)) }
@@ -57,7 +60,7 @@ struct DescriptorChain {
                 guard Int(i) < vq.config!.num else {
                     return .error(.malformed("descriptor index \(i) is past the ring of \(vq.config!.num)"))
                 }
-                d = device.descriptor(vq, i)
+                d = device.descriptor(vq, i, S.Ring.self)
             }
             if d.flags & Descriptor.indirect != 0 {
                 guard indirectCount == 0 else { return .error(.malformed("nested indirect descriptor table")) }
@@ -67,7 +70,10 @@ struct DescriptorChain {
                 guard d.len >= 16, d.len % 16 == 0 else {
                     return .error(.malformed("indirect table length \(d.len) is not a positive multiple of 16"))
                 }
-                indirectBase = d.addr
+                guard !d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow else {
+                    return .error(.malformed("indirect table at 0x\(String(d.addr, radix: 16)) of \(d.len) bytes wraps past 2^64-1"))
+                }
+                indirectBase = S.Buffer(d.addr)
                 indirectCount = Int(d.len / 16)
                 ttl = indirectCount
                 nextIndex = 0
@@ -82,16 +88,16 @@ struct DescriptorChain {
                 return .error(.malformed("device-readable descriptor after a device-writable one"))
             }
             sawWritable = sawWritable || writable
-            return .buffer(addr: d.addr, len: d.len, writable: writable)
+            return .buffer(addr: S.Buffer(d.addr), len: d.len, writable: writable)
         }
         return .end
     }
 }
 
 /// A position inside a chain's buffers, for copying chain to chain.
-struct ChainCursor {
-    var chain: DescriptorChain
-    var addr: UInt64 = 0
+struct ChainCursor<S: DeviceSpaces> {
+    var chain: DescriptorChain<S>
+    var addr = S.Buffer(0)
     var left: UInt32 = 0
     var writable = false
 
@@ -113,7 +119,8 @@ struct ChainCursor {
     }
 
     mutating func advance(_ n: Int) {
-        addr &+= UInt64(n)
+        // Within the buffer `fill` returned, which does not pass 2^64-1.
+        addr = S.Buffer(addr.raw &+ UInt64(n))
         left -= UInt32(n)
     }
 }

@@ -1,10 +1,12 @@
-// Address translation for the datapath: IOVA through the IOTLB, or (IOTLB
-// off, the no-IOMMU baseline) guest-physical and user addresses through the
-// memory table; then to a host pointer. A range spanning several mappings
-// becomes several segments; callers loop. Failures are values.
+// Address translation for the datapath, one translator per address space:
+// IOVA through the IOTLB, or (IOTLB off, the no-IOMMU baseline) guest-physical
+// and user addresses through the memory table; then to a host pointer. A range
+// spanning several mappings becomes several segments; callers loop. Failures
+// are values.
 import IOTLB
 
-/// Which space a datapath address is in.
+/// Which space a datapath address is in (for faults and their messages; the
+/// datapath itself knows it from the address's type).
 public enum AddressSpace: Sendable {
     /// Translated through the device IOTLB.
     case iova
@@ -49,6 +51,88 @@ enum SegmentResult {
     case fault(AccessFault)
 }
 
+/// An address space the datapath translates through, one type each: `IOVA`
+/// through the device IOTLB, then the memory table; `GuestPhysAddr` and
+/// `UserAddr` through the memory table alone (the no-IOMMU baseline). The
+/// datapath is generic over the spaces of its rings and buffers (see
+/// `DeviceSpaces`), as vm-memory layers `IommuMemory` over `GuestMemory`:
+/// an address never changes space, and no per-access tag is checked.
+protocol TranslatedAddress: Address {
+    /// The space's name in faults and metrics.
+    static var space: AddressSpace { get }
+    /// The widest piece around `addr` that maps to one contiguous host range
+    /// with one permission: `[lo, hi]` in this space, the host address of
+    /// `lo`, the permission; or why there is none. Counts IOTLB hits and misses.
+    static func piece(_ addr: Self, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult
+}
+
+/// What `TranslatedAddress.piece` finds.
+enum PieceResult {
+    case piece(lo: UInt64, hi: UInt64, host: UnsafeMutableRawPointer, perm: Permissions)
+    case fault(AccessFault)
+}
+
+extension IOVA: TranslatedAddress {
+    static var space: AddressSpace { .iova }
+
+    static func piece(_ addr: IOVA, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
+        // The IOTLB's own look-up (as `GET …/iotlb/translate` makes it): the
+        // entry, its permission and where the address lands.
+        switch device.iotlb.lookup(addr, access: access) {
+        case .miss:
+            device.counters.misses &+= 1; vq.misses &+= 1
+            return .fault(.miss(iova: addr, perm: access))
+        case .denied:
+            return .fault(.denied(iova: addr, perm: access))
+        case .mapped(let e, let uaddr):
+            device.counters.hits &+= 1; vq.hits &+= 1
+            // Verify-on-update keeps every entry backed; a miss here would be a bug, reported as a bad address.
+            guard let span = device.regions.find(uaddr.raw, user: true) else { return .fault(.badAddress(addr.raw, .iova)) }
+            // The IOVAs where this entry and this region overlap.
+            let lo = addr.raw &- min(uaddr.raw &- span.first, addr.raw &- e.range.first.raw)
+            let hi = addr.raw &+ min(span.last &- uaddr.raw, e.range.last.raw &- addr.raw)
+            return .piece(lo: lo, hi: hi, host: span.host + Int(uaddr.raw &- span.first) - Int(addr.raw &- lo), perm: e.perm)
+        }
+    }
+}
+
+extension GuestPhysAddr: TranslatedAddress {
+    static var space: AddressSpace { .guestPhys }
+
+    static func piece(_ addr: GuestPhysAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
+        guard let span = device.regions.find(addr.raw, user: false) else { return .fault(.badAddress(addr.raw, .guestPhys)) }
+        return .piece(lo: span.first, hi: span.last, host: span.host, perm: .readWrite)
+    }
+}
+
+extension UserAddr: TranslatedAddress {
+    static var space: AddressSpace { .user }
+
+    static func piece(_ addr: UserAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
+        guard let span = device.regions.find(addr.raw, user: true) else { return .fault(.badAddress(addr.raw, .user)) }
+        return .piece(lo: span.first, hi: span.last, host: span.host, perm: .readWrite)
+    }
+}
+
+/// The spaces a device's rings and buffers live in, chosen once per device:
+/// the datapath is specialized for each pair.
+protocol DeviceSpaces {
+    associatedtype Ring: TranslatedAddress
+    associatedtype Buffer: TranslatedAddress
+}
+
+/// IOTLB on: rings and buffers are IOVAs.
+enum ThroughIOTLB: DeviceSpaces {
+    typealias Ring = IOVA
+    typealias Buffer = IOVA
+}
+
+/// IOTLB off: rings at the front-end's user addresses, buffers at guest-physical ones.
+enum ThroughMemoryTable: DeviceSpaces {
+    typealias Ring = UserAddr
+    typealias Buffer = GuestPhysAddr
+}
+
 extension Device {
     /// A tag that changes whenever a cached translation may have gone stale:
     /// an IOTLB entry left, or the memory table was replaced.
@@ -57,66 +141,49 @@ extension Device {
 
     /// Host memory for up to `length` (>= 1) bytes at `addr`, needing `access`.
     @inline(__always)
-    func segment(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
-                 _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
-        if addr >= cache.first && addr <= cache.last && cache.generation == translationGeneration
+    func segment<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
+                                       _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
+        let a = addr.raw
+        if a >= cache.first && a <= cache.last && cache.generation == translationGeneration
             && cache.perm.contains(access) {
-            if space == .iova { counters.hits &+= 1; vq.hits &+= 1 }
-            let leftMinusOne = cache.last &- addr
+            if A.space == .iova { counters.hits &+= 1; vq.hits &+= 1 }
+            let leftMinusOne = cache.last &- a
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
-            return .ok(Segment(host: cache.host! + Int(addr &- cache.first), length: n))
+            return .ok(Segment(host: cache.host! + Int(a &- cache.first), length: n))
         }
-        return slowSegment(addr, length, access, space, &cache, vq)
+        return slowSegment(addr, length, access, &cache, vq)
     }
 
     @inline(never)
-    func slowSegment(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
-                     _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
+    func slowSegment<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
+                                           _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
         guard regions.count > 0 else {
-            if space == .iova { counters.misses &+= 1; vq.misses &+= 1; return .fault(.miss(iova: IOVA(addr), perm: access)) }
-            return .fault(.badAddress(addr, space))
-        }
-        var lo: UInt64, hi: UInt64, host: UnsafeMutableRawPointer, perm: Permissions
-        switch space {
-        case .iova:
-            guard let e = iotlb.entry(containing: IOVA(addr)) else {
+            if A.space == .iova {
                 counters.misses &+= 1; vq.misses &+= 1
-                return .fault(.miss(iova: IOVA(addr), perm: access))
+                return .fault(.miss(iova: IOVA(addr.raw), perm: access))
             }
-            guard e.perm.contains(access) else { return .fault(.denied(iova: IOVA(addr), perm: access)) }
-            counters.hits &+= 1; vq.hits &+= 1
-            let uaddr = e.uaddr.raw &+ (addr &- e.range.first.raw)
-            // Verify-on-update keeps every entry backed; a miss here would be a bug, reported as a bad address.
-            guard let span = regions.find(uaddr, user: true) else { return .fault(.badAddress(addr, space)) }
-            // The IOVAs where this entry and this region overlap.
-            lo = addr &- min(uaddr &- span.first, addr &- e.range.first.raw)
-            hi = addr &+ min(span.last &- uaddr, e.range.last.raw &- addr)
-            host = span.host + Int(uaddr &- span.first) - Int(addr &- lo)
-            perm = e.perm
-        case .guestPhys, .user:
-            guard let span = regions.find(addr, user: space == .user) else { return .fault(.badAddress(addr, space)) }
-            lo = span.first
-            hi = span.last
-            host = span.host
-            perm = .readWrite
+            return .fault(.badAddress(addr.raw, A.space))
         }
-        cache = TranslationCache(first: lo, last: hi, host: host, perm: perm, generation: translationGeneration)
-        let leftMinusOne = hi &- addr
-        let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
-        return .ok(Segment(host: host + Int(addr &- lo), length: n))
+        switch A.piece(addr, access, on: self, vq) {
+        case .fault(let f): return .fault(f)
+        case .piece(let lo, let hi, let host, let perm):
+            cache = TranslationCache(first: lo, last: hi, host: host, perm: perm, generation: translationGeneration)
+            let leftMinusOne = hi &- addr.raw
+            let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
+            return .ok(Segment(host: host + Int(addr.raw &- lo), length: n))
+        }
     }
 
     /// Translates `[addr, addr+length)` piece by piece with `access`, calling
     /// `body(segment, offset)` for each; the first fault stops the walk.
     @inline(__always)
-    func walkSegments(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
-                      _ cache: inout TranslationCache, _ vq: VirtQueue,
-                      _ body: (Segment, Int) -> Void) -> AccessFault? {
+    func walkSegments<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
+                                            _ cache: inout TranslationCache, _ vq: VirtQueue,
+                                            _ body: (Segment, Int) -> Void) -> AccessFault? {
         var done = 0
         while done < length {
-            let (a, o) = addr.addingReportingOverflow(UInt64(done))
-            if o { return .badAddress(addr, space) }
-            switch segment(a, length - done, access, space, &cache, vq) {
+            guard let a = addr.checkedAdd(UInt64(done)) else { return .badAddress(addr.raw, A.space) }
+            switch segment(a, length - done, access, &cache, vq) {
             case .fault(let f): return f
             case .ok(let s):
                 body(s, done)
@@ -127,28 +194,28 @@ extension Device {
     }
 
     /// Copies `length` bytes of guest memory at `addr` to `dst`.
-    func copyFromGuest(_ addr: UInt64, _ dst: UnsafeMutableRawPointer, _ length: Int, _ space: AddressSpace,
-                       _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
-        walkSegments(addr, length, .read, space, &cache, vq) { s, done in
+    func copyFromGuest<A: TranslatedAddress>(_ addr: A, _ dst: UnsafeMutableRawPointer, _ length: Int,
+                                             _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
+        walkSegments(addr, length, .read, &cache, vq) { s, done in
             (dst + done).copyMemory(from: s.host, byteCount: s.length)
         }
     }
 
     /// Copies `length` bytes from `src` into guest memory at `addr`.
-    func copyToGuest(_ addr: UInt64, _ src: UnsafeRawPointer, _ length: Int, _ space: AddressSpace,
-                     _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
-        walkSegments(addr, length, .write, space, &cache, vq) { s, done in
+    func copyToGuest<A: TranslatedAddress>(_ addr: A, _ src: UnsafeRawPointer, _ length: Int,
+                                           _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
+        walkSegments(addr, length, .write, &cache, vq) { s, done in
             s.host.copyMemory(from: src + done, byteCount: s.length)
         }
     }
 
     /// Checks that all of `[addr, addr+length)` translates with `access`;
     /// returns the host pointer when it is one contiguous piece.
-    func checkRange(_ addr: UInt64, _ length: Int, _ access: Permissions, _ space: AddressSpace,
-                    _ vq: VirtQueue) -> (contiguous: UnsafeMutableRawPointer?, fault: AccessFault?) {
+    func checkRange<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
+                                          _ vq: VirtQueue) -> (contiguous: UnsafeMutableRawPointer?, fault: AccessFault?) {
         var cache = TranslationCache()
         var first: UnsafeMutableRawPointer?
-        let fault = walkSegments(addr, length, access, space, &cache, vq) { s, done in
+        let fault = walkSegments(addr, length, access, &cache, vq) { s, done in
             if done == 0 && s.length == length { first = s.host }
         }
         return fault.map { (nil, $0) } ?? (first, nil)

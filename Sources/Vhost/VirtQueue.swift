@@ -220,15 +220,21 @@ public final class VirtQueue {
 
 // MARK: Ring field access, after a successful prefetch of the round.
 
-extension Device {
-    /// The space ring addresses live in: IOVAs with the IOTLB on, user addresses without.
-    @inline(__always) var ringSpace: AddressSpace { config.iotlb ? .iova : .user }
-    /// The space descriptor addresses live in: IOVAs with the IOTLB on, guest-physical without.
-    @inline(__always) var bufferSpace: AddressSpace { config.iotlb ? .iova : .guestPhys }
-
+extension VringConfig {
+    /// The descriptor table, avail and used rings as addresses of `R`, the
+    /// space the device reads them in (IOVAs, or user addresses without IOTLB).
     @inline(__always)
-    func ringLoad16(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: UInt64, _ offset: Int,
-                    acquire: Bool = false) -> UInt16 {
+    func areas<R: Address>(_: R.Type) -> (desc: R, avail: R, used: R) { (R(descAddr), R(availAddr), R(usedAddr)) }
+}
+
+/// `offset` bytes into a ring area: `problem()` refused any ring passing 2^64-1.
+@inline(__always)
+func ringField<R: Address>(_ base: R, _ offset: Int) -> R { R(base.raw &+ UInt64(offset)) }
+
+extension Device {
+    @inline(__always)
+    func ringLoad16<R: TranslatedAddress>(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: R, _ offset: Int,
+                                          acquire: Bool = false) -> UInt16 {
         if let host {
             // SAFETY: prefetch checked the whole area maps to this contiguous host range.
             let p = host + offset
@@ -236,15 +242,15 @@ extension Device {
         }
         var v: UInt16 = 0
         _ = withUnsafeMutableBytes(of: &v) {
-            copyFromGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache.pointee, vq)
+            copyFromGuest(ringField(base, offset), $0.baseAddress!, 2, &vq.ringCache.pointee, vq)
         }
         if acquire { CRingAtomics_fence_acquire() }
         return UInt16(littleEndian: v)
     }
 
     @inline(__always)
-    func ringStore16(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: UInt64, _ offset: Int, _ value: UInt16,
-                     release: Bool = false) {
+    func ringStore16<R: TranslatedAddress>(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: R, _ offset: Int,
+                                           _ value: UInt16, release: Bool = false) {
         if let host {
             let p = host + offset
             if release { CRingAtomics_store_release_u16(p, value.littleEndian) } else {
@@ -255,17 +261,17 @@ extension Device {
         if release { CRingAtomics_fence_release() }
         var v = value.littleEndian
         _ = withUnsafeBytes(of: &v) {
-            copyToGuest(base &+ UInt64(offset), $0.baseAddress!, 2, ringSpace, &vq.ringCache.pointee, vq)
+            copyToGuest(ringField(base, offset), $0.baseAddress!, 2, &vq.ringCache.pointee, vq)
         }
     }
 
     /// Descriptor `i` of the queue's table (`i` < num).
     @inline(__always)
-    func descriptor(_ vq: VirtQueue, _ i: UInt16) -> Descriptor {
+    func descriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ i: UInt16, _: R.Type) -> Descriptor {
         if let host = vq.descHost { return Descriptor.decode(host + SplitRing.descriptor(Int(i))) }
         var d = Descriptor(addr: 0, len: 0)
         withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-            _ = copyFromGuest(vq.config!.descAddr &+ UInt64(SplitRing.descriptor(Int(i))), buf.baseAddress!, 16, ringSpace,
+            _ = copyFromGuest(ringField(R(vq.config!.descAddr), SplitRing.descriptor(Int(i))), buf.baseAddress!, 16,
                               &vq.ringCache.pointee, vq)
             d = Descriptor.decode(buf.baseAddress!)
         }
@@ -274,7 +280,7 @@ extension Device {
 
     /// Writes used element `(id, len)` at the queue's current used index (not yet published).
     @inline(__always)
-    func putUsed(_ vq: VirtQueue, id: UInt16, len: UInt32) {
+    func putUsed<R: TranslatedAddress>(_ vq: VirtQueue, id: UInt16, len: UInt32, _: R.Type) {
         let slot = Int(vq.usedIdx) & (vq.config!.num - 1)
         let offset = SplitRing.usedElement(slot)
         if let host = vq.usedHost {
@@ -283,7 +289,7 @@ extension Device {
         } else {
             var elem = (UInt32(id).littleEndian, len.littleEndian)
             _ = withUnsafeBytes(of: &elem) {
-                copyToGuest(vq.config!.usedAddr &+ UInt64(offset), $0.baseAddress!, 8, ringSpace, &vq.ringCache.pointee, vq)
+                copyToGuest(ringField(R(vq.config!.usedAddr), offset), $0.baseAddress!, 8, &vq.ringCache.pointee, vq)
             }
         }
         vq.usedIdx &+= 1
@@ -291,17 +297,18 @@ extension Device {
 
     /// Publishes the used index (release: elements first) and, with EVENT_IDX,
     /// decides whether the driver asked to be notified.
-    func publishUsed(_ vq: VirtQueue, from old: UInt16) {
+    func publishUsed<R: TranslatedAddress>(_ vq: VirtQueue, from old: UInt16, _: R.Type) {
         guard let c = vq.config else { return }
-        ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.usedIdx, vq.usedIdx, release: true)
+        let ring = c.areas(R.self)
+        ringStore16(vq, vq.usedHost, ring.used, SplitRing.usedIdx, vq.usedIdx, release: true)
         if c.eventIdx {
-            ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.availEvent(num: c.num), vq.lastAvailIdx)
+            ringStore16(vq, vq.usedHost, ring.used, SplitRing.availEvent(num: c.num), vq.lastAvailIdx)
             CRingAtomics_fence_seq_cst()
-            let usedEvent = ringLoad16(vq, vq.availHost, c.availAddr, SplitRing.usedEvent(num: c.num))
+            let usedEvent = ringLoad16(vq, vq.availHost, ring.avail, SplitRing.usedEvent(num: c.num))
             // vring_need_event: notify when used_event lies in (old, new].
             if vq.usedIdx &- usedEvent &- 1 < vq.usedIdx &- old { notify(vq) }
         } else {
-            let flags = ringLoad16(vq, vq.availHost, c.availAddr, SplitRing.availFlags)
+            let flags = ringLoad16(vq, vq.availHost, ring.avail, SplitRing.availFlags)
             if flags & 1 == 0 { notify(vq) }  // VRING_AVAIL_F_NO_INTERRUPT clear
         }
     }
@@ -319,7 +326,11 @@ extension Device {
 
     /// VRING_USED_F_NO_NOTIFY while the worker polls, clear when it wants kicks.
     func writeUsedFlags(_ vq: VirtQueue) {
+        if config.iotlb { writeUsedFlags(vq, ThroughIOTLB.Ring.self) } else { writeUsedFlags(vq, ThroughMemoryTable.Ring.self) }
+    }
+
+    func writeUsedFlags<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) {
         guard let c = vq.config, !c.eventIdx else { return }
-        ringStore16(vq, vq.usedHost, c.usedAddr, SplitRing.usedFlags, kicksWanted ? 0 : 1)
+        ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.usedFlags, kicksWanted ? 0 : 1)
     }
 }
