@@ -46,8 +46,8 @@ extension APIError {
         case .uaddrNotMapped(let i):
             self.init(422, "uaddr_not_mapped", "the range [uaddr, uaddr+size) is not wholly backed by the memory table",
                       field: at(i, "uaddr"))
-        case .rangeOverflow(let i, let f):
-            self.init(422, "range_overflow", "\(f)+size passes 2^64-1", field: at(i, f))
+        case .uaddrRangeOverflow(let i):
+            self.init(422, "range_overflow", "uaddr+size passes 2^64-1", field: at(i, "uaddr"))
         case .invalidMemTable(let m):
             self = APIError(memTable: m)
         case .memoryUnavailable(let why):

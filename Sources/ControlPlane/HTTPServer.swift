@@ -45,6 +45,8 @@ public struct ServerStartError: Error, CustomStringConvertible {
 }
 
 /// A raw C pointer carried across threads; libmicrohttpd allows resume from any thread.
+/// SAFETY: a suspended connection stays valid until it is resumed (and its
+/// completion callback runs), and every one is resumed exactly once.
 private struct ConnectionRef: @unchecked Sendable { let raw: OpaquePointer }
 
 /// Per-request state, owned by libmicrohttpd's `con_cls` slot.
@@ -124,6 +126,9 @@ public final class HTTPServer: @unchecked Sendable {
         } else {
             throw ServerStartError(description: "cannot listen on \"\(options.host)\": not an IPv4 or IPv6 address")
         }
+        // SAFETY: the daemon is stopped in `stop()`/deinit before the server
+        // goes, so callbacks never see a dead server; each connection's state
+        // is retained into `con_cls` and released once, when it completes.
         let me = Unmanaged.passUnretained(self).toOpaque()
         let completed: MHD_RequestCompletedCallback = { _, _, conCls, _ in
             guard let slot = conCls, let p = slot.pointee else { return }

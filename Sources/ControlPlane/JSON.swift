@@ -56,6 +56,8 @@ extension JSON {
     public static func parse(_ bytes: [UInt8]) throws(JSONSyntaxError) -> JSON {
         var err = json_error_t()
         let flags = Int(JSON_REJECT_DUPLICATES) | Int(JSON_DECODE_ANY)
+        // SAFETY: jansson hands back one reference, dropped (json_decref) once
+        // the tree is converted; nothing keeps a json_t past this function.
         let root: UnsafeMutablePointer<json_t>? = bytes.withUnsafeBytes { buf in
             json_loadb(buf.baseAddress?.assumingMemoryBound(to: CChar.self), buf.count, flags, &err)
         }

@@ -102,7 +102,7 @@ extension JSON {
             ("used_idx", .count(v.usedIdx)),
         ]
         if let p = v.pending {
-            pairs.append(("pending_miss", ["seq": .count(p.seq), "type": .string(p.kind), "iova": .hex(p.iova),
+            pairs.append(("pending_miss", ["seq": .count(p.seq), "type": .string(p.kind.rawValue), "iova": .hex(p.iova.raw),
                                            "perm": .string(p.perm.description)]))
         }
         if let why = v.failure { pairs.append(("error", .string(why))) }

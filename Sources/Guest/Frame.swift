@@ -13,6 +13,8 @@ enum Frame {
     }
 
     /// Writes frame `seq` with `payload` bytes at `p` (header first).
+    /// SAFETY: `p` is a buffer slot of the guest's memory, at least
+    /// `headerBytes + payload` long (the workload sizes slots so).
     static func write(_ p: UnsafeMutableRawPointer, seq: UInt64, payload: Int) {
         p.initializeMemory(as: UInt8.self, repeating: 0, count: headerBytes)
         let body = p + headerBytes
@@ -26,6 +28,8 @@ enum Frame {
     }
 
     /// Whether `length` bytes at `p` are exactly frame `seq` with `payload` bytes.
+    /// SAFETY: `p` is a buffer slot of at least `headerBytes + payload` bytes;
+    /// nothing is read unless `length` (the device's word) is exactly that.
     static func verify(_ p: UnsafeRawPointer, length: Int, seq: UInt64, payload: Int) -> Bool {
         guard length == headerBytes + payload else { return false }
         for i in 0..<headerBytes where p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }

@@ -14,8 +14,9 @@ final class TicketCounter: Sendable {
 
 /// The guest thread's own state: rings, slots, counters. Touched only by that thread.
 final class GuestRun {
-    // The run lives inside its workload's thread; unowned(unsafe): no reference
-    // counting on every access from the loop.
+    // SAFETY: the run lives inside its workload's thread, which the workload
+    // joins before it goes; unowned(unsafe): no reference counting on every
+    // access from the loop.
     unowned(unsafe) let workload: Workload
     let config: WorkloadConfig
     let memory: GuestPhysicalMemory

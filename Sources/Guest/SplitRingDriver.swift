@@ -62,6 +62,8 @@ public struct UsedElement: Sendable, Equatable {
 /// A driver for one split ring in guest memory.
 public final class SplitRingDriver: @unchecked Sendable {
     public let layout: RingLayout
+    // SAFETY: the three areas point into the guest memory the driver was made
+    // with, which outlives it (the workload or test owns both).
     private let desc: UnsafeMutableRawPointer
     private let avail: UnsafeMutableRawPointer
     private let used: UnsafeMutableRawPointer

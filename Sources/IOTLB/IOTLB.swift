@@ -242,6 +242,7 @@ public final class IOTLB {
         let n = searchCount
         while k <= n {
             // The Bool's bits, not a branch (the compiler would otherwise branch here).
+            // SAFETY: a Bool is one byte holding 0 or 1.
             k = 2 &* k &+ Int(unsafeBitCast(searchKeys[k] <= key, to: UInt8.self))
         }
         k = k >> (k.trailingZeroBitCount + 1)

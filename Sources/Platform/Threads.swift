@@ -16,6 +16,7 @@ public func startDetachedThread(name: String, _ body: @escaping @Sendable () -> 
 public func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {
     var thread = pthread_t()
     let comm = Array(name.utf8.prefix(15))
+    // SAFETY: retained once here, taken (released) once by the new thread.
     let box = Unmanaged.passRetained(ThreadBody {
         // pthread_setname_np is hidden behind _GNU_SOURCE; the file is the same knob.
         let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)

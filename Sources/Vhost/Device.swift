@@ -48,7 +48,9 @@ public final class Device {
     public let iotlb: IOTLB
     /// Guest memory and its table, once set.
     public private(set) var memory: GuestMemory?
-    /// The queues without reference counting, for the datapath (`queues` owns them).
+    /// The queues without reference counting, for the datapath.
+    /// SAFETY: `queues` owns them for the device's whole life, so the
+    /// datapath may borrow them (`_withUnsafeGuaranteedRef`) without a count.
     let queueRefs: UnsafeMutablePointer<Unmanaged<VirtQueue>>
     /// The virtqueues: even index RX, odd TX.
     public let queues: [VirtQueue]
@@ -73,8 +75,9 @@ public final class Device {
         var counters = IOTLBStats()
         /// Frames cut short because the RX chain was smaller than the TX frame.
         var truncatedFrames: UInt64 = 0
-        /// The worker that owns the device (it outlives the device). Unmanaged:
-        /// read on the datapath, where a reference count would cost per batch.
+        /// The worker that owns the device. Unmanaged: read on the datapath,
+        /// where a reference count would cost per batch. SAFETY: a worker
+        /// outlives every device it owns (the engine stops devices first).
         var owner: Unmanaged<DatapathWorker>?
         /// Answers misses on the worker when set (see `MissResolver`).
         var missResolver: MissResolver?
@@ -181,7 +184,7 @@ public final class Device {
         try requireIOTLB()
         guard let table = memTable else { throw .noMemTable }
         for (i, e) in entries.enumerated() {
-            guard let ur = e.uaddrRange else { throw .rangeOverflow(index: i, field: "uaddr") }
+            guard let ur = e.uaddrRange else { throw .uaddrRangeOverflow(index: i) }
             guard table.isBacked(ur) else { throw .uaddrNotMapped(index: i) }
         }
         var report = UpdateReport()

@@ -7,8 +7,8 @@ public enum EngineError: Error, Equatable, Sendable {
     case noMemTable
     /// `entries[index]`'s user range is not wholly backed by the memory table.
     case uaddrNotMapped(index: Int)
-    /// `entries[index].field` makes a range wrap past 2^64-1 (or is empty).
-    case rangeOverflow(index: Int, field: String)
+    /// `entries[index]`'s user range, uaddr+size, wraps past 2^64-1.
+    case uaddrRangeOverflow(index: Int)
     /// The memory table was refused.
     case invalidMemTable(MemoryTableError)
     /// The memory could not be mapped.

@@ -8,6 +8,9 @@ import Platform
 final class RegionMapping: @unchecked Sendable {
     let region: MemoryRegion
     /// The region's first byte.
+    /// SAFETY: mapped in init, unmapped in deinit only: valid while this
+    /// object lives (the device holds it while any queue may use it). A
+    /// front-end shrinking its file under us is caught by the SIGBUS guard.
     let base: UnsafeMutableRawPointer
     let length: Int
     let huge: Bool

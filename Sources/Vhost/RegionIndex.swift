@@ -12,6 +12,10 @@ struct RegionSpan {
 
 /// Sorted spans by guest-physical and by user address. Owned by one Device;
 /// `free()` when replaced.
+///
+/// SAFETY: the span arrays are allocated here and freed by `free()` exactly
+/// once (the device's memory replacement or deinit); their host pointers
+/// point into the device's `GuestMemory`, which is replaced together with them.
 struct RegionIndex {
     private(set) var count = 0
     private var byGPA: UnsafeMutablePointer<RegionSpan>?

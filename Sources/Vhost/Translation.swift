@@ -38,6 +38,9 @@ public struct Segment {
 struct TranslationCache {
     var first: UInt64 = 1
     var last: UInt64 = 0          // first > last: empty
+    // SAFETY: points into the device's guest memory; used only while
+    // `generation` equals the device's translation generation, which moves
+    // when an IOTLB entry leaves or the memory table (and its mapping) goes.
     var host: UnsafeMutableRawPointer? = nil  // host address of `first`
     var perm: Permissions = []
     var generation: UInt64 = .max

@@ -91,7 +91,7 @@ public struct VringSnapshot: Sendable, Equatable {
     public var lastAvailIdx: UInt16
     public var usedIdx: UInt16
     /// The outstanding miss or access failure: seq, kind, iova, perm.
-    public var pending: (seq: UInt64, kind: String, iova: UInt64, perm: Permissions)?
+    public var pending: (seq: UInt64, kind: MissEvent.Kind, iova: IOVA, perm: Permissions)?
     public var failure: String?
     /// While the queue waits for a translation: since when (monotonic ns).
     public var waitingSince: UInt64?
@@ -178,7 +178,8 @@ public final class VirtQueue {
 
     /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
     /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep
-    /// theirs instead of evicting one another's.
+    /// theirs instead of evicting one another's. SAFETY: allocated and
+    /// initialized in init, freed in deinit; touched by the worker only.
     let bufferCaches = UnsafeMutablePointer<TranslationCache>.allocate(capacity: VirtQueue.bufferCacheSlots)
     static let bufferCacheSlots = 16
 
@@ -211,7 +212,7 @@ public final class VirtQueue {
 
     var snapshot: VringSnapshot {
         VringSnapshot(index: index, config: config, state: state, lastAvailIdx: lastAvailIdx, usedIdx: usedIdx,
-                      pending: pending.map { ($0.seq, $0.kind.rawValue, $0.iova.raw, $0.perm) }, failure: failure,
+                      pending: pending.map { ($0.seq, $0.kind, $0.iova, $0.perm) }, failure: failure,
                       waitingSince: state == .waitingIOTLB ? pending?.waitingSince : nil,
                       hits: hits, misses: misses, accessFailures: accessFailures, chains: chains, bytes: bytes,
                       notifications: notifications)

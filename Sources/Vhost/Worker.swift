@@ -27,7 +27,9 @@ public final class DatapathWorker: @unchecked Sendable {
     /// The devices again, without reference counting, for the polling loop.
     ///
     /// SAFETY: touched only on the worker thread, like `devices`. Behind a
-    /// pointer, the loop pays no run-time exclusivity check per round.
+    /// pointer, the loop pays no run-time exclusivity check per round. The
+    /// devices are unretained: `devices` owns them, and the list is rebuilt
+    /// whenever that changes.
     private struct PollList {
         var devices = UnsafeMutablePointer<Unmanaged<Device>>.allocate(capacity: 1)
         var count = 0

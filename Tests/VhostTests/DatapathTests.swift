@@ -107,8 +107,8 @@ import Platform
         for n in 0...1 {
             let v = g.vring(n)
             #expect(v.state == .waitingIOTLB)
-            #expect(v.pending?.kind == "miss" && v.pending?.perm == .read)
-            #expect(v.pending?.iova == g.ringAddr(n == 0 ? g.rx.layout.descGPA : g.tx.layout.descGPA))
+            #expect(v.pending?.kind == .miss && v.pending?.perm == .read)
+            #expect(v.pending?.iova.raw == g.ringAddr(n == 0 ? g.rx.layout.descGPA : g.tx.layout.descGPA))
         }
         #expect(g.handle.missLog.outstandingCount == 2)
         // Map RX's desc table only: RX moves on to miss at its avail ring; TX keeps waiting, no duplicate.
@@ -161,7 +161,7 @@ import Platform
         #expect(used?.len == 64)
         let states = handle.performSync { d in d!.queues.map { $0.snapshot.state } }
         #expect(states == [.running, .running, .running, .waitingIOTLB])
-        #expect(handle.performSync { $0!.queues[3].snapshot.pending?.iova } == 0x150000 + off)
+        #expect(handle.performSync { $0!.queues[3].snapshot.pending?.iova.raw } == 0x150000 + off)
         // Resolve it: queue 3 resumes and delivers.
         let entry = IOTLBEntry(range: AddressRange(start: IOVA(off + 0x150000), size: 0x1000)!,
                                uaddr: UserAddr(FakeGuest.uaddrBase + 0x150000), perm: .read)
@@ -197,7 +197,7 @@ import Platform
         g.rx.offer(1)
         g.tx.offer(0)
         #expect(g.waitFor("tx to miss") { $0.queues[1].state == .waitingIOTLB })
-        #expect(g.vring(1).pending?.iova == frameIOVA)
+        #expect(g.vring(1).pending?.iova.raw == frameIOVA)
         #expect(g.read(0x201000, 64) != secret)
         #expect(g.rx.takeUsed() == nil)
         // The same IOVA now maps to new memory: the frame carries the new bytes.
@@ -220,7 +220,7 @@ import Platform
         try g.setVring(1, g.tx)
         let v = g.vring(1)
         #expect(v.state == .failed)
-        #expect(v.pending?.kind == "access_fail" && v.pending?.perm == .write)
+        #expect(v.pending?.kind == .accessFail && v.pending?.perm == .write)
         #expect(g.vring(0).state == .running)
         #expect(g.stats().accessFailures == 1)
         let answer = g.handle.missLog.events(after: 0, limit: 10)
@@ -249,7 +249,7 @@ import Platform
         g.tx.offer(0)
         #expect(g.waitFor("rx to fail") { $0.queues[0].state == .failed })
         #expect(g.read(0x200000, 128) == [UInt8](repeating: 0xEE, count: 128))
-        #expect(g.vring(0).pending?.kind == "access_fail")
+        #expect(g.vring(0).pending?.kind == .accessFail)
     }
 
     @Test func malformedChainsFailTheQueueNotTheDaemon() throws {
