@@ -66,7 +66,7 @@ let package = Package(
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
         .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
-        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],
     swiftLanguageModes: [.v6]

@@ -32,6 +32,7 @@ GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 QEMU_TIMEOUT = 60    # seconds per boot; one takes 8–30 s here
 FRAMES = 500         # per frame size (60 and 1514 bytes) and phase
 ACCESS_PLATFORM = 1 << 33
+RING_PACKED = 1 << 34
 BACKEND_REQ = 1 << 5  # protocol feature: the channel misses go to QEMU on
 COUNTERS = re.compile(r"^QG counters phase=(\d) iommu=(\S+) ats=(\d) up=([\d.]+) (.*)$")
 
@@ -86,7 +87,7 @@ class QemuGuest(unittest.TestCase):
         else:
             shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def boot(self, name, sock, mode, after_phase1=None):
+    def boot(self, name, sock, mode, after_phase1=None, packed=False):
         """Boots the guest (run.sh SOCK MODE) until it powers off, QEMU_TIMEOUT at
         most; calls `after_phase1()` once the first counters line shows.
         Returns the console's phases and the console text.
@@ -96,7 +97,7 @@ class QemuGuest(unittest.TestCase):
         kernel's boot, before any virtio driver and so before iotlbd has a part
         (TCG; QEMU's -d cpu_reset log, kept with KEEP_QEMU_LOGS, shows the reset)."""
         for attempt in (1, 2):
-            proc, timed_out, text = self.boot_once(f"{name}-{attempt}", sock, mode, after_phase1)
+            proc, timed_out, text = self.boot_once(f"{name}-{attempt}", sock, mode, after_phase1, packed)
             if timed_out or proc.returncode != 0 or "QG init" in text or attempt == 2:
                 break
             sys.stderr.write(f"[{mode}: the guest reset before /init, booting again] ")
@@ -115,9 +116,11 @@ class QemuGuest(unittest.TestCase):
         self.assertTrue(done, f"the guest did not finish:\n{text[-4000:]}")
         return phases, text
 
-    def boot_once(self, tag, sock, mode, after_phase1):
+    def boot_once(self, tag, sock, mode, after_phase1, packed=False):
         console = os.path.join(self.tmp, f"{tag}-console.log")
         env = dict(os.environ, QG_FRAMES=str(FRAMES))
+        if packed:
+            env["QG_PACKED"] = "1"
         t0 = time.time()
         with open(console, "w") as log:
             # run.sh execs QEMU: the process is QEMU itself.
@@ -186,18 +189,18 @@ class QemuGuest(unittest.TestCase):
         self.assertIn("```sh\n" + out + "```", read_text(os.path.join(ROOT, "README.md")),
                       "README \"Use with QEMU\" and scripts/qemu-guest/run.sh disagree")
 
-    def run_viommu(self, mode, iommu_type):
+    def run_viommu(self, mode, iommu_type, packed=False):
         """Boots with an Intel vIOMMU (`mode` strict or lazy) against a device with
         the IOTLB on: misses forwarded to QEMU, updates and invalidations from it,
         traffic both ways before and after a driver reload. Returns the IOTLB stats."""
-        name = f"qemu-{mode}"
+        name = f"qemu-{mode}" + ("-packed" if packed else "")
         sock = self.daemon.vhost_user_device(name, True, self.tmp)
         mid = {}
 
         def snapshot():
             mid.update(self.daemon.call("GET", f"/v1/devices/{name}/iotlb/stats")[1])
 
-        phases, text = self.boot(mode, sock, mode, after_phase1=snapshot)
+        phases, text = self.boot(name.removeprefix("qemu-"), sock, mode, after_phase1=snapshot, packed=packed)
         self.check_traffic(phases, iommu_type, text)
         dev = self.finished_device(name)
         vu = dev["vhost_user"]
@@ -206,6 +209,7 @@ class QemuGuest(unittest.TestCase):
                          f"misses {stats['misses']} forwarded {vu['misses_forwarded']} hits {stats['hits']} "
                          f"miss resolution p50 {stats['miss_resolution_us']['p50']} us] ")
         self.assertTrue(int(vu["features"], 16) & ACCESS_PLATFORM, f"ACCESS_PLATFORM not negotiated: {vu}")
+        self.assertEqual(bool(int(vu["features"], 16) & RING_PACKED), packed, f"packed rings negotiated? {vu}")
         self.assertTrue(int(vu["protocol_features"], 16) & BACKEND_REQ, f"no backend channel: {vu}")
         self.assertGreater(stats["updates"], 0)
         self.assertGreater(stats["invalidations"], 0)
@@ -240,6 +244,12 @@ class QemuGuest(unittest.TestCase):
         and then, far fewer invalidations than misses."""
         stats = self.run_viommu("lazy", "DMA-FQ")
         self.assertLess(stats["invalidations"], stats["misses"] // 4)
+
+    def test_viommu_strict_packed(self):
+        """The strict case with packed virtqueues (virtio-net-pci packed=on):
+        the same checks, through the packed ring's descriptors and event areas."""
+        stats = self.run_viommu("strict", "DMA", packed=True)
+        self.assertGreater(stats["invalidations"], stats["misses"] // 2)
 
     def test_no_viommu(self):
         """No vIOMMU, device IOTLB off: guest-physical addresses, no IOTLB traffic."""

@@ -104,6 +104,7 @@ final class ConfigStore: Sendable {
                                        ("avail_addr", .hex(v.availAddr)), ("used_addr", .hex(v.usedAddr)),
                                        ("enabled", .bool(v.enabled)), ("event_idx", .bool(v.eventIdx))]
             if let b = v.lastAvailIdx { p.append(("last_avail_idx", .count(b))) }
+            if v.packed { p.append(("packed", .bool(true))) }
             return .object(p)
         })))
         if let w = d.workload {

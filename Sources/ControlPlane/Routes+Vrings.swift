@@ -45,19 +45,20 @@ extension ControlPlane {
         }
     }
 
-    /// `{"num","desc_addr","avail_addr","used_addr","enabled"?,"event_idx"?,"last_avail_idx"?}`;
+    /// `{"num","desc_addr","avail_addr","used_addr","enabled"?,"event_idx"?,"last_avail_idx"?,"packed"?}`;
     /// `path` prefixes the fields named in refusals; members in `ignoring` are left to the caller.
     static func parseVring(_ body: JSON, path: String = "", ignoring: [String] = []) throws(APIError) -> VringConfig {
         var f = try FieldReader(body, path: path)
         for k in ignoring { _ = f.value(k) }
         let num = try f.number("num")
         guard num <= UInt64(VringConfig.maxNum) else {
-            throw .invalidField(f.pathOf("num"), "num must be a power of 2 from 1 to \(VringConfig.maxNum)")
+            throw .invalidField(f.pathOf("num"), "num must be from 1 to \(VringConfig.maxNum) (a power of 2 for split rings)")
         }
         var c = VringConfig(num: Int(num), descAddr: try f.number("desc_addr"), availAddr: try f.number("avail_addr"),
                             usedAddr: try f.number("used_addr"))
         c.enabled = try f.bool("enabled", default: true)
         c.eventIdx = try f.bool("event_idx", default: false)
+        c.packed = try f.bool("packed", default: false)
         if let base = try f.optionalNumber("last_avail_idx") {
             guard base <= UInt64(UInt16.max) else { throw .invalidField(f.pathOf("last_avail_idx"), "must be 0...65535") }
             c.lastAvailIdx = UInt16(base)
@@ -97,7 +98,7 @@ extension JSON {
             ("index", .count(v.index)), ("num", .count(c?.num ?? 0)),
             ("desc_addr", .hex(c?.descAddr ?? 0)), ("avail_addr", .hex(c?.availAddr ?? 0)),
             ("used_addr", .hex(c?.usedAddr ?? 0)), ("enabled", .bool(c?.enabled ?? false)),
-            ("event_idx", .bool(c?.eventIdx ?? false)),
+            ("event_idx", .bool(c?.eventIdx ?? false)), ("packed", .bool(c?.packed ?? false)),
             ("state", .string(v.state.rawValue)), ("last_avail_idx", .count(v.lastAvailIdx)),
             ("used_idx", .count(v.usedIdx)),
         ]

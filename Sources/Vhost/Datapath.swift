@@ -65,7 +65,13 @@ extension Device {
         vq.ringsReady = true
         vq.ringGeneration = translationGeneration
         if vq.needsUsedInit {
-            vq.usedIdx = ringLoad16(vq, vq.usedHost, ring.used, SplitRing.usedIdx)
+            if c.packed {
+                // Nothing is in flight when a ring (re)starts: used follows avail.
+                vq.usedIdx = vq.lastAvailIdx
+                vq.usedWrap = vq.availWrap
+            } else {
+                vq.usedIdx = ringLoad16(vq, vq.usedHost, ring.used, SplitRing.usedIdx)
+            }
             vq.needsUsedInit = false
         }
         if vq.driverKicks { writeUsedFlags(vq, R.self) }
@@ -156,6 +162,7 @@ extension Device {
     /// false when there was nothing to do.
     func processTX<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, _: S.Type) -> Bool {
         guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
+        if c.packed { return processPackedTX(tx, rx, S.self) }
         let txAvail = S.Ring(c.availAddr)
         let availIdx = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availIdx, acquire: true)
         if availIdx == tx.lastAvailIdx { return false }
@@ -182,14 +189,17 @@ extension Device {
             if loopback {
                 guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break }  // no RX buffer: wait
                 let rxHead = ringLoad16(rx, rx.availHost, rxRing, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
-                guard let (read, written) = copyChain(from: tx, head, to: rx, rxHead, S.self) else { break }
+                var src = ChainCursor(DescriptorChain<S>(head: head, num: c.num))
+                var dst = ChainCursor(DescriptorChain<S>(head: rxHead, num: rc.num))
+                guard let (read, written) = copyChain(from: tx, &src, head, to: rx, &dst, rxHead) else { break }
                 putUsed(rx, id: rxHead, len: UInt32(written), S.Ring.self)
                 rx.lastAvailIdx &+= 1
                 rx.chains &+= 1
                 rx.bytes &+= UInt64(written)
                 sent = read
             } else {
-                guard let read = consumeChain(tx, head, S.self) else { break }
+                var chain = DescriptorChain<S>(head: head, num: c.num)
+                guard let read = consumeChain(tx, &chain, head) else { break }
                 sent = read
             }
             putUsed(tx, id: head, len: 0, S.Ring.self)
@@ -236,12 +246,11 @@ extension Device {
         if flags & Descriptor.write != 0 { CRingAtomics_prefetch_write(p) } else { CRingAtomics_prefetch(p) }
     }
 
-    /// Copies a TX chain's bytes into an RX chain; nil when a fault or a
-    /// malformed chain stopped a queue (nothing is published then).
-    private func copyChain<S: DeviceSpaces>(from tx: VirtQueue, _ txHead: UInt16, to rx: VirtQueue, _ rxHead: UInt16,
-                                            _: S.Type) -> (Int, Int)? {
-        var src = ChainCursor<S>(head: txHead, num: tx.config!.num)
-        var dst = ChainCursor<S>(head: rxHead, num: rx.config!.num)
+    /// Copies a TX chain's bytes into an RX chain (`txHead`, `rxHead`: where
+    /// they start, for messages); nil when a fault or a malformed chain
+    /// stopped a queue (nothing is published then).
+    func copyChain<T: ChainWalk, R: ChainWalk>(from tx: VirtQueue, _ src: inout ChainCursor<T>, _ txHead: UInt16,
+                                               to rx: VirtQueue, _ dst: inout ChainCursor<R>, _ rxHead: UInt16) -> (Int, Int)? {
         var read = 0, written = 0
         var headerAt: UnsafeMutableRawPointer?  // where the RX frame starts, when its header fits the first segment
         while true {
@@ -284,8 +293,7 @@ extension Device {
     }
 
     /// Translates every byte of a TX chain (the sink backend); nil on a fault.
-    private func consumeChain<S: DeviceSpaces>(_ tx: VirtQueue, _ head: UInt16, _: S.Type) -> Int? {
-        var chain = DescriptorChain<S>(head: head, num: tx.config!.num)
+    func consumeChain<W: ChainWalk>(_ tx: VirtQueue, _ chain: inout W, _ head: UInt16) -> Int? {
         var total = 0
         while true {
             switch chain.next(self, tx) {
@@ -296,7 +304,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = S.Buffer(addr.raw &+ UInt64(off))
+                    let a = W.Buffer(addr.raw &+ UInt64(off))
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return nil
                     case .ok(let s): off += s.length
@@ -307,7 +315,7 @@ extension Device {
         }
     }
 
-    private func chainError(_ vq: VirtQueue, _ e: ChainError) {
+    func chainError(_ vq: VirtQueue, _ e: ChainError) {
         switch e {
         case .fault(let f): stop(vq, f)
         case .malformed(let why): fail(vq, why)

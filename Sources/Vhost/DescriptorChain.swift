@@ -19,10 +19,31 @@ enum ChainStep<Buffer: TranslatedAddress> {
     case error(ChainError)
 }
 
+/// Walks one buffer's descriptors: a split ring's chain, or a packed ring's.
+protocol ChainWalk {
+    associatedtype Buffer: TranslatedAddress
+    /// The next descriptor's buffer, the end, or why the walk stopped.
+    mutating func next(_ device: Device, _ vq: VirtQueue) -> ChainStep<Buffer>
+}
+
+extension ChainWalk {
+    /// Walks the rest without using it (a packed ring's used descriptor needs
+    /// the chain's length and id); the error that stopped it, if any.
+    mutating func finish(_ device: Device, _ vq: VirtQueue) -> ChainError? {
+        while true {
+            switch next(device, vq) {
+            case .end: return nil
+            case .error(let e): return e
+            case .buffer: continue
+            }
+        }
+    }
+}
+
 /// The descriptors of one chain, in order, direct and indirect alike. The
 /// table lives in the device's ring space, the buffers (and indirect tables)
 /// in its buffer space: `S` names both.
-struct DescriptorChain<S: DeviceSpaces> {
+struct DescriptorChain<S: DeviceSpaces>: ChainWalk {
     /// The head index, as named by the avail ring.
     let head: UInt16
     private var nextIndex: UInt16?
@@ -95,13 +116,13 @@ struct DescriptorChain<S: DeviceSpaces> {
 }
 
 /// A position inside a chain's buffers, for copying chain to chain.
-struct ChainCursor<S: DeviceSpaces> {
-    var chain: DescriptorChain<S>
-    var addr = S.Buffer(0)
+struct ChainCursor<W: ChainWalk> {
+    var chain: W
+    var addr = W.Buffer(0)
     var left: UInt32 = 0
     var writable = false
 
-    init(head: UInt16, num: Int) { chain = DescriptorChain(head: head, num: num) }
+    init(_ chain: W) { self.chain = chain }
 
     enum Status { case ready, end, error(ChainError) }
 
@@ -120,7 +141,7 @@ struct ChainCursor<S: DeviceSpaces> {
 
     mutating func advance(_ n: Int) {
         // Within the buffer `fill` returned, which does not pass 2^64-1.
-        addr = S.Buffer(addr.raw &+ UInt64(n))
+        addr = W.Buffer(addr.raw &+ UInt64(n))
         left -= UInt32(n)
     }
 }

@@ -281,9 +281,11 @@ public final class Device {
         let same = vq.config.map { $0.sameRing(as: c) } ?? false
         vq.config = c
         if let base = c.lastAvailIdx {
-            vq.lastAvailIdx = base
+            vq.lastAvailIdx = c.packed ? base & 0x7fff : base
+            vq.availWrap = !c.packed || base & 0x8000 != 0
         } else if !same {
             vq.lastAvailIdx = 0
+            vq.availWrap = true
         }  // else: the same ring again (re-enabled, or recovering): carry on where it stopped
         vq.needsUsedInit = true
         vq.dropTranslations()
@@ -305,7 +307,7 @@ public final class Device {
         vq.config?.enabled = false
         vq.dropTranslations()
         repinRings()
-        return vq.lastAvailIdx
+        return vq.availPosition
     }
 
     /// A vhost-user front-end's eventfds for queue `index`: `call` is signalled

@@ -1,15 +1,17 @@
-// A split virtqueue (virtio 1.x, 2.7): its configuration, state, ring
-// translations and counters. Owned by the device's worker.
+// A virtqueue, split (virtio 1.x, 2.7) or packed (2.8): its configuration,
+// state, ring translations and counters. Owned by the device's worker.
 import Glibc
 import IOTLB
 import CRingAtomics
 
 /// What `PUT …/vrings/{n}` sets.
 public struct VringConfig: Sendable, Equatable {
-    /// Ring size: a power of 2, at most 32768.
+    /// Ring size: at most 32768; a power of 2 for split rings.
     public var num: Int
     /// Descriptor table (16-byte aligned), avail ring (2), used ring (4): IOVAs with
-    /// the IOTLB on, user addresses without.
+    /// the IOTLB on, user addresses without. A packed ring (VIRTIO_F_RING_PACKED)
+    /// has its descriptor ring at `descAddr` and its driver and device event
+    /// suppression areas (4 bytes each, 4-aligned) at `availAddr` and `usedAddr`.
     public var descAddr: UInt64
     public var availAddr: UInt64
     public var usedAddr: UInt64
@@ -19,11 +21,15 @@ public struct VringConfig: Sendable, Equatable {
     public var eventIdx: Bool
     /// Where processing starts in the avail ring (VHOST_SET_VRING_BASE). Nil:
     /// continue where the queue is when its ring stays the same (num and the
-    /// three addresses), else 0.
+    /// three addresses), else 0. Packed: the slot in bits 0-14, the driver's
+    /// wrap counter in bit 15 (as vhost-user encodes it).
     public var lastAvailIdx: UInt16?
+    /// VIRTIO_F_RING_PACKED: the ring is packed.
+    public var packed: Bool
 
     public init(num: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64, enabled: Bool = true,
-                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil) {
+                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil, packed: Bool = false) {
+        self.packed = packed
         self.num = num
         self.descAddr = descAddr
         self.availAddr = availAddr
@@ -39,17 +45,24 @@ public struct VringConfig: Sendable, Equatable {
     /// Whether `other` describes the same ring memory (so indices carry over).
     public func sameRing(as other: VringConfig) -> Bool {
         num == other.num && descAddr == other.descAddr && availAddr == other.availAddr && usedAddr == other.usedAddr
-            && eventIdx == other.eventIdx
+            && eventIdx == other.eventIdx && packed == other.packed
     }
 
     /// Bytes of each ring area (the kernel's vq_meta_prefetch lengths).
-    public var descBytes: Int { SplitRing.descBytes(num: num) }
-    public var availBytes: Int { SplitRing.availBytes(num: num, eventIdx: eventIdx) }
-    public var usedBytes: Int { SplitRing.usedBytes(num: num, eventIdx: eventIdx) }
+    public var descBytes: Int { packed ? PackedRing.descBytes(num: num) : SplitRing.descBytes(num: num) }
+    public var availBytes: Int { packed ? PackedRing.eventBytes : SplitRing.availBytes(num: num, eventIdx: eventIdx) }
+    public var usedBytes: Int { packed ? PackedRing.eventBytes : SplitRing.usedBytes(num: num, eventIdx: eventIdx) }
 
     /// The first field that breaks the ring rules, with why.
     public func problem() -> (field: String, message: String)? {
-        if num < 1 || num > VringConfig.maxNum || num & (num - 1) != 0 {
+        if packed {
+            if num < 1 || num > VringConfig.maxNum { return ("num", "num must be from 1 to \(VringConfig.maxNum)") }
+            if let base = lastAvailIdx, Int(base & 0x7fff) >= num {
+                return ("last_avail_idx", "a packed ring's position (bits 0-14) must be below num")
+            }
+            if descAddr % 16 != 0 { return ("desc_addr", "the descriptor ring must be 16-byte aligned") }
+            if availAddr % 4 != 0 { return ("avail_addr", "the driver event suppression area must be 4-byte aligned") }
+        } else if num < 1 || num > VringConfig.maxNum || num & (num - 1) != 0 {
             return ("num", "num must be a power of 2 from 1 to \(VringConfig.maxNum)")
         }
         if descAddr % 16 != 0 { return ("desc_addr", "the descriptor table must be 16-byte aligned") }
@@ -126,6 +139,9 @@ public final class VirtQueue {
         var state: VringState = .disabled
         var lastAvailIdx: UInt16 = 0
         var usedIdx: UInt16 = 0
+        // Packed rings: the slots are lastAvailIdx and usedIdx; these the wrap counters.
+        var availWrap = true
+        var usedWrap = true
         var needsUsedInit = true
         var pending: PendingEvent?
         var failure: String?
@@ -157,6 +173,8 @@ public final class VirtQueue {
     var state: VringState { get { m.pointee.state } set { m.pointee.state = newValue } }
     var lastAvailIdx: UInt16 { get { m.pointee.lastAvailIdx } set { m.pointee.lastAvailIdx = newValue } }
     var usedIdx: UInt16 { get { m.pointee.usedIdx } set { m.pointee.usedIdx = newValue } }
+    var availWrap: Bool { get { m.pointee.availWrap } set { m.pointee.availWrap = newValue } }
+    var usedWrap: Bool { get { m.pointee.usedWrap } set { m.pointee.usedWrap = newValue } }
     var needsUsedInit: Bool { get { m.pointee.needsUsedInit } set { m.pointee.needsUsedInit = newValue } }
     var pending: PendingEvent? { get { m.pointee.pending } set { m.pointee.pending = newValue } }
     var failure: String? { get { m.pointee.failure } set { m.pointee.failure = newValue } }
@@ -210,8 +228,13 @@ public final class VirtQueue {
         for i in 0..<VirtQueue.bufferCacheSlots { bufferCaches[i].clear() }
     }
 
+    /// Where the device is in the ring: the avail index (split), or the slot
+    /// with the wrap counter in bit 15 (packed, as vhost-user's VRING_BASE).
+    var availPosition: UInt16 { config?.packed == true ? lastAvailIdx | (availWrap ? 0x8000 : 0) : lastAvailIdx }
+    var usedPosition: UInt16 { config?.packed == true ? usedIdx | (usedWrap ? 0x8000 : 0) : usedIdx }
+
     var snapshot: VringSnapshot {
-        VringSnapshot(index: index, config: config, state: state, lastAvailIdx: lastAvailIdx, usedIdx: usedIdx,
+        VringSnapshot(index: index, config: config, state: state, lastAvailIdx: availPosition, usedIdx: usedPosition,
                       pending: pending.map { ($0.seq, $0.kind, $0.iova, $0.perm) }, failure: failure,
                       waitingSince: state == .waitingIOTLB ? pending?.waitingSince : nil,
                       hits: hits, misses: misses, accessFailures: accessFailures, chains: chains, bytes: bytes,
@@ -331,6 +354,12 @@ extension Device {
     }
 
     func writeUsedFlags<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) {
+        if let c = vq.config, c.packed {
+            // The device's event suppression area: notifications wanted or not.
+            ringStore16(vq, vq.usedHost, c.areas(R.self).used, PackedRing.eventFlags,
+                        kicksWanted ? PackedRing.eventEnable : PackedRing.eventDisable)
+            return
+        }
         guard let c = vq.config, !c.eventIdx else { return }
         ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.usedFlags, kicksWanted ? 0 : 1)
     }

@@ -34,6 +34,8 @@ public enum VhostUserFeature {
     public static let version1: UInt64 = 1 << 32
     /// VIRTIO_F_ACCESS_PLATFORM (IOMMU_PLATFORM): ring and buffer addresses are IOVAs.
     public static let accessPlatform: UInt64 = 1 << 33
+    /// VIRTIO_F_RING_PACKED: packed virtqueues (virtio 2.8).
+    public static let ringPacked: UInt64 = 1 << 34
     /// VIRTIO_F_IN_ORDER: buffers are used in the order they were made available.
     public static let inOrder: UInt64 = 1 << 35
 }

@@ -50,13 +50,14 @@ final class VhostUserSession {
 
     var config: DeviceConfig { handle.config }
 
-    /// Virtio features offered: split rings with indirect descriptors and
-    /// event index; in order (the loopback and the sink use chains in the order
-    /// offered); mergeable RX buffers (one buffer per frame, num_buffers = 1);
-    /// ACCESS_PLATFORM when the device IOTLB is on.
+    /// Virtio features offered: split or packed rings with indirect
+    /// descriptors and event index; in order (the loopback and the sink use
+    /// chains in the order offered); mergeable RX buffers (one buffer per
+    /// frame, num_buffers = 1); ACCESS_PLATFORM when the device IOTLB is on.
     var offeredFeatures: UInt64 {
         var f = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
             | VhostUserFeature.eventIdx | VhostUserFeature.inOrder | VhostUserFeature.netMRGRXBuf
+            | VhostUserFeature.ringPacked
         if config.iotlb { f |= VhostUserFeature.accessPlatform }
         if config.queues > 2 { f |= VhostUserFeature.netMQ }
         return f
@@ -328,7 +329,8 @@ final class VhostUserSession {
         let c = VringConfig(num: r.num, descAddr: ringAddress(r.desc), availAddr: ringAddress(r.avail),
                             usedAddr: ringAddress(r.used), enabled: true,
                             eventIdx: features & VhostUserFeature.eventIdx != 0,
-                            lastAvailIdx: r.baseFresh ? r.base : nil)
+                            lastAvailIdx: r.baseFresh ? r.base : nil,
+                            packed: features & VhostUserFeature.ringPacked != 0)
         let call = r.callFD, kicks = r.kickFD >= 0
         let result = handle.performSync { d -> Result<VringSnapshot, EngineError> in
             guard let d else { return .failure(.notFound("device gone")) }

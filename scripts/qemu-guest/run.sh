@@ -42,6 +42,8 @@ case "$MODE" in
     off)    IOMMU=""; NIC="" ;;
     *) echo "$0: mode is strict, lazy or off, not $MODE" >&2; exit 2 ;;
 esac
+# QG_PACKED=1: packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones.
+[ -n "${QG_PACKED:-}" ] && NIC="$NIC,packed=on"
 set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
     -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
     $IOMMU \

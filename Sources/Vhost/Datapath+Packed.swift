@@ -1,0 +1,121 @@
+// The datapath for packed rings (virtio 2.8): the same loopback and sink as
+// for split rings, through the same accessors, IOTLB and chain copier; only
+// how a buffer is found and handed back differs.
+import CRingAtomics
+
+extension Device {
+    /// Ring descriptor `slot` of a packed queue.
+    @inline(__always)
+    func packedDescriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ slot: Int, _: R.Type) -> PackedDescriptor {
+        if let host = vq.descHost { return PackedDescriptor.decode(host + PackedRing.descriptor(slot)) }
+        var d = PackedDescriptor(addr: 0, len: 0, id: 0, flags: 0)
+        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
+            _ = copyFromGuest(ringField(R(vq.config!.descAddr), PackedRing.descriptor(slot)), buf.baseAddress!, 16,
+                              &vq.ringCache.pointee, vq)
+            d = PackedDescriptor.decode(buf.baseAddress!)
+        }
+        return d
+    }
+
+    /// Whether the driver made a buffer available at the queue's next slot
+    /// (acquire: the descriptors it wrote before the flags are visible).
+    @inline(__always)
+    func packedAvailable<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) -> Bool {
+        let flags = ringLoad16(vq, vq.descHost, R(vq.config!.descAddr),
+                               PackedRing.descriptor(Int(vq.lastAvailIdx)) + PackedRing.flagsOffset, acquire: true)
+        return PackedRing.isAvailable(flags, wrap: vq.availWrap)
+    }
+
+    /// Moves the avail position past a buffer of `slots` descriptors.
+    @inline(__always)
+    func consumePacked(_ vq: VirtQueue, slots: Int, num: Int) {
+        var next = Int(vq.lastAvailIdx) + slots
+        if next >= num { next -= num; vq.availWrap.toggle() }
+        vq.lastAvailIdx = UInt16(next)
+    }
+
+    /// Hands buffer `id` (`slots` descriptors long, `len` bytes written) back:
+    /// id and length first, then the flags with release.
+    @inline(__always)
+    func putUsedPacked<R: TranslatedAddress>(_ vq: VirtQueue, id: UInt16, len: UInt32, slots: Int, num: Int, _: R.Type) {
+        let at = PackedRing.descriptor(Int(vq.usedIdx))
+        let flags = PackedRing.usedFlags(wrap: vq.usedWrap)
+        if let host = vq.descHost {
+            (host + at + 8).storeBytes(of: len.littleEndian, as: UInt32.self)
+            (host + at + 12).storeBytes(of: id.littleEndian, as: UInt16.self)
+            CRingAtomics_store_release_u16(host + at + PackedRing.flagsOffset, flags.littleEndian)
+        } else {
+            var body = (len.littleEndian, id.littleEndian)
+            let base = R(vq.config!.descAddr)
+            _ = withUnsafeBytes(of: &body) {
+                copyToGuest(ringField(base, at + 8), $0.baseAddress!, 6, &vq.ringCache.pointee, vq)
+            }
+            ringStore16(vq, nil, base, at + PackedRing.flagsOffset, flags, release: true)
+        }
+        var next = Int(vq.usedIdx) + slots
+        if next >= num { next -= num; vq.usedWrap.toggle() }
+        vq.usedIdx = UInt16(next)
+    }
+
+    /// After used buffers were written: notify unless the driver's event
+    /// suppression area says not to. A driver asking for a specific
+    /// descriptor (EVENT_IDX) is notified at every batch: more often than it
+    /// asked, which the spec allows, never less.
+    func notifyPacked<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) {
+        guard let c = vq.config else { return }
+        CRingAtomics_fence_seq_cst()
+        let flags = ringLoad16(vq, vq.availHost, R(c.availAddr), PackedRing.eventFlags)
+        if flags & 3 != PackedRing.eventDisable { notify(vq) }
+    }
+
+    /// Up to `batch` TX buffers of a packed queue, into `rx` (loopback) or consumed.
+    func processPackedTX<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, _: S.Type) -> Bool {
+        guard let c = tx.config else { return false }
+        let loopback = config.backend == .loopback
+        var rc = c
+        if loopback {
+            guard rx.state == .running, rx.ringsReady, let r = rx.config, r.packed else { return false }
+            rc = r
+        }
+        var done = 0, txUsed = 0, rxUsed = 0
+        while done < Device.batch && packedAvailable(tx, S.Ring.self) {
+            let txSlot = tx.lastAvailIdx
+            var sent = 0
+            var txChain = PackedChain<S>(start: Int(txSlot), num: c.num)
+            if loopback {
+                guard packedAvailable(rx, S.Ring.self) else { break }  // no RX buffer: wait
+                let rxSlot = rx.lastAvailIdx
+                var src = ChainCursor(txChain)
+                var dst = ChainCursor(PackedChain<S>(start: Int(rxSlot), num: rc.num))
+                guard let (read, written) = copyChain(from: tx, &src, txSlot, to: rx, &dst, rxSlot) else { break }
+                // The used descriptors need each buffer's length in slots and its id: walk what is left.
+                if let e = src.chain.finish(self, tx) { chainError(tx, e); break }
+                if let e = dst.chain.finish(self, rx) { chainError(rx, e); break }
+                txChain = src.chain
+                putUsedPacked(rx, id: dst.chain.id, len: UInt32(written), slots: dst.chain.slots, num: rc.num, S.Ring.self)
+                consumePacked(rx, slots: dst.chain.slots, num: rc.num)
+                rx.chains &+= 1
+                rx.bytes &+= UInt64(written)
+                rxUsed += 1
+                sent = read
+            } else {
+                guard let read = consumeChain(tx, &txChain, txSlot) else { break }
+                sent = read
+            }
+            putUsedPacked(tx, id: txChain.id, len: 0, slots: txChain.slots, num: c.num, S.Ring.self)
+            consumePacked(tx, slots: txChain.slots, num: c.num)
+            tx.chains &+= 1
+            tx.bytes &+= UInt64(sent)
+            txUsed += 1
+            done += 1
+            if done & (Device.publishEvery - 1) == 0 {
+                notifyPacked(tx, S.Ring.self); txUsed = 0
+                if loopback { notifyPacked(rx, S.Ring.self); rxUsed = 0 }
+                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+            }
+        }
+        if txUsed > 0 { notifyPacked(tx, S.Ring.self) }
+        if loopback && rxUsed > 0 { notifyPacked(rx, S.Ring.self) }
+        return done > 0
+    }
+}
