@@ -12,6 +12,8 @@
 # focused IOTLB on/off series. --json FILE also writes the rows as JSON
 # (scripts/bench_json.py; schema iotlb-bench/1, as `iotlb-bench --json`);
 # a DPDK run with no figure (0 pps after its retries) is null there.
+# RING=packed: every front-end asks for packed virtqueues (packed_vq=1)
+# instead of split ones (the default, RING=split).
 set -euo pipefail
 STARTED=$(date +%s.%N)
 ARGV=("$0" "$@")
@@ -21,6 +23,8 @@ ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-8}
 FRAMES=${3:-"64 1518"}
 BACKENDS=${4:-"dpdk off on"}
+RING=${RING:-split}
+case "$RING" in split) VQ="" ;; packed) VQ=",packed_vq=1" ;; *) echo "RING is split or packed, not $RING" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
 HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
@@ -47,7 +51,7 @@ done
 
 front_end() { # SOCKET FRAME -> median Rx-pps in Mpps
   timeout -s INT $((SECONDS_PER_RUN + 2)) dpdk-testpmd -l 1,0 --main-lcore 1 --no-pci --single-file-segments --in-memory -m 512 \
-    --vdev "net_virtio_user0,path=$1,queues=1" -- --forward-mode=mac --tx-first \
+    --vdev "net_virtio_user0,path=$1,queues=1$VQ" -- --forward-mode=mac --tx-first \
     --txpkts="$2" --nb-cores=1 --stats-period 1 --no-lsc-interrupt >"$WORK/virtio.log" 2>&1 || true
   grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | tail -n +3 | sort -n |
     awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
@@ -108,6 +112,6 @@ if [ -n "$JSON_OUT" ]; then
   python3 scripts/bench_json.py --benchmark vhost-user-side-by-side --out "$JSON_OUT" --started "$STARTED" \
     --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
     --param-list "backends=$BACKENDS" --meta "dpdk_version=$(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo unknown)" \
-    --meta "dpdk_retries=$RETRIES" --group-by frame_size --median dpdk_mpps --median iotlbd_off_mpps \
+    --meta "dpdk_retries=$RETRIES" --meta "ring=$RING" --group-by frame_size --median dpdk_mpps --median iotlbd_off_mpps \
     --median iotlbd_on_mpps --median off_over_dpdk --median on_over_off -- "${ARGV[@]}" <"$WORK/rows.tsv"
 fi
