@@ -204,28 +204,6 @@ extension IOTLB {
         }
     }
 
-    /// Links the detached node `n` into the tree by its first IOVA.
-    func link(_ n: Int32) {
-        guard root >= 0 else { root = n; return }
-        let key = hot[node(n)].first
-        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path in
-            var depth = 0
-            var t = root
-            while true {
-                path[depth] = t
-                depth += 1
-                if key < hot[node(t)].first {
-                    if hot[node(t)].left < 0 { hot[node(t)].left = n; break }
-                    t = hot[node(t)].left
-                } else {
-                    if hot[node(t)].right < 0 { hot[node(t)].right = n; break }
-                    t = hot[node(t)].right
-                }
-            }
-            retrace(path, depth)
-        }
-    }
-
     /// Links the node `make` returns for [lo, hi] when no entry overlaps that
     /// range, in one descent: the search for overlaps is the walk to the
     /// insertion point. Returns false, having changed nothing, otherwise.

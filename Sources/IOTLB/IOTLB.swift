@@ -356,7 +356,9 @@ public final class IOTLB {
                 if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
                 outcome.evicted = 1
             }
-            link(newNode(e))
+            // Nothing overlaps `e` any more: this links it, in the same one descent.
+            let relinked = linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+            precondition(relinked, "an entry still overlaps after removeOverlapping")
         }
         state.pointee.count += 1
         mutated()
