@@ -8,13 +8,10 @@ extension Device {
     @inline(__always)
     func packedDescriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ slot: Int, _: R.Type) -> PackedDescriptor {
         if let host = vq.descHost { return PackedDescriptor.decode(host + PackedRing.descriptor(slot)) }
-        var d = PackedDescriptor(addr: 0, len: 0, id: 0, flags: 0)
-        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-            _ = copyFromGuest(ringField(R(vq.config!.descAddr), PackedRing.descriptor(slot)), buf.baseAddress!, 16,
-                              &vq.ringCache.pointee, vq)
-            d = PackedDescriptor.decode(buf.baseAddress!)
-        }
-        return d
+        // As for split rings (`descriptor`): checked whole this round; an empty one if not.
+        let at = ringField(R(vq.config!.descAddr), PackedRing.descriptor(slot))
+        return (try? readDescriptor(at, &vq.ringCache.pointee, vq, PackedDescriptor.decode).get())
+            ?? PackedDescriptor(addr: 0, len: 0, id: 0, flags: 0)
     }
 
     /// Whether the driver made a buffer available at the queue's next slot

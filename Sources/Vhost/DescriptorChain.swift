@@ -40,6 +40,32 @@ extension ChainWalk {
     }
 }
 
+/// The rules both ring kinds' walkers apply to what a driver wrote (2.7.5, 2.8.13).
+enum ChainRules {
+    /// Why an indirect table at `addr` of `len` bytes cannot be walked, if it cannot.
+    static func indirectTableProblem(addr: UInt64, len: UInt32) -> ChainError? {
+        guard len >= 16, len % 16 == 0 else {
+            return .malformed("indirect table length \(len) is not a positive multiple of 16")
+        }
+        guard !addr.addingReportingOverflow(UInt64(len) - 1).overflow else {
+            return .malformed("indirect table at 0x\(String(addr, radix: 16)) of \(len) bytes wraps past 2^64-1")
+        }
+        return nil
+    }
+
+    /// The step for a buffer descriptor, or why it breaks the rules: a buffer
+    /// wrapping past 2^64-1, a device-readable one after a device-writable one.
+    static func buffer<B: TranslatedAddress>(addr: UInt64, len: UInt32, writable: Bool,
+                                             sawWritable: inout Bool) -> ChainStep<B> {
+        if len > 0 && addr.addingReportingOverflow(UInt64(len) - 1).overflow {
+            return .error(.malformed("buffer at 0x\(String(addr, radix: 16)) of \(len) bytes wraps past 2^64-1"))
+        }
+        if !writable && sawWritable { return .error(.malformed("device-readable descriptor after a device-writable one")) }
+        sawWritable = sawWritable || writable
+        return .buffer(addr: B(addr), len: len, writable: writable)
+    }
+}
+
 /// The descriptors of one chain, in order, direct and indirect alike. The
 /// table lives in the device's ring space, the buffers (and indirect tables)
 /// in its buffer space: `S` names both.
@@ -68,15 +94,12 @@ struct DescriptorChain<S: DeviceSpaces>: ChainWalk {
                 guard Int(i) < indirectCount else {
                     return .error(.malformed("indirect descriptor \(i) is past its table of \(indirectCount)"))
                 }
-                d = Descriptor(addr: 0, len: 0)
-                var fault: AccessFault?
                 // The table was checked not to pass 2^64-1 when its descriptor was read.
                 let at = S.Buffer(indirectBase.raw &+ UInt64(SplitRing.descriptor(Int(i))))
-                withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-                    fault = device.copyFromGuest(at, buf.baseAddress!, 16, &vq.bufferCache(at.raw).pointee, vq)
-                    if fault == nil { d = Descriptor.decode(buf.baseAddress!) }
+                switch device.readDescriptor(at, &vq.bufferCache(at.raw).pointee, vq, Descriptor.decode) {
+                case .success(let entry): d = entry
+                case .failure(let fault): return .error(.fault(fault))
                 }
-                if let fault { return .error(.fault(fault)) }
             } else {
                 guard Int(i) < vq.config!.num else {
                     return .error(.malformed("descriptor index \(i) is past the ring of \(vq.config!.num)"))
@@ -88,28 +111,16 @@ struct DescriptorChain<S: DeviceSpaces>: ChainWalk {
                 guard d.flags & Descriptor.next == 0 else {
                     return .error(.malformed("indirect descriptor with the NEXT flag"))
                 }
-                guard d.len >= 16, d.len % 16 == 0 else {
-                    return .error(.malformed("indirect table length \(d.len) is not a positive multiple of 16"))
-                }
-                guard !d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow else {
-                    return .error(.malformed("indirect table at 0x\(String(d.addr, radix: 16)) of \(d.len) bytes wraps past 2^64-1"))
-                }
+                if let e = ChainRules.indirectTableProblem(addr: d.addr, len: d.len) { return .error(e) }
                 indirectBase = S.Buffer(d.addr)
                 indirectCount = Int(d.len / 16)
                 ttl = indirectCount
                 nextIndex = 0
                 continue
             }
-            if d.len > 0 && d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow {
-                return .error(.malformed("buffer at 0x\(String(d.addr, radix: 16)) of \(d.len) bytes wraps past 2^64-1"))
-            }
             nextIndex = d.flags & Descriptor.next != 0 ? d.next : nil
-            let writable = d.flags & Descriptor.write != 0
-            if !writable && sawWritable {
-                return .error(.malformed("device-readable descriptor after a device-writable one"))
-            }
-            sawWritable = sawWritable || writable
-            return .buffer(addr: S.Buffer(d.addr), len: d.len, writable: writable)
+            return ChainRules.buffer(addr: d.addr, len: d.len, writable: d.flags & Descriptor.write != 0,
+                                     sawWritable: &sawWritable)
         }
         return .end
     }

@@ -94,15 +94,13 @@ struct PackedChain<S: DeviceSpaces>: ChainWalk {
     mutating func next(_ device: Device, _ vq: VirtQueue) -> ChainStep<S.Buffer> {
         while true {
             if indirectNext < indirectCount {
-                var d = PackedDescriptor(addr: 0, len: 0, id: 0, flags: 0)
-                var fault: AccessFault?
                 // The table was checked not to pass 2^64-1 when its descriptor was read.
                 let at = S.Buffer(indirectBase.raw &+ UInt64(PackedRing.descriptor(indirectNext)))
-                withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-                    fault = device.copyFromGuest(at, buf.baseAddress!, 16, &vq.bufferCache(at.raw).pointee, vq)
-                    if fault == nil { d = PackedDescriptor.decode(buf.baseAddress!) }
+                let d: PackedDescriptor
+                switch device.readDescriptor(at, &vq.bufferCache(at.raw).pointee, vq, PackedDescriptor.decode) {
+                case .success(let entry): d = entry
+                case .failure(let fault): return .error(.fault(fault))
                 }
-                if let fault { return .error(.fault(fault)) }
                 indirectNext += 1
                 if d.flags & Descriptor.indirect != 0 { return .error(.malformed("nested indirect descriptor table")) }
                 return buffer(d)
@@ -120,12 +118,7 @@ struct PackedChain<S: DeviceSpaces>: ChainWalk {
                 guard indirectCount == 0, !more else {
                     return .error(.malformed("indirect packed descriptor with NEXT, or a second one in a chain"))
                 }
-                guard d.len >= 16, d.len % 16 == 0 else {
-                    return .error(.malformed("indirect table length \(d.len) is not a positive multiple of 16"))
-                }
-                guard !d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow else {
-                    return .error(.malformed("indirect table at 0x\(String(d.addr, radix: 16)) wraps past 2^64-1"))
-                }
+                if let e = ChainRules.indirectTableProblem(addr: d.addr, len: d.len) { return .error(e) }
                 indirectBase = S.Buffer(d.addr)
                 indirectCount = Int(d.len / 16)
                 continue
@@ -135,12 +128,6 @@ struct PackedChain<S: DeviceSpaces>: ChainWalk {
     }
 
     private mutating func buffer(_ d: PackedDescriptor) -> ChainStep<S.Buffer> {
-        if d.len > 0 && d.addr.addingReportingOverflow(UInt64(d.len) - 1).overflow {
-            return .error(.malformed("buffer at 0x\(String(d.addr, radix: 16)) of \(d.len) bytes wraps past 2^64-1"))
-        }
-        let writable = d.flags & Descriptor.write != 0
-        if !writable && sawWritable { return .error(.malformed("device-readable descriptor after a device-writable one")) }
-        sawWritable = sawWritable || writable
-        return .buffer(addr: S.Buffer(d.addr), len: d.len, writable: writable)
+        ChainRules.buffer(addr: d.addr, len: d.len, writable: d.flags & Descriptor.write != 0, sawWritable: &sawWritable)
     }
 }

@@ -17,7 +17,7 @@ public enum AddressSpace: Sendable {
 }
 
 /// Why an access could not be made.
-public enum AccessFault: Equatable, Sendable {
+public enum AccessFault: Error, Equatable, Sendable {
     /// No IOTLB entry holds `iova` (the first unmapped byte).
     case miss(iova: IOVA, perm: Permissions)
     /// The entry holding `iova` lacks `perm`.
@@ -201,6 +201,18 @@ extension Device {
                                              _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
         walkSegments(addr, length, .read, &cache, vq) { s, done in
             (dst + done).copyMemory(from: s.host, byteCount: s.length)
+        }
+    }
+
+    /// Reads the 16-byte descriptor at `addr` through the accessors (an indirect
+    /// table's entry, or a ring slot without one contiguous host mapping) and
+    /// decodes it with `decode` (split or packed layout).
+    @inline(__always)
+    func readDescriptor<A: TranslatedAddress, D>(_ addr: A, _ cache: inout TranslationCache, _ vq: VirtQueue,
+                                                 _ decode: (UnsafeRawPointer) -> D) -> Result<D, AccessFault> {
+        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf -> Result<D, AccessFault> in
+            if let fault = copyFromGuest(addr, buf.baseAddress!, 16, &cache, vq) { return .failure(fault) }
+            return .success(decode(UnsafeRawPointer(buf.baseAddress!)))
         }
     }
 

@@ -293,13 +293,10 @@ extension Device {
     @inline(__always)
     func descriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ i: UInt16, _: R.Type) -> Descriptor {
         if let host = vq.descHost { return Descriptor.decode(host + SplitRing.descriptor(Int(i))) }
-        var d = Descriptor(addr: 0, len: 0)
-        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf in
-            _ = copyFromGuest(ringField(R(vq.config!.descAddr), SplitRing.descriptor(Int(i))), buf.baseAddress!, 16,
-                              &vq.ringCache.pointee, vq)
-            d = Descriptor.decode(buf.baseAddress!)
-        }
-        return d
+        // The ring was checked whole this round (prepareRings); were it not to
+        // translate, an empty descriptor reads as nothing rather than garbage.
+        let at = ringField(R(vq.config!.descAddr), SplitRing.descriptor(Int(i)))
+        return (try? readDescriptor(at, &vq.ringCache.pointee, vq, Descriptor.decode).get()) ?? Descriptor(addr: 0, len: 0)
     }
 
     /// Writes used element `(id, len)` at the queue's current used index (not yet published).
