@@ -16,6 +16,16 @@ static inline void CRingAtomics_store_release_u16(void *p, uint16_t v) {
     __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
 }
 
+/// A 64-bit position (a frame ring's head or tail) read with acquire ordering.
+static inline uint64_t CRingAtomics_load_acquire_u64(const void *p) {
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE);
+}
+
+/// A 64-bit position published with release ordering.
+static inline void CRingAtomics_store_release_u64(void *p, uint64_t v) {
+    __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
+}
+
 /// Asks for the cache line at `p` ahead of use (never faults, whatever `p` is).
 static inline void CRingAtomics_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
