@@ -22,11 +22,18 @@ let package = Package(
         // checking costs the look-up path nothing.
         .target(name: "IOTLB"),
         // OS plumbing, nothing of vhost: threads, locks, the monotonic clock, errno as typed errors.
-        .target(name: "Platform"),
+        .target(name: "Platform", dependencies: ["CPlatform"]),
+        // eventfd and ppoll, which Swift's Glibc module does not offer.
+        .target(name: "CPlatform"),
         // The vhost engine: guest memory, accessors, virtqueues, devices, datapath workers.
         // No socket code: transports (HTTP, vhost-user) drive it through commands.
         // No unsafe flags: the datapath's state sits behind pointers (see VirtQueue.Mutable).
-        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "CRingAtomics", "CFaultGuard"]),
+        .target(name: "Vhost", dependencies: ["IOTLB", "Platform", "Ports", "CRingAtomics", "CFaultGuard"]),
+        // Where frames go: TAP interfaces and the wires between peer devices. No
+        // vhost knowledge: the datapath reads and writes frames through it.
+        .target(name: "Ports", dependencies: ["Platform", "CTap", "CRingAtomics"]),
+        // The TAP ioctls of <linux/if_tun.h>, whose macros and struct ifreq do not import.
+        .target(name: "CTap"),
         // A SIGBUS handler for guest memory a front-end passed as a file (it may shrink it).
         .target(name: "CFaultGuard"),
         // Acquire/release on ring indices in guest memory (header-only C).
@@ -35,7 +42,7 @@ let package = Package(
         .target(name: "CUnixSocket"),
         // The vhost-user transport: listener/connector, sessions, the message codec. Drives
         // the engine through `performSync`, as HTTP does. Control path: no unsafe flags.
-        .target(name: "VhostUser", dependencies: ["Vhost", "IOTLB", "Platform", "CUnixSocket"]),
+        .target(name: "VhostUser", dependencies: ["Vhost", "IOTLB", "Platform", "Ports", "CUnixSocket"]),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
         .target(name: "Guest", dependencies: ["IOTLB", "Platform", "Vhost", "CRingAtomics"]),
         // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
@@ -66,7 +73,7 @@ let package = Package(
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
         .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
-        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Ports", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],
     swiftLanguageModes: [.v6]

@@ -76,6 +76,8 @@ extension APIError {
         case .engine(let ee):
             self.init(ee)
             if let f = field, !p.isEmpty { field = p + f }
+        case .portUnavailable(let why):
+            self.init(422, "port_unavailable", why, field: p + "port.name")
         case .notFound(let id):
             self = .notFound("device \(id) not found")
         case .workloadBusy(let id):

@@ -91,9 +91,14 @@ final class ConfigStore: Sendable {
         let c = d.config
         var pairs: [(String, JSON)] = [
             ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
-            ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.backend.rawValue)),
-            ("translator", .string(c.translator.rawValue)),
+            ("iotlb_max_entries", .count(c.iotlbMaxEntries)),
         ]
+        // "backend" says loopback or sink, as before; a TAP or peer port is written whole.
+        switch c.port {
+        case .tap, .peer: pairs.append(("port", .object(JSON.portConfig(c.port))))
+        case .loopback, .sink: pairs.append(("backend", .string(c.port.kind.rawValue)))
+        }
+        pairs.append(("translator", .string(c.translator.rawValue)))
         if let s = c.vhostUserSocket {
             pairs.append(("vhost_user", ["socket": .string(s), "mode": .string(c.vhostUserMode.rawValue)]))
         }

@@ -7,6 +7,7 @@ import Glibc
 import Guest
 import Logging
 import Platform
+import Ports
 import Vhost
 import VhostUser
 
@@ -23,6 +24,8 @@ enum DevicesError: Error, Sendable {
     case socketSetup(VhostUserSetupError)
     /// The engine refused.
     case engine(EngineError)
+    /// The port could not be set up (a TAP that cannot be opened): why.
+    case portUnavailable(String)
     /// No device with this id.
     case notFound(id: String)
     /// A workload is starting or running on the device.
@@ -121,8 +124,15 @@ final class Devices: Sendable {
                 throw .socketSetup(error)
             }
         }
+        var tap: TapInterface?
+        if case .tap(let name) = config.port {
+            do throws(TapError) { tap = try TapInterface(name: name, queues: config.queuePairs) } catch {
+                frontEnd?.stop()
+                throw .portUnavailable(error.description)
+            }
+        }
         let h: DeviceHandle
-        do throws(EngineError) { h = try engine.createDevice(config) } catch {
+        do throws(EngineError) { h = try engine.createDevice(config, tap: tap) } catch {
             frontEnd?.stop()
             throw .engine(error)
         }

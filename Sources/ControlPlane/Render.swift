@@ -26,7 +26,7 @@ extension JSON {
     static func device(_ c: DeviceConfig, detail: DeviceDetail? = nil, vhostUser: VhostUserStatus? = nil) -> JSON {
         var pairs: [(String, JSON)] = [
             ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
-            ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.backend.rawValue)),
+            ("iotlb_max_entries", .count(c.iotlbMaxEntries)), ("backend", .string(c.port.kind.rawValue)),
             ("translator", .string(c.translator.rawValue)),
         ]
         if let path = c.vhostUserSocket {
@@ -42,6 +42,7 @@ extension JSON {
             }
             pairs.append(("vhost_user", .object(v)))
         }
+        pairs.append(("port", port(c.port, detail?.port)))
         if let detail {
             pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
             pairs.append(("vrings", .array(detail.vrings)))
@@ -75,6 +76,41 @@ extension JSON {
 struct DeviceDetail: Sendable {
     var memTable: MemoryTable?
     var vrings: [JSON]
+    var port: PortSnapshot?
+}
+
+extension JSON {
+    /// A port's configuration (`type` and its target), as requests give it.
+    static func portConfig(_ p: PortConfig) -> [(String, JSON)] {
+        switch p {
+        case .loopback, .sink: [("type", .string(p.kind.rawValue))]
+        case .tap(let name): [("type", "tap"), ("name", .string(name))]
+        case .peer(let other): [("type", "peer"), ("device", .string(other))]
+        }
+    }
+
+    /// A port: its configuration, then (from its worker) its state and counters.
+    static func port(_ p: PortConfig, _ s: PortSnapshot?) -> JSON {
+        var pairs = portConfig(p)
+        guard let s else { return .object(pairs) }
+        pairs.append(("state", .string(s.state)))
+        if let name = s.tapName { pairs.append(("interface", .string(name))); pairs.append(("created", .bool(s.tapCreated))) }
+        if case .peer = p { pairs.append(("linked", .bool(s.peerLinked))) }
+        pairs += [("header_bytes", .count(s.guestHeaderBytes)), ("mergeable_rx", .bool(s.mergeableRX)),
+                  ("offloads", ["guest": .array(s.guestOffloads.map { .string($0) }),
+                                "host": .array(s.hostOffloads.map { .string($0) })])]
+        if let mtu = s.mtu { pairs.append(("mtu", .count(mtu))) }
+        if let e = s.lastError { pairs.append(("last_error", .string(e))) }
+        pairs.append(("counters", portCounters(s.total)))
+        pairs.append(("queues", .array(s.queues.map(portCounters))))
+        return .object(pairs)
+    }
+
+    static func portCounters(_ c: PortCounters) -> JSON {
+        ["tx_frames": .count(c.txFrames), "tx_bytes": .count(c.txBytes), "rx_frames": .count(c.rxFrames),
+         "rx_bytes": .count(c.rxBytes), "tx_back_pressure": .count(c.txBackPressure),
+         "drops": .object(PortDropReason.allCases.map { ($0.name, JSON.count(c.drops[$0.rawValue])) })]
+    }
 }
 
 /// "0x…" for messages.

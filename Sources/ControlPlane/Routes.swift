@@ -92,13 +92,74 @@ extension ControlPlane {
         config.iotlb = try f.bool("iotlb", default: true)
         config.iotlbMaxEntries = try f.int("iotlb_max_entries", default: settings.iotlbMaxEntries,
                                            in: 1...IOTLB.entriesCeiling)
-        config.backend = try f.choice("backend", default: .loopback)
+        config.port = try parsePort(backend: f.string("backend"), port: f.value("port"), reader: f)
         config.translator = try f.choice("translator", default: .builtin)
+        if case .peer(let other) = config.port, other == config.id {
+            throw .invalidField(f.pathOf("port.device"), "a device cannot be its own peer (that is the loopback port)")
+        }
         if let v = f.value("vhost_user") {
             (config.vhostUserSocket, config.vhostUserMode) = try parseVhostUser(v, path: f.pathOf("vhost_user"))
         }
         try f.finish()
         return config
+    }
+
+    /// A device's port: `"backend":"loopback"|"sink"` (the first form, kept),
+    /// or `"port"`: `"loopback"`, `"sink"`, `{"type":"tap","name":IFNAME}`,
+    /// `{"type":"peer","device":ID}`. Both given must agree.
+    static func parsePort(backend: String?, port: JSON?, reader f: FieldReader) throws(APIError) -> PortConfig {
+        var legacy: PortConfig?
+        if let backend {
+            switch backend {
+            case "loopback": legacy = .loopback
+            case "sink": legacy = .sink
+            default:
+                throw .invalidField(f.pathOf("backend"), "must be one of \"loopback\", \"sink\" (TAP and peer ports are given as \"port\")")
+            }
+        }
+        guard let port else { return legacy ?? .loopback }
+        let path = f.pathOf("port")
+        let parsed: PortConfig
+        if case .string(let kind) = port {
+            switch kind {
+            case "loopback": parsed = .loopback
+            case "sink": parsed = .sink
+            default: throw .invalidField(path, "a port is \"loopback\", \"sink\", or an object {\"type\":\"tap\"|\"peer\",…}")
+            }
+        } else {
+            var pf = try FieldReader(port, path: path)
+            let kind = try pf.choice("type", default: PortKind.loopback)
+            switch kind {
+            case .loopback: parsed = .loopback
+            case .sink: parsed = .sink
+            case .tap:
+                guard let name = try pf.string("name") else {
+                    throw .invalidField(pf.pathOf("name"), "required: the TAP interface to attach to (or create)")
+                }
+                guard isValidInterfaceName(name) else {
+                    throw .invalidField(pf.pathOf("name"), "an interface name: 1 to 15 bytes, no '/', ':', whitespace, not \".\" or \"..\"")
+                }
+                parsed = .tap(name: name)
+            case .peer:
+                guard let other = try pf.string("device") else {
+                    throw .invalidField(pf.pathOf("device"), "required: the id of the device to wire this one to")
+                }
+                guard isValidDeviceId(other) else { throw .invalidField(pf.pathOf("device"), "1 to 64 characters of A-Z a-z 0-9 _ . -") }
+                parsed = .peer(device: other)
+            }
+            try pf.finish()
+        }
+        if let legacy, legacy != parsed {
+            throw .invalidField(f.pathOf("backend"), "\"backend\" and \"port\" disagree; give one")
+        }
+        return parsed
+    }
+
+    /// The kernel's rule for interface names (dev_valid_name).
+    static func isValidInterfaceName(_ name: String) -> Bool {
+        let u = Array(name.utf8)
+        return (1...15).contains(u.count) && name != "." && name != ".."
+            && !u.contains { $0 == 47 || $0 == 58 || $0 == 32 || (9...13).contains($0) || $0 == 0 }
     }
 
     /// `{"regions":[{"guest_phys_addr","memory_size","userspace_addr"}…]}`.
@@ -136,7 +197,7 @@ extension ControlPlane {
 
 extension Device {
     /// The parts of a device answer only its worker knows.
-    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring)) }
+    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring), port: portSnapshot()) }
 }
 
 extension Reply {

@@ -96,6 +96,10 @@ public final class Workload: @unchecked Sendable {
         // A memory table if the device has none: one region at GPA 0, 2 MiB-rounded, at least 16 MiB.
         let size = max(16 << 20, (need + (2 << 20) - 1) & ~((2 << 20) - 1))
         let region = MemoryRegion(guestPhysAddr: GuestPhysAddr(0), memorySize: size, userspaceAddr: UserAddr(Workload.uaddrBase))
+        // It checks every frame it gets back: only its own loopback (or nothing, into the sink) gives them.
+        guard [.loopback, .sink].contains(handle.config.port.kind) else {
+            throw .unsuitable("the built-in guest runs on a loopback or sink port; this device's port is \(handle.config.port.kind.rawValue)")
+        }
         let got = handle.performSync { d -> Result<(GuestMemory, DeviceConfig), WorkloadError> in
             guard let d else { return .failure(.engine(.notFound("device gone"))) }
             if d.memTable == nil {

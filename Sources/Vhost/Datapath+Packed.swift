@@ -35,8 +35,19 @@ extension Device {
     /// id and length first, then the flags with release.
     @inline(__always)
     func putUsedPacked<R: TranslatedAddress>(_ vq: VirtQueue, id: UInt16, len: UInt32, slots: Int, num: Int, _: R.Type) {
-        let at = PackedRing.descriptor(Int(vq.usedIdx))
-        let flags = PackedRing.usedFlags(wrap: vq.usedWrap)
+        writeUsedPacked(vq, at: Int(vq.usedIdx), wrap: vq.usedWrap, DevicePort.UsedBuffer(id: id, len: len, slots: slots), R.self)
+        var next = Int(vq.usedIdx) + slots
+        if next >= num { next -= num; vq.usedWrap.toggle() }
+        vq.usedIdx = UInt16(next)
+    }
+
+    /// Writes used descriptor `u` at ring slot `slot` with wrap counter `wrap`:
+    /// id and length first, then the flags with release.
+    @inline(__always)
+    func writeUsedPacked<R: TranslatedAddress>(_ vq: VirtQueue, at slot: Int, wrap: Bool, _ u: DevicePort.UsedBuffer, _: R.Type) {
+        let (id, len) = (u.id, u.len)
+        let at = PackedRing.descriptor(slot)
+        let flags = PackedRing.usedFlags(wrap: wrap)
         if let host = vq.descHost {
             (host + at + 8).storeBytes(of: len.littleEndian, as: UInt32.self)
             (host + at + 12).storeBytes(of: id.littleEndian, as: UInt16.self)
@@ -49,9 +60,6 @@ extension Device {
             }
             ringStore16(vq, nil, base, at + PackedRing.flagsOffset, flags, release: true)
         }
-        var next = Int(vq.usedIdx) + slots
-        if next >= num { next -= num; vq.usedWrap.toggle() }
-        vq.usedIdx = UInt16(next)
     }
 
     /// After used buffers were written: notify unless the driver's event
@@ -90,7 +98,7 @@ extension Device {
     /// Up to `batch` TX buffers of a packed queue, into `rx` (loopback) or consumed.
     func processPackedTX<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, _: S.Type) -> Bool {
         guard let c = tx.config else { return false }
-        let loopback = config.backend == .loopback
+        let loopback = port.kind == .loopback
         var rc = c
         if loopback {
             guard rx.state == .running, rx.ringsReady, let r = rx.config, r.packed else { return false }

@@ -31,12 +31,22 @@ extension Device {
             }
         }
         var i = 1
-        while i < n {
-            let busy = queueRefs[i - 1]._withUnsafeGuaranteedRef { rx in
-                queueRefs[i]._withUnsafeGuaranteedRef { tx in processTX(tx, rx, S.self) }
+        switch port.kind {
+        case .loopback, .sink:
+            while i < n {
+                let busy = queueRefs[i - 1]._withUnsafeGuaranteedRef { rx in
+                    queueRefs[i]._withUnsafeGuaranteedRef { tx in processTX(tx, rx, S.self) }
+                }
+                if busy { work = true }
+                i += 2
             }
-            if busy { work = true }
-            i += 2
+        case .tap, .peer:
+            let port = self.port
+            while i < n {
+                if queueRefs[i]._withUnsafeGuaranteedRef({ processTXToPort($0, pair: i / 2, port, S.self) }) { work = true }
+                i += 2
+            }
+            for pair in 0..<port.pairs where receiveFromPort(pair: pair, port, S.self) { work = true }
         }
         return work
     }
@@ -170,7 +180,7 @@ extension Device {
             fail(tx, "avail index moved \(availIdx &- tx.lastAvailIdx) entries past last_avail_idx; the ring has \(c.num)")
             return false
         }
-        let loopback = config.backend == .loopback
+        let loopback = port.kind == .loopback
         var rxAvail: UInt16 = 0
         var rxRing = S.Ring(0)
         if loopback {

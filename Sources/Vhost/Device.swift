@@ -3,6 +3,7 @@
 import IOTLB
 import CRingAtomics
 import Platform
+import Ports
 
 /// What an IOTLB update did.
 public struct UpdateReport: Equatable, Sendable {
@@ -56,6 +57,8 @@ public final class Device {
     public let queues: [VirtQueue]
     /// Where misses and access failures are published.
     public let missLog: MissLog
+    /// Where frames go and come from (loopback, sink, TAP, peer).
+    let port: DevicePort
     let limits: EngineLimits
     static let resolutionWindow = 4096
 
@@ -122,8 +125,9 @@ public final class Device {
     /// Upper bounds (µs) of the resolution histogram's buckets.
     public static let resolutionBounds: [UInt32] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000, 1_000_000]
 
-    init(config: DeviceConfig, limits: EngineLimits, missLog: MissLog) {
+    init(config: DeviceConfig, limits: EngineLimits, missLog: MissLog, tap: TapInterface? = nil) {
         self.config = config
+        self.port = DevicePort(config: config.port, pairs: config.queuePairs, tap: tap)
         self.limits = limits
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
@@ -321,9 +325,43 @@ public final class Device {
         if kicks && vq.state == .running && vq.ringsReady { writeUsedFlags(vq) }
     }
 
-    /// Whether the device fills in num_buffers of RX virtio-net headers (see
-    /// `rxNetHeaderNumBuffers`); set from a vhost-user front-end's features.
-    public func setNetHeader(numBuffers: Bool) { rxNetHeaderNumBuffers = numBuffers }
+    /// What a vhost-user front-end negotiated for the net device: the header
+    /// in front of its frames, mergeable RX buffers, and the offloads both ways.
+    /// A TAP port is told at once (header size, TUNSETOFFLOAD); returns the
+    /// offloads the TAP took (it may refuse some).
+    @discardableResult
+    public func setNet(_ n: NetSettings) -> TapOffloads {
+        // The loopback fills in num_buffers of the 12-byte header it copies.
+        rxNetHeaderNumBuffers = n.headerBytes == VirtioNetHeader.size
+        let p = port.m
+        p.pointee.guestHeaderBytes = n.headerBytes
+        p.pointee.mergeable = n.mergeableRX
+        p.pointee.hostOffloads = n.hostOffloads
+        guard let tap = port.tap else {
+            p.pointee.guestOffloads = []
+            return []
+        }
+        do throws(TapError) {
+            try tap.setHeaderSize(n.headerBytes == VirtioNetHeader.legacySize ? VirtioNetHeader.legacySize : VirtioNetHeader.size)
+        } catch {
+            p.pointee.lastError = error.description
+        }
+        p.pointee.guestOffloads = tap.setOffloads(n.guestOffloads)
+        return p.pointee.guestOffloads
+    }
+
+    /// The MTU a front-end set (VHOST_USER_NET_SET_MTU): received frames
+    /// longer than it (without GSO) are dropped; the TAP is given it when the
+    /// daemon may (its own interface), else it keeps its own.
+    public func setMTU(_ mtu: Int) {
+        port.m.pointee.mtu = mtu
+        if let tap = port.tap, tap.created, tap.mtu != mtu {
+            do throws(TapError) { try tap.setMTU(mtu) } catch { port.m.pointee.lastError = error.description }
+        }
+    }
+
+    /// The port's state and counters.
+    public func portSnapshot() -> PortSnapshot { port.snapshot }
 
     /// Asks drivers that kick to do so (before the worker sleeps) or not to
     /// (while it polls): the used ring's flags. Then a full fence, so a buffer

@@ -1,13 +1,5 @@
 import IOTLB
 
-/// Where TX frames go.
-public enum Backend: String, Sendable, CaseIterable {
-    /// TX frames are delivered to the same device's RX queue.
-    case loopback
-    /// TX frames are consumed and dropped.
-    case sink
-}
-
 /// Who answers IOTLB misses.
 public enum TranslatorKind: String, Sendable, CaseIterable {
     /// The in-process vIOMMU walks the guest IOMMU and posts updates.
@@ -36,8 +28,8 @@ public struct DeviceConfig: Sendable, Equatable {
     public var iotlb: Bool
     /// IOTLB capacity before FIFO replacement.
     public var iotlbMaxEntries: Int
-    /// Where TX frames go.
-    public var backend: Backend
+    /// Where TX frames go and RX frames come from.
+    public var port: PortConfig
     /// Who answers misses.
     public var translator: TranslatorKind
     /// The Unix socket a vhost-user front-end connects to; nil for a device
@@ -47,7 +39,7 @@ public struct DeviceConfig: Sendable, Equatable {
     public var vhostUserMode: VhostUserMode
 
     public init(id: String, queues: Int = 2, iotlb: Bool = true, iotlbMaxEntries: Int = 2048,
-                backend: Backend = .loopback, translator: TranslatorKind = .builtin, vhostUserSocket: String? = nil,
+                port: PortConfig = .loopback, translator: TranslatorKind = .builtin, vhostUserSocket: String? = nil,
                 vhostUserMode: VhostUserMode = .server) {
         self.id = id
         self.vhostUserSocket = vhostUserSocket
@@ -55,12 +47,15 @@ public struct DeviceConfig: Sendable, Equatable {
         self.queues = queues
         self.iotlb = iotlb
         self.iotlbMaxEntries = iotlbMaxEntries
-        self.backend = backend
+        self.port = port
         self.translator = translator
     }
 
     /// The most queues a device may have.
     public static let maxQueues = 64
+
+    /// Queue pairs (RX and TX): one TAP queue, one peer wire each.
+    public var queuePairs: Int { Swift.max(1, queues / 2) }
 }
 
 /// Engine-wide limits, from the command line.

@@ -1,5 +1,6 @@
 // The engine: datapath workers and the registry of devices.
 import Platform
+import Ports
 import Synchronization
 import IOTLB
 
@@ -69,7 +70,10 @@ public final class Engine: Sendable {
 
     /// Registers a device and has its worker create it. An empty `config.id`
     /// gets a generated one ("dev0", "dev1", ...).
-    public func createDevice(_ requested: DeviceConfig) throws(EngineError) -> DeviceHandle {
+    /// `tap`: the opened interface of a TAP port (the caller opens it, so a
+    /// refusal comes before anything is registered); the device owns it.
+    /// A peer port is wired as soon as its peer exists and names this device back.
+    public func createDevice(_ requested: DeviceConfig, tap: TapInterface? = nil) throws(EngineError) -> DeviceHandle {
         let limits = self.limits
         let handle: DeviceHandle = try registry.withLock { r throws(EngineError) -> DeviceHandle in
             guard r.open else { throw .unavailable }
@@ -87,13 +91,27 @@ public final class Engine: Sendable {
             let frozen = config
             let log = h.missLog
             worker.submit { w in
-                let d = Device(config: frozen, limits: limits, missLog: log)
+                let d = Device(config: frozen, limits: limits, missLog: log, tap: tap)
                 d.owner = .passUnretained(w)
                 w.devices[frozen.id] = d
+            }
+            if case .peer(let other) = config.port, let p = r.byId[other], p.config.port == .peer(device: config.id) {
+                Self.wire(h, p)
             }
             return h
         }
         return handle
+    }
+
+    /// Wires two peer devices: a frame ring each way, one per queue pair of
+    /// the sender. Each side gets its ends on its own worker, after the
+    /// commands queued before (its creation among them).
+    private static func wire(_ a: DeviceHandle, _ b: DeviceHandle) {
+        let ab = (0..<a.config.queuePairs).map { _ in FrameRing() }
+        let ba = (0..<b.config.queuePairs).map { _ in FrameRing() }
+        let (wa, wb) = (a.worker, b.worker)
+        a.submit { $0?.port.link(out: ab, inbound: ba, peerWorker: wb) }
+        b.submit { $0?.port.link(out: ba, inbound: ab, peerWorker: wa) }
     }
 
     /// The device named `id`.
@@ -110,6 +128,10 @@ public final class Engine: Sendable {
             r.order.removeAll { $0 == id }
             return h
         }) else { return false }
+        if case .peer(let other) = h.config.port, let p = device(other), p.config.port == .peer(device: id) {
+            // Its peer drops the wires first: from then on it counts its frames as peer_down.
+            p.submit { $0?.port.unlink() }
+        }
         h.worker.submit { w in
             w.devices[id]?.detach()
             w.devices[id] = nil

@@ -15,7 +15,7 @@ public final class DatapathWorker: @unchecked Sendable {
     public let index: Int
     private let queue = Locked<(commands: [Command], stopped: Bool)>(([], false))
     private let queued = Atomic<Int>(0)
-    private let wake = WakeSignal()
+    private let wake = EventWake()
     private var thread: pthread_t?
     private let running = Atomic<Bool>(true)
     private let sleeping = Atomic<Bool>(false)
@@ -33,6 +33,8 @@ public final class DatapathWorker: @unchecked Sendable {
     private struct PollList {
         var devices = UnsafeMutablePointer<Unmanaged<Device>>.allocate(capacity: 1)
         var count = 0
+        /// What the thread sleeps on: its wake-up eventfd, then the devices' TAP queues.
+        var sleepFDs = UnsafeMutablePointer<pollfd>.allocate(capacity: 1)
     }
     private let polled: UnsafeMutablePointer<PollList> = {
         let p = UnsafeMutablePointer<PollList>.allocate(capacity: 1)
@@ -46,10 +48,14 @@ public final class DatapathWorker: @unchecked Sendable {
         polled.pointee.devices.deallocate()
         polled.pointee.devices = .allocate(capacity: max(devices.count, 1))
         polled.pointee.count = 0
+        var watched = 1
         for d in devices.values {
             (polled.pointee.devices + polled.pointee.count).initialize(to: .passUnretained(d))
             polled.pointee.count += 1
+            watched += d.port.pairs
         }
+        polled.pointee.sleepFDs.deallocate()
+        polled.pointee.sleepFDs = .allocate(capacity: watched)
     }
 
     /// Empty rounds the thread keeps polling before it starts sleeping (a round
@@ -62,6 +68,7 @@ public final class DatapathWorker: @unchecked Sendable {
     }
 
     deinit {
+        polled.pointee.sleepFDs.deallocate()
         polled.pointee.devices.deallocate()
         polled.deallocate()
     }
@@ -175,7 +182,11 @@ public final class DatapathWorker: @unchecked Sendable {
                     idleRounds = 0
                 } else {
                     idleNanos = min(max(idleNanos * 2, 20_000), 4_000_000)
-                    wake.wait(timeoutNanos: idleNanos)
+                    // TAP queues with room in their guest's RX ring wake the thread when a frame arrives.
+                    let fds = polled.pointee.sleepFDs
+                    var watched = 1
+                    for i in 0..<pollCount { watched = pollList[i]._withUnsafeGuaranteedRef { $0.watchFDs(fds, from: watched) } }
+                    wake.wait(timeoutNanos: idleNanos, fds: fds, count: watched)
                 }
                 sleeping.store(false, ordering: .relaxed)
                 for i in 0..<pollCount { pollList[i]._withUnsafeGuaranteedRef { $0.setKickNotification(false) } }

@@ -25,6 +25,23 @@ public enum VhostUserRequest: UInt32, Sendable {
 
 /// Virtio and vhost-user feature bits this backend deals with.
 public enum VhostUserFeature {
+    /// VIRTIO_NET_F_CSUM: the guest may send frames with a partial checksum (NEEDS_CSUM).
+    public static let netCsum: UInt64 = 1 << 0
+    /// VIRTIO_NET_F_GUEST_CSUM: the guest takes frames with a partial checksum.
+    public static let netGuestCsum: UInt64 = 1 << 1
+    /// VIRTIO_NET_F_MTU: the front-end tells the MTU (NET_SET_MTU).
+    public static let netMTU: UInt64 = 1 << 3
+    /// VIRTIO_NET_F_GUEST_TSO4/6, GUEST_ECN: the guest takes TCP segmentation offload frames.
+    public static let netGuestTSO4: UInt64 = 1 << 7
+    public static let netGuestTSO6: UInt64 = 1 << 8
+    public static let netGuestECN: UInt64 = 1 << 9
+    /// VIRTIO_NET_F_HOST_TSO4/6, HOST_ECN: the guest may send TSO frames.
+    public static let netHostTSO4: UInt64 = 1 << 11
+    public static let netHostTSO6: UInt64 = 1 << 12
+    public static let netHostECN: UInt64 = 1 << 13
+    /// The offloads a port that honours them (a TAP) offers.
+    public static let netOffloads: UInt64 = netCsum | netGuestCsum | netMTU | netGuestTSO4 | netGuestTSO6
+        | netGuestECN | netHostTSO4 | netHostTSO6 | netHostECN
     public static let netMRGRXBuf: UInt64 = 1 << 15
     public static let netMQ: UInt64 = 1 << 22
     public static let indirectDesc: UInt64 = 1 << 28
@@ -44,6 +61,8 @@ public enum VhostUserFeature {
 public enum VhostUserProtocolFeature {
     public static let mq: UInt64 = 1 << 0
     public static let replyAck: UInt64 = 1 << 3
+    /// NET_SET_MTU.
+    public static let netMTU: UInt64 = 1 << 4
     /// A backend-to-front-end channel (SET_BACKEND_REQ_FD): IOTLB misses travel on it.
     public static let backendReq: UInt64 = 1 << 5
 }

@@ -7,6 +7,7 @@
 import Glibc
 import IOTLB
 import CUnixSocket
+import Ports
 import Vhost
 
 /// A protocol violation: the connection is dropped.
@@ -51,22 +52,45 @@ final class VhostUserSession {
     var config: DeviceConfig { handle.config }
 
     /// Virtio features offered: split or packed rings with indirect
-    /// descriptors and event index; in order (the loopback and the sink use
-    /// chains in the order offered); mergeable RX buffers (one buffer per
-    /// frame, num_buffers = 1); ACCESS_PLATFORM when the device IOTLB is on.
+    /// descriptors and event index; in order (every port uses chains in the
+    /// order offered); mergeable RX buffers; ACCESS_PLATFORM when the device
+    /// IOTLB is on. Checksum and TSO offloads both ways and the MTU only with a
+    /// TAP port, whose kernel side honours them; the loopback, the sink and a
+    /// peer would have to compute checksums and segment themselves.
     var offeredFeatures: UInt64 {
         var f = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
             | VhostUserFeature.eventIdx | VhostUserFeature.inOrder | VhostUserFeature.netMRGRXBuf
             | VhostUserFeature.ringPacked
         if config.iotlb { f |= VhostUserFeature.accessPlatform }
         if config.queues > 2 { f |= VhostUserFeature.netMQ }
+        if config.port.kind == .tap { f |= VhostUserFeature.netOffloads }
         return f
     }
 
     var offeredProtocolFeatures: UInt64 {
         var f = VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck
         if config.iotlb { f |= VhostUserProtocolFeature.backendReq }
+        if config.port.kind == .tap { f |= VhostUserProtocolFeature.netMTU }
         return f
+    }
+
+    /// What the acknowledged features `f` mean for the net device.
+    static func netSettings(_ f: UInt64) -> NetSettings {
+        func has(_ bit: UInt64) -> Bool { f & bit != 0 }
+        var host: VirtioNetHeader.HostOffloads = []
+        if has(VhostUserFeature.netCsum) { host.insert(.checksum) }
+        if has(VhostUserFeature.netHostTSO4) { host.insert(.tso4) }
+        if has(VhostUserFeature.netHostTSO6) { host.insert(.tso6) }
+        if has(VhostUserFeature.netHostECN) { host.insert(.ecn) }
+        var guest: TapOffloads = []
+        if has(VhostUserFeature.netGuestCsum) { guest.insert(.checksum) }
+        if has(VhostUserFeature.netGuestTSO4) { guest.insert(.tso4) }
+        if has(VhostUserFeature.netGuestTSO6) { guest.insert(.tso6) }
+        if has(VhostUserFeature.netGuestECN) { guest.insert(.tsoECN) }
+        // A 12-byte header (with num_buffers) leads every frame under VERSION_1 or MRG_RXBUF.
+        let twelve = has(VhostUserFeature.version1) || has(VhostUserFeature.netMRGRXBuf)
+        return NetSettings(headerBytes: twelve ? VirtioNetHeader.size : VirtioNetHeader.legacySize,
+                           mergeableRX: has(VhostUserFeature.netMRGRXBuf), hostOffloads: host, guestOffloads: guest)
     }
 
     /// Whether ring and buffer addresses are IOVAs the front-end's vIOMMU maps.
@@ -216,9 +240,8 @@ final class VhostUserSession {
             let f = try acknowledged(offeredFeatures, "features")
             features = f
             backend.updateStatus { $0.features = f }
-            // A 12-byte header (with num_buffers) leads every frame under either feature.
-            let header = f & (VhostUserFeature.version1 | VhostUserFeature.netMRGRXBuf) != 0
-            handle.performSync { $0?.setNetHeader(numBuffers: header) }
+            let net = Self.netSettings(f)
+            _ = handle.performSync { $0?.setNet(net) }
             for i in rings.indices { try syncRing(i) }
         case .getProtocolFeatures:
             return reply64(offeredProtocolFeatures)
@@ -301,7 +324,14 @@ final class VhostUserSession {
         case .iotlbMsg:
             guard let m = VhostIOTLBMessage(payload) else { throw VhostUserProtocolError("IOTLB_MSG: payload too short") }
             try applyIOTLB(m)
-        case .setLogBase, .setLogFD, .sendRARP, .netSetMTU, .setVringEndian, .getConfig, .setConfig,
+        case .netSetMTU:
+            guard protocolFeatures & VhostUserProtocolFeature.netMTU != 0 else {
+                throw Refused("NET_SET_MTU without the NET_MTU protocol feature")
+            }
+            let mtu = try u64()
+            guard (68...65_535).contains(mtu) else { throw Refused("NET_SET_MTU \(mtu): an MTU is 68 to 65535") }
+            handle.performSync { $0?.setMTU(Int(mtu)) }
+        case .setLogBase, .setLogFD, .sendRARP, .setVringEndian, .getConfig, .setConfig,
              .getMaxMemSlots, .setStatus, .getStatus:
             // Features these belong to are not offered.
             throw Refused("\(request) needs a feature this backend does not offer")
@@ -374,7 +404,7 @@ final class VhostUserSession {
         stopAllRings()
         handle.performSync {
             $0?.install(memory: nil)
-            $0?.setNetHeader(numBuffers: false)
+            $0?.setNet(NetSettings(headerBytes: 0))
         }
         memory = nil
         closeFD(&backendFD)

@@ -130,7 +130,7 @@ import Platform
     @Test func oneQueueWaitsWhileAnotherRuns() throws {
         // Four queues: pair (0,1) fully mapped, pair (2,3) with TX buffers unmapped.
         let g = try FakeGuest()
-        let handle = try g.engine.createDevice(DeviceConfig(id: "four", queues: 4, backend: .loopback, translator: .external))
+        let handle = try g.engine.createDevice(DeviceConfig(id: "four", queues: 4, port: .loopback, translator: .external))
         let region = MemoryRegion(guestPhysAddr: GuestPhysAddr(0), memorySize: FakeGuest.memSize,
                                   userspaceAddr: UserAddr(FakeGuest.uaddrBase))
         let mem = GuestPhysicalMemory(handle.performSync { d in _ = try! d!.setMemTable([region]); return d!.memory! })
@@ -305,7 +305,7 @@ import Platform
     }
 
     @Test func sinkConsumesFrames() throws {
-        let g = try FakeGuest(backend: .sink)
+        let g = try FakeGuest(port: .sink)
         try g.map(0, FakeGuest.memSize)
         try g.setVring(1, g.tx)
         for i in 0..<10 {

@@ -21,11 +21,11 @@ final class FakeGuest: @unchecked Sendable {
     let tx: SplitRingDriver
     let num = 16
 
-    init(iotlb: Bool = true, backend: Backend = .loopback, maxEntries: Int = 2048) throws {
+    init(iotlb: Bool = true, port: PortConfig = .loopback, maxEntries: Int = 2048) throws {
         self.iotlb = iotlb
         engine = Engine(datapathThreads: 1)
         handle = try engine.createDevice(DeviceConfig(id: "t", iotlb: iotlb, iotlbMaxEntries: maxEntries,
-                                                       backend: backend, translator: .external))
+                                                       port: port, translator: .external))
         let region = MemoryRegion(guestPhysAddr: GuestPhysAddr(0), memorySize: FakeGuest.memSize,
                                   userspaceAddr: UserAddr(FakeGuest.uaddrBase))
         let mem = handle.performSync { d -> Result<GuestMemory, EngineError> in
