@@ -102,14 +102,16 @@ extension JSON {
         if let mtu = s.mtu { pairs.append(("mtu", .count(mtu))) }
         if let e = s.lastError { pairs.append(("last_error", .string(e))) }
         pairs.append(("counters", portCounters(s.total)))
-        pairs.append(("queues", .array(s.queues.map(portCounters))))
+        if s.queues.count > 1 { pairs.append(("queues", .array(s.queues.map { portCounters($0, onlyDrops: true) }))) }
         return .object(pairs)
     }
 
-    static func portCounters(_ c: PortCounters) -> JSON {
-        ["tx_frames": .count(c.txFrames), "tx_bytes": .count(c.txBytes), "rx_frames": .count(c.rxFrames),
-         "rx_bytes": .count(c.rxBytes), "tx_back_pressure": .count(c.txBackPressure),
-         "drops": .object(PortDropReason.allCases.map { ($0.name, JSON.count(c.drops[$0.rawValue])) })]
+    /// A port's counters; drops by reason, every reason (or, per queue, those that happened).
+    static func portCounters(_ c: PortCounters, onlyDrops: Bool = false) -> JSON {
+        let reasons = PortDropReason.allCases.filter { !onlyDrops || c.drops[$0.rawValue] > 0 }
+        return ["tx_frames": .count(c.txFrames), "tx_bytes": .count(c.txBytes), "rx_frames": .count(c.rxFrames),
+                "rx_bytes": .count(c.rxBytes), "tx_back_pressure": .count(c.txBackPressure),
+                "drops": .object(reasons.map { ($0.name, JSON.count(c.drops[$0.rawValue])) })]
     }
 }
 

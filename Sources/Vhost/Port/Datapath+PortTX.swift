@@ -75,11 +75,12 @@ extension Device {
             }
             switch port.tapQueue(pair).write(first, count: count) {
             case .done:
-                break
+                if p.pointee.state == .down { p.pointee.state = .up }
             case .wouldBlock:
                 port.count(pair, DevicePort.Slot.backPressure)
                 return .backPressure
             case .down:
+                p.pointee.state = .down
                 port.drop(pair, .tapDown)
                 return .consumed(bytes: bytes)
             case .gone:

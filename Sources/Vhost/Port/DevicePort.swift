@@ -47,6 +47,7 @@ final class DevicePort {
     }
     let m: UnsafeMutablePointer<Mutable>
 
+    /// What the port last saw: frames moved (up), the TAP down (EIO) or the peer missing, the TAP deleted.
     enum LinkState: String { case up, down, gone }
 
     /// The wires while linked: the references that keep them alive.
