@@ -44,13 +44,15 @@ let package = Package(
                        providers: [.apt(["libjansson-dev"])]),
         // The build's git commit, defined from the manifest (Swift -D takes no values).
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
-        // HTTP, JSON, routes, long-poll, metrics.
+        // JSON values: parsed by jansson, written in Swift. The only target that imports CJansson.
+        .target(name: "JSON", dependencies: ["CJansson"]),
+        // HTTP, routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "CMicroHTTPD", "CBuildInfo", "CUnixSocket",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
-        .target(name: "HTTPClient", dependencies: ["ControlPlane"]),
+        .target(name: "HTTPClient", dependencies: ["JSON"]),
         .executableTarget(name: "iotlbd", dependencies: [
             "ControlPlane",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -59,13 +61,13 @@ let package = Package(
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "HTTPClient", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
+            "ControlPlane", "HTTPClient", "JSON", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "JSON", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],

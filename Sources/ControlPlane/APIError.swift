@@ -1,4 +1,5 @@
 import IOTLB
+import JSON
 import Vhost
 
 /// An error answer: status, code, message and (when one field is at fault) its path.

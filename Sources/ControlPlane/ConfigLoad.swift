@@ -7,6 +7,7 @@
 import Glibc
 import Guest
 import IOTLB
+import JSON
 import Platform
 import Vhost
 

@@ -6,6 +6,7 @@
 import Glibc
 import Guest
 import IOTLB
+import JSON
 import Logging
 import Platform
 import Vhost

@@ -3,6 +3,7 @@ import IOTLB
 import Vhost
 import Guest
 import Logging
+import JSON
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {

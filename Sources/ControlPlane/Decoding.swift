@@ -1,6 +1,7 @@
 // Reading request fields with their paths, so every refusal names the field
 // at fault ("entries[3].uaddr"). Unknown members are refused, not ignored.
 import IOTLB
+import JSON
 
 /// Parses a contract number: a JSON integer >= 0, or a string of "0x" hex or
 /// decimal digits, up to 2^64-1.

@@ -1,4 +1,5 @@
 // The server's request and response types: what handlers see. No C here.
+import JSON
 
 /// An HTTP request, body fully read.
 public struct Request: Sendable {

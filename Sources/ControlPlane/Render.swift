@@ -1,5 +1,6 @@
 // How engine values are written in answers: addresses and sizes as "0x…".
 import IOTLB
+import JSON
 import Vhost
 import VhostUser
 

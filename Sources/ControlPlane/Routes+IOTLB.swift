@@ -1,5 +1,6 @@
 // IOTLB routes: updates, invalidations, flush, entries, translate, stats.
 import IOTLB
+import JSON
 import Vhost
 
 extension ControlPlane {

@@ -1,5 +1,6 @@
 // Vring and miss routes: set/get a queue, long-poll misses.
 import IOTLB
+import JSON
 import Platform
 import Vhost
 

@@ -1,6 +1,7 @@
 // Built-in guest routes: start, read and stop a workload; the guest IOMMU's view.
 import Guest
 import IOTLB
+import JSON
 import Vhost
 
 extension ControlPlane {

@@ -4,6 +4,7 @@ import Platform
 import Vhost
 import VhostUser
 import Logging
+import JSON
 
 extension ControlPlane {
     static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,

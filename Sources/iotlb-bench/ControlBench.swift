@@ -4,6 +4,7 @@ import ControlPlane
 import Foundation
 import HTTPClient
 import IOTLB
+import JSON
 import Vhost
 
 struct ControlBench: ParsableCommand {

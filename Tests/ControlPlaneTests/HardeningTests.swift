@@ -8,6 +8,7 @@ import Synchronization
 import Testing
 import TestSupport
 import Vhost
+import JSON
 
 /// Storms, fuzzing, bounded memory, slow clients.
 @Suite struct HardeningTests {

@@ -1,6 +1,7 @@
 import ControlPlane
 import Glibc
 import HTTPClient
+import JSON
 import Testing
 import Vhost
 

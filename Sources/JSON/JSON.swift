@@ -1,4 +1,4 @@
-// JSON values: parsed by jansson (the only file that imports it), written in Swift.
+// JSON values: parsed by jansson (this target is the only one that imports it), written in Swift.
 import CJansson
 
 /// A JSON document as a Swift value. Objects keep their keys' order.
