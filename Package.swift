@@ -46,28 +46,31 @@ let package = Package(
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
         // JSON values: parsed by jansson, written in Swift. The only target that imports CJansson.
         .target(name: "JSON", dependencies: ["CJansson"]),
-        // HTTP, routes, long-poll, metrics.
+        // The HTTP transport: libmicrohttpd behind Request/Response/Reply, the router,
+        // the contract's error body and request field decoding. Nothing of vhost.
+        .target(name: "HTTP", dependencies: ["JSON", "Platform", "CMicroHTTPD", "CUnixSocket"]),
+        // Routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "CMicroHTTPD", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "CBuildInfo",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
         .target(name: "HTTPClient", dependencies: ["JSON"]),
         .executableTarget(name: "iotlbd", dependencies: [
-            "ControlPlane",
+            "ControlPlane", "HTTP",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "HTTPClient", "JSON", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
+            "ControlPlane", "HTTP", "HTTPClient", "JSON", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "JSON", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTP", "HTTPClient", "JSON", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],

@@ -6,6 +6,7 @@
 // file and the field at fault.
 import Glibc
 import Guest
+import HTTP
 import IOTLB
 import JSON
 import Platform

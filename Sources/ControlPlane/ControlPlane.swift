@@ -4,6 +4,7 @@ import Vhost
 import Guest
 import Logging
 import JSON
+import HTTP
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {
@@ -86,11 +87,13 @@ public final class ControlPlane: Sendable {
 
     /// Answers one request: authentication, then routing.
     public func respond(_ request: Request) -> Reply {
+        // Matched once: the pattern labels the count, the match runs once authorized.
+        let match = router.match(request)
         // Counted by route pattern (not path: ids would make labels unbounded).
-        let route = router.pattern(for: request) ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
+        let route = match.pattern ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
         let method = ["GET", "HEAD", "POST", "PUT", "DELETE"].contains(request.method) ? request.method : "other"
         let counter = requests
-        let reply = authorizedReply(request)
+        let reply = authorizedReply(request, match)
         switch reply {
         case .now(let r):
             counter.count(route: route, method: method, status: r.status)
@@ -112,7 +115,7 @@ public final class ControlPlane: Sendable {
         }
     }
 
-    private func authorizedReply(_ request: Request) -> Reply {
+    private func authorizedReply(_ request: Request, _ match: Router.Match) -> Reply {
         if let token = settings.token, request.path.hasPrefix("/v1") {
             let given = request.headers["authorization"] ?? ""
             guard constantTimeEqual(Array(given.utf8), Array(("Bearer " + token).utf8)) else {
@@ -129,7 +132,7 @@ public final class ControlPlane: Sendable {
             }
             return .later { complete in self.metrics(complete: complete) }
         }
-        return router.route(request)
+        return match.reply()
     }
 }
 

@@ -2,6 +2,7 @@
 // stopped together. Tests start one on an ephemeral port.
 import Vhost
 import Logging
+import HTTP
 
 /// Everything `iotlbd` runs.
 public final class Daemon: Sendable {

@@ -5,6 +5,7 @@
 // routes parse, call, and render.
 import Glibc
 import Guest
+import HTTP
 import Logging
 import Platform
 import Vhost

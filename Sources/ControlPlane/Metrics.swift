@@ -6,6 +6,7 @@ import Guest
 import Synchronization
 import Vhost
 import VhostUser
+import HTTP
 
 /// HTTP requests by route pattern, method and status.
 final class RequestCounter: Sendable {

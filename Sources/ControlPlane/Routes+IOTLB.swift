@@ -1,4 +1,5 @@
 // IOTLB routes: updates, invalidations, flush, entries, translate, stats.
+import HTTP
 import IOTLB
 import JSON
 import Vhost

@@ -1,4 +1,5 @@
 // Vring and miss routes: set/get a queue, long-poll misses.
+import HTTP
 import IOTLB
 import JSON
 import Platform

@@ -1,5 +1,6 @@
 // Built-in guest routes: start, read and stop a workload; the guest IOMMU's view.
 import Guest
+import HTTP
 import IOTLB
 import JSON
 import Vhost

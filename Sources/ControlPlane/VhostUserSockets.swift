@@ -4,6 +4,7 @@
 // inside: an HTTP client must not make the daemon create, replace or connect
 // to sockets elsewhere on the host.
 import Glibc
+import HTTP
 
 /// Why the daemon refused to start: a message for the operator.
 public struct StartupError: Error, CustomStringConvertible, Sendable {

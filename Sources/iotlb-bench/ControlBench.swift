@@ -2,6 +2,7 @@
 import ArgumentParser
 import ControlPlane
 import Foundation
+import HTTP
 import HTTPClient
 import IOTLB
 import JSON

@@ -2,6 +2,7 @@
 import ArgumentParser
 import ControlPlane
 import Glibc
+import HTTP
 import IOTLB
 import Logging
 import Vhost

@@ -5,6 +5,7 @@ import Guest
 import Testing
 import Platform
 import Vhost
+import HTTP
 
 @Suite struct DevicesTests {
     /// A control plane over a fresh engine, and its devices service.

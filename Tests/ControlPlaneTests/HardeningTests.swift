@@ -9,6 +9,7 @@ import Testing
 import TestSupport
 import Vhost
 import JSON
+import HTTP
 
 /// Storms, fuzzing, bounded memory, slow clients.
 @Suite struct HardeningTests {

@@ -1,5 +1,6 @@
 import ControlPlane
 import Glibc
+import HTTP
 import HTTPClient
 import JSON
 import Testing
