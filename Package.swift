@@ -49,15 +49,22 @@ let package = Package(
         // The HTTP transport: libmicrohttpd behind Request/Response/Reply, the router,
         // the contract's error body and request field decoding. Nothing of vhost.
         .target(name: "HTTP", dependencies: ["JSON", "Platform", "CMicroHTTPD", "CUnixSocket"]),
+        // The devices service: a device's parts (engine device, vhost-user front-end, miss
+        // logger, built-in guest) made and dropped together; the configuration store and
+        // its state file; where vhost-user sockets may live. No HTTP.
+        .target(name: "Service", dependencies: [
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // Routes, long-poll, metrics.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "CBuildInfo",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "Service", "CBuildInfo",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
         .target(name: "HTTPClient", dependencies: ["JSON"]),
         .executableTarget(name: "iotlbd", dependencies: [
-            "ControlPlane", "HTTP",
+            "ControlPlane", "HTTP", "Service",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -70,7 +77,7 @@ let package = Package(
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTP", "HTTPClient", "JSON", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTP", "HTTPClient", "JSON", "Service", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],

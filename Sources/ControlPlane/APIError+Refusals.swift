@@ -2,6 +2,7 @@
 // becomes the contract's status, code and field.
 import HTTP
 import IOTLB
+import Service
 import Vhost
 
 extension APIError {

@@ -5,6 +5,7 @@ import Guest
 import Logging
 import JSON
 import HTTP
+import Service
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {

@@ -3,6 +3,7 @@
 import Vhost
 import Logging
 import HTTP
+import Service
 
 /// Everything `iotlbd` runs.
 public final class Daemon: Sendable {

@@ -7,6 +7,7 @@ import Synchronization
 import Vhost
 import VhostUser
 import HTTP
+import Service
 
 /// HTTP requests by route pattern, method and status.
 final class RequestCounter: Sendable {

@@ -1,6 +1,7 @@
 // How engine values are written in answers: addresses and sizes as "0x…".
 import IOTLB
 import JSON
+import Service
 import Vhost
 import VhostUser
 
@@ -13,11 +14,6 @@ extension JSON {
     /// A range's size; the whole 2^64-byte space, whose size has no 64-bit form, is written as "0x10000000000000000".
     static func sizeOf<A>(_ r: AddressRange<A>) -> JSON {
         r.size.map { .hex($0) } ?? .string("0x10000000000000000")
-    }
-
-    static func region(_ r: MemoryRegion) -> JSON {
-        ["guest_phys_addr": .hex(r.guestPhysAddr.raw), "memory_size": .hex(r.memorySize),
-         "userspace_addr": .hex(r.userspaceAddr.raw)]
     }
 
     static func memTable(_ t: MemoryTable) -> JSON {

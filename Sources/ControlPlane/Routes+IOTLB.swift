@@ -2,6 +2,7 @@
 import HTTP
 import IOTLB
 import JSON
+import Service
 import Vhost
 
 extension ControlPlane {

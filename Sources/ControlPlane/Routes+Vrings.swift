@@ -3,6 +3,7 @@ import HTTP
 import IOTLB
 import JSON
 import Platform
+import Service
 import Vhost
 
 extension ControlPlane {

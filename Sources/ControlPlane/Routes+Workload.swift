@@ -3,6 +3,7 @@ import Guest
 import HTTP
 import IOTLB
 import JSON
+import Service
 import Vhost
 
 extension ControlPlane {

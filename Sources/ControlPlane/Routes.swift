@@ -6,6 +6,7 @@ import VhostUser
 import Logging
 import JSON
 import HTTP
+import Service
 
 extension ControlPlane {
     static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,

@@ -5,6 +5,7 @@ import Glibc
 import HTTP
 import IOTLB
 import Logging
+import Service
 import Vhost
 
 struct IOTLBDaemon: ParsableCommand {

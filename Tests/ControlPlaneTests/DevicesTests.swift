@@ -6,6 +6,7 @@ import Testing
 import Platform
 import Vhost
 import HTTP
+import Service
 
 @Suite struct DevicesTests {
     /// A control plane over a fresh engine, and its devices service.

@@ -3,6 +3,7 @@ import Glibc
 import HTTP
 import HTTPClient
 import JSON
+import Service
 import Testing
 import Vhost
 
