@@ -56,9 +56,12 @@ let package = Package(
             "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // Routes, long-poll, metrics.
+        // Prometheus text exposition from plain snapshots, and the process's own figures (/proc).
+        .target(name: "Metrics", dependencies: ["Platform", "Vhost", "VhostUser", "Guest"]),
+        // The thin layer between HTTP and the service: routes, parsing and rendering,
+        // long-poll deadlines, authentication, /metrics gathering, the daemon's assembly.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "Service", "CBuildInfo",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "Service", "Metrics", "CBuildInfo",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).

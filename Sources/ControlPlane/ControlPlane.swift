@@ -6,6 +6,7 @@ import Logging
 import JSON
 import HTTP
 import Service
+import Metrics
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {
