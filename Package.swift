@@ -67,7 +67,7 @@ let package = Package(
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
         .target(name: "HTTPClient", dependencies: ["JSON"]),
         .executableTarget(name: "iotlbd", dependencies: [
-            "ControlPlane", "HTTP", "Service",
+            "ControlPlane", "HTTP", "Service", "Vhost", "IOTLB", "Platform",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
