@@ -80,6 +80,13 @@ let package = Package(
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
+        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "HTTPTests", dependencies: ["HTTP", "JSON"]),
+        .testTarget(name: "ServiceTests", dependencies: [
+            "Service", "JSON", "Vhost", "Guest", "Platform", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "MetricsTests", dependencies: ["Metrics"]),
+        // Routes in-process, and the daemon over live sockets (vhost-user front-ends included).
         .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTP", "HTTPClient", "JSON", "Service", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
