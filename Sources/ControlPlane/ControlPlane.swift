@@ -1,4 +1,4 @@
-// The control plane: routes over the engine, authentication, and the server.
+// The control plane: the routes over the devices service and the engine, authentication, and request counts.
 import IOTLB
 import Vhost
 import Guest
@@ -19,6 +19,7 @@ public struct ControlPlaneSettings: Sendable {
     public var vhostUserSockets: VhostUserSockets?
     /// --state-dir: the configuration is kept in `<dir>/config.json`.
     public var stateDirectory: String?
+    /// No token, 2048 entries, the default socket directory, no state directory.
     public init() {}
 }
 
@@ -40,6 +41,7 @@ public final class ControlPlane: Sendable {
     /// Where vhost-user sockets may live.
     public let sockets: VhostUserSockets
 
+    /// The routes over `engine` (no configuration loaded yet: see `loadConfiguration`).
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
