@@ -70,8 +70,10 @@ test-swift: deps
 	$(SWIFT) test
 
 # Runs the README's curl walk-through against a live daemon and compares every answer.
+# Then checks the README's target table and picture, and every target's imports, against Package.swift.
 test-readme: build
 	$(PYTHON) tests/readme_walkthrough.py .build/debug/iotlbd README.md
+	$(PYTHON) tests/readme_targets.py README.md
 
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools

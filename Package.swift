@@ -51,28 +51,50 @@ let package = Package(
                        providers: [.apt(["libjansson-dev"])]),
         // The build's git commit, defined from the manifest (Swift -D takes no values).
         .target(name: "CBuildInfo", cSettings: [.define("IOTLBD_COMMIT", to: "\"\(commit)\"")]),
-        // HTTP, JSON, routes, long-poll, metrics.
+        // JSON values: parsed by jansson, written in Swift. The only target that imports CJansson.
+        .target(name: "JSON", dependencies: ["CJansson"]),
+        // The HTTP transport: libmicrohttpd behind Request/Response/Reply, the router,
+        // the contract's error body and request field decoding. Nothing of vhost.
+        .target(name: "HTTP", dependencies: ["JSON", "Platform", "CMicroHTTPD", "CUnixSocket"]),
+        // The devices service: a device's parts (engine device, vhost-user front-end, miss
+        // logger, built-in guest) made and dropped together; the configuration store and
+        // its state file; where vhost-user sockets may live. No HTTP.
+        .target(name: "Service", dependencies: [
+            "IOTLB", "Platform", "Vhost", "Ports", "VhostUser", "Guest", "JSON",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Prometheus text exposition from plain snapshots, and the process's own figures (/proc).
+        .target(name: "Metrics", dependencies: ["Platform", "Vhost", "VhostUser", "Guest"]),
+        // The thin layer between HTTP and the service: routes, parsing and rendering,
+        // long-poll deadlines, authentication, /metrics gathering, the daemon's assembly.
         .target(name: "ControlPlane", dependencies: [
-            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "CMicroHTTPD", "CJansson", "CBuildInfo", "CUnixSocket",
+            "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "JSON", "HTTP", "Service", "Metrics", "CBuildInfo",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // A blocking loopback HTTP client for the tests and the benchmark (not the daemon).
-        .target(name: "HTTPClient", dependencies: ["ControlPlane"]),
+        .target(name: "HTTPClient", dependencies: ["JSON"]),
         .executableTarget(name: "iotlbd", dependencies: [
-            "ControlPlane",
+            "ControlPlane", "HTTP", "Service", "Vhost", "IOTLB", "Platform",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Counts allocations and retain/release per thread; linked into the benchmark only.
         .target(name: "CBenchCounters", linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "iotlb-bench", dependencies: [
-            "ControlPlane", "HTTPClient", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
+            "ControlPlane", "HTTP", "HTTPClient", "JSON", "Guest", "Vhost", "IOTLB", "Platform", "CBenchCounters",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers shared by the test targets.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "IOTLBTests", dependencies: ["IOTLB", "TestSupport"]),
-        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTPClient", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
+        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "HTTPTests", dependencies: ["HTTP", "JSON"]),
+        .testTarget(name: "ServiceTests", dependencies: [
+            "Service", "JSON", "Vhost", "Guest", "Platform", .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "MetricsTests", dependencies: ["Metrics"]),
+        // Routes in-process, and the daemon over live sockets (vhost-user front-ends included).
+        .testTarget(name: "ControlPlaneTests", dependencies: ["ControlPlane", "HTTP", "HTTPClient", "JSON", "Service", "IOTLB", "Platform", "Vhost", "VhostUser", "Guest", "TestSupport", "CUnixSocket"]),
         .testTarget(name: "VhostTests", dependencies: ["Vhost", "IOTLB", "Platform", "Ports", "Guest", "CRingAtomics"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser"]),
     ],

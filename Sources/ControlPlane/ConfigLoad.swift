@@ -6,8 +6,11 @@
 // file and the field at fault.
 import Glibc
 import Guest
+import HTTP
 import IOTLB
+import JSON
 import Platform
+import Service
 import Vhost
 
 /// One device of a configuration document, checked.
@@ -33,10 +36,10 @@ extension ControlPlane {
                 throw StartupError("--state-dir \(dir): not a writable directory (\(String(cString: strerror(errno))))")
             }
         }
-        if let stateFile = store.stateFile, let b = try ConfigStore.read(stateFile) {
+        if let stateFile = store.stateFile, let b = try Self.read(stateFile) {
             (source, bytes) = (stateFile, b)
         } else if let configFile {
-            guard let b = try ConfigStore.read(configFile) else { throw StartupError("--config \(configFile): no such file") }
+            guard let b = try Self.read(configFile) else { throw StartupError("--config \(configFile): no such file") }
             (source, bytes) = (configFile, b)
         }
         guard let source, let bytes else { return }
@@ -55,6 +58,11 @@ extension ControlPlane {
         }
         try store.resume(write: source != store.stateFile)
         logger.info("configuration loaded", metadata: ["file": "\(source)", "devices": "\(devices.count)"])
+    }
+
+    /// The bytes of `path`, nil when it does not exist.
+    private static func read(_ path: String) throws(StartupError) -> [UInt8]? {
+        do throws(SystemCallError) { return try readWholeFile(path) } catch { throw StartupError(error.description) }
     }
 
     /// Checks a whole configuration document.

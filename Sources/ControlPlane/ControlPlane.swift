@@ -1,8 +1,12 @@
-// The control plane: routes over the engine, authentication, and the server.
+// The control plane: the routes over the devices service and the engine, authentication, and request counts.
 import IOTLB
 import Vhost
 import Guest
 import Logging
+import JSON
+import HTTP
+import Service
+import Metrics
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {
@@ -15,6 +19,7 @@ public struct ControlPlaneSettings: Sendable {
     public var vhostUserSockets: VhostUserSockets?
     /// --state-dir: the configuration is kept in `<dir>/config.json`.
     public var stateDirectory: String?
+    /// No token, 2048 entries, the default socket directory, no state directory.
     public init() {}
 }
 
@@ -36,6 +41,7 @@ public final class ControlPlane: Sendable {
     /// Where vhost-user sockets may live.
     public let sockets: VhostUserSockets
 
+    /// The routes over `engine` (no configuration loaded yet: see `loadConfiguration`).
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
@@ -85,11 +91,13 @@ public final class ControlPlane: Sendable {
 
     /// Answers one request: authentication, then routing.
     public func respond(_ request: Request) -> Reply {
+        // Matched once: the pattern labels the count, the match runs once authorized.
+        let match = router.match(request)
         // Counted by route pattern (not path: ids would make labels unbounded).
-        let route = router.pattern(for: request) ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
+        let route = match.pattern ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
         let method = ["GET", "HEAD", "POST", "PUT", "DELETE"].contains(request.method) ? request.method : "other"
         let counter = requests
-        let reply = authorizedReply(request)
+        let reply = authorizedReply(request, match)
         switch reply {
         case .now(let r):
             counter.count(route: route, method: method, status: r.status)
@@ -111,7 +119,7 @@ public final class ControlPlane: Sendable {
         }
     }
 
-    private func authorizedReply(_ request: Request) -> Reply {
+    private func authorizedReply(_ request: Request, _ match: Router.Match) -> Reply {
         if let token = settings.token, request.path.hasPrefix("/v1") {
             let given = request.headers["authorization"] ?? ""
             guard constantTimeEqual(Array(given.utf8), Array(("Bearer " + token).utf8)) else {
@@ -128,7 +136,7 @@ public final class ControlPlane: Sendable {
             }
             return .later { complete in self.metrics(complete: complete) }
         }
-        return router.route(request)
+        return match.reply()
     }
 }
 

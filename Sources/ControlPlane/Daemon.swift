@@ -2,6 +2,8 @@
 // stopped together. Tests start one on an ephemeral port.
 import Vhost
 import Logging
+import HTTP
+import Service
 
 /// Everything `iotlbd` runs.
 public final class Daemon: Sendable {

@@ -1,5 +1,7 @@
 // How engine values are written in answers: addresses and sizes as "0x…".
 import IOTLB
+import JSON
+import Service
 import Vhost
 import VhostUser
 
@@ -12,11 +14,6 @@ extension JSON {
     /// A range's size; the whole 2^64-byte space, whose size has no 64-bit form, is written as "0x10000000000000000".
     static func sizeOf<A>(_ r: AddressRange<A>) -> JSON {
         r.size.map { .hex($0) } ?? .string("0x10000000000000000")
-    }
-
-    static func region(_ r: MemoryRegion) -> JSON {
-        ["guest_phys_addr": .hex(r.guestPhysAddr.raw), "memory_size": .hex(r.memorySize),
-         "userspace_addr": .hex(r.userspaceAddr.raw)]
     }
 
     static func memTable(_ t: MemoryTable) -> JSON {
@@ -80,15 +77,6 @@ struct DeviceDetail: Sendable {
 }
 
 extension JSON {
-    /// A port's configuration (`type` and its target), as requests give it.
-    static func portConfig(_ p: PortConfig) -> [(String, JSON)] {
-        switch p {
-        case .loopback, .sink: [("type", .string(p.kind.rawValue))]
-        case .tap(let name): [("type", "tap"), ("name", .string(name))]
-        case .peer(let other): [("type", "peer"), ("device", .string(other))]
-        }
-    }
-
     /// A port: its configuration, then (from its worker) its state and counters.
     static func port(_ p: PortConfig, _ s: PortSnapshot?) -> JSON {
         var pairs = portConfig(p)

@@ -1,5 +1,8 @@
 // IOTLB routes: updates, invalidations, flush, entries, translate, stats.
+import HTTP
 import IOTLB
+import JSON
+import Service
 import Vhost
 
 extension ControlPlane {

@@ -1,6 +1,9 @@
 // Vring and miss routes: set/get a queue, long-poll misses.
+import HTTP
 import IOTLB
+import JSON
 import Platform
+import Service
 import Vhost
 
 extension ControlPlane {

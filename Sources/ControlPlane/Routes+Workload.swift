@@ -1,6 +1,9 @@
 // Built-in guest routes: start, read and stop a workload; the guest IOMMU's view.
 import Guest
+import HTTP
 import IOTLB
+import JSON
+import Service
 import Vhost
 
 extension ControlPlane {

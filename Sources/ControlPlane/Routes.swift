@@ -1,9 +1,12 @@
-// The routes of the contract (DESIGN.md, "HTTP contract (v1)").
+// The routes of the contract (api/openapi.yaml describes each; README.md walks through them).
 import IOTLB
 import Platform
 import Vhost
 import VhostUser
 import Logging
+import JSON
+import HTTP
+import Service
 
 extension ControlPlane {
     static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,

@@ -1,7 +1,7 @@
 // A small blocking HTTP/1.1 client for loopback: the tests and the benchmark
 // talk to a live daemon with it. Keep-alive, Content-Length bodies only (what
 // our server sends). Not part of the daemon: its own target, in no product.
-import ControlPlane
+import JSON
 import Glibc
 
 /// One keep-alive connection to a server on this machine.

@@ -5,7 +5,7 @@ import Glibc
 /// `Mutex` because ThreadSanitizer understands pthread locks (it does not see
 /// the futex calls `Mutex` makes on Linux, and reports false races).
 public final class Locked<Value>: @unchecked Sendable {
-    // Visible to inlined `withLock` only (as it was when this lived in the engine).
+    // Internal but usable from inlinable code: `withLock` is inlined into callers.
     // SAFETY: allocated once, freed in deinit: a pthread mutex must not move,
     // and the value is only touched with the mutex held (no run-time
     // exclusivity check needed, or possible across threads).

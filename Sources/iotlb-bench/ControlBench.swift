@@ -2,8 +2,10 @@
 import ArgumentParser
 import ControlPlane
 import Foundation
+import HTTP
 import HTTPClient
 import IOTLB
+import JSON
 import Vhost
 
 struct ControlBench: ParsableCommand {

@@ -5,6 +5,7 @@ import ControlPlane
 import Foundation
 import Guest
 import IOTLB
+import JSON
 import Platform
 import Synchronization
 import Vhost

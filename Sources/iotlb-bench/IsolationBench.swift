@@ -6,6 +6,7 @@
 import ArgumentParser
 import ControlPlane
 import Foundation
+import HTTP
 import HTTPClient
 import Synchronization
 

@@ -3,6 +3,7 @@ import ArgumentParser
 import ControlPlane
 import Foundation
 import Glibc
+import JSON
 
 /// Writes a progress line to stderr, overwriting the previous one.
 func progress(_ s: String) {

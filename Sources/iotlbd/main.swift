@@ -2,8 +2,11 @@
 import ArgumentParser
 import ControlPlane
 import Glibc
+import HTTP
 import IOTLB
 import Logging
+import Platform
+import Service
 import Vhost
 
 struct IOTLBDaemon: ParsableCommand {
@@ -127,8 +130,10 @@ struct IOTLBDaemon: ParsableCommand {
         var settings = ControlPlaneSettings()
         settings.iotlbMaxEntries = iotlbMaxEntries
         if let tokenFile {
-            guard let text = try? readFile(tokenFile) else { throw ValidationError("cannot read --token-file \(tokenFile)") }
-            let token = text.trimmingWhitespace()
+            guard let bytes = (try? readWholeFile(tokenFile)) ?? nil else {
+                throw ValidationError("cannot read --token-file \(tokenFile)")
+            }
+            let token = String(decoding: bytes, as: UTF8.self).trimmingWhitespace()
             guard !token.isEmpty else { throw ValidationError("--token-file \(tokenFile) is empty") }
             settings.token = token
         }
@@ -222,19 +227,6 @@ func splitHostPort(_ s: String) -> (String, UInt16)? {
     var host = String(s[..<colon])
     if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
     return host.isEmpty ? nil : (host, port)
-}
-
-func readFile(_ path: String) throws -> String {
-    guard let f = fopen(path, "r") else { throw ExitCode(1) }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        if n <= 0 { break }
-        out.append(contentsOf: buf[0..<n])
-    }
-    return String(decoding: out, as: UTF8.self)
 }
 
 extension String {

@@ -4,6 +4,7 @@
 import ControlPlane
 import Foundation
 import Glibc
+import JSON
 import Testing
 
 // In the serialized "vhost-user backend" suite: it makes vhost-user devices

@@ -1,5 +1,6 @@
 import ControlPlane
 import HTTPClient
+import JSON
 import Testing
 
 @Suite struct DeviceRouteTests {

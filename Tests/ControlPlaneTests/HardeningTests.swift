@@ -8,6 +8,8 @@ import Synchronization
 import Testing
 import TestSupport
 import Vhost
+import JSON
+import HTTP
 
 /// Storms, fuzzing, bounded memory, slow clients.
 @Suite struct HardeningTests {

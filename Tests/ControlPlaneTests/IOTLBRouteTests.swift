@@ -1,4 +1,5 @@
 import ControlPlane
+import JSON
 import Testing
 
 @Suite struct IOTLBRouteTests {

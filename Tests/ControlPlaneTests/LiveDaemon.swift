@@ -1,6 +1,9 @@
 import ControlPlane
 import Glibc
+import HTTP
 import HTTPClient
+import JSON
+import Service
 import Testing
 import Vhost
 

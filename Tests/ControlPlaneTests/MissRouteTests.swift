@@ -8,6 +8,7 @@ import Guest
 import IOTLB
 import Testing
 import Vhost
+import JSON
 
 /// Vrings, misses and long-polls through HTTP. Rings live at GPA 0x10000 (RX) and
 /// 0x20000 (TX); IOVA = GPA + 0x4000_0000; user address = GPA + 0x7f0000000000.

@@ -8,6 +8,7 @@ import Vhost
 import VhostUser
 import ControlPlane
 import Platform
+import JSON
 
 // Part of the serialized "vhost-user backend" suite: leftoversOfFrontEnds
 // tells eventfds apart by kernel ids, which are reused, so no other test may

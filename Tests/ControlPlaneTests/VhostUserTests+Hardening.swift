@@ -10,6 +10,8 @@ import TestSupport
 import Vhost
 @testable import VhostUser
 import ControlPlane
+import Service
+import JSON
 
 extension VhostUserTests {
     @Test("device creation: bad socket fields are 400, a socket in use is 409, nothing is left behind")

@@ -15,6 +15,7 @@ import TestSupport
 import Vhost
 @testable import VhostUser
 import ControlPlane
+import JSON
 
 @Suite("vhost-user backend", .serialized)
 struct VhostUserTests {

@@ -1,5 +1,6 @@
 import ControlPlane
 import Foundation
+import JSON
 import Testing
 
 /// The built-in guest through HTTP: every page size × mapping × IOTLB on/off.

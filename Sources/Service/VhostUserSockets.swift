@@ -7,7 +7,9 @@ import Glibc
 
 /// Why the daemon refused to start: a message for the operator.
 public struct StartupError: Error, CustomStringConvertible, Sendable {
+    /// What is wrong, for the operator.
     public let description: String
+    /// A refusal saying `description`.
     public init(_ description: String) { self.description = description }
 }
 
@@ -69,12 +71,12 @@ public struct VhostUserSockets: Sendable {
         return VhostUserSockets(resolvedDirectory: real, group: gid)
     }
 
-    /// The absolute path a client's `socket` stands for, or 400 `invalid_field`
-    /// (at `field`): relative paths are taken in the directory; the parent must
+    /// The absolute path a client's `socket` stands for, or `.socketRefused`
+    /// saying why: relative paths are taken in the directory; the parent must
     /// exist and resolve inside it; the name itself must not be a symlink.
-    public func resolve(_ socket: String, field: String = "vhost_user.socket") throws(APIError) -> String {
+    public func resolve(_ socket: String) throws(DevicesError) -> String {
         guard !socket.isEmpty, !socket.utf8.contains(0) else {
-            throw .invalidField(field, "a socket path of 1 to 107 bytes")
+            throw .socketRefused("a socket path of 1 to 107 bytes")
         }
         let full = socket.hasPrefix("/") ? socket : directory + "/" + socket
         var parent = "/", name = full
@@ -83,23 +85,23 @@ public struct VhostUserSockets: Sendable {
             name = String(full[full.index(after: slash)...])
         }
         guard !name.isEmpty, name != ".", name != ".." else {
-            throw .invalidField(field, "\(socket) names a directory, not a socket")
+            throw .socketRefused("\(socket) names a directory, not a socket")
         }
         guard let realParent = Self.realPath(parent) else {
-            throw .invalidField(field, "the directory of \(socket) does not exist")
+            throw .socketRefused("the directory of \(socket) does not exist")
         }
         let inside = directory == "/" || realParent == directory || realParent.hasPrefix(directory + "/")
         guard inside else {
-            throw .invalidField(field, "\(socket) is outside the vhost-user directory \(directory) (--vhost-user-dir);"
+            throw .socketRefused("\(socket) is outside the vhost-user directory \(directory) (--vhost-user-dir);"
                                 + " give a path inside it, or a name relative to it")
         }
         let path = realParent == "/" ? "/" + name : realParent + "/" + name
         var st = stat()
         if lstat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFLNK {
-            throw .invalidField(field, "\(path) is a symbolic link")
+            throw .socketRefused("\(path) is a symbolic link")
         }
         guard path.utf8.count <= 107 else {
-            throw .invalidField(field, "\(path) is longer than a socket path may be (107 bytes)")
+            throw .socketRefused("\(path) is longer than a socket path may be (107 bytes)")
         }
         return path
     }

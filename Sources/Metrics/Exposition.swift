@@ -1,41 +1,62 @@
 // GET /metrics: Prometheus text exposition. Device figures are snapshots the
-// owning worker takes between batches (one command per device per scrape);
-// the datapath keeps plain counters, no per-frame atomics.
-import Platform
+// owning worker takes between batches (one command per device per scrape; the
+// control plane gathers them); the datapath keeps plain counters, no per-frame
+// atomics. Families are written here, from plain values.
 import Guest
-import Synchronization
+import Platform
 import Vhost
 import VhostUser
 
 /// HTTP requests by route pattern, method and status.
-final class RequestCounter: Sendable {
+public final class RequestCounter: Sendable {
     private let counts = Locked<[String: (route: String, method: String, status: Int, n: UInt64)]>([:])
 
-    func count(route: String, method: String, status: Int) {
+    /// No requests counted yet.
+    public init() {}
+
+    /// Counts one answer.
+    public func count(route: String, method: String, status: Int) {
         let key = "\(method) \(route) \(status)"
         counts.withLock { c in
             c[key, default: (route, method, status, 0)].n += 1
         }
     }
 
-    var all: [(route: String, method: String, status: Int, n: UInt64)] {
+    /// Every count, sorted by route, method and status.
+    public var all: [(route: String, method: String, status: Int, n: UInt64)] {
         counts.withLock { Array($0.values) }.sorted { ($0.route, $0.method, $0.status) < ($1.route, $1.method, $1.status) }
     }
 }
 
 /// One device's figures for a scrape.
-struct DeviceMetrics: Sendable {
-    var id: String
-    var stats: IOTLBStats
-    var vqs: [VringSnapshot]
+public struct DeviceMetrics: Sendable {
+    /// The device's id.
+    public var id: String
+    /// Its IOTLB counters.
+    public var stats: IOTLBStats
+    /// Its virtqueues.
+    public var vqs: [VringSnapshot]
     /// The miss resolution histogram: each bucket's upper bound (µs) with its own (not cumulative) count.
-    var buckets: [(boundMicros: UInt32, count: UInt64)]
-    var sumMicros: UInt64
-    var resolutionCount: UInt64
+    public var buckets: [(boundMicros: UInt32, count: UInt64)]
+    /// The sum of the resolution times, µs.
+    public var sumMicros: UInt64
+    /// Misses resolved.
+    public var resolutionCount: UInt64
     /// The built-in guest's figures, nil without one.
-    var workload: WorkloadStats?
+    public var workload: WorkloadStats?
     /// The vhost-user front-end's state, nil without vhost-user.
-    var frontEnd: VhostUserStatus?
+    public var frontEnd: VhostUserStatus?
+
+    /// The figures a device's worker took (the front-end and guest are added after).
+    public init(id: String, stats: IOTLBStats, vqs: [VringSnapshot], buckets: [(boundMicros: UInt32, count: UInt64)],
+                sumMicros: UInt64, resolutionCount: UInt64) {
+        self.id = id
+        self.stats = stats
+        self.vqs = vqs
+        self.buckets = buckets
+        self.sumMicros = sumMicros
+        self.resolutionCount = resolutionCount
+    }
 }
 
 /// Writes the exposition format: every family with HELP and TYPE, counters ending in _total.
@@ -70,39 +91,12 @@ extension String {
     }
 }
 
-extension ControlPlane {
-    /// Gathers every device's snapshot from its worker, then renders.
-    func metrics(complete: @escaping @Sendable (Response) -> Void) {
-        let all = devices.all()
-        let gathered = Locked<[DeviceMetrics]>([])
-        let left = Locked(all.count)
-        let finish: @Sendable () -> Void = { [self] in
-            let all = gathered.withLock { $0 }.sorted { $0.id < $1.id }
-            complete(Response(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                              body: Array(render(all).utf8)))
-        }
-        if all.isEmpty { return finish() }
-        for managed in all {
-            let id = managed.id
-            managed.handle.perform({ d -> DeviceMetrics? in
-                guard let d else { return nil }
-                let (b, sum) = d.resolutionHistogram()
-                // The bounds go with the counts the device took, so the renderer needs no engine constant.
-                return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(),
-                                     buckets: zip(Device.resolutionBounds, b).map { ($0, $1) }, sumMicros: sum,
-                                     resolutionCount: d.resolvedMisses)
-            }, then: { m in
-                if var m {
-                    m.workload = managed.workload?.stats
-                    m.frontEnd = managed.frontEnd?.status
-                    gathered.withLock { $0.append(m) }
-                }
-                if left.withLock({ $0 -= 1; return $0 }) == 0 { finish() }
-            })
-        }
-    }
-
-    private func render(_ devices: [DeviceMetrics]) -> String {
+/// The text of a scrape.
+public enum Exposition {
+    /// Every family: devices' figures (sorted by the caller), the long-polls
+    /// waiting, the HTTP requests answered, the build, the process.
+    public static func render(_ devices: [DeviceMetrics], longPollsWaiting: Int, requests: RequestCounter,
+                              build: (version: String, commit: String)) -> String {
         var w = MetricsWriter()
         func perDevice(_ name: String, _ type: String, _ help: String, _ value: (DeviceMetrics) -> UInt64) {
             w.family(name, type, help, devices.map { ([("device", $0.id)], "\(value($0))") })
@@ -179,11 +173,11 @@ extension ControlPlane {
         w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
                  fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
         w.family("iotlbd_http_long_polls_waiting", "gauge", "Miss long-polls waiting for an event or their time-out.",
-                 [([], "\(timer.pending)")])
+                 [([], "\(longPollsWaiting)")])
         w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
                  requests.all.map { ([("route", $0.route), ("method", $0.method), ("status", "\($0.status)")], "\($0.n)") })
         w.family("iotlbd_build_info", "gauge", "Always 1; the labels name the build.",
-                 [([("version", BuildInfo.version), ("commit", BuildInfo.commit)], "1")])
+                 [([("version", build.version), ("commit", build.commit)], "1")])
         ProcessStats.read().write(to: &w)
         return w.text
     }

@@ -8,7 +8,7 @@ extension Devices {
     /// running there; `done` gets the workload once its memory, rings and
     /// mappings are set up, or why they could not be (on the guest's thread).
     /// The configuration records it when it started.
-    func startWorkload(_ c: WorkloadConfig, on d: ManagedDevice,
+    public func startWorkload(_ c: WorkloadConfig, on d: ManagedDevice,
                        then done: @escaping @Sendable (Result<Workload, DevicesError>) -> Void) throws(DevicesError) {
         let id = d.id
         let refusal = d.workloadSlot.withLock { s -> DevicesError? in
@@ -49,7 +49,7 @@ extension Devices {
     /// Stops `d`'s built-in guest and forgets it; `done` gets it with its final
     /// figures. Refused at once when it has none. Joins the guest's thread on
     /// a thread of its own, not the caller's.
-    func stopWorkload(on d: ManagedDevice,
+    public func stopWorkload(on d: ManagedDevice,
                       then done: @escaping @Sendable (Result<(Workload, WorkloadStats), DevicesError>) -> Void) throws(DevicesError) {
         let id = d.id
         guard d.workload != nil else { throw .noWorkload(id: id) }
@@ -68,7 +68,7 @@ extension Devices {
 
     /// Starts a built-in guest on `d` and waits until it is set up (start-up
     /// only: a configuration's workloads, before the server listens).
-    func startWorkloadAndWait(_ c: WorkloadConfig, on d: ManagedDevice) throws(DevicesError) -> Workload {
+    public func startWorkloadAndWait(_ c: WorkloadConfig, on d: ManagedDevice) throws(DevicesError) -> Workload {
         let outcome = Locked<Result<Workload, DevicesError>?>(nil)
         let ready = WakeSignal()
         try startWorkload(c, on: d) { r in

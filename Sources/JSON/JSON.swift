@@ -1,4 +1,4 @@
-// JSON values: parsed by jansson (the only file that imports it), written in Swift.
+// JSON values: parsed by jansson (this target is the only one that imports it), written in Swift.
 import CJansson
 
 /// A JSON document as a Swift value. Objects keep their keys' order.
@@ -11,6 +11,7 @@ public enum JSON: Equatable, Sendable {
     case array([JSON])
     case object([(String, JSON)])
 
+    /// Equal values; objects compare member by member, in order.
     public static func == (a: JSON, b: JSON) -> Bool {
         switch (a, b) {
         case (.null, .null): true
@@ -46,8 +47,11 @@ public enum JSON: Equatable, Sendable {
 
 /// A body that is not JSON: where and why.
 public struct JSONSyntaxError: Error, Equatable, Sendable {
+    /// jansson's reason.
     public var message: String
+    /// Where, 1-based.
     public var line: Int
+    /// Where in the line, 1-based.
     public var column: Int
 }
 
@@ -160,10 +164,15 @@ extension JSON {
 /// Builds response objects: `["a": .int(1)]` keeps order.
 extension JSON: ExpressibleByDictionaryLiteral, ExpressibleByArrayLiteral, ExpressibleByStringLiteral,
                 ExpressibleByIntegerLiteral, ExpressibleByBooleanLiteral {
+    /// An object, members in the order written.
     public init(dictionaryLiteral elements: (String, JSON)...) { self = .object(elements) }
+    /// An array.
     public init(arrayLiteral elements: JSON...) { self = .array(elements) }
+    /// A string.
     public init(stringLiteral value: String) { self = .string(value) }
+    /// An integer.
     public init(integerLiteral value: Int64) { self = .int(value) }
+    /// A boolean.
     public init(booleanLiteral value: Bool) { self = .bool(value) }
 
     /// An address or size: lowercase "0x…" hex, as the contract writes them.

@@ -6,6 +6,7 @@
 import Glibc
 import Guest
 import IOTLB
+import JSON
 import Logging
 import Platform
 import Vhost
@@ -19,45 +20,55 @@ struct DeviceRecord: Sendable {
 }
 
 /// The configuration document's name and version (its first two members).
-enum ConfigFormat {
-    static let name = "iotlbd-config"
-    static let version = 1
+public enum ConfigFormat {
+    /// The document's `format`.
+    public static let name = "iotlbd-config"
+    /// The document's `version`: the one this daemon reads and writes.
+    public static let version = 1
     /// The state file's name inside --state-dir.
-    static let stateFileName = "config.json"
+    public static let stateFileName = "config.json"
 }
 
-final class ConfigStore: Sendable {
+/// The configuration clients made, by device in creation order, and the state file it is written to.
+public final class ConfigStore: Sendable {
     private let records = Locked<(order: [String], byId: [String: DeviceRecord], paused: Bool)>(([], [:], false))
     /// The state file, nil without --state-dir.
-    let stateFile: String?
+    public let stateFile: String?
     private let logger: Logger
 
-    init(stateFile: String?, logger: Logger) {
+    /// A store writing to `stateFile` after each change (nil: kept in memory only).
+    public init(stateFile: String?, logger: Logger) {
         self.stateFile = stateFile
         self.logger = logger
     }
 
     // MARK: Changes (each written to the state file before it returns)
 
-    func created(_ c: DeviceConfig) { change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) } }
+    /// Records a device created with `c`.
+    public func created(_ c: DeviceConfig) { change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) } }
 
-    func deleted(_ id: String) {
+    /// Forgets device `id`.
+    public func deleted(_ id: String) {
         change {
             $0.order.removeAll { $0 == id }
             $0.byId[id] = nil
         }
     }
 
-    func memTableSet(_ id: String, _ regions: [MemoryRegion]) { change { $0.byId[id]?.memTable = regions } }
+    /// Records the memory table set on `id`.
+    public func memTableSet(_ id: String, _ regions: [MemoryRegion]) { change { $0.byId[id]?.memTable = regions } }
 
-    func vringSet(_ id: String, _ n: Int, _ c: VringConfig) { change { $0.byId[id]?.vrings[n] = c } }
+    /// Records vring `n` of `id` as set.
+    public func vringSet(_ id: String, _ n: Int, _ c: VringConfig) { change { $0.byId[id]?.vrings[n] = c } }
 
-    func workloadSet(_ id: String, _ w: WorkloadConfig?) { change { $0.byId[id]?.workload = w } }
+    /// Records the built-in guest of `id` (nil: none).
+    public func workloadSet(_ id: String, _ w: WorkloadConfig?) { change { $0.byId[id]?.workload = w } }
 
     /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
-    func pause() { records.withLock { $0.paused = true } }
+    public func pause() { records.withLock { $0.paused = true } }
 
-    func resume(write: Bool) throws(StartupError) {
+    /// Lets writes through again; `write`: writes the state file now.
+    public func resume(write: Bool) throws(StartupError) {
         let doc = records.withLock { r -> JSON in
             r.paused = false
             return Self.document(r.order.compactMap { r.byId[$0] })
@@ -80,7 +91,7 @@ final class ConfigStore: Sendable {
     }
 
     /// The whole configuration, as GET /v1/config answers and the state file holds.
-    var document: JSON { records.withLock { r in Self.document(r.order.compactMap { r.byId[$0] }) } }
+    public var document: JSON { records.withLock { r in Self.document(r.order.compactMap { r.byId[$0] }) } }
 
     static func document(_ devices: [DeviceRecord]) -> JSON {
         ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),
@@ -160,23 +171,24 @@ final class ConfigStore: Sendable {
             close(dfd)
         }
     }
+}
 
-    /// The bytes of `path`, nil when it does not exist.
-    static func read(_ path: String) throws(StartupError) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            if errno == ENOENT { return nil }
-            throw StartupError("cannot read \(path): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        var out: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw StartupError("cannot read \(path): \(String(cString: strerror(errno)))") }
-            if n == 0 { return out }
-            out.append(contentsOf: buf[0..<n])
+extension JSON {
+    /// A memory region as the contract writes it, in answers and in the state file alike.
+    public static func region(_ r: MemoryRegion) -> JSON {
+        ["guest_phys_addr": .hex(r.guestPhysAddr.raw), "memory_size": .hex(r.memorySize),
+         "userspace_addr": .hex(r.userspaceAddr.raw)]
+    }
+}
+
+extension JSON {
+    /// A port's configuration (`type` and its target), as requests give it
+    /// and the configuration document keeps it.
+    public static func portConfig(_ p: PortConfig) -> [(String, JSON)] {
+        switch p {
+        case .loopback, .sink: [("type", .string(p.kind.rawValue))]
+        case .tap(let name): [("type", "tap"), ("name", .string(name))]
+        case .peer(let other): [("type", "peer"), ("device", .string(other))]
         }
     }
 }

@@ -12,8 +12,8 @@ import Vhost
 import VhostUser
 
 /// Why the devices service refused. Nothing was changed when one is thrown.
-/// `APIError(_:fieldPrefix:)` gives each its HTTP answer.
-enum DevicesError: Error, Sendable {
+/// The control plane gives each its HTTP answer (`APIError(_:fieldPrefix:)`).
+public enum DevicesError: Error, Sendable {
     /// A device with this id exists.
     case exists(id: String)
     /// The vhost-user socket path was refused (outside the directory, a symlink, too long...).
@@ -37,11 +37,11 @@ enum DevicesError: Error, Sendable {
 }
 
 /// One device and its parts.
-final class ManagedDevice: Sendable {
+public final class ManagedDevice: Sendable {
     /// The engine's device.
-    let handle: DeviceHandle
+    public let handle: DeviceHandle
     /// The vhost-user backend serving (or connecting to) its socket, nil without vhost-user.
-    let frontEnd: VhostUserBackend?
+    public let frontEnd: VhostUserBackend?
     /// Logs its access failures and miss storms.
     let missLogger: MissLogger
     /// Whether the configuration (GET /v1/config, the state file) records it: not the demo device.
@@ -56,11 +56,13 @@ final class ManagedDevice: Sendable {
         self.persisted = persisted
     }
 
-    var id: String { handle.config.id }
-    var config: DeviceConfig { handle.config }
+    /// Its id.
+    public var id: String { handle.config.id }
+    /// Its configuration (as the engine settled it: ids and socket paths filled in).
+    public var config: DeviceConfig { handle.config }
 
     /// The latest workload (running or finished), nil when none was started or it was stopped.
-    var workload: Workload? { workloadSlot.withLock { $0.current } }
+    public var workload: Workload? { workloadSlot.withLock { $0.current } }
 }
 
 /// A device's built-in guest, as far as the control plane knows it.
@@ -75,15 +77,17 @@ struct WorkloadSlot {
 }
 
 /// Every device the control plane manages, by id, in creation order.
-final class Devices: Sendable {
+public final class Devices: Sendable {
     /// The engine that runs them.
-    let engine: Engine
-    let store: ConfigStore
+    public let engine: Engine
+    /// What clients configured: creates, deletes and workloads are recorded here.
+    public let store: ConfigStore
     private let sockets: VhostUserSockets
     let logger: Logger
     private let registry = Locked<(order: [String], byId: [String: ManagedDevice], open: Bool)>(([], [:], true))
 
-    init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger) {
+    /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows.
+    public init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger) {
         self.engine = engine
         self.store = store
         self.sockets = sockets
@@ -93,17 +97,17 @@ final class Devices: Sendable {
     // MARK: Look-ups
 
     /// The device named `id`.
-    func device(_ id: String) -> ManagedDevice? { registry.withLock { $0.byId[id] } }
+    public func device(_ id: String) -> ManagedDevice? { registry.withLock { $0.byId[id] } }
 
     /// Every device, in creation order.
-    func all() -> [ManagedDevice] { registry.withLock { r in r.order.compactMap { r.byId[$0] } } }
+    public func all() -> [ManagedDevice] { registry.withLock { r in r.order.compactMap { r.byId[$0] } } }
 
     // MARK: Create, delete, shut down
 
     /// Creates a device with its parts: the vhost-user socket first (a path that
     /// cannot be served creates no device), then the engine's device, its miss
     /// logger, the front-end started on it; `persist`: recorded in the configuration.
-    func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
+    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
         var config = requested
         guard registry.withLock({ $0.open }) else { throw .engine(.unavailable) }
         if !config.id.isEmpty && (device(config.id) != nil || engine.device(config.id) != nil) {
@@ -111,8 +115,7 @@ final class Devices: Sendable {
         }
         var frontEnd: VhostUserBackend?
         if let given = config.vhostUserSocket {
-            let path: String
-            do throws(APIError) { path = try sockets.resolve(given) } catch { throw .socketRefused(error.message) }
+            let path = try sockets.resolve(given)
             config.vhostUserSocket = path
             if let other = engine.devices().first(where: { $0.config.vhostUserSocket == path }) {
                 throw .socketTaken(path: path, by: other.config.id)
@@ -162,7 +165,7 @@ final class Devices: Sendable {
     /// outlive the device's queues), its front-end is dropped while the device
     /// still exists, then the engine drops the device, answering its waiting
     /// long-polls. Throws `.notFound` at once; `done` runs once the device is gone.
-    func delete(_ id: String, then done: @escaping @Sendable (Result<Void, DevicesError>) -> Void) throws(DevicesError) {
+    public func delete(_ id: String, then done: @escaping @Sendable (Result<Void, DevicesError>) -> Void) throws(DevicesError) {
         let found = registry.withLock { r -> ManagedDevice? in
             guard let d = r.byId.removeValue(forKey: id) else { return nil }
             r.order.removeAll { $0 == id }
@@ -191,7 +194,7 @@ final class Devices: Sendable {
     /// Stops every device's built-in guest and drops every front-end, closing
     /// its socket (before the engine stops the devices). Later creates are
     /// refused as the engine's shutdown refuses them.
-    func shutdown() {
+    public func shutdown() {
         let all = registry.withLock { r -> [ManagedDevice] in
             r.open = false
             return r.order.compactMap { r.byId[$0] }

@@ -1,5 +1,6 @@
 // The embedded HTTP server: libmicrohttpd, wrapped once. Handlers never see
-// C types; this file and JSON.swift are the only ones that import C.
+// C types; this is the only file that imports libmicrohttpd (CUnixSocket
+// serves a Unix listener here; jansson stays in the JSON target).
 //
 // Threads: libmicrohttpd's internal epoll threads call `handle`, which must
 // not block. A deferred reply suspends the connection; whoever completes it
@@ -10,7 +11,6 @@ import CUnixSocket
 import Glibc
 import Platform
 import Synchronization
-import Vhost
 
 /// How the server listens and what it accepts.
 public struct ServerOptions: Sendable {
@@ -30,6 +30,7 @@ public struct ServerOptions: Sendable {
     public var unixPath: String?
     /// The Unix socket's mode: who may connect is who may write it.
     public var unixPermissions: mode_t = 0o660
+    /// 127.0.0.1:8080, as `iotlbd` without --listen.
     public init() {}
 
     /// What the listener is, for messages: "HOST:PORT" or "unix:PATH".
@@ -41,7 +42,10 @@ public struct ServerOptions: Sendable {
 
 /// Why the server did not start.
 public struct ServerStartError: Error, CustomStringConvertible {
+    /// What failed, for the operator.
     public let description: String
+    /// A refusal saying `description`.
+    public init(description: String) { self.description = description }
 }
 
 /// A raw C pointer carried across threads; libmicrohttpd allows resume from any thread.
@@ -70,6 +74,7 @@ public final class HTTPServer: @unchecked Sendable {
     /// The bound port (the chosen one when `options.port` was 0).
     public private(set) var port: UInt16 = 0
 
+    /// A server (not yet listening: see `start()`) that answers every request with `responder`.
     public init(options: ServerOptions, responder: @escaping @Sendable (Request) -> Reply) {
         self.options = options
         self.responder = responder
@@ -181,8 +186,8 @@ public final class HTTPServer: @unchecked Sendable {
     /// with suspended connections.
     public func stop(grace: Double = 2) {
         guard let d = daemon else { return }
-        let deadline = Double(monotonicMillis()) + grace * 1000
-        while suspended.load(ordering: .acquiring) > 0 && Double(monotonicMillis()) < deadline {
+        let deadline = monotonicNanos() + UInt64(max(0, grace) * 1e9)
+        while suspended.load(ordering: .acquiring) > 0 && monotonicNanos() < deadline {
             usleep(2_000)
         }
         MHD_stop_daemon(d)  // closes the listening socket, Unix or not
@@ -194,12 +199,6 @@ public final class HTTPServer: @unchecked Sendable {
     }
 
     deinit { stop() }
-
-    private func monotonicMillis() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec) / 1_000_000
-    }
 
     // MARK: Requests
 

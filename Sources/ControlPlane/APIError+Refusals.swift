@@ -1,36 +1,9 @@
+// How the engine's and the devices service's refusals are answered: each
+// becomes the contract's status, code and field.
+import HTTP
 import IOTLB
+import Service
 import Vhost
-
-/// An error answer: status, code, message and (when one field is at fault) its path.
-public struct APIError: Error, Equatable, Sendable {
-    public var status: Int
-    public var code: String
-    public var message: String
-    public var field: String?
-
-    public init(_ status: Int, _ code: String, _ message: String, field: String? = nil) {
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-    }
-
-    /// `{"error":{"code","message","field"?}}`
-    public var body: JSON {
-        var inner: [(String, JSON)] = [("code", .string(code)), ("message", .string(message))]
-        if let field { inner.append(("field", .string(field))) }
-        return .object([("error", .object(inner))])
-    }
-
-    public static func invalidField(_ field: String, _ message: String) -> APIError {
-        APIError(400, "invalid_field", message, field: field)
-    }
-    public static func unknownField(_ field: String) -> APIError {
-        APIError(400, "unknown_field", "unknown field \"\(field)\"", field: field)
-    }
-    public static func notFound(_ message: String) -> APIError { APIError(404, "not_found", message) }
-    public static let unavailable = APIError(503, "unavailable", "the daemon is shutting down")
-}
 
 extension APIError {
     /// Maps an engine refusal to its HTTP answer; `paths[i]` names the request's i-th entry

@@ -13,15 +13,20 @@ public struct Router: Sendable {
     }
     private var routes: [Route] = []
 
+    /// An empty table.
     public init() {}
 
     /// Adds a route; `{name}` segments capture into `Request.params`.
     public mutating func on(_ method: String, _ pattern: String, _ handler: @escaping Handler) {
         routes.append(Route(method: method, pattern: pattern, segments: pattern.split(separator: "/"), handler: handler))
     }
+    /// `on("GET", …)`; a GET route serves HEAD too.
     public mutating func get(_ p: String, _ h: @escaping Handler) { on("GET", p, h) }
+    /// `on("POST", …)`.
     public mutating func post(_ p: String, _ h: @escaping Handler) { on("POST", p, h) }
+    /// `on("PUT", …)`.
     public mutating func put(_ p: String, _ h: @escaping Handler) { on("PUT", p, h) }
+    /// `on("DELETE", …)`.
     public mutating func delete(_ p: String, _ h: @escaping Handler) { on("DELETE", p, h) }
 
     /// Every (method, pattern) served, for the OpenAPI completeness test.
@@ -40,14 +45,21 @@ public struct Router: Sendable {
         return params
     }
 
-    /// The pattern that serves `request` (for metrics labels), or nil.
-    public func pattern(for request: Request) -> String? {
-        let path = request.path.split(separator: "/")
-        return routes.first { $0.method == request.method && Router.match($0.segments, path) != nil }?.pattern
+    /// What serves one request, found by a single pass over the routes.
+    public struct Match: Sendable {
+        /// The pattern of the route serving the request with its own method (for
+        /// metrics labels); nil for no route, a 405, or HEAD served by GET.
+        public let pattern: String?
+        fileprivate let run: @Sendable () -> Reply
+
+        /// Runs the handler (a thrown APIError becomes its error body), or answers
+        /// 404 `not_found` for an unknown path, 405 for a known path with another method.
+        public func reply() -> Reply { run() }
     }
 
-    /// Dispatches: 404 `not_found` for an unknown path, 405 for a known path with another method.
-    public func route(_ request: Request) -> Reply {
+    /// Finds the route serving `request` without running it (so that the
+    /// caller may refuse first, e.g. on authentication).
+    public func match(_ request: Request) -> Match {
         let path = request.path.split(separator: "/")
         var allowed: [String] = []
         for r in routes {
@@ -56,16 +68,23 @@ public struct Router: Sendable {
                 allowed.append(r.method)
                 continue
             }
-            var req = request
-            req.params = params
-            do { return try r.handler(req) } catch { return .now(.error(error)) }
+            var withParams = request
+            withParams.params = params
+            let (req, handler) = (withParams, r.handler)
+            return Match(pattern: r.method == request.method ? r.pattern : nil) {
+                do throws(APIError) { return try handler(req) } catch { return .now(.error(error)) }
+            }
         }
         if !allowed.isEmpty {
             var resp = Response.error(APIError(405, "method_not_allowed",
                                                "\(request.method) is not allowed here; allowed: \(allowed.joined(separator: ", "))"))
             resp.headers.append(("Allow", allowed.joined(separator: ", ")))
-            return .now(resp)
+            let answer = resp
+            return Match(pattern: nil) { .now(answer) }
         }
-        return .now(.error(.notFound("no route for \(request.path)")))
+        return Match(pattern: nil) { .now(.error(.notFound("no route for \(request.path)"))) }
     }
+
+    /// Dispatches: `match(request).reply()`.
+    public func route(_ request: Request) -> Reply { match(request).reply() }
 }

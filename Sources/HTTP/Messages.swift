@@ -1,16 +1,22 @@
 // The server's request and response types: what handlers see. No C here.
+import JSON
 
 /// An HTTP request, body fully read.
 public struct Request: Sendable {
+    /// "GET", "POST", …
     public var method: String
+    /// The path, without the query.
     public var path: String
     /// Query arguments in arrival order.
     public var query: [(String, String)]
+    /// Headers by lowercase name.
     public var headers: [String: String]
+    /// The body, fully read.
     public var body: [UInt8]
     /// Path parameters filled in by the router (`{id}` → "demo0").
     public var params: [String: String] = [:]
 
+    /// A request as the server (or an in-process test) hands it to a responder.
     public init(method: String, path: String, query: [(String, String)] = [], headers: [String: String] = [:],
                 body: [UInt8] = []) {
         self.method = method
@@ -39,10 +45,14 @@ public struct Request: Sendable {
 
 /// An HTTP response.
 public struct Response: Sendable {
+    /// The HTTP status.
     public var status: Int
+    /// Headers in the order sent.
     public var headers: [(String, String)]
+    /// The body.
     public var body: [UInt8]
 
+    /// A response with `status`, `headers` and `body`.
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status
         self.headers = headers

@@ -2,6 +2,7 @@
 // friends), read from /proc/self the way client libraries do, so dashboards
 // and alerts written for any exporter work unchanged.
 import Glibc
+import Platform
 
 /// The process's resource use at one moment.
 struct ProcessStats {
@@ -53,9 +54,9 @@ struct ProcessStats {
         one("process_max_fds", "gauge", "Maximum number of open file descriptors.", maxFDs)
     }
 
-    /// A small /proc file's text (the state file's reader serves here too).
+    /// A small /proc file's text.
     private static func readText(_ path: String) -> String? {
-        guard let bytes = (try? ConfigStore.read(path)) ?? nil else { return nil }
+        guard let bytes = (try? readWholeFile(path)) ?? nil else { return nil }
         return String(decoding: bytes, as: UTF8.self)
     }
 

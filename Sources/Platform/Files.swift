@@ -1,0 +1,21 @@
+// Reading a small file whole: the state file, a configuration, a token, /proc.
+import Glibc
+
+/// The bytes of `path`, nil when it does not exist. Refusals read
+/// "cannot read PATH: <strerror>".
+public func readWholeFile(_ path: String) throws(SystemCallError) -> [UInt8]? {
+    let what = "cannot read \(path)"
+    let fd: Int32
+    do throws(SystemCallError) { fd = try syscall(what) { open(path, O_RDONLY | O_CLOEXEC) } } catch {
+        if error.errno == ENOENT { return nil }
+        throw error
+    }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = try syscall(what) { buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }
+        if n == 0 { return out }
+        out.append(contentsOf: buf[0..<n])
+    }
+}
