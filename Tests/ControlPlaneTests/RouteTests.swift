@@ -69,7 +69,8 @@ import Vhost
         #expect(j["id"] == "r0" && j["queues"] == .int(2) && j["mem_table"] == .null)
         let listed = try JSON.parse(f.call("GET", "/v1/devices").body)
         #expect(listed["devices"] == .array([["id": "r0", "queues": 2, "iotlb": true, "iotlb_max_entries": 2048,
-                                               "backend": "loopback", "translator": "builtin"]]))
+                                               "backend": "loopback", "translator": "builtin",
+                                               "port": ["type": "loopback"]]]))
         let dup = f.call("POST", "/v1/devices", #"{"id":"r0"}"#)
         #expect(dup.status == 409)
         #expect(Self.text(dup) == #"{"error":{"code":"conflict","message":"device r0 exists"}}"# + "\n")
