@@ -1,13 +1,15 @@
 #!/bin/sh
 # Builds the QEMU test guest: Debian's own kernel (linux-image-<version>-amd64,
 # the version the linux-image-amd64 metapackage points at) and a busybox
-# initramfs holding scripts/qemu-guest/init and the modules it loads
-# (virtio_pci, virtio_net, pktgen and what they depend on).
+# initramfs holding scripts/qemu-guest/init, the modules it loads
+# (virtio_pci, virtio_net, pktgen and what they depend on) and /qg-data, the
+# block its TCP test stream is made of (qgdata.py; qg_mode=net needs no other
+# module: TSO, checksum offload and mergeable buffers are virtio_net's own).
 #
 # Idempotent: everything is cached in $QEMU_GUEST_CACHE (default
 # .cache/qemu-guest/ in the repository, gitignored); a second run only checks.
 # Leaves the guest in $CACHE/vmlinuz and $CACHE/initramfs.gz (run.sh boots them).
-# Needs apt-get, dpkg-deb, busybox-static, cpio, gzip and kmod's modinfo.
+# Needs apt-get, dpkg-deb, busybox-static, cpio, gzip, kmod's modinfo and python3.
 set -eu
 PATH=$PATH:/usr/sbin:/sbin  # modinfo
 
@@ -28,6 +30,11 @@ BUSYBOX=/bin/busybox
 if ldd "$BUSYBOX" >/dev/null 2>&1; then
     echo "build.sh: $BUSYBOX is dynamically linked; the initramfs needs busybox-static" >&2; exit 1
 fi
+# The applets init uses (qg_mode=net: ip, ping, nc, sha256sum, mkfifo, awk).
+for a in ip ping nc sha256sum mkfifo awk od insmod rmmod; do
+    "$BUSYBOX" --list | grep -qx "$a" || { echo "build.sh: $BUSYBOX has no $a applet" >&2; exit 1; }
+done
+need python3 "apt-get install python3 (qgdata.py makes the TCP test data)"
 
 # 1. Which kernel: the package linux-image-amd64 depends on (cached once found).
 if [ -s "$CACHE/kernel-package" ]; then
@@ -78,7 +85,7 @@ add() {  # add NAME: its dependencies, then itself, once each
 for m in $MODULES; do add "$m"; done
 
 # 4. The initramfs, rebuilt only when its inputs changed.
-STAMP=$( { echo "$PKG$ORDER"; cat "$HERE/init" "$0"; } | sha256sum | cut -c1-16)
+STAMP=$( { echo "$PKG$ORDER"; cat "$HERE/init" "$0" "$HERE/qgdata.py"; } | sha256sum | cut -c1-16)
 if [ -f "$CACHE/initramfs.gz" ] && [ "$(cat "$CACHE/initramfs.stamp" 2>/dev/null)" = "$STAMP" ]; then
     echo "build.sh: cached: $PKG, modules:$ORDER"
 else
@@ -89,6 +96,8 @@ else
     ln -s busybox "$STAGE/bin/sh"
     cp "$HERE/init" "$STAGE/init"
     chmod 755 "$STAGE/init"
+    # qg_mode=net's TCP stream is built from this block (qgdata.py says how).
+    python3 "$HERE/qgdata.py" --block "$STAGE/qg-data"
     : > "$STAGE/lib/modules/order"
     for m in $ORDER; do
         p=$(modpath "$m")

@@ -2,6 +2,10 @@
 # Boots the test guest (scripts/qemu-guest/build.sh) under QEMU against a
 # vhost-user socket iotlbd serves:
 #   run.sh [--print] [--server] SOCKET [strict|lazy|off] [extra QEMU arguments...]
+# or, instead of SOCKET, tap:IFNAME: QEMU's own virtio-net back-end on the TAP
+#   interface IFNAME (-netdev tap, vnet_hdr=on, no vhost; the same guest and NIC
+#   otherwise). The TAP must exist where QEMU runs (its network namespace: start
+#   run.sh with `ip netns exec NS`); a multi_queue TAP needs QG_QUEUES=2 or more.
 # --print: only print the command line, one option a line (as in the README).
 # --server: QEMU listens on SOCKET (server=on,wait=off) and the device is in
 #   client mode ("vhost_user": {"socket": .., "mode": "client"}): QEMU waits
@@ -16,6 +20,10 @@
 # stderr first. QG_FRAMES sets the frames the guest sends per size and phase;
 # QG_MODE=continuous with QG_SECONDS=S makes it send bursts of QG_FRAMES
 # frames for S seconds, printing counters every ~0.5 s (scripts/qemu-guest/init).
+# QG_MODE=net with QG_APPEND="qg_ip=.. qg_peer=.. qg_mb=.." (more kernel
+# command-line words; init lists them) puts the guest on an IPv4 network.
+# QG_MAC sets the NIC's MAC (two guests on one bridge need different ones);
+# QG_QUEUES=N (tap only) opens N queue pairs (a multi_queue TAP).
 # This is the one place the QEMU command line lives (README "Use with QEMU",
 # tests/test_qemu.py). Why each part:
 #   TCG (not KVM): /dev/kvm here is nested and a Debian kernel does not boot on it;
@@ -34,6 +42,7 @@ QEMU=${QEMU:-qemu-system-x86_64}
 APPEND="console=ttyS0 panic=-1 ipv6.disable=1 qg_frames=${QG_FRAMES:-2000}"
 [ -n "${QG_MODE:-}" ] && APPEND="$APPEND qg_mode=$QG_MODE"
 [ -n "${QG_SECONDS:-}" ] && APPEND="$APPEND qg_seconds=$QG_SECONDS"
+[ -n "${QG_APPEND:-}" ] && APPEND="$APPEND $QG_APPEND"
 case "$MODE" in
     strict) IOMMU="-device intel-iommu,intremap=on,device-iotlb=on"; NIC=",iommu_platform=on,ats=on"
             APPEND="$APPEND intel_iommu=on iommu.strict=1" ;;
@@ -44,14 +53,28 @@ case "$MODE" in
 esac
 # QG_PACKED=1: packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones.
 [ -n "${QG_PACKED:-}" ] && NIC="$NIC,packed=on"
+[ -n "${QG_MAC:-}" ] && NIC="$NIC,mac=$QG_MAC"
+NETDEV=
+case "$SOCK" in
+    tap:*)  [ -z "$SERVER" ] || { echo "$0: --server is for vhost-user sockets" >&2; exit 2; }
+            NETDEV="tap,id=n0,ifname=${SOCK#tap:},script=no,downscript=no,vnet_hdr=on"
+            if [ "${QG_QUEUES:-1}" -gt 1 ]; then NETDEV="$NETDEV,queues=$QG_QUEUES"; NIC="$NIC,mq=on"; fi ;;
+esac
 set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
     -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
-    $IOMMU \
-    -chardev "socket,id=c0,path=$SOCK$SERVER" -netdev vhost-user,id=n0,chardev=c0 \
+    $IOMMU @NETDEV@ \
     -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
     -device "virtio-net-pci,bus=rp0,netdev=n0,disable-legacy=on,vectors=0$NIC" \
     -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.gz" -append "$APPEND" \
     -nodefaults -display none -serial stdio -no-reboot "$@"
+# @NETDEV@: the vhost-user socket's chardev and netdev, or the TAP's netdev.
+for a do
+    shift
+    if [ "$a" != @NETDEV@ ]; then set -- "$@" "$a"
+    elif [ -n "$NETDEV" ]; then set -- "$@" -netdev "$NETDEV"
+    else set -- "$@" -chardev "socket,id=c0,path=$SOCK$SERVER" -netdev vhost-user,id=n0,chardev=c0
+    fi
+done
 # The command, shell-quoted, a line per option.
 show() {
     first=1
