@@ -41,6 +41,7 @@ extension JSON {
         }
         pairs.append(("port", port(c.port, detail?.port)))
         if let detail {
+            pairs.append(("worker", .count(detail.worker)))
             pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
             pairs.append(("vrings", .array(detail.vrings)))
         }
@@ -74,6 +75,8 @@ struct DeviceDetail: Sendable {
     var memTable: MemoryTable?
     var vrings: [JSON]
     var port: PortSnapshot?
+    /// The datapath worker that owns the device.
+    var worker: Int
 }
 
 extension JSON {

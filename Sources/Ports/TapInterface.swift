@@ -47,7 +47,9 @@ public final class TapInterface: @unchecked Sendable {
         var actual = [CChar](repeating: 0, count: 16)
         for i in 0..<queues {
             var c: Int32 = 0
-            let fd = CTap_open(name, queues > 1 ? 1 : 0, &c, &actual)
+            var fd = CTap_open(name, queues > 1 ? 1 : 0, &c, &actual)
+            // One queue of an interface made multi_queue (`ip tuntap … multi_queue`) needs the flag too.
+            if fd < 0 && errno == EINVAL && queues == 1 { fd = CTap_open(name, 1, &c, &actual) }
             if fd < 0 {
                 let e = errno
                 for f in fds { close(f) }
