@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net net-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net net-tools libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -54,6 +54,23 @@ net-tools:
 	  PATH=$$PATH:/usr/sbin:/sbin command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c#*:}"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+# What the libvirt test uses: libvirtd with its QEMU driver, virtlogd and virsh
+# (no libvirt-daemon-system: nothing to socket-activate here, so the test starts
+# the daemons itself), and the libvirt-qemu user and group QEMU runs as, which
+# libvirt-daemon-system would have created (made first: the packages' scripts
+# may look them up). The user goes in group kvm, as that package puts it:
+# libvirtd probes QEMU with /dev/kvm as root, and when the QEMU user cannot
+# open it, it takes every cached probe for outdated and probes QEMU again on
+# each define and start (about a minute each here). Each step only when needed.
+LIBVIRT_PKGS := libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients
+libvirt-tools: qemu-tools
+	@getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+	@id -u libvirt-qemu >/dev/null 2>&1 || useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt \
+	  --no-create-home --shell /usr/sbin/nologin --comment "Libvirt Qemu" libvirt-qemu
+	@! getent group kvm >/dev/null || id -nG libvirt-qemu | grep -qw kvm || usermod -a -G kvm libvirt-qemu
+	@dpkg -s $(LIBVIRT_PKGS) >/dev/null 2>&1 || { echo "installing $(LIBVIRT_PKGS)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(LIBVIRT_PKGS); }
 
 build: deps
 	$(SWIFT) build
