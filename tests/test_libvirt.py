@@ -246,17 +246,18 @@ class LibvirtGuest(unittest.TestCase):
 
     @classmethod
     def clean_domain(cls):
-        """Destroys and undefines the test's domain; if libvirtd cannot, kills its
-        QEMU by the PID libvirt recorded."""
-        if "libvirtd" not in cls.procs:
-            return
-        if subprocess.run(VIRSH + ["domstate", DOMAIN], capture_output=True).returncode != 0:
-            return
-        subprocess.run(VIRSH + ["destroy", DOMAIN], capture_output=True, timeout=60)
+        """Destroys and undefines the test's domain; if libvirtd cannot (or is not
+        running), kills its QEMU by the PID libvirt recorded."""
+        libvirtd = cls.procs.get("libvirtd")
+        if libvirtd is not None and libvirtd.poll() is None and \
+                subprocess.run(VIRSH + ["domstate", DOMAIN], capture_output=True, timeout=60).returncode == 0:
+            subprocess.run(VIRSH + ["destroy", DOMAIN], capture_output=True, timeout=60)
+            subprocess.run(VIRSH + ["undefine", DOMAIN], capture_output=True, timeout=60)
+        # Only this run's QEMU: its command line names the test's folder.
         pid = read_text(f"/run/libvirt/qemu/{DOMAIN}.pid").strip()
-        if pid.isdigit() and pid_alive(int(pid)) and "qemu" in read_text(f"/proc/{pid}/cmdline"):
+        if pid.isdigit() and pid_alive(int(pid)) and getattr(cls, "tmp", None) and \
+                f"guest={DOMAIN}" in read_text(f"/proc/{pid}/cmdline") and cls.tmp in read_text(f"/proc/{pid}/cmdline"):
             os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(VIRSH + ["undefine", DOMAIN], capture_output=True, timeout=60)
 
     @classmethod
     def start_daemon(cls):
