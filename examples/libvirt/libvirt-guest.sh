@@ -24,8 +24,8 @@
 #   VIRSH="virsh -c qemu:///system"
 #
 # Ports: device vm1 uses the default `loopback` port (the guest's frames come
-# back to it). TAP and guest-to-guest ports: not in iotlbd yet; when they are,
-# only the device JSON below changes, not the domain XML.
+# back to it). TAP and guest-to-guest ports: examples not written yet (room in
+# examples/libvirt/README.md); the port is chosen in the device JSON below.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 IOTLBD=${IOTLBD:-http://localhost:8080}
