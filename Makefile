@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net net-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net net-tools test-libvirt libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -55,6 +55,23 @@ net-tools:
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
+# What the libvirt test uses: libvirtd with its QEMU driver, virtlogd and virsh
+# (no libvirt-daemon-system: nothing to socket-activate here, so the test starts
+# the daemons itself), and the libvirt-qemu user and group QEMU runs as, which
+# libvirt-daemon-system would have created (made first: the packages' scripts
+# may look them up). The user goes in group kvm, as that package puts it:
+# libvirtd probes QEMU with /dev/kvm as root, and when the QEMU user cannot
+# open it, it takes every cached probe for outdated and probes QEMU again on
+# each define and start (about a minute each here). Each step only when needed.
+LIBVIRT_PKGS := libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients
+libvirt-tools: qemu-tools
+	@getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+	@id -u libvirt-qemu >/dev/null 2>&1 || useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt \
+	  --no-create-home --shell /usr/sbin/nologin --comment "Libvirt Qemu" libvirt-qemu
+	@! getent group kvm >/dev/null || id -nG libvirt-qemu | grep -qw kvm || usermod -a -G kvm libvirt-qemu
+	@dpkg -s $(LIBVIRT_PKGS) >/dev/null 2>&1 || { echo "installing $(LIBVIRT_PKGS)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(LIBVIRT_PKGS); }
+
 build: deps
 	$(SWIFT) build
 
@@ -73,7 +90,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-systemd test-charts test-package
+test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-libvirt test-systemd test-charts test-package
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -137,6 +154,15 @@ test-qemu-restart: build qemu-tools
 test-guest-net: qemu-tools net-tools
 	scripts/qemu-guest/build.sh
 	$(PYTHON) tests/test_guest_net.py
+
+# libvirt as the front door: libvirtd and virtlogd started by the test (no
+# systemd) and stopped by PID; the guest of scripts/qemu-guest booted by `virsh
+# start` from examples/libvirt/ in both socket directions behind an Intel vIOMMU;
+# traffic back, IOTLB misses, updates and invalidations, no connection left after
+# `virsh destroy`, iotlbd killed and restarted under the running domain.
+test-libvirt: build libvirt-tools
+	scripts/qemu-guest/build.sh
+	$(PYTHON) tests/test_libvirt.py
 
 # The plotting script on the committed bench/results/*.json, and a tiny
 # `iotlb-bench lookup --json` run; fails (does not skip) when it cannot run.
