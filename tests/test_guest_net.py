@@ -89,14 +89,16 @@ class GuestOnTap(unittest.TestCase):
             return Tap("tap0", queues=2 if multi_queue else 1), None
         if operator_tap:
             ns.add_tap("tap0", multi_queue=multi_queue)
-        d = NsDaemon(ns, "--vhost-user-dir", ns.tmp, binary=iotlbd_path())
+        d = NsDaemon(ns, "--vhost-user-dir", ns.tmp, *([] if operator_tap else ["--tap-create"]), binary=iotlbd_path())
         sock = os.path.join(ns.tmp, "g.sock")
         status, dev = d.call("POST", "/v1/devices", tap_device_body("g", sock, "tap0", iommu != "off"))
         self.assertEqual(status, 201, dev)
         self.assertEqual(dev["port"]["created"], not operator_tap, dev["port"])
         if not operator_tap:
+            # iotlbd made it and left it down, as the kernel makes it: the operator addresses it and sets it up.
             ns.links.append("tap0")
             ns.no_ipv6("tap0")
+            ns.ip("link", "set", "tap0", "up")
         ns.add_address("tap0", HOST + "/24")
         return VhostUser(sock), d
 

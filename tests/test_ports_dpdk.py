@@ -79,7 +79,7 @@ class TapPortWithVirtioUser(unittest.TestCase):
         self.addCleanup(self.ns.close)
         self.log = open(os.path.join(self.ns.tmp, "iotlbd.log"), "w")
         self.addCleanup(self.log.close)
-        self.daemon = NsDaemon(self.ns, "--vhost-user-dir", self.ns.tmp, binary=iotlbd_path(), log=self.log)
+        self.daemon = NsDaemon(self.ns, "--vhost-user-dir", self.ns.tmp, "--tap-create", binary=iotlbd_path(), log=self.log)
         self.addCleanup(self.daemon.stop)
 
     # --- helpers -----------------------------------------------------------------
@@ -269,6 +269,48 @@ class TapPortWithVirtioUser(unittest.TestCase):
         self.assertLess(share, 0.01, f"idle iotlbd used {share * 100:.2f} % of a core")
         self.assertTrue(self.connected("idle"))
         self.stop_testpmd(pmd)
+
+
+class TapPortRefusals(unittest.TestCase):
+    """Bad ports are refused with the field named, and nothing half-made stays."""
+
+    def setUp(self):
+        self.ns = Netns("prefuse")
+        self.addCleanup(self.ns.close)
+        self.daemon = NsDaemon(self.ns, "--vhost-user-dir", self.ns.tmp, binary=iotlbd_path())  # no --tap-create
+        self.addCleanup(self.daemon.stop)
+
+    def refused(self, body, status, code, field):
+        got, answer = self.daemon.call("POST", "/v1/devices", body)
+        self.assertEqual((got, answer["error"]["code"], answer["error"].get("field")), (status, code, field), answer)
+        self.assertEqual(self.daemon.call("GET", "/v1/devices")[1]["devices"], [], "a refused device stayed")
+        return answer["error"]["message"]
+
+    def test_refusals(self):
+        sock = os.path.join(self.ns.tmp, "r.sock")
+        why = self.refused({"id": "r", "port": {"type": "tap", "name": "nope0"}, "vhost_user": {"socket": sock}},
+                           422, "port_unavailable", "port.name")
+        self.assertIn("no such interface", why)
+        self.assertIn("--tap-create", why)
+        self.assertFalse(os.path.exists(sock), "the refused device's socket stayed")
+        self.assertNotIn("nope0", self.ns.link_names())
+        self.refused({"port": {"type": "tap", "name": "a/b"}}, 400, "invalid_field", "port.name")
+        self.refused({"port": {"type": "tap", "name": "x" * 16}}, 400, "invalid_field", "port.name")
+        self.refused({"port": {"type": "tap"}}, 400, "invalid_field", "port.name")
+        self.refused({"port": {"type": "peer"}}, 400, "invalid_field", "port.device")
+        self.refused({"id": "me", "port": {"type": "peer", "device": "me"}}, 400, "invalid_field", "port.device")
+        self.refused({"port": {"type": "wire"}}, 400, "invalid_field", "port.type")
+        self.refused({"port": {"type": "tap", "name": "t0", "mtu": 9000}}, 400, "unknown_field", "port.mtu")
+        self.refused({"backend": "sink", "port": "loopback"}, 400, "invalid_field", "backend")
+        self.refused({"backend": "tap"}, 400, "invalid_field", "backend")
+        # The operator's TAP: attached, not made; deleting the device leaves it.
+        self.ns.add_tap("op0", multi_queue=True)
+        status, dev = self.daemon.call("POST", "/v1/devices", {"id": "ok", "queues": 4, "port": {"type": "tap", "name": "op0"}})
+        self.assertEqual(status, 201, dev)
+        self.assertEqual((dev["port"]["created"], dev["port"]["interface"]), (False, "op0"), dev["port"])
+        self.assertEqual(len(dev["port"]["queues"]), 2, dev["port"])
+        self.assertEqual(self.daemon.call("DELETE", "/v1/devices/ok")[0], 204)
+        self.assertIn("op0", self.ns.link_names())
 
 
 if __name__ == "__main__":
