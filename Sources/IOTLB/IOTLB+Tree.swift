@@ -107,6 +107,11 @@ extension IOTLB {
             freshCold.moveInitialize(from: cold, count: used)
             cold.deallocate()
             cold = freshCold
+            let freshStamps = UnsafeMutablePointer<UInt32>.allocate(capacity: bigger)
+            freshStamps.moveInitialize(from: state.pointee.stamps, count: used)
+            (freshStamps + used).initialize(repeating: IOTLB.deadStamp, count: bigger - used)
+            state.pointee.stamps.deallocate()
+            state.pointee.stamps = freshStamps
             searchKeys.deallocate()
             searchNodes.deallocate()
             searchKeys = .allocate(capacity: bigger + 1)
@@ -128,6 +133,7 @@ extension IOTLB {
         if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
         if c.newer >= 0 { cold[node(c.newer)].older = c.older } else { newest = c.older }
         if c.pinned { state.pointee.pinnedCount -= 1 }
+        state.pointee.stamps[node(found)] = IOTLB.deadStamp  // its cached copies stop answering
         hot[node(found)].left = freeList
         freeList = found
         state.pointee.count -= 1

@@ -49,6 +49,7 @@ import TestSupport
     func noStaleAnswerAfterAnyRemoval(maxEntries: Int) {
         var g = SplitMix(state: 0x5eed &+ UInt64(maxEntries))
         let tlb = IOTLB(maxEntries: maxEntries)
+        tlb.state.pointee.cacheMayStepAside = false  // the check below expects every found entry cached
         var model = NaiveIOTLB(max: maxEntries)
         var watched: [IOVA] = []  // most recent last, at most 96
         func watch(_ e: IOTLBEntry) {
@@ -62,14 +63,19 @@ import TestSupport
                 let got = tlb.lookup(iova, access: access)
                 #expect(got == want, "step \(step) after \(what): iova \(iova) \(access)")
                 guard got == want else { return }
+                // What a look-up found, the cache now holds (until another page's entry displaces it).
+                #expect(tlb.cacheAnswers(iova) == (want != .miss), "step \(step): iova \(iova)")
                 #expect(tlb.translate(iova, access: access, size: 64) == model.translate(iova, access, 64))
                 #expect(tlb.entry(containing: iova) == model.entries.first { $0.range.contains(iova) })
             }
         }
+        // Look-ups the cache could have answered stale: cached before a mutation that removed their entry.
+        var cachedThenRemoved = 0
         var removed: [IOTLBEntry] = []
         let noteRemoval: (IOTLBEntry, RemovalReason) -> Void = { e, _ in removed.append(e) }
         for step in 0..<3000 {
             removed.removeAll(keepingCapacity: true)
+            let cachedBefore = watched.filter { tlb.cacheAnswers($0) }
             let what: String
             switch g.next() % 20 {
             case 0...8:
@@ -100,6 +106,7 @@ import TestSupport
             default:
                 what = "look-ups"
             }
+            cachedThenRemoved += cachedBefore.filter { iova in removed.contains { $0.range.contains(iova) } }.count
             for e in removed { watch(e) }
             // Twice: the first pass may fill whatever a look-up keeps, the second answers from it.
             check(step, what)
@@ -107,5 +114,73 @@ import TestSupport
             #expect(tlb.count == model.entries.count, "step \(step)")
         }
         #expect(tlb.entriesByAge() == model.entries)
+        #expect(cachedThenRemoved > 5000, "the cache held \(cachedThenRemoved) removed translations")
+    }
+
+    /// Stamps running out start a new epoch: cached copies all go (the ones
+    /// made early in the old epoch carry the small stamps the new one hands
+    /// out again), live entries stay.
+    @Test func stampsRunningOutKeepTheCacheExact() {
+        var g = SplitMix(state: 77)
+        let tlb = IOTLB(maxEntries: 8)
+        var model = NaiveIOTLB(max: 8)
+        for step in 0..<600 {
+            // As if 4 billion updates went by after the first 300.
+            if step == 300 { tlb.state.pointee.nextStamp = IOTLB.deadStamp - 40 }
+            let e = IOTLBStaleTests.randomEntry(&g)
+            #expect(tlb.update(e) == model.update(e))
+            for x in model.entries + [e] {
+                for iova in IOTLBStaleTests.probes(of: x) {
+                    #expect(tlb.lookup(iova, access: .read) == IOTLBStaleTests.modelLookup(model, iova, .read),
+                            "step \(step) iova \(iova)")
+                }
+            }
+        }
+        #expect(tlb.state.pointee.nextStamp < 1000)
+    }
+
+    /// Uniform look-ups over far more entries than the cache holds: it steps
+    /// aside (answers from the tree, exact all the same), and comes back
+    /// for a working set it can hold.
+    @Test func cacheStepsAsideWhenItCannotHelp() {
+        let n = 16384
+        let tlb = IOTLB(maxEntries: n)
+        for i in 0..<UInt64(n) {
+            tlb.update(IOTLBEntry(range: AddressRange(start: IOVA(i << 12), size: 4096)!, uaddr: UserAddr(i << 20), perm: .read))
+        }
+        var g = SplitMix(state: 3)
+        func check(_ i: UInt64) {
+            let iova = IOVA(i << 12 | 0x10)
+            let want = IOTLBLookup.mapped(IOTLBEntry(range: AddressRange(start: IOVA(i << 12), size: 4096)!,
+                                                     uaddr: UserAddr(i << 20), perm: .read), uaddr: UserAddr(i << 20 | 0x10))
+            #expect(tlb.lookup(iova, access: .read) == want)
+        }
+        for _ in 0..<20_000 { check(g.next() % UInt64(n)) }
+        #expect(tlb.state.pointee.bypassUntil > tlb.state.pointee.lookups, "uniform over 16384 entries: stepped aside")
+        tlb.invalidate(AddressRange(start: IOVA(5 << 12), size: 1)!)
+        #expect(tlb.lookup(IOVA(5 << 12), access: .read) == .miss)
+        for _ in 0..<Int(IOTLB.bypassLength) + 5_000 { check(g.next() % 64 + 100) }
+        #expect(tlb.state.pointee.bypassUntil <= tlb.state.pointee.lookups, "64 entries in turn: cached again")
+        #expect(tlb.cacheAnswers(IOVA(120 << 12)))
+    }
+
+    /// The case a new epoch exists for: a slot from early in the old epoch
+    /// names the same node with the same stamp as a new entry gets.
+    @Test func newEpochForgetsEverySlot() {
+        let tlb = IOTLB(maxEntries: 8)
+        func page(_ i: UInt64, _ uaddr: UInt64) -> IOTLBEntry {
+            IOTLBEntry(range: AddressRange(start: IOVA(i << 12), size: 4096)!, uaddr: UserAddr(uaddr), perm: .read)
+        }
+        // Nodes 0...7 get stamps 1...8, and each lands in the cache.
+        for i in 0..<8 as Range<UInt64> { tlb.update(page(i, 0xa000_0000 + i << 12)) }
+        for i in 0..<8 as Range<UInt64> { #expect(tlb.entry(containing: IOVA(i << 12)) != nil) }
+        // Freed highest first, so node 0 is handed out next.
+        for i in (0..<8 as Range<UInt64>).reversed() { tlb.invalidate(page(i, 0).range) }
+        tlb.state.pointee.nextStamp = IOTLB.deadStamp
+        // Node 0 again, stamp 1 again: its old slot, for page 0, must not answer.
+        tlb.update(page(100, 0xb000_0000))
+        for i in 0..<8 as Range<UInt64> { #expect(tlb.lookup(IOVA(i << 12), access: .read) == .miss, "page \(i)") }
+        #expect(tlb.lookup(IOVA(100 << 12), access: .read) ==
+                .mapped(page(100, 0xb000_0000), uaddr: UserAddr(0xb000_0000)))
     }
 }
