@@ -34,39 +34,39 @@ extension IOTLB {
     }
 
     func removeOverlapping(_ range: AddressRange<IOVA>, reason: RemovalReason,
-                                   _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
+                           _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> Int {
         // Entries never overlap, so the overlapping ones form a run in key order:
         // take the lowest one each time (the entry holding `first`, else the
         // first entry starting after it) until the run ends. No walk state to
         // keep across removals. An entry reaching `hi` ends the run: the common
-        // invalidation (one page, one entry) costs one search and one removal.
+        // invalidation (one page, one entry) costs one descent and one removal.
+        // Both candidates lie on the descent toward `lo`, so the path it
+        // records is the removal's too.
         var removed = 0
         let lo = range.first.raw, hi = range.last.raw
         while true {
-            let (below, above) = neighbours(lo)
-            let n = below >= 0 && cold[node(below)].last >= lo ? below : above
+            let hot = self.hot, path = state.pointee.path
+            var t = root, depth = 0
+            var below: Int32 = -1, belowDepth = 0, above: Int32 = -1, aboveDepth = 0
+            while t >= 0 {
+                path[depth] = t
+                let h = hot[node(t)]
+                let right = h.first <= lo
+                below = right ? t : below
+                belowDepth = right ? depth : belowDepth
+                above = right ? above : t
+                aboveDepth = right ? aboveDepth : depth
+                t = right ? h.right : h.left
+                depth &+= 1
+            }
+            let holdsLo = below >= 0 && cold[node(below)].last >= lo
+            let n = holdsLo ? below : above
             guard n >= 0, hot[node(n)].first <= hi else { return removed }
             let end = cold[node(n)].last
-            if let e = removeNode(key: hot[node(n)].first) { onRemove(e, reason) }
+            onRemove(remove(at: holdsLo ? belowDepth : aboveDepth), reason)
             removed += 1
             if end >= hi { return removed }
         }
-    }
-
-    /// In one descent: the node with the greatest first <= key, and the one
-    /// with the least first > key (-1 for none).
-    @inline(__always)
-    func neighbours(_ key: UInt64) -> (atOrBelow: Int32, above: Int32) {
-        var n = root
-        var below: Int32 = -1, above: Int32 = -1
-        while n >= 0 {
-            let h = hot[node(n)]
-            let right = h.first <= key
-            below = right ? n : below
-            above = right ? above : n
-            n = right ? h.right : h.left
-        }
-        return (below, above)
     }
 
     /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
@@ -126,9 +126,27 @@ extension IOTLB {
     /// Unlinks the node whose range starts at `key` from tree and FIFO list.
     @discardableResult
     func removeNode(key: UInt64) -> IOTLBEntry? {
-        let found = unlink(key)
-        guard found >= 0 else { return nil }
+        let hot = self.hot, path = state.pointee.path
+        var t = root, depth = 0
+        while t >= 0 {
+            let h = hot[node(t)]
+            if h.first == key { break }
+            path[depth] = t
+            depth &+= 1
+            t = key < h.first ? h.left : h.right
+        }
+        guard t >= 0 else { return nil }
+        path[depth] = t
+        return remove(at: depth)
+    }
+
+    /// Removes `path[depth]` (its ancestors in `path[0..<depth]`) from tree
+    /// and FIFO list, frees it, and returns its entry.
+    func remove(at depth: Int) -> IOTLBEntry {
+        let found = state.pointee.path[depth]
         let removed = entry(found)
+        unlink(at: depth)
+        let cold = self.cold
         let c = cold[node(found)]
         if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
         if c.newer >= 0 { cold[node(c.newer)].older = c.older } else { newest = c.older }
@@ -142,140 +160,155 @@ extension IOTLB {
         return removed
     }
 
-    @inline(__always)
-    func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[node(n)].height }
+    /// The node arrays as they are now, with the AVL steps on them. The
+    /// pointers stay in registers, where `hot` and `cold` would be reloaded
+    /// from the state after every store (nothing tells the compiler the
+    /// nodes do not alias it). Valid until `allocateNode` moves the arrays.
+    struct Nodes {
+        let hot: UnsafeMutablePointer<Hot>
+        let cold: UnsafeMutablePointer<Cold>
+        let used: Int
 
-    @inline(__always)
-    func refresh(_ n: Int32) {
-        cold[node(n)].height = max(height(hot[node(n)].left), height(hot[node(n)].right)) + 1
-    }
-
-    func rotateRight(_ n: Int32) -> Int32 {
-        let l = hot[node(n)].left
-        hot[node(n)].left = hot[node(l)].right
-        hot[node(l)].right = n
-        refresh(n); refresh(l)
-        return l
-    }
-
-    func rotateLeft(_ n: Int32) -> Int32 {
-        let r = hot[node(n)].right
-        hot[node(n)].right = hot[node(r)].left
-        hot[node(r)].left = n
-        refresh(n); refresh(r)
-        return r
-    }
-
-    func rebalance(_ n: Int32) -> Int32 {
-        refresh(n)
-        let l = hot[node(n)].left, r = hot[node(n)].right
-        let balance = Int(height(l)) - Int(height(r))
-        if balance > 1 {
-            if height(hot[node(l)].left) < height(hot[node(l)].right) {
-                hot[node(n)].left = rotateLeft(l)
-            }
-            return rotateRight(n)
+        @inline(__always)
+        func at(_ n: Int32) -> Int {
+            assert(n >= 0 && Int(n) < used, "node \(n) outside the pool's \(used) nodes")
+            return Int(n)
         }
-        if balance < -1 {
-            if height(hot[node(r)].right) < height(hot[node(r)].left) {
-                hot[node(n)].right = rotateRight(r)
-            }
-            return rotateLeft(n)
+
+        @inline(__always)
+        func height(_ n: Int32) -> Int8 { n < 0 ? 0 : cold[at(n)].height }
+
+        @inline(__always)
+        func refresh(_ n: Int32) {
+            cold[at(n)].height = max(height(hot[at(n)].left), height(hot[at(n)].right)) &+ 1
         }
-        return n
+
+        func rotateRight(_ n: Int32) -> Int32 {
+            let l = hot[at(n)].left
+            hot[at(n)].left = hot[at(l)].right
+            hot[at(l)].right = n
+            refresh(n); refresh(l)
+            return l
+        }
+
+        func rotateLeft(_ n: Int32) -> Int32 {
+            let r = hot[at(n)].right
+            hot[at(n)].right = hot[at(r)].left
+            hot[at(r)].left = n
+            refresh(n); refresh(r)
+            return r
+        }
+
+        /// `n` with its height brought up to date, or the subtree's new top
+        /// after the rotations that restore its balance.
+        @inline(__always)
+        func rebalance(_ n: Int32) -> Int32 {
+            let l = hot[at(n)].left, r = hot[at(n)].right
+            let hl = height(l), hr = height(r)
+            if hl &- hr > 1 {
+                if height(hot[at(l)].left) < height(hot[at(l)].right) { hot[at(n)].left = rotateLeft(l) }
+                return rotateRight(n)
+            }
+            if hr &- hl > 1 {
+                if height(hot[at(r)].right) < height(hot[at(r)].left) { hot[at(n)].right = rotateRight(r) }
+                return rotateLeft(n)
+            }
+            cold[at(n)].height = max(hl, hr) &+ 1
+            return n
+        }
     }
+
+    var nodes: Nodes { Nodes(hot: hot, cold: cold, used: used) }
 
     /// The deepest an AVL tree of `entriesCeiling` nodes gets is ~1.44 log2(n) < 32.
     static let maxDepth = 64
 
     /// Sets the link from `parent` (the root when -1) that named `old` to `new`.
     @inline(__always)
-    func relink(_ parent: Int32, _ old: Int32, _ new: Int32) {
-        if parent < 0 { root = new } else if hot[node(parent)].left == old { hot[node(parent)].left = new } else { hot[node(parent)].right = new }
+    func relink(_ nodes: Nodes, _ parent: Int32, _ old: Int32, _ new: Int32) {
+        if parent < 0 {
+            root = new
+        } else if nodes.hot[nodes.at(parent)].left == old {
+            nodes.hot[nodes.at(parent)].left = new
+        } else {
+            nodes.hot[nodes.at(parent)].right = new
+        }
     }
 
-    /// Walks `path` (root first, `depth` long) back up, rebalancing, until a
-    /// subtree's height is what it was: above it nothing changed. Insertions
-    /// and removals both touch O(1) nodes on average this way, where a
-    /// recursive version rebalances every level.
-    func retrace(_ path: UnsafeMutableBufferPointer<Int32>, _ depth: Int) {
-        var i = depth - 1
+    /// Walks the recorded path (root first, `depth` long) back up, rebalancing,
+    /// until a subtree's height is what it was: above it nothing changed.
+    /// Insertions and removals both touch O(1) nodes on average this way,
+    /// where a recursive version rebalances every level.
+    func retrace(_ depth: Int) {
+        let nodes = self.nodes, path = state.pointee.path
+        var i = depth &- 1
         while i >= 0 {
             let t = path[i]
-            let before = cold[node(t)].height
-            let top = rebalance(t)
-            if top != t { relink(i > 0 ? path[i - 1] : -1, t, top) }
-            if cold[node(top)].height == before { return }
-            i -= 1
+            let before = nodes.cold[nodes.at(t)].height
+            let top = nodes.rebalance(t)
+            if top != t { relink(nodes, i > 0 ? path[i &- 1] : -1, t, top) }
+            if nodes.cold[nodes.at(top)].height == before { return }
+            i &-= 1
         }
     }
 
-    /// Links the node `make` returns for [lo, hi] when no entry overlaps that
-    /// range, in one descent: the search for overlaps is the walk to the
-    /// insertion point. Returns false, having changed nothing, otherwise.
-    func linkIfFree(_ lo: UInt64, _ hi: UInt64, _ make: () -> Int32) -> Bool {
-        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path -> Bool in
-            var depth = 0
-            var t = root
-            var below: Int32 = -1, above: Int32 = -1
-            while t >= 0 {
-                path[depth] = t
-                depth += 1
-                let h = hot[node(t)]
-                let right = h.first <= lo
-                below = right ? t : below
-                above = right ? above : t
-                t = right ? h.right : h.left
-            }
-            if below >= 0 && cold[node(below)].last >= lo { return false }
-            if above >= 0 && hot[node(above)].first <= hi { return false }
-            let n = make()
-            guard depth > 0 else { root = n; return true }
-            let parent = path[depth - 1]
-            if lo < hot[node(parent)].first { hot[node(parent)].left = n } else { hot[node(parent)].right = n }
-            retrace(path, depth)
-            return true
+    /// Links a new node for `e` when no entry overlaps its range, in one
+    /// descent: the search for overlaps is the walk to the insertion point.
+    /// Returns false, having changed nothing, otherwise.
+    func linkIfFree(_ e: IOTLBEntry) -> Bool {
+        let lo = e.range.first.raw, hi = e.range.last.raw
+        let hot = self.hot, path = state.pointee.path
+        var depth = 0
+        var t = root
+        var below: Int32 = -1, above: Int32 = -1
+        while t >= 0 {
+            path[depth] = t
+            depth &+= 1
+            let h = hot[node(t)]
+            let right = h.first <= lo
+            below = right ? t : below
+            above = right ? above : t
+            t = right ? h.right : h.left
         }
+        if below >= 0 && cold[node(below)].last >= lo { return false }
+        if above >= 0 && hot[node(above)].first <= hi { return false }
+        let n = newNode(e)  // may move the node arrays: `hot` is stale from here
+        guard depth > 0 else { root = n; return true }
+        let parent = path[depth &- 1]
+        if lo < self.hot[node(parent)].first { self.hot[node(parent)].left = n } else { self.hot[node(parent)].right = n }
+        retrace(depth)
+        return true
     }
 
-    /// Unlinks the node whose range starts at `key` from the tree; returns it, or -1.
-    func unlink(_ key: UInt64) -> Int32 {
-        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { path -> Int32 in
-            var depth = 0
-            var t = root
-            while t >= 0 && hot[node(t)].first != key {
-                path[depth] = t
-                depth += 1
-                t = key < hot[node(t)].first ? hot[node(t)].left : hot[node(t)].right
+    /// Unlinks `path[depth]` from the tree, its ancestors in `path[0..<depth]`.
+    func unlink(at depth: Int) {
+        let nodes = self.nodes, hot = nodes.hot, path = state.pointee.path
+        let t = path[depth]
+        let parent: Int32 = depth > 0 ? path[depth &- 1] : -1
+        let l = hot[nodes.at(t)].left, r = hot[nodes.at(t)].right
+        var depth = depth
+        if l < 0 || r < 0 {
+            relink(nodes, parent, t, l < 0 ? r : l)
+        } else {
+            // Two children: the successor (leftmost of the right subtree) takes t's place.
+            let slot = depth
+            depth &+= 1
+            var s = r
+            while hot[nodes.at(s)].left >= 0 {
+                path[depth] = s
+                depth &+= 1
+                s = hot[nodes.at(s)].left
             }
-            guard t >= 0 else { return -1 }
-            let parent: Int32 = depth > 0 ? path[depth - 1] : -1
-            let l = hot[node(t)].left, r = hot[node(t)].right
-            if l < 0 || r < 0 {
-                relink(parent, t, l < 0 ? r : l)
-            } else {
-                // Two children: the successor (leftmost of the right subtree) takes t's place.
-                let slot = depth
-                path[depth] = t  // replaced by the successor below
-                depth += 1
-                var s = r
-                while hot[node(s)].left >= 0 {
-                    path[depth] = s
-                    depth += 1
-                    s = hot[node(s)].left
-                }
-                if s != r {
-                    hot[node(path[depth - 1])].left = hot[node(s)].right
-                    hot[node(s)].right = r
-                }
-                hot[node(s)].left = l
-                cold[node(s)].height = cold[node(t)].height
-                relink(parent, t, s)
-                path[slot] = s
+            if s != r {
+                hot[nodes.at(path[depth &- 1])].left = hot[nodes.at(s)].right
+                hot[nodes.at(s)].right = r
             }
-            retrace(path, depth)
-            return t
+            hot[nodes.at(s)].left = l
+            nodes.cold[nodes.at(s)].height = nodes.cold[nodes.at(t)].height
+            relink(nodes, parent, t, s)
+            path[slot] = s
         }
+        retrace(depth)
     }
 
     /// Whether the tree is sound: keys in order, stored heights right, every

@@ -163,6 +163,9 @@ public final class IOTLB {
         var windowMisses = 0
         var bypassUntil: UInt64 = 0
         var cacheMayStepAside = true
+        // The descent a mutation records (root first), for the retrace back up:
+        // `maxDepth` long, more than an AVL tree of `entriesCeiling` nodes is deep.
+        var path: UnsafeMutablePointer<Int32> = .allocate(capacity: IOTLB.maxDepth)
     }
     let state: UnsafeMutablePointer<State>
 
@@ -208,6 +211,7 @@ public final class IOTLB {
         searchKeys.deallocate()
         searchNodes.deallocate()
         state.pointee.stamps.deallocate()
+        state.pointee.path.deallocate()
         UnsafeMutableRawPointer(state.pointee.cache).deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
@@ -395,7 +399,7 @@ public final class IOTLB {
     public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
         var outcome = UpdateOutcome()
         // The common case, room and no overlap, takes one descent.
-        let linked = count < maxEntries && linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+        let linked = count < maxEntries && linkIfFree(e)
         if !linked {
             outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
             if count == maxEntries, oldest >= 0 {
@@ -407,7 +411,7 @@ public final class IOTLB {
                 outcome.evicted = 1
             }
             // Nothing overlaps `e` any more: this links it, in the same one descent.
-            let relinked = linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+            let relinked = linkIfFree(e)
             precondition(relinked, "an entry still overlaps after removeOverlapping")
         }
         state.pointee.count += 1
@@ -416,7 +420,7 @@ public final class IOTLB {
     }
 
     /// A node for `e`, newest in the FIFO list, not yet in the tree.
-    private func newNode(_ e: IOTLBEntry) -> Int32 {
+    func newNode(_ e: IOTLBEntry) -> Int32 {
         let n = allocateNode()
         stamp(n)
         hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
