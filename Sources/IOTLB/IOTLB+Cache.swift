@@ -92,6 +92,15 @@ extension IOTLB {
         slot.first <= key && key <= slot.last && state.pointee.stamps[Int(slot.nodePerm >> 2)] == slot.stamp
     }
 
+    /// The live node the cache holds for `key`, or -1: a probe, neither filled nor counted.
+    @inline(__always)
+    func cachedNode(_ key: UInt64) -> Int32 {
+        let set = cacheSet(key)
+        if answers(set[0], key) { return Int32(truncatingIfNeeded: set[0].nodePerm >> 2) }
+        if answers(set[1], key) { return Int32(truncatingIfNeeded: set[1].nodePerm >> 2) }
+        return -1
+    }
+
     /// Copies live node `n` into the front of `set`; the older front slot moves back.
     @inline(__always)
     func fill(_ set: UnsafeMutablePointer<CacheSlot>, _ n: Int32) {

@@ -1,9 +1,12 @@
 // The IOTLB's storage: a pool of nodes addressed by Int32 indices, an AVL
 // tree over their first IOVAs (entries never overlap, so the tree orders them
-// wholly) and a FIFO list threading them by insertion. The invariant every
-// function here keeps: a node index handed around is in 0..<used (checked by
-// `node(_:)` in debug builds) and names a live node or the free list's head.
-// What an entry means is IOTLB.swift's business; this file only keeps nodes.
+// wholly) and a FIFO list threading them by insertion. Nodes know their
+// parent, so a node found otherwise (the oldest, for eviction; a cached
+// translation, for an invalidation) leaves the tree without a descent. The
+// invariant every function here keeps: a node index handed around is in
+// 0..<used (checked by `node(_:)` in debug builds) and names a live node or
+// the free list's head. What an entry means is IOTLB.swift's business; this
+// file only keeps nodes.
 
 extension IOTLB {
 
@@ -39,31 +42,28 @@ extension IOTLB {
         // take the lowest one each time (the entry holding `first`, else the
         // first entry starting after it) until the run ends. No walk state to
         // keep across removals. An entry reaching `hi` ends the run: the common
-        // invalidation (one page, one entry) costs one descent and one removal.
-        // Both candidates lie on the descent toward `lo`, so the path it
-        // records is the removal's too.
+        // invalidation (one page, one entry) costs one search and one removal,
+        // and the search is a cache probe when the datapath used the entry.
         var removed = 0
         let lo = range.first.raw, hi = range.last.raw
         while true {
-            let hot = self.hot, path = state.pointee.path
-            var t = root, depth = 0
-            var below: Int32 = -1, belowDepth = 0, above: Int32 = -1, aboveDepth = 0
-            while t >= 0 {
-                path[depth] = t
-                let h = hot[node(t)]
-                let right = h.first <= lo
-                below = right ? t : below
-                belowDepth = right ? depth : belowDepth
-                above = right ? above : t
-                aboveDepth = right ? aboveDepth : depth
-                t = right ? h.right : h.left
-                depth &+= 1
+            var n = cachedNode(lo)
+            if n < 0 {
+                let hot = self.hot
+                var t = root
+                var below: Int32 = -1, above: Int32 = -1
+                while t >= 0 {
+                    let h = hot[node(t)]
+                    let right = h.first <= lo
+                    below = right ? t : below
+                    above = right ? above : t
+                    t = right ? h.right : h.left
+                }
+                n = below >= 0 && cold[node(below)].last >= lo ? below : above
+                guard n >= 0, hot[node(n)].first <= hi else { return removed }
             }
-            let holdsLo = below >= 0 && cold[node(below)].last >= lo
-            let n = holdsLo ? below : above
-            guard n >= 0, hot[node(n)].first <= hi else { return removed }
             let end = cold[node(n)].last
-            onRemove(remove(at: holdsLo ? belowDepth : aboveDepth), reason)
+            onRemove(remove(n), reason)
             removed += 1
             if end >= hi { return removed }
         }
@@ -91,12 +91,18 @@ extension IOTLB {
         return visitUntil(h.left, lo, hi, body) && body(n) && visitUntil(h.right, lo, hi, body)
     }
 
+    @inline(__always)
     func allocateNode() -> Int32 {
         if freeList >= 0 {
             let n = freeList
             freeList = hot[node(n)].left
             return n
         }
+        return allocateFreshNode()
+    }
+
+    /// A node never handed out before, the arrays grown first when full.
+    func allocateFreshNode() -> Int32 {
         if used == capacity {
             let bigger = min(capacity * 2, maxEntries)
             let freshHot = UnsafeMutablePointer<Hot>.allocate(capacity: bigger)
@@ -123,37 +129,18 @@ extension IOTLB {
         return Int32(used - 1)
     }
 
-    /// Unlinks the node whose range starts at `key` from tree and FIFO list.
-    @discardableResult
-    func removeNode(key: UInt64) -> IOTLBEntry? {
-        let hot = self.hot, path = state.pointee.path
-        var t = root, depth = 0
-        while t >= 0 {
-            let h = hot[node(t)]
-            if h.first == key { break }
-            path[depth] = t
-            depth &+= 1
-            t = key < h.first ? h.left : h.right
-        }
-        guard t >= 0 else { return nil }
-        path[depth] = t
-        return remove(at: depth)
-    }
-
-    /// Removes `path[depth]` (its ancestors in `path[0..<depth]`) from tree
-    /// and FIFO list, frees it, and returns its entry.
-    func remove(at depth: Int) -> IOTLBEntry {
-        let found = state.pointee.path[depth]
-        let removed = entry(found)
-        unlink(at: depth)
+    /// Unlinks node `n` from tree and FIFO list, frees it, and returns its entry.
+    func remove(_ n: Int32) -> IOTLBEntry {
+        let removed = entry(n)
+        unlink(n)
         let cold = self.cold
-        let c = cold[node(found)]
+        let c = cold[node(n)]
         if c.older >= 0 { cold[node(c.older)].newer = c.newer } else { oldest = c.newer }
         if c.newer >= 0 { cold[node(c.newer)].older = c.older } else { newest = c.older }
         if c.pinned { state.pointee.pinnedCount -= 1 }
-        state.pointee.stamps[node(found)] = IOTLB.deadStamp  // its cached copies stop answering
-        hot[node(found)].left = freeList
-        freeList = found
+        state.pointee.stamps[node(n)] = IOTLB.deadStamp  // its cached copies stop answering
+        hot[node(n)].left = freeList
+        freeList = n
         state.pointee.count -= 1
         state.pointee.generation &+= 1
         mutated()
@@ -168,6 +155,7 @@ extension IOTLB {
         let hot: UnsafeMutablePointer<Hot>
         let cold: UnsafeMutablePointer<Cold>
         let used: Int
+        let state: UnsafeMutablePointer<State>
 
         @inline(__always)
         func at(_ n: Int32) -> Int {
@@ -183,87 +171,100 @@ extension IOTLB {
             cold[at(n)].height = max(height(hot[at(n)].left), height(hot[at(n)].right)) &+ 1
         }
 
+        /// Makes the link from `parent` (the root when -1) that named `old` name `new`.
+        @inline(__always)
+        func replaceChild(_ parent: Int32, _ old: Int32, _ new: Int32) {
+            if parent < 0 {
+                state.pointee.root = new
+            } else if hot[at(parent)].left == old {
+                hot[at(parent)].left = new
+            } else {
+                hot[at(parent)].right = new
+            }
+        }
+
+        /// Sets `child`'s parent, if there is a child.
+        @inline(__always)
+        func adopt(_ child: Int32, by parent: Int32) {
+            if child >= 0 { cold[at(child)].parent = parent }
+        }
+
+        /// Rotates `n`'s left child above it; returns that child, now the subtree's top.
         func rotateRight(_ n: Int32) -> Int32 {
-            let l = hot[at(n)].left
-            hot[at(n)].left = hot[at(l)].right
+            let l = hot[at(n)].left, p = cold[at(n)].parent
+            let moved = hot[at(l)].right
+            hot[at(n)].left = moved
+            adopt(moved, by: n)
             hot[at(l)].right = n
+            cold[at(n)].parent = l
+            cold[at(l)].parent = p
+            replaceChild(p, n, l)
             refresh(n); refresh(l)
             return l
         }
 
+        /// Rotates `n`'s right child above it; returns that child, now the subtree's top.
         func rotateLeft(_ n: Int32) -> Int32 {
-            let r = hot[at(n)].right
-            hot[at(n)].right = hot[at(r)].left
+            let r = hot[at(n)].right, p = cold[at(n)].parent
+            let moved = hot[at(r)].left
+            hot[at(n)].right = moved
+            adopt(moved, by: n)
             hot[at(r)].left = n
+            cold[at(n)].parent = r
+            cold[at(r)].parent = p
+            replaceChild(p, n, r)
             refresh(n); refresh(r)
             return r
         }
 
         /// `n` with its height brought up to date, or the subtree's new top
-        /// after the rotations that restore its balance.
+        /// after the rotations that restore its balance (linked in `n`'s place).
         @inline(__always)
         func rebalance(_ n: Int32) -> Int32 {
             let l = hot[at(n)].left, r = hot[at(n)].right
             let hl = height(l), hr = height(r)
             if hl &- hr > 1 {
-                if height(hot[at(l)].left) < height(hot[at(l)].right) { hot[at(n)].left = rotateLeft(l) }
+                if height(hot[at(l)].left) < height(hot[at(l)].right) { _ = rotateLeft(l) }
                 return rotateRight(n)
             }
             if hr &- hl > 1 {
-                if height(hot[at(r)].right) < height(hot[at(r)].left) { hot[at(n)].right = rotateRight(r) }
+                if height(hot[at(r)].right) < height(hot[at(r)].left) { _ = rotateRight(r) }
                 return rotateLeft(n)
             }
             cold[at(n)].height = max(hl, hr) &+ 1
             return n
         }
+
+        /// Walks up from `n`, rebalancing, until a subtree's height is what it
+        /// was: above it nothing changed. Insertions and removals both touch
+        /// O(1) nodes on average this way.
+        func retrace(from n: Int32) {
+            var t = n
+            while t >= 0 {
+                let before = cold[at(t)].height
+                let top = rebalance(t)
+                if cold[at(top)].height == before { return }
+                t = cold[at(top)].parent
+            }
+        }
     }
 
-    var nodes: Nodes { Nodes(hot: hot, cold: cold, used: used) }
+    var nodes: Nodes { Nodes(hot: hot, cold: cold, used: used, state: state) }
 
     /// The deepest an AVL tree of `entriesCeiling` nodes gets is ~1.44 log2(n) < 32.
     static let maxDepth = 64
-
-    /// Sets the link from `parent` (the root when -1) that named `old` to `new`.
-    @inline(__always)
-    func relink(_ nodes: Nodes, _ parent: Int32, _ old: Int32, _ new: Int32) {
-        if parent < 0 {
-            root = new
-        } else if nodes.hot[nodes.at(parent)].left == old {
-            nodes.hot[nodes.at(parent)].left = new
-        } else {
-            nodes.hot[nodes.at(parent)].right = new
-        }
-    }
-
-    /// Walks the recorded path (root first, `depth` long) back up, rebalancing,
-    /// until a subtree's height is what it was: above it nothing changed.
-    /// Insertions and removals both touch O(1) nodes on average this way,
-    /// where a recursive version rebalances every level.
-    func retrace(_ depth: Int) {
-        let nodes = self.nodes, path = state.pointee.path
-        var i = depth &- 1
-        while i >= 0 {
-            let t = path[i]
-            let before = nodes.cold[nodes.at(t)].height
-            let top = nodes.rebalance(t)
-            if top != t { relink(nodes, i > 0 ? path[i &- 1] : -1, t, top) }
-            if nodes.cold[nodes.at(top)].height == before { return }
-            i &-= 1
-        }
-    }
 
     /// Links a new node for `e` when no entry overlaps its range, in one
     /// descent: the search for overlaps is the walk to the insertion point.
     /// Returns false, having changed nothing, otherwise.
     func linkIfFree(_ e: IOTLBEntry) -> Bool {
         let lo = e.range.first.raw, hi = e.range.last.raw
-        let hot = self.hot, path = state.pointee.path
-        var depth = 0
+        let hot = self.hot
+        var parent: Int32 = -1
         var t = root
         var below: Int32 = -1, above: Int32 = -1
         while t >= 0 {
-            path[depth] = t
-            depth &+= 1
+            parent = t
             let h = hot[node(t)]
             let right = h.first <= lo
             below = right ? t : below
@@ -272,60 +273,66 @@ extension IOTLB {
         }
         if below >= 0 && cold[node(below)].last >= lo { return false }
         if above >= 0 && hot[node(above)].first <= hi { return false }
-        let n = newNode(e)  // may move the node arrays: `hot` is stale from here
-        guard depth > 0 else { root = n; return true }
-        let parent = path[depth &- 1]
-        if lo < self.hot[node(parent)].first { self.hot[node(parent)].left = n } else { self.hot[node(parent)].right = n }
-        retrace(depth)
+        let n = newNode(e, parent: parent)  // may move the node arrays: `hot` is stale from here
+        let nodes = self.nodes
+        guard parent >= 0 else { root = n; return true }
+        // The parent is the node found last, `below` or `above`.
+        if parent == above { nodes.hot[nodes.at(parent)].left = n } else { nodes.hot[nodes.at(parent)].right = n }
+        // The parent had no child on this side: if it has one on the other,
+        // its height holds and nothing above changes.
+        if nodes.hot[nodes.at(parent)].left < 0 || nodes.hot[nodes.at(parent)].right < 0 { nodes.retrace(from: parent) }
         return true
     }
 
-    /// Unlinks `path[depth]` from the tree, its ancestors in `path[0..<depth]`.
-    func unlink(at depth: Int) {
-        let nodes = self.nodes, hot = nodes.hot, path = state.pointee.path
-        let t = path[depth]
-        let parent: Int32 = depth > 0 ? path[depth &- 1] : -1
-        let l = hot[nodes.at(t)].left, r = hot[nodes.at(t)].right
-        var depth = depth
+    /// Unlinks node `n` from the tree.
+    @inline(__always)
+    func unlink(_ n: Int32) {
+        let nodes = self.nodes, hot = nodes.hot, cold = nodes.cold
+        let p = cold[nodes.at(n)].parent
+        let l = hot[nodes.at(n)].left, r = hot[nodes.at(n)].right
         if l < 0 || r < 0 {
-            relink(nodes, parent, t, l < 0 ? r : l)
-        } else {
-            // Two children: the successor (leftmost of the right subtree) takes t's place.
-            let slot = depth
-            depth &+= 1
-            var s = r
-            while hot[nodes.at(s)].left >= 0 {
-                path[depth] = s
-                depth &+= 1
-                s = hot[nodes.at(s)].left
-            }
-            if s != r {
-                hot[nodes.at(path[depth &- 1])].left = hot[nodes.at(s)].right
-                hot[nodes.at(s)].right = r
-            }
-            hot[nodes.at(s)].left = l
-            nodes.cold[nodes.at(s)].height = nodes.cold[nodes.at(t)].height
-            relink(nodes, parent, t, s)
-            path[slot] = s
+            let child = l < 0 ? r : l
+            nodes.replaceChild(p, n, child)
+            nodes.adopt(child, by: p)
+            nodes.retrace(from: p)
+            return
         }
-        retrace(depth)
+        // Two children: the successor (leftmost of the right subtree) takes n's place.
+        var s = r
+        while hot[nodes.at(s)].left >= 0 { s = hot[nodes.at(s)].left }
+        var lowest = s  // where the heights may have changed
+        if s != r {
+            let sp = cold[nodes.at(s)].parent
+            let sr = hot[nodes.at(s)].right
+            hot[nodes.at(sp)].left = sr
+            nodes.adopt(sr, by: sp)
+            hot[nodes.at(s)].right = r
+            cold[nodes.at(r)].parent = s
+            lowest = sp
+        }
+        hot[nodes.at(s)].left = l
+        cold[nodes.at(l)].parent = s
+        cold[nodes.at(s)].parent = p
+        cold[nodes.at(s)].height = cold[nodes.at(n)].height
+        nodes.replaceChild(p, n, s)
+        nodes.retrace(from: lowest)
     }
 
-    /// Whether the tree is sound: keys in order, stored heights right, every
-    /// node balanced, and exactly `count` nodes reachable (for tests).
+    /// Whether the tree is sound: keys in order, stored heights and parents
+    /// right, every node balanced, and exactly `count` nodes reachable (for tests).
     func treeIsValid() -> Bool {
         var reached = 0
         var previous: UInt64? = nil
-        func check(_ t: Int32) -> Int8? {
+        func check(_ t: Int32, _ parent: Int32) -> Int8? {
             if t < 0 { return 0 }
-            guard let lh = check(hot[node(t)].left) else { return nil }
+            guard cold[node(t)].parent == parent, let lh = check(hot[node(t)].left, t) else { return nil }
             if let p = previous, p >= hot[node(t)].first { return nil }
             previous = hot[node(t)].first
             reached += 1
-            guard let rh = check(hot[node(t)].right), abs(Int(lh) - Int(rh)) <= 1,
+            guard let rh = check(hot[node(t)].right, t), abs(Int(lh) - Int(rh)) <= 1,
                   cold[node(t)].height == max(lh, rh) + 1 else { return nil }
             return cold[node(t)].height
         }
-        return check(root) != nil && reached == count
+        return check(root, -1) != nil && reached == count
     }
 }

@@ -110,6 +110,7 @@ public final class IOTLB {
         var uaddr: UInt64
         var older: Int32     // FIFO neighbours
         var newer: Int32
+        var parent: Int32    // in the tree (-1 at the root)
         var height: Int8
         var perm: UInt8
         var pinned: Bool
@@ -163,9 +164,6 @@ public final class IOTLB {
         var windowMisses = 0
         var bypassUntil: UInt64 = 0
         var cacheMayStepAside = true
-        // The descent a mutation records (root first), for the retrace back up:
-        // `maxDepth` long, more than an AVL tree of `entriesCeiling` nodes is deep.
-        var path: UnsafeMutablePointer<Int32> = .allocate(capacity: IOTLB.maxDepth)
     }
     let state: UnsafeMutablePointer<State>
 
@@ -211,7 +209,6 @@ public final class IOTLB {
         searchKeys.deallocate()
         searchNodes.deallocate()
         state.pointee.stamps.deallocate()
-        state.pointee.path.deallocate()
         UnsafeMutableRawPointer(state.pointee.cache).deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
@@ -407,7 +404,7 @@ public final class IOTLB {
                 if pinnedCount < count {
                     while cold[node(oldest)].pinned { makeNewest(oldest) }
                 }
-                if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
+                onRemove(remove(oldest), .evicted)
                 outcome.evicted = 1
             }
             // Nothing overlaps `e` any more: this links it, in the same one descent.
@@ -416,15 +413,19 @@ public final class IOTLB {
         }
         state.pointee.count += 1
         mutated()
+        // A new mapping is about to be used: cached now, its first look-up
+        // (and an invalidation soon after) needs no descent.
+        fill(cacheSet(e.range.first.raw), newest)
         return outcome
     }
 
-    /// A node for `e`, newest in the FIFO list, not yet in the tree.
-    func newNode(_ e: IOTLBEntry) -> Int32 {
+    /// A node for `e`, newest in the FIFO list, to be linked below `parent`.
+    @inline(__always)
+    func newNode(_ e: IOTLBEntry, parent: Int32) -> Int32 {
         let n = allocateNode()
         stamp(n)
         hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
-        cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
+        cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, parent: parent, height: 1,
                             perm: e.perm.rawValue, pinned: false)
         if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n

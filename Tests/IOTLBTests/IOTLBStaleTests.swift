@@ -143,7 +143,7 @@ import TestSupport
     /// aside (answers from the tree, exact all the same), and comes back
     /// for a working set it can hold.
     @Test func cacheStepsAsideWhenItCannotHelp() {
-        let n = 16384
+        let n = 65536  // 8 times what the cache holds (updates cache their entries too)
         let tlb = IOTLB(maxEntries: n)
         for i in 0..<UInt64(n) {
             tlb.update(IOTLBEntry(range: AddressRange(start: IOVA(i << 12), size: 4096)!, uaddr: UserAddr(i << 20), perm: .read))
@@ -156,7 +156,7 @@ import TestSupport
             #expect(tlb.lookup(iova, access: .read) == want)
         }
         for _ in 0..<20_000 { check(g.next() % UInt64(n)) }
-        #expect(tlb.state.pointee.bypassUntil > tlb.state.pointee.lookups, "uniform over 16384 entries: stepped aside")
+        #expect(tlb.state.pointee.bypassUntil > tlb.state.pointee.lookups, "uniform over 65536 entries: stepped aside")
         tlb.invalidate(AddressRange(start: IOVA(5 << 12), size: 1)!)
         #expect(tlb.lookup(IOVA(5 << 12), access: .read) == .miss)
         for _ in 0..<Int(IOTLB.bypassLength) + 5_000 { check(g.next() % 64 + 100) }
