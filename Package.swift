@@ -32,8 +32,9 @@ let package = Package(
         // Where frames go: TAP interfaces and the wires between peer devices. No
         // vhost knowledge: the datapath reads and writes frames through it.
         .target(name: "Ports", dependencies: ["Platform", "CTap", "CRingAtomics"]),
-        // The TAP ioctls of <linux/if_tun.h>, whose macros and struct ifreq do not import.
-        .target(name: "CTap"),
+        // The TAP ioctls of <linux/if_tun.h>, whose macros and struct ifreq do not import,
+        // and batched TAP writes through io_uring (Debian's liburing).
+        .target(name: "CTap", linkerSettings: [.linkedLibrary("uring")]),
         // A SIGBUS handler for guest memory a front-end passed as a file (it may shrink it).
         .target(name: "CFaultGuard"),
         // Acquire/release on ring indices in guest memory (header-only C).

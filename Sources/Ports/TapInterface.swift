@@ -172,6 +172,8 @@ public enum FrameIO: Equatable, Sendable {
     case refused
     /// Another error, its errno.
     case failed(Int32)
+    /// Not made: this file cannot write without waiting (a burst); made again one by one.
+    case cancelled
 
     static func from(_ n: Int, _ e: Int32) -> FrameIO {
         if n >= 0 { return .done(n) }

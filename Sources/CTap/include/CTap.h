@@ -5,6 +5,7 @@
 #define CTAP_H
 #include <stddef.h>
 #include <stdint.h>
+#include "CTapRing.h"
 
 /// Offload bits for CTap_set_offload (TUN_F_*): what the kernel may hand us.
 enum {

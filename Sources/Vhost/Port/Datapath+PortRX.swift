@@ -36,16 +36,22 @@ extension Device {
             let headerIn = port.m.pointee.guestHeaderBytes == VirtioNetHeader.legacySize
                 ? VirtioNetHeader.legacySize : VirtioNetHeader.size
             let buffer = port.bounce(pair)
+            let ready = port.readinessRef!
+            ready._withUnsafeGuaranteedRef { $0.refresh() }
             frames: while did < Device.batch {
                 var length = port.pendingLength[pair]
                 if length == 0 {
+                    guard ready._withUnsafeGuaranteedRef({ $0.mayRead(pair) }) else { break frames }
                     switch port.tapQueue(pair).read(into: buffer, capacity: DevicePort.bounceBytes) {
                     case .done(let n):
                         if n >= DevicePort.bounceBytes { port.drop(pair, .oversize); continue frames }
                         if n < headerIn + 14 { port.drop(pair, .runt); continue frames }
                         length = n
                         port.pendingLength[pair] = n
-                    case .wouldBlock, .down, .refused, .failed:
+                    case .wouldBlock:
+                        ready._withUnsafeGuaranteedRef { $0.drained(pair) }
+                        break frames
+                    case .down, .refused, .failed, .cancelled:
                         break frames
                     case .gone:
                         port.m.pointee.state = .gone

@@ -18,16 +18,24 @@ enum TXOutcome {
     case stopped
 }
 
+/// What gathering one TX chain found.
+enum Gathered {
+    /// The chain's pieces (more than the capacity given: too many to gather) and its bytes.
+    case frame(pieces: Int, bytes: Int)
+    /// A fault or a malformed chain stopped the queue: leave the chain.
+    case stopped
+}
+
 extension Device {
-    /// Sends one TX chain through the port of queue pair `pair`.
+    /// Walks a TX chain and gathers its pieces, each translated for reading, into
+    /// `iov` (at most `capacity`: past that, only counted).
     @inline(__always)
-    func transmit<W: ChainWalk>(_ tx: VirtQueue, _ chain: inout W, _ head: UInt16, pair: Int, _ port: DevicePort) -> TXOutcome {
-        let iov = port.iov + 1  // slot 0: a header for guests that send none
-        var pieces = 0, bytes = 0, tooMany = false
-        // Gather: every piece translated for reading, in order.
-        walk: while true {
+    func gather<W: ChainWalk>(_ tx: VirtQueue, _ chain: inout W, _ head: UInt16,
+                              into iov: UnsafeMutablePointer<iovec>, capacity: Int) -> Gathered {
+        var pieces = 0, bytes = 0
+        while true {
             switch chain.next(self, tx) {
-            case .end: break walk
+            case .end: return .frame(pieces: pieces, bytes: bytes)
             case .error(let e): chainError(tx, e); return .stopped
             case .buffer(let addr, let len, let writable):
                 if writable { fail(tx, "device-writable descriptor in TX chain \(head)"); return .stopped }
@@ -38,32 +46,52 @@ extension Device {
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return .stopped
                     case .ok(let s):
-                        if pieces < DevicePort.maxSegments {
-                            // SAFETY: `pieces` < maxSegments, the array's capacity after slot 0.
-                            iov[pieces] = iovec(iov_base: s.host, iov_len: s.length)
-                            pieces += 1
-                        } else {
-                            tooMany = true
-                        }
+                        // SAFETY: `pieces` < capacity, the array's room.
+                        if pieces < capacity { iov[pieces] = iovec(iov_base: s.host, iov_len: s.length) }
+                        pieces += 1
                         off += s.length
                     }
                 }
                 bytes += Int(len)
             }
         }
+    }
+
+    /// Why a gathered frame (`pieces` in `iov`, `bytes` with the guest's header)
+    /// may not go out, or nil: too many pieces, too short or long, a header the
+    /// host must not see. Reads the header into `port.header`.
+    @inline(__always)
+    func refusal(_ iov: UnsafeMutablePointer<iovec>, pieces: Int, capacity: Int, bytes: Int,
+                 _ port: DevicePort) -> PortDropReason? {
         let p = port.m
         let hdr = p.pointee.guestHeaderBytes
         let frame = bytes - hdr
-        if tooMany { port.drop(pair, .tooManySegments); return .consumed(bytes: bytes) }
-        if frame < 14 { port.drop(pair, .runt); return .consumed(bytes: bytes) }
-        if frame > DevicePort.maxTXFrame { port.drop(pair, .oversize); return .consumed(bytes: bytes) }
+        if pieces > capacity { return .tooManySegments }
+        if frame < 14 { return .runt }
+        if frame > DevicePort.maxTXFrame { return .oversize }
         if hdr > 0 {
             gatherPrefix(iov, pieces, Swift.min(hdr, VirtioNetHeader.legacySize), into: port.header)
             if let problem = VirtioNetHeader.problem(port.header, frameLength: frame, allowed: p.pointee.hostOffloads) {
-                port.drop(pair, Self.dropReason(problem))
-                return .consumed(bytes: bytes)
+                return Self.dropReason(problem)
             }
         }
+        return nil
+    }
+
+    /// Sends one TX chain through the port of queue pair `pair`, at once.
+    @inline(__always)
+    func transmit<W: ChainWalk>(_ tx: VirtQueue, _ chain: inout W, _ head: UInt16, pair: Int, _ port: DevicePort) -> TXOutcome {
+        let iov = port.iov + 1  // slot 0: a header for guests that send none
+        guard case .frame(let pieces, let bytes) = gather(tx, &chain, head, into: iov, capacity: DevicePort.maxSegments) else {
+            return .stopped
+        }
+        if let why = refusal(iov, pieces: pieces, capacity: DevicePort.maxSegments, bytes: bytes, port) {
+            port.drop(pair, why)
+            return .consumed(bytes: bytes)
+        }
+        let p = port.m
+        let hdr = p.pointee.guestHeaderBytes
+        let frame = bytes - hdr
         switch port.kind {
         case .tap:
             guard p.pointee.state != .gone else { port.drop(pair, .tapGone); return .consumed(bytes: bytes) }
@@ -89,7 +117,7 @@ extension Device {
                 p.pointee.state = .gone
                 port.drop(pair, .tapGone)
                 return .consumed(bytes: bytes)
-            case .refused, .failed:
+            case .refused, .failed, .cancelled:
                 port.drop(pair, .tapError)
                 return .consumed(bytes: bytes)
             }
@@ -151,6 +179,10 @@ extension Device {
     /// Up to `batch` TX chains of queue pair `pair` into the port (split rings).
     func processTXToPort<S: DeviceSpaces>(_ tx: VirtQueue, pair: Int, _ port: DevicePort, _: S.Type) -> Bool {
         guard tx.state == .running, tx.ringsReady, let c = tx.config else { return false }
+        if let burst = port.burstRef, port.m.pointee.state == .up,
+           burst._withUnsafeGuaranteedRef({ $0.batched }) {
+            return burst._withUnsafeGuaranteedRef { processTXToTapInBursts(tx, c, pair: pair, port, $0, S.self) }
+        }
         if c.packed { return processPackedTXToPort(tx, pair: pair, port, S.self) }
         let txAvail = S.Ring(c.availAddr)
         let availIdx = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availIdx, acquire: true)

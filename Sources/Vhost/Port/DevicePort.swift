@@ -65,6 +65,32 @@ final class DevicePort {
     let zeroHeader: UnsafeMutableRawPointer
     /// Scratch for the RX buffers one frame fills before they are handed back (packed rings).
     let usedScratch: UnsafeMutablePointer<UsedBuffer>
+    /// Frames gathered for the TAP and written with one system call (io_uring); nil for other ports.
+    let burst: TapBurst?
+    /// Which TAP queues have frames to read (io_uring completions): no empty read per round.
+    let readiness: TapReadiness?
+    /// The same two, without reference counting, for the datapath.
+    /// SAFETY: `burst` and `readiness` own them for the port's whole life.
+    let burstRef: Unmanaged<TapBurst>?
+    let readinessRef: Unmanaged<TapReadiness>?
+    /// What the datapath remembers of each frame of a burst until its write is done.
+    let burstFrames: UnsafeMutablePointer<BurstFrame>
+
+    struct BurstFrame {
+        /// The chain's head (split) or buffer id (packed), and its ring slots (packed).
+        var id: UInt16
+        var slots: Int
+        /// Where the ring was before this chain (to keep it and what follows, in order).
+        var availIdx: UInt16
+        var availWrap: Bool
+        /// The chain's bytes, and the frame's (without the header).
+        var bytes: Int
+        var frame: Int
+        /// Its write in the burst, or -1 when it was refused (`drop` says why).
+        var write: Int
+        var drop: PortDropReason?
+    }
+
     /// The TAP's queue descriptors, one per pair (read per frame without touching `tap`).
     /// SAFETY: `tap` keeps them open as long as the port lives.
     let tapFDs: UnsafeMutablePointer<Int32>
@@ -91,6 +117,11 @@ final class DevicePort {
         self.kind = config.kind
         self.pairs = pairs
         self.tap = tap
+        burst = tap != nil ? TapBurst() : nil
+        readiness = tap.map { TapReadiness($0.queues) }
+        burstRef = burst.map { .passUnretained($0) }
+        readinessRef = readiness.map { .passUnretained($0) }
+        burstFrames = .allocate(capacity: TapBurst.capacity)
         tapFDs = .allocate(capacity: pairs)
         for i in 0..<pairs { (tapFDs + i).initialize(to: tap.map { $0.queues[i % $0.queues.count].fd } ?? -1) }
         m = .allocate(capacity: 1)
@@ -121,6 +152,7 @@ final class DevicePort {
         zeroHeader.deallocate()
         usedScratch.deallocate()
         tapFDs.deallocate()
+        burstFrames.deallocate()
     }
 
     /// The TAP queue of pair `pair`.

@@ -57,6 +57,9 @@ public enum PortKind: String, Sendable, CaseIterable {
 public enum PortDropReason: Int, Sendable, CaseIterable {
     /// The TAP interface is down (writes fail with EIO).
     case tapDown
+    /// The TAP was full for this frame but took the ones written after it in the same
+    /// burst (it freed room meanwhile): keeping this one would send it out of order.
+    case tapFull
     /// The TAP interface was deleted under the device.
     case tapGone
     /// The kernel refused the frame (EINVAL), or another write error.
@@ -84,6 +87,7 @@ public enum PortDropReason: Int, Sendable, CaseIterable {
     public var name: String {
         switch self {
         case .tapDown: "tap_down"
+        case .tapFull: "tap_full"
         case .tapGone: "tap_gone"
         case .tapError: "tap_error"
         case .oversize: "oversize"
