@@ -29,26 +29,46 @@ public enum ConfigFormat {
     public static let stateFileName = "config.json"
 }
 
-/// The configuration clients made, by device in creation order, and the state file it is written to.
+/// The configuration clients made, by device in creation order, and the state
+/// file it is written to. A change takes the lock for a moment and returns a
+/// ticket; the state file is written on the saver's own thread (`StateSaver`),
+/// and `whenSaved` runs what must wait for the disk.
 public final class ConfigStore: Sendable {
-    private let records = Locked<(order: [String], byId: [String: DeviceRecord], paused: Bool)>(([], [:], false))
+    private struct Records {
+        var order: [String] = []
+        var byId: [String: DeviceRecord] = [:]
+        var paused = false
+        /// Bumped by every change: the state file's version.
+        var version: UInt64 = 0
+    }
+    private let records = Locked(Records())
     /// The state file, nil without --state-dir.
     public let stateFile: String?
-    private let logger: Logger
+    private let saver: StateSaver?
 
     /// A store writing to `stateFile` after each change (nil: kept in memory only).
     public init(stateFile: String?, logger: Logger) {
         self.stateFile = stateFile
-        self.logger = logger
+        let records = self.records
+        saver = stateFile.map { path in
+            StateSaver(path: path, logger: logger) {
+                let (version, doc) = records.withLock { r in (r.version, Self.document(r.order.compactMap { r.byId[$0] })) }
+                return (version, { doc.serialized() + [10] })
+            }
+        }
     }
 
-    // MARK: Changes (each written to the state file before it returns)
+    // MARK: Changes (in memory at once; `whenSaved` waits for the state file)
 
     /// Records a device created with `c`.
-    public func created(_ c: DeviceConfig) { change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) } }
+    @discardableResult
+    public func created(_ c: DeviceConfig) -> SaveTicket {
+        change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) }
+    }
 
     /// Forgets device `id`.
-    public func deleted(_ id: String) {
+    @discardableResult
+    public func deleted(_ id: String) -> SaveTicket {
         change {
             $0.order.removeAll { $0 == id }
             $0.byId[id] = nil
@@ -56,38 +76,55 @@ public final class ConfigStore: Sendable {
     }
 
     /// Records the memory table set on `id`.
-    public func memTableSet(_ id: String, _ regions: [MemoryRegion]) { change { $0.byId[id]?.memTable = regions } }
+    @discardableResult
+    public func memTableSet(_ id: String, _ regions: [MemoryRegion]) -> SaveTicket { change { $0.byId[id]?.memTable = regions } }
 
     /// Records vring `n` of `id` as set.
-    public func vringSet(_ id: String, _ n: Int, _ c: VringConfig) { change { $0.byId[id]?.vrings[n] = c } }
+    @discardableResult
+    public func vringSet(_ id: String, _ n: Int, _ c: VringConfig) -> SaveTicket { change { $0.byId[id]?.vrings[n] = c } }
 
     /// Records the built-in guest of `id` (nil: none).
-    public func workloadSet(_ id: String, _ w: WorkloadConfig?) { change { $0.byId[id]?.workload = w } }
+    @discardableResult
+    public func workloadSet(_ id: String, _ w: WorkloadConfig?) -> SaveTicket { change { $0.byId[id]?.workload = w } }
+
+    /// Runs `body` once the state file holds the change `ticket` names: at once
+    /// without --state-dir, while paused, or when it does already; else on the
+    /// saver's thread. Never on the caller's thread after a wait.
+    public func whenSaved(_ ticket: SaveTicket, _ body: @escaping @Sendable () -> Void) {
+        guard let saver, !records.withLock({ $0.paused }) else { return body() }
+        saver.whenSaved(ticket, body)
+    }
+
+    /// Writes of the state file that failed (each logged; the next change writes again).
+    public var saveFailures: Int { saver?.failures ?? 0 }
 
     /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
     public func pause() { records.withLock { $0.paused = true } }
 
-    /// Lets writes through again; `write`: writes the state file now.
+    /// Lets writes through again; `write`: writes the state file now, on the
+    /// caller's thread (start-up, before anything listens).
     public func resume(write: Bool) throws(StartupError) {
-        let doc = records.withLock { r -> JSON in
+        let (doc, version) = records.withLock { r -> (JSON, UInt64) in
             r.paused = false
-            return Self.document(r.order.compactMap { r.byId[$0] })
+            return (Self.document(r.order.compactMap { r.byId[$0] }), r.version)
         }
         if write, let stateFile {
             do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch { throw error }
         }
+        saver?.markSaved(version)
     }
 
-    private func change(_ body: (inout (order: [String], byId: [String: DeviceRecord], paused: Bool)) -> Void) {
-        // Under the lock, so that writes land in the order of the changes.
-        records.withLock { r in
+    /// Writes what is not saved yet and stops the saver's thread (the daemon stops).
+    public func stop() { saver?.stop() }
+
+    private func change(_ body: (inout Records) -> Void) -> SaveTicket {
+        let (version, paused) = records.withLock { r in
             body(&r)
-            guard let stateFile, !r.paused else { return }
-            let doc = Self.document(r.order.compactMap { r.byId[$0] })
-            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch {
-                logger.error("state not saved: \(error.description)")
-            }
+            r.version += 1
+            return (r.version, r.paused)
         }
+        if !paused { saver?.changed(version) }
+        return SaveTicket(version: version)
     }
 
     /// The whole configuration, as GET /v1/config answers and the state file holds.

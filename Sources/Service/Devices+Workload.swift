@@ -34,8 +34,8 @@ extension Devices {
                     startDetachedThread(name: "stop-workload") { _ = w.stop() }
                     return done(.failure(.notFound(id: id)))
                 }
-                if d.persisted { store.workloadSet(id, c) }
-                done(.success(w))
+                let saved = d.persisted ? store.workloadSet(id, c) : .none
+                store.whenSaved(saved) { done(.success(w)) }
             case .failure(let e):
                 d.workloadSlot.withLock { $0.starting = false }
                 switch e {
@@ -61,8 +61,8 @@ extension Devices {
             }
             guard let w = taken else { return done(.failure(.noWorkload(id: id))) }
             let final = w.stop()
-            if d.persisted { store.workloadSet(id, nil) }
-            done(.success((w, final)))
+            let saved = d.persisted ? store.workloadSet(id, nil) : .none
+            store.whenSaved(saved) { done(.success((w, final))) }
         }
     }
 

@@ -104,10 +104,25 @@ public final class Devices: Sendable {
 
     // MARK: Create, delete, shut down
 
+    /// Creates a device with its parts (see `make`); `done` gets it once the
+    /// configuration's state file holds it (on the saver's thread, or at once
+    /// without --state-dir). Refusals are thrown at once.
+    public func create(_ requested: DeviceConfig, persist: Bool = true,
+                       then done: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) throws(DevicesError) {
+        let (d, saved) = try make(requested, persist: persist)
+        store.whenSaved(saved) { done(.success(d)) }
+    }
+
+    /// Creates a device with its parts and returns it without waiting for the
+    /// state file (start-up, tests).
+    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
+        try make(requested, persist: persist).device
+    }
+
     /// Creates a device with its parts: the vhost-user socket first (a path that
     /// cannot be served creates no device), then the engine's device, its miss
     /// logger, the front-end started on it; `persist`: recorded in the configuration.
-    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
+    private func make(_ requested: DeviceConfig, persist: Bool) throws(DevicesError) -> (device: ManagedDevice, saved: SaveTicket) {
         var config = requested
         guard registry.withLock({ $0.open }) else { throw .engine(.unavailable) }
         if !config.id.isEmpty && (device(config.id) != nil || engine.device(config.id) != nil) {
@@ -152,13 +167,13 @@ public final class Devices: Sendable {
             }
         }
         // Recorded before it can be found, so that a delete's record always follows this one.
-        if persist { store.created(h.config) }
+        let saved = persist ? store.created(h.config) : .none
         let d = ManagedDevice(handle: h, frontEnd: frontEnd, missLogger: missLogger, persisted: persist)
         registry.withLock { r in
             r.byId[id] = d
             r.order.append(id)
         }
-        return d
+        return (d, saved)
     }
 
     /// Deletes `id` with its parts: its built-in guest stops first (it must not
@@ -183,9 +198,9 @@ public final class Devices: Sendable {
             _ = workload?.stop()
             d.frontEnd?.stop()
             let inEngine = engine.deleteDevice(id) {
-                if d.persisted { store.deleted(id) }
+                let saved = d.persisted ? store.deleted(id) : .none
                 logger.info("device deleted", metadata: ["device": "\(id)"])
-                done(.success(()))
+                store.whenSaved(saved) { done(.success(())) }
             }
             if !inEngine { done(.failure(.notFound(id: id))) }
         }
