@@ -157,7 +157,9 @@ class StalledDisk(unittest.TestCase):
             self.assertEqual(got, status, f"{method} {path}: {body}")
             self.assertGreaterEqual(at, thawed)
         saved = self.saved()
-        self.assertEqual([d["id"] for d in saved["devices"]], ["busy", "other", "slow", "late0", "late1", "late2"])
+        ids = [d["id"] for d in saved["devices"]]
+        self.assertEqual(ids[:3], ["busy", "other", "slow"])
+        self.assertEqual(sorted(ids[3:]), ["late0", "late1", "late2"])  # sent at once: in any order
         slow = saved["devices"][2]
         self.assertEqual(slow["mem_table"]["regions"][0]["memory_size"], "0x200000")
         self.assertEqual([v["index"] for v in slow["vrings"]], [1])

@@ -29,19 +29,16 @@ public enum ConfigFormat {
     public static let stateFileName = "config.json"
 }
 
-/// The configuration clients made, by device in creation order, and the state
-/// file it is written to. A change takes the lock for a moment and returns a
-/// ticket; the state file is written on the saver's own thread (`StateSaver`),
-/// and `whenSaved` runs what must wait for the disk.
+/// The configuration clients made and the state file it is written to. The
+/// devices registry holds it (each device's record beside its lifecycle) and
+/// numbers its changes; a change returns a ticket (`changed`), the state file
+/// is written on the saver's own thread (`StateSaver`), and `whenSaved` runs
+/// what must wait for the disk.
 public final class ConfigStore: Sendable {
-    private struct Records {
-        var order: [String] = []
-        var byId: [String: DeviceRecord] = [:]
-        var paused = false
-        /// Bumped by every change: the state file's version.
-        var version: UInt64 = 0
-    }
-    private let records = Locked(Records())
+    /// Where the configuration is read from: its version and the devices' records, in creation order.
+    typealias Source = @Sendable () -> (version: UInt64, devices: [DeviceRecord])
+    private let source = Locked<Source?>(nil)
+    private let paused = Locked(false)
     /// The state file, nil without --state-dir.
     public let stateFile: String?
     private let saver: StateSaver?
@@ -49,49 +46,36 @@ public final class ConfigStore: Sendable {
     /// A store writing to `stateFile` after each change (nil: kept in memory only).
     public init(stateFile: String?, logger: Logger) {
         self.stateFile = stateFile
-        let records = self.records
+        let source = self.source
         saver = stateFile.map { path in
             StateSaver(path: path, logger: logger) {
-                let (version, doc) = records.withLock { r in (r.version, Self.document(r.order.compactMap { r.byId[$0] })) }
+                let (version, devices) = source.withLock { $0 }?() ?? (0, [])
+                let doc = Self.document(devices)
                 return (version, { doc.serialized() + [10] })
             }
         }
     }
 
+    /// Reads the configuration from `source` (the devices registry) from now on.
+    func attach(_ source: @escaping Source) { self.source.withLock { $0 = source } }
+
+    private var current: (version: UInt64, devices: [DeviceRecord]) { source.withLock { $0 }?() ?? (0, []) }
+
     // MARK: Changes (in memory at once; `whenSaved` waits for the state file)
 
-    /// Records a device created with `c`.
-    @discardableResult
-    public func created(_ c: DeviceConfig) -> SaveTicket {
-        change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) }
+    /// The configuration changed to `version` (nil: nothing recorded changed):
+    /// the saver writes it; the ticket names it.
+    func changed(_ version: UInt64?) -> SaveTicket {
+        guard let version else { return .none }
+        if !paused.withLock({ $0 }) { saver?.changed(version) }
+        return SaveTicket(version: version)
     }
-
-    /// Forgets device `id`.
-    @discardableResult
-    public func deleted(_ id: String) -> SaveTicket {
-        change {
-            $0.order.removeAll { $0 == id }
-            $0.byId[id] = nil
-        }
-    }
-
-    /// Records the memory table set on `id`.
-    @discardableResult
-    public func memTableSet(_ id: String, _ regions: [MemoryRegion]) -> SaveTicket { change { $0.byId[id]?.memTable = regions } }
-
-    /// Records vring `n` of `id` as set.
-    @discardableResult
-    public func vringSet(_ id: String, _ n: Int, _ c: VringConfig) -> SaveTicket { change { $0.byId[id]?.vrings[n] = c } }
-
-    /// Records the built-in guest of `id` (nil: none).
-    @discardableResult
-    public func workloadSet(_ id: String, _ w: WorkloadConfig?) -> SaveTicket { change { $0.byId[id]?.workload = w } }
 
     /// Runs `body` once the state file holds the change `ticket` names: at once
     /// without --state-dir, while paused, or when it does already; else on the
     /// saver's thread. Never on the caller's thread after a wait.
     public func whenSaved(_ ticket: SaveTicket, _ body: @escaping @Sendable () -> Void) {
-        guard let saver, !records.withLock({ $0.paused }) else { return body() }
+        guard let saver, !paused.withLock({ $0 }) else { return body() }
         saver.whenSaved(ticket, body)
     }
 
@@ -99,17 +83,17 @@ public final class ConfigStore: Sendable {
     public var saveFailures: Int { saver?.failures ?? 0 }
 
     /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
-    public func pause() { records.withLock { $0.paused = true } }
+    public func pause() { paused.withLock { $0 = true } }
 
     /// Lets writes through again; `write`: writes the state file now, on the
     /// caller's thread (start-up, before anything listens).
     public func resume(write: Bool) throws(StartupError) {
-        let (doc, version) = records.withLock { r -> (JSON, UInt64) in
-            r.paused = false
-            return (Self.document(r.order.compactMap { r.byId[$0] }), r.version)
-        }
+        paused.withLock { $0 = false }
+        let (version, devices) = current
         if write, let stateFile {
-            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch { throw error }
+            do throws(StartupError) { try Self.writeAtomically(Self.document(devices).serialized() + [10], to: stateFile) } catch {
+                throw error
+            }
         }
         saver?.markSaved(version)
     }
@@ -117,18 +101,8 @@ public final class ConfigStore: Sendable {
     /// Writes what is not saved yet and stops the saver's thread (the daemon stops).
     public func stop() { saver?.stop() }
 
-    private func change(_ body: (inout Records) -> Void) -> SaveTicket {
-        let (version, paused) = records.withLock { r in
-            body(&r)
-            r.version += 1
-            return (r.version, r.paused)
-        }
-        if !paused { saver?.changed(version) }
-        return SaveTicket(version: version)
-    }
-
     /// The whole configuration, as GET /v1/config answers and the state file holds.
-    public var document: JSON { records.withLock { r in Self.document(r.order.compactMap { r.byId[$0] }) } }
+    public var document: JSON { Self.document(current.devices) }
 
     static func document(_ devices: [DeviceRecord]) -> JSON {
         ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),

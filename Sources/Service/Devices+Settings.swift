@@ -10,13 +10,13 @@ extension Devices {
     /// once the state file holds it.
     public func setMemTable(_ regions: [MemoryRegion], on d: ManagedDevice,
                             then done: @escaping @Sendable (Result<MemoryTable, EngineError>) -> Void) {
-        let (store, id, persisted) = (self.store, d.id, d.persisted)
+        let (store, registry, id) = (self.store, self.registry, d.id)
         d.handle.perform({ dev -> Result<MemoryTable, EngineError> in
             guard let dev else { return .failure(.notFound("device \(id) not found")) }
             do throws(EngineError) { return .success(try dev.setMemTable(regions)) } catch { return .failure(error) }
         }, then: { result in
-            guard case .success = result, persisted else { return done(result) }
-            store.whenSaved(store.memTableSet(id, regions)) { done(result) }
+            guard case .success = result else { return done(result) }
+            store.whenSaved(store.changed(registry.record(id) { $0.memTable = regions })) { done(result) }
         })
     }
 
@@ -24,13 +24,13 @@ extension Devices {
     /// once the state file holds it.
     public func setVring(_ n: Int, _ c: VringConfig, on d: ManagedDevice,
                          then done: @escaping @Sendable (Result<VringSnapshot, EngineError>) -> Void) {
-        let (store, id, persisted) = (self.store, d.id, d.persisted)
+        let (store, registry, id) = (self.store, self.registry, d.id)
         d.handle.perform({ dev -> Result<VringSnapshot, EngineError> in
             guard let dev else { return .failure(.notFound("device \(id) not found")) }
             do throws(EngineError) { return .success(try dev.setVring(n, c)) } catch { return .failure(error) }
         }, then: { result in
-            guard case .success = result, persisted else { return done(result) }
-            store.whenSaved(store.vringSet(id, n, c)) { done(result) }
+            guard case .success = result else { return done(result) }
+            store.whenSaved(store.changed(registry.record(id) { $0.vrings[n] = c })) { done(result) }
         })
     }
 }
