@@ -93,6 +93,8 @@ public final class Devices: Sendable {
     /// Where the configuration is written: creates, deletes and workloads are recorded.
     public let store: ConfigStore
     private let sockets: VhostUserSockets
+    /// Whether a TAP port may create its interface (--tap-create); else it attaches only.
+    private let tapCreate: Bool
     let logger: Logger
     let registry = DeviceRegistry()
     /// Deletes, workload stops and creates that waited for a deletion: one
@@ -100,12 +102,14 @@ public final class Devices: Sendable {
     /// no delete starts a thread of its own.
     let teardown = Completions(name: "teardown")
 
-    /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows.
-    public init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger) {
+    /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows;
+    /// `tapCreate`: a TAP port may make its interface (else it only attaches to one that exists).
+    public init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger, tapCreate: Bool = false) {
         self.engine = engine
         self.store = store
         self.sockets = sockets
         self.logger = logger
+        self.tapCreate = tapCreate
         let registry = self.registry
         store.attach { registry.configuration() }
     }
@@ -189,7 +193,7 @@ public final class Devices: Sendable {
         }
         var tap: TapInterface?
         if case .tap(let name) = config.port {
-            do throws(TapError) { tap = try TapInterface(name: name, queues: config.queuePairs) } catch {
+            do throws(TapError) { tap = try TapInterface(name: name, queues: config.queuePairs, create: tapCreate) } catch {
                 frontEnd?.stop()
                 throw .portUnavailable(error.description)
             }
