@@ -33,7 +33,8 @@ extension JSON {
                       ("reconnect_attempts", .count(s.reconnectAttempts)),
                       ("messages", .count(s.messages)), ("features", .hex(s.features)),
                       ("protocol_features", .hex(s.protocolFeatures)),
-                      ("misses_forwarded", .count(s.missesForwarded)), ("identity_updates", .count(s.identityUpdates)),
+                      ("misses_forwarded", .count(s.missesForwarded)), ("miss_send_failures", .count(s.missSendFailures)),
+                      ("identity_updates", .count(s.identityUpdates)),
                       ("kicks", .count(s.kicks)), ("memory_faults", .count(s.memoryFaults))]
                 if let e = s.lastError { v.append(("last_error", .string(e))) }
             }

@@ -40,7 +40,10 @@ final class VhostUserSession {
     private var protocolFeatures: UInt64 = 0
     var memory: GuestMemory?
     var backendFD: Int32 = -1
+    /// The newest miss-log seq dealt with: sent, or not for the front-end.
     var missCursor: UInt64 = 0
+    /// A miss could not be sent (the channel was full): try again soon.
+    var missesUnsent = false
 
     init(backend: VhostUserBackend, handle: DeviceHandle, conn: Int32) {
         self.backend = backend
@@ -104,7 +107,7 @@ final class VhostUserSession {
                         pollfd(fd: backend.notifier.fd, events: Int16(POLLIN), revents: 0)]
             let kickIndex = pfds.count
             for r in rings where r.kickFD >= 0 { pfds.append(pollfd(fd: r.kickFD, events: Int16(POLLIN), revents: 0)) }
-            _ = poll(&pfds, nfds_t(pfds.count), 1000)
+            _ = poll(&pfds, nfds_t(pfds.count), missesUnsent ? 50 : 1000)
             if pfds[kickIndex...].contains(where: { $0.revents != 0 }) {
                 var kicks: UInt64 = 0
                 for p in pfds[kickIndex...] where p.revents & Int16(POLLIN) != 0 {
@@ -114,8 +117,8 @@ final class VhostUserSession {
                 handle.worker.kick()
                 backend.updateStatus { $0.kicks &+= kicks }
             }
-            if pfds[1].revents != 0 {
-                backend.notifier.drain()
+            if pfds[1].revents != 0 || missesUnsent {
+                if pfds[1].revents != 0 { backend.notifier.drain() }
                 answerMisses()
             }
             // The front-end shrank its memory file (the datapath's SIGBUS was caught
@@ -321,6 +324,7 @@ final class VhostUserSession {
             let fd = try takeFD()
             closeFD(&backendFD)
             backendFD = fd
+            answerMisses()  // what could not be sent before goes on this channel
         case .iotlbMsg:
             guard let m = VhostIOTLBMessage(payload) else { throw VhostUserProtocolError("IOTLB_MSG: payload too short") }
             try applyIOTLB(m)
