@@ -253,13 +253,11 @@ public final class Device {
         return s
     }
 
-    /// Miss resolution times in µs: count, p50, p99, max.
-    public func resolutionTimes() -> (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32) {
-        let sorted = resolutionSamples.sorted()
-        func pct(_ p: Double) -> UInt32 {
-            sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-        }
-        return (resolutionCount, pct(0.5), pct(0.99), resolutionMax)
+    /// Miss resolution times in µs: the samples copied (the reader sorts them, off the worker), count, max.
+    public func resolutionTimes() -> ResolutionTimes {
+        // A copy of its own: sharing the buffer would make the worker's next sample copy it.
+        ResolutionTimes(samples: resolutionSamples.withUnsafeBufferPointer { Array($0) }, count: resolutionCount,
+                        max: resolutionMax)
     }
 
     /// Misses resolved so far (the histogram's count).
