@@ -79,9 +79,6 @@ public final class ConfigStore: Sendable {
         saver.whenSaved(ticket, body)
     }
 
-    /// Writes of the state file that failed (each logged; the next change writes again).
-    public var saveFailures: Int { saver?.failures ?? 0 }
-
     /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
     public func pause() { paused.withLock { $0 = true } }
 

@@ -3,6 +3,7 @@
 import Glibc
 import Guest
 import JSON
+import Logging
 import Platform
 import Service
 import Testing
@@ -34,9 +35,14 @@ final class Outstanding: Sendable {
     /// Creates without waiting; `result` gets the outcome (thrown at once or called back).
     static func create(_ f: Fixture, _ c: DeviceConfig, _ owed: Outstanding,
                        _ result: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) {
+        create(f.devices, c, owed, result)
+    }
+
+    static func create(_ devices: Devices, _ c: DeviceConfig, _ owed: Outstanding,
+                       _ result: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) {
         owed.begin()
         do throws(DevicesError) {
-            try f.devices.create(c) { r in
+            try devices.create(c) { r in
                 result(r)
                 owed.end()
             }
@@ -177,5 +183,57 @@ final class Outstanding: Sendable {
         #expect(f.devices.all().isEmpty && f.recorded.isEmpty)
         for id in ids { #expect(f.engine.device(id) == nil && f.devices.lifecycle(id) == nil) }
         for s in sockets { #expect(access(s, F_OK) != 0, "\(s) outlived its device") }
+    }
+}
+
+@Suite struct StateFileTests {
+    @Test("with a state file, every change answers once the file holds it; concurrent changes are coalesced in order")
+    func answersComeAfterTheFileHoldsTheChange() throws {
+        let dir = "/tmp/iotlbd-state-tests-\(getpid())"
+        mkdir(dir, 0o700)
+        let file = dir + "/config.json"
+        unlink(file)
+        let logger = Logger(label: "service-tests")
+        let engine = Engine(datapathThreads: 1)
+        let store = ConfigStore(stateFile: file, logger: logger)
+        let devices = Devices(engine: engine, store: store, sockets: VhostUserSockets(resolvedDirectory: testSocketDirectory),
+                              logger: logger)
+        defer {
+            devices.shutdown()
+            engine.shutdown()
+            store.stop()
+        }
+        @Sendable func saved() -> [String] {
+            guard let bytes = try? readWholeFile(file), let doc = try? JSON.parse(bytes),
+                  case .array(let list)? = doc["devices"] else { return [] }
+            return list.compactMap { if case .string(let id)? = $0["id"] { id } else { nil } }
+        }
+        let owed = Outstanding()
+        let late = Locked<[String]>([])
+        let threads = (0..<4).map { t in
+            startThread(name: "state-\(t)") {
+                for i in 0..<10 {
+                    let id = "f\(t)-\(i)"
+                    RegistryTests.create(devices, DeviceConfig(id: id), owed) { r in
+                        #expect((try? r.get()) != nil)
+                        if !saved().contains(id) { late.withLock { $0.append(id) } }
+                    }
+                }
+            }
+        }
+        for t in threads { pthread_join(t, nil) }
+        #expect(owed.wait())
+        #expect(late.withLock { $0 } == [], "answered before the state file held them")
+        #expect(saved().count == 40)
+        #expect(saved() == devices.all().map(\.id), "the file lists the devices in creation order")
+        // A delete, too, answers once the file no longer holds the device.
+        let gone = Locked<Bool?>(nil)
+        owed.begin()
+        try devices.delete("f0-0") { _ in
+            gone.withLock { $0 = !saved().contains("f0-0") }
+            owed.end()
+        }
+        #expect(owed.wait())
+        #expect(gone.withLock { $0 } == true)
     }
 }
