@@ -182,15 +182,15 @@ public final class Device {
         guard config.iotlb else { throw .conflict("device \(config.id) was created with \"iotlb\": false") }
     }
 
-    /// Applies `entries` in order, all or nothing: every user range must be
+    /// Applies `entries` in order, all or nothing: no user range may wrap (the
+    /// one place this is checked, for every caller, and first: a malformed
+    /// entry is refused as such whatever the device), and every one must be
     /// wholly backed by the memory table before any is inserted.
     public func updateIOTLB(_ entries: [IOTLBEntry]) throws(EngineError) -> UpdateReport {
+        for (i, e) in entries.enumerated() where e.uaddrRange == nil { throw .uaddrRangeOverflow(index: i) }
         try requireIOTLB()
         guard let table = memTable else { throw .noMemTable }
-        for (i, e) in entries.enumerated() {
-            guard let ur = e.uaddrRange else { throw .uaddrRangeOverflow(index: i) }
-            guard table.isBacked(ur) else { throw .uaddrNotMapped(index: i) }
-        }
+        for (i, e) in entries.enumerated() where !table.isBacked(e.uaddrRange!) { throw .uaddrNotMapped(index: i) }
         var report = UpdateReport()
         for e in entries {
             let out = iotlb.update(e)
