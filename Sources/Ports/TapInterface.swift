@@ -66,6 +66,10 @@ public final class TapInterface: @unchecked Sendable {
         self.queues = fds.map { TapQueue(fd: $0) }
         // One the daemon made goes with it (not persistent).
         if created { _ = CTap_set_persist(fds[0], 0) }
+        // The 12-byte header (with num_buffers) until a front-end says otherwise: the
+        // kernel's default is the 10-byte legacy one, which a device set up over HTTP
+        // (frames without a header, 12 zero bytes added) must not get.
+        try setHeaderSize(VirtioNetHeader.size)
     }
 
     /// Queues handed over as open descriptors: a TAP a manager opened (as
