@@ -12,7 +12,7 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net test-ports test-readme-network net-tools test-libvirt libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-stalled-disk test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net test-ports test-readme-network net-tools test-libvirt libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
@@ -90,7 +90,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-restarts test-dashboards test-dpdk test-ports test-qemu test-qemu-restart test-guest-net test-readme-network test-libvirt test-systemd test-charts test-package
+test: test-swift test-readme test-examples test-restarts test-stalled-disk test-dashboards test-dpdk test-ports test-qemu test-qemu-restart test-guest-net test-readme-network test-libvirt test-systemd test-charts test-package
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -110,6 +110,12 @@ test-examples: build tools
 # confined vhost-user socket paths, the API on a Unix socket (curl, orchestrator).
 test-restarts: build
 	$(PYTHON) tests/test_restarts.py
+
+# --state-dir on a loop-mounted ext4 frozen with fsfreeze: changes wait for the
+# disk, other devices' traffic, GETs, worker commands and long-polls do not.
+# Root; fails (does not skip) without.
+test-stalled-disk: build
+	$(PYTHON) tests/test_stalled_disk.py
 
 # The Grafana dashboard and the Prometheus rules: JSON checks, promtool check/test
 # rules, then a real Prometheus scraping a live daemon answers every panel's query.

@@ -155,6 +155,12 @@ ssize_t cunixsock_send(int fd, const void *buf, size_t len, const int *fds, int 
     return r;
 }
 
+ssize_t cunixsock_send_nowait(int fd, const void *buf, size_t len) {
+    ssize_t r;
+    do { r = send(fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
 int cunixsock_accept(int listen_fd) {
     int r;
     do { r = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC); } while (r < 0 && errno == EINTR);

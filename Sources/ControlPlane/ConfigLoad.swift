@@ -118,33 +118,38 @@ extension ControlPlane {
     private func apply(_ d: LoadedDevice, at field: String) throws(APIError) {
         let managed: ManagedDevice
         do throws(DevicesError) { managed = try devices.create(d.config) } catch { throw APIError(error, fieldPrefix: field) }
-        let h = managed.handle
-        let id = h.config.id
         func prefixed(_ e: APIError, _ sub: String) -> APIError {
             var a = e
             a.field = field + sub + (a.field.map { "." + $0 } ?? "")
             return a
         }
+        // As the routes set them (recorded by the devices service), waited for here: start-up.
         if let regions = d.memTable {
-            let r = h.performSync { dev -> Result<MemoryTable, EngineError> in
-                guard let dev else { return .failure(.notFound("device \(id) is gone")) }
-                do throws(EngineError) { return .success(try dev.setMemTable(regions)) } catch { return .failure(error) }
-            }
+            let r = Self.wait { done in devices.setMemTable(regions, on: managed, then: done) }
             if case .failure(let e) = r { throw prefixed(APIError(e), "mem_table") }
-            store.memTableSet(id, regions)
         }
         for (i, (n, c)) in d.vrings.enumerated() {
-            let r = h.performSync { dev -> Result<VringSnapshot, EngineError> in
-                guard let dev else { return .failure(.notFound("device \(id) is gone")) }
-                do throws(EngineError) { return .success(try dev.setVring(n, c)) } catch { return .failure(error) }
-            }
+            let r = Self.wait { done in devices.setVring(n, c, on: managed, then: done) }
             if case .failure(let e) = r { throw prefixed(APIError(e), "vrings[\(i)]") }
-            store.vringSet(id, n, c)
         }
         if let w = d.workload {
             do throws(DevicesError) { _ = try devices.startWorkloadAndWait(w, on: managed) } catch {
                 throw prefixed(APIError(error), "workload")
             }
+        }
+    }
+
+    /// Calls `call` and waits for the result it calls back with (start-up only).
+    private static func wait<T: Sendable>(_ call: (@escaping @Sendable (T) -> Void) -> Void) -> T {
+        let box = Locked<T?>(nil)
+        let ready = WakeSignal()
+        call { v in
+            box.withLock { $0 = v }
+            ready.signal()
+        }
+        while true {
+            if let v = box.withLock({ $0 }) { return v }
+            ready.wait(timeoutNanos: 100_000_000)
         }
     }
 }

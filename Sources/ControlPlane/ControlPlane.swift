@@ -88,8 +88,12 @@ public final class ControlPlane: Sendable {
     /// engine stops the devices); no device is created after.
     public func shutdownDevices() { devices.shutdown() }
 
-    /// Answers every waiting long-poll and stops the timer thread.
-    public func stop() { timer.stop() }
+    /// Answers every waiting long-poll and stops the timer thread, then the
+    /// state file's saver (after it wrote what is left).
+    public func stop() {
+        timer.stop()
+        store.stop()
+    }
 
     /// Answers one request: authentication, then routing.
     public func respond(_ request: Request) -> Reply {

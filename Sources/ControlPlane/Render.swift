@@ -33,7 +33,8 @@ extension JSON {
                       ("reconnect_attempts", .count(s.reconnectAttempts)),
                       ("messages", .count(s.messages)), ("features", .hex(s.features)),
                       ("protocol_features", .hex(s.protocolFeatures)),
-                      ("misses_forwarded", .count(s.missesForwarded)), ("identity_updates", .count(s.identityUpdates)),
+                      ("misses_forwarded", .count(s.missesForwarded)), ("miss_send_failures", .count(s.missSendFailures)),
+                      ("identity_updates", .count(s.identityUpdates)),
                       ("kicks", .count(s.kicks)), ("memory_faults", .count(s.memoryFaults))]
                 if let e = s.lastError { v.append(("last_error", .string(e))) }
             }
@@ -53,9 +54,10 @@ extension JSON {
         device(d.config, detail: detail, vhostUser: d.frontEnd?.status)
     }
 
-    static func stats(_ s: IOTLBStats, resolution r: (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32),
-                      vqs: [VringSnapshot]) -> JSON {
+    /// A device's IOTLB figures; sorts the resolution samples (call off the worker).
+    static func stats(_ s: IOTLBStats, resolution r: ResolutionTimes, vqs: [VringSnapshot]) -> JSON {
         let lookups = s.hits + s.misses
+        let (p50, p99) = r.percentiles()
         return [
             "entries": .count(s.entries), "max_entries": .count(s.maxEntries),
             "hits": .count(s.hits), "misses": .count(s.misses),
@@ -63,7 +65,7 @@ extension JSON {
             "updates": .count(s.updates), "invalidations": .count(s.invalidations),
             "evictions": .count(s.evictions), "access_failures": .count(s.accessFailures),
             "pending_misses": .count(s.pendingMisses), "reannounced_misses": .count(s.reannouncedMisses),
-            "miss_resolution_us": ["count": .count(r.count), "p50": .count(r.p50), "p99": .count(r.p99),
+            "miss_resolution_us": ["count": .count(r.count), "p50": .count(p50), "p99": .count(p99),
                                    "max": .count(r.max)],
             "vqs": .array(vqs.map(vringStats)),
         ]

@@ -7,17 +7,13 @@ import Service
 import Vhost
 
 extension ControlPlane {
-    static func addVringRoutes(to r: inout Router, devices: Devices, timer: LongPollTimer, store: ConfigStore) {
+    static func addVringRoutes(to r: inout Router, devices: Devices, timer: LongPollTimer) {
         r.put("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
-            let h = try devices.handle(for: req)
-            try requireHTTPOwned(h, "vrings")
+            let d = try devices.device(for: req)
+            try requireHTTPOwned(d.handle, "vrings")
             let n = try vringIndex(req)
             let config = try parseVring(req.json())
-            let id = h.config.id
-            return h.reply({ d throws(EngineError) in try d.setVring(n, config) }) {
-                store.vringSet(id, n, config)
-                return .json(200, .vring($0))
-            }
+            return .engine({ done in devices.setVring(n, config, on: d, then: done) }) { .json(200, .vring($0)) }
         }
 
         r.get("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in

@@ -75,7 +75,8 @@ extension JSON {
             ("packet_size", .count(c.packetSize)), ("page_size", .string(c.pageSize.rawValue)),
             ("mapping", .string(c.mapping.rawValue)), ("packets", .count(c.packets)), ("ring_size", .count(c.ringSize)),
             ("eager", .bool(c.eager)), ("iommu", .bool(w.iommu != nil)), ("invalidations", .count(s.invalidations)),
-            ("eager_updates", .count(s.eagerUpdates)), ("translator_answers", .count(s.translatorAnswers)),
+            ("eager_updates", .count(s.eagerUpdates)), ("eager_update_failures", .count(s.eagerUpdateFailures)),
+            ("invalidation_failures", .count(s.invalidationFailures)), ("translator_answers", .count(s.translatorAnswers)),
             ("guest_memory_bytes", .hex(s.guestMemoryBytes)),
         ]
         if let e = s.error { pairs.append(("error", .string(e))) }

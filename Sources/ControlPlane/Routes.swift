@@ -12,20 +12,24 @@ extension ControlPlane {
     static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,
                           store: ConfigStore) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
-        addDeviceRoutes(to: &r, devices: devices, settings: settings, store: store)
+        addDeviceRoutes(to: &r, devices: devices, settings: settings)
         addIOTLBRoutes(to: &r, devices: devices)
-        addVringRoutes(to: &r, devices: devices, timer: timer, store: store)
+        addVringRoutes(to: &r, devices: devices, timer: timer)
         addWorkloadRoutes(to: &r, devices: devices)
         r.get("/v1/config") { _ in .json(200, store.document) }
     }
 
-    static func addDeviceRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, store: ConfigStore) {
+    static func addDeviceRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings) {
         r.post("/v1/devices") { req throws(APIError) in
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             let config = try parseDeviceConfig(body, settings: settings)
-            let d: ManagedDevice
-            do throws(DevicesError) { d = try devices.create(config) } catch { throw APIError(error) }
-            return d.handle.reply({ dev throws(EngineError) in dev.detail }) { .json(201, .device(d, detail: $0)) }
+            // Answered once the state file holds it, then with what its worker knows.
+            return .devices({ done throws(DevicesError) in try devices.create(config, then: done) }, then: { d, complete in
+                d.handle.perform({ dev in dev?.detail }) { detail in
+                    complete(detail.map { .json(201, .device(d, detail: $0)) }
+                             ?? .error(.notFound("device \(d.id) was deleted meanwhile")))
+                }
+            })
         }
 
         r.get("/v1/devices") { _ in
@@ -43,14 +47,10 @@ extension ControlPlane {
         }
 
         r.put("/v1/devices/{id}/mem-table") { req throws(APIError) in
-            let h = try devices.handle(for: req)
-            try requireHTTPOwned(h, "memory table")
+            let d = try devices.device(for: req)
+            try requireHTTPOwned(d.handle, "memory table")
             let wanted = try parseRegions(req.json())
-            let id = h.config.id
-            return h.reply({ d throws(EngineError) in try d.setMemTable(wanted) }) {
-                store.memTableSet(id, wanted)
-                return .json(200, .memTable($0))
-            }
+            return .engine({ done in devices.setMemTable(wanted, on: d, then: done) }) { .json(200, .memTable($0)) }
         }
 
         r.get("/v1/devices/{id}/mem-table") { req throws(APIError) in
@@ -211,14 +211,40 @@ extension Reply {
         _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DevicesError>) -> Void) throws(DevicesError) -> Void,
         render: @escaping @Sendable (T) -> Response
     ) -> Reply {
+        devices(call, then: { v, complete in complete(render(v)) })
+    }
+
+    /// As `devices(_:render:)`, where answering the result takes a further step
+    /// (`then` completes it, e.g. after asking the device's worker).
+    static func devices<T: Sendable>(
+        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DevicesError>) -> Void) throws(DevicesError) -> Void,
+        then: @escaping @Sendable (T, _ complete: @escaping @Sendable (Response) -> Void) -> Void
+    ) -> Reply {
         .deferred { complete in
             let answer: @Sendable (Result<T, DevicesError>) -> Void = { result in
+                switch result {
+                case .success(let v): then(v, complete)
+                case .failure(let e): complete(.error(APIError(e)))
+                }
+            }
+            do throws(DevicesError) { try call(answer) } catch { answer(.failure(error)) }
+        }
+    }
+
+    /// The answer of a change a device's worker applies and the configuration
+    /// records (`Devices.setMemTable`, `setVring`): `render` of its result once
+    /// saved, or the engine's refusal.
+    static func engine<T: Sendable>(
+        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, EngineError>) -> Void) -> Void,
+        render: @escaping @Sendable (T) -> Response
+    ) -> Reply {
+        .later { complete in
+            call { result in
                 switch result {
                 case .success(let v): complete(render(v))
                 case .failure(let e): complete(.error(APIError(e)))
                 }
             }
-            do throws(DevicesError) { try call(answer) } catch { answer(.failure(error)) }
         }
     }
 }

@@ -79,6 +79,8 @@ final class GuestRun {
     }
     /// The last ticket whose invalidation the device has applied (set on the worker).
     let invalidated = TicketCounter()
+    /// Invalidations the device refused (counted on the worker).
+    let invalidationsRefused = TicketCounter()
     let startTime = monotonicNanos()
 
     init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
@@ -147,9 +149,13 @@ final class GuestRun {
             }
         }
         ranges.removeAll(keepingCapacity: true)
-        let invalidations = merged, invalidated = self.invalidated
+        let invalidations = merged, invalidated = self.invalidated, refused = self.invalidationsRefused
         workload.handle.submit { d in
-            if !invalidations.isEmpty { _ = try? d?.invalidateIOTLB(invalidations) }
+            if !invalidations.isEmpty, let d {
+                do throws(EngineError) { _ = try d.invalidateIOTLB(invalidations) } catch {
+                    refused.value.add(1, ordering: .relaxed)
+                }
+            }
             invalidated.value.store(ticket, ordering: .releasing)
         }
         if !invalidations.isEmpty { stats.invalidations &+= 1 }
@@ -332,7 +338,10 @@ final class GuestRun {
                     appendEager(fresh, to: &push)
                     toMap.removeAll(keepingCapacity: true)
                     fresh.removeAll(keepingCapacity: true)
-                    if !push.isEmpty { try? update(push) }
+                    if !push.isEmpty {
+                        // Refused: those pages miss instead and the translator answers them.
+                        do throws(WorkloadError) { try update(push) } catch { stats.eagerUpdateFailures &+= 1 }
+                    }
                 }
                 if rxPosted { rx.publish() }
                 if txPosted { tx.publish() }
@@ -366,6 +375,10 @@ final class GuestRun {
     }
 
     func publish(now: UInt64 = monotonicNanos(), final: Bool = false) {
+        stats.invalidationFailures = invalidationsRefused.value.load(ordering: .relaxed)
+        if stats.invalidationFailures > 0 && stats.error == nil {
+            stats.error = "the device refused an invalidation: a buffer used again may still be mapped"
+        }
         stats.elapsed = Double(now - startTime) / 1e9
         window.append((now, stats.received))
         while let first = window.first, now - first.0 > 1_000_000_000, window.count > 2 { window.removeFirst() }

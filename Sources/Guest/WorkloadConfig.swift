@@ -58,6 +58,12 @@ public struct WorkloadStats: Sendable, Equatable {
     public var invalidations: UInt64 = 0
     /// Update commands the guest pushed (eager).
     public var eagerUpdates: UInt64 = 0
+    /// Eager pushes the device refused (its memory table no longer backs the
+    /// guest's pages, say): those pages miss instead, and the translator answers.
+    public var eagerUpdateFailures: UInt64 = 0
+    /// Invalidations the device refused. A strict guest relies on each one:
+    /// any is also reported in `error` (a buffer it reused may still be mapped).
+    public var invalidationFailures: UInt64 = 0
     /// Misses the builtin translator answered.
     public var translatorAnswers: UInt64 = 0
     /// Why it failed, or the first verify error.

@@ -6,11 +6,6 @@ private final class ThreadBody {
     init(_ run: @escaping () -> Void) { self.run = run }
 }
 
-/// Starts a thread nobody joins: its resources go when it ends.
-public func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) {
-    pthread_detach(startThread(name: name, body))
-}
-
 /// Starts a joinable pthread named `name` (its first 15 bytes: what `top -H`,
 /// `perf` and debuggers show, e.g. datapath-0).
 public func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {

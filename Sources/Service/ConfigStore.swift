@@ -29,69 +29,77 @@ public enum ConfigFormat {
     public static let stateFileName = "config.json"
 }
 
-/// The configuration clients made, by device in creation order, and the state file it is written to.
+/// The configuration clients made and the state file it is written to. The
+/// devices registry holds it (each device's record beside its lifecycle) and
+/// numbers its changes; a change returns a ticket (`changed`), the state file
+/// is written on the saver's own thread (`StateSaver`), and `whenSaved` runs
+/// what must wait for the disk.
 public final class ConfigStore: Sendable {
-    private let records = Locked<(order: [String], byId: [String: DeviceRecord], paused: Bool)>(([], [:], false))
+    /// Where the configuration is read from: its version and the devices' records, in creation order.
+    typealias Source = @Sendable () -> (version: UInt64, devices: [DeviceRecord])
+    private let source = Locked<Source?>(nil)
+    private let paused = Locked(false)
     /// The state file, nil without --state-dir.
     public let stateFile: String?
-    private let logger: Logger
+    private let saver: StateSaver?
 
     /// A store writing to `stateFile` after each change (nil: kept in memory only).
     public init(stateFile: String?, logger: Logger) {
         self.stateFile = stateFile
-        self.logger = logger
-    }
-
-    // MARK: Changes (each written to the state file before it returns)
-
-    /// Records a device created with `c`.
-    public func created(_ c: DeviceConfig) { change { $0.order.append(c.id); $0.byId[c.id] = DeviceRecord(config: c) } }
-
-    /// Forgets device `id`.
-    public func deleted(_ id: String) {
-        change {
-            $0.order.removeAll { $0 == id }
-            $0.byId[id] = nil
-        }
-    }
-
-    /// Records the memory table set on `id`.
-    public func memTableSet(_ id: String, _ regions: [MemoryRegion]) { change { $0.byId[id]?.memTable = regions } }
-
-    /// Records vring `n` of `id` as set.
-    public func vringSet(_ id: String, _ n: Int, _ c: VringConfig) { change { $0.byId[id]?.vrings[n] = c } }
-
-    /// Records the built-in guest of `id` (nil: none).
-    public func workloadSet(_ id: String, _ w: WorkloadConfig?) { change { $0.byId[id]?.workload = w } }
-
-    /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
-    public func pause() { records.withLock { $0.paused = true } }
-
-    /// Lets writes through again; `write`: writes the state file now.
-    public func resume(write: Bool) throws(StartupError) {
-        let doc = records.withLock { r -> JSON in
-            r.paused = false
-            return Self.document(r.order.compactMap { r.byId[$0] })
-        }
-        if write, let stateFile {
-            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch { throw error }
-        }
-    }
-
-    private func change(_ body: (inout (order: [String], byId: [String: DeviceRecord], paused: Bool)) -> Void) {
-        // Under the lock, so that writes land in the order of the changes.
-        records.withLock { r in
-            body(&r)
-            guard let stateFile, !r.paused else { return }
-            let doc = Self.document(r.order.compactMap { r.byId[$0] })
-            do throws(StartupError) { try Self.writeAtomically(doc.serialized() + [10], to: stateFile) } catch {
-                logger.error("state not saved: \(error.description)")
+        let source = self.source
+        saver = stateFile.map { path in
+            StateSaver(path: path, logger: logger) {
+                let (version, devices) = source.withLock { $0 }?() ?? (0, [])
+                let doc = Self.document(devices)
+                return (version, { doc.serialized() + [10] })
             }
         }
     }
 
+    /// Reads the configuration from `source` (the devices registry) from now on.
+    func attach(_ source: @escaping Source) { self.source.withLock { $0 = source } }
+
+    private var current: (version: UInt64, devices: [DeviceRecord]) { source.withLock { $0 }?() ?? (0, []) }
+
+    // MARK: Changes (in memory at once; `whenSaved` waits for the state file)
+
+    /// The configuration changed to `version` (nil: nothing recorded changed):
+    /// the saver writes it; the ticket names it.
+    func changed(_ version: UInt64?) -> SaveTicket {
+        guard let version else { return .none }
+        if !paused.withLock({ $0 }) { saver?.changed(version) }
+        return SaveTicket(version: version)
+    }
+
+    /// Runs `body` once the state file holds the change `ticket` names: at once
+    /// without --state-dir, while paused, or when it does already; else on the
+    /// saver's thread. Never on the caller's thread after a wait.
+    public func whenSaved(_ ticket: SaveTicket, _ body: @escaping @Sendable () -> Void) {
+        guard let saver, !paused.withLock({ $0 }) else { return body() }
+        saver.whenSaved(ticket, body)
+    }
+
+    /// Holds writes back (while a configuration is loaded); `resume` writes once when asked.
+    public func pause() { paused.withLock { $0 = true } }
+
+    /// Lets writes through again; `write`: writes the state file now, on the
+    /// caller's thread (start-up, before anything listens).
+    public func resume(write: Bool) throws(StartupError) {
+        paused.withLock { $0 = false }
+        let (version, devices) = current
+        if write, let stateFile {
+            do throws(StartupError) { try Self.writeAtomically(Self.document(devices).serialized() + [10], to: stateFile) } catch {
+                throw error
+            }
+        }
+        saver?.markSaved(version)
+    }
+
+    /// Writes what is not saved yet and stops the saver's thread (the daemon stops).
+    public func stop() { saver?.stop() }
+
     /// The whole configuration, as GET /v1/config answers and the state file holds.
-    public var document: JSON { records.withLock { r in Self.document(r.order.compactMap { r.byId[$0] }) } }
+    public var document: JSON { Self.document(current.devices) }
 
     static func document(_ devices: [DeviceRecord]) -> JSON {
         ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),

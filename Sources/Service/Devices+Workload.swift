@@ -18,7 +18,7 @@ extension Devices {
             return nil
         }
         if let refusal { throw refusal }
-        let store = self.store
+        let (store, registry, teardown) = (self.store, self.registry, self.teardown)
         Workload.start(c, on: d.handle) { result in
             switch result {
             case .success(let w):
@@ -31,11 +31,10 @@ extension Devices {
                 _ = previous?.stop()  // finished already: its figures give way to the new one's
                 guard kept else {
                     // The device went meanwhile. This is the guest's own thread, which cannot join itself.
-                    startDetachedThread(name: "stop-workload") { _ = w.stop() }
+                    teardown.run { _ = w.stop() }
                     return done(.failure(.notFound(id: id)))
                 }
-                if d.persisted { store.workloadSet(id, c) }
-                done(.success(w))
+                store.whenSaved(store.changed(registry.record(id) { $0.workload = c })) { done(.success(w)) }
             case .failure(let e):
                 d.workloadSlot.withLock { $0.starting = false }
                 switch e {
@@ -48,21 +47,20 @@ extension Devices {
 
     /// Stops `d`'s built-in guest and forgets it; `done` gets it with its final
     /// figures. Refused at once when it has none. Joins the guest's thread on
-    /// a thread of its own, not the caller's.
+    /// the teardown thread, not the caller's.
     public func stopWorkload(on d: ManagedDevice,
                       then done: @escaping @Sendable (Result<(Workload, WorkloadStats), DevicesError>) -> Void) throws(DevicesError) {
         let id = d.id
         guard d.workload != nil else { throw .noWorkload(id: id) }
-        let store = self.store
-        startDetachedThread(name: "stop-workload") {
+        let (store, registry) = (self.store, self.registry)
+        teardown.run {
             let taken = d.workloadSlot.withLock { s -> Workload? in
                 defer { s.current = nil }
                 return s.current
             }
             guard let w = taken else { return done(.failure(.noWorkload(id: id))) }
             let final = w.stop()
-            if d.persisted { store.workloadSet(id, nil) }
-            done(.success((w, final)))
+            store.whenSaved(store.changed(registry.record(id) { $0.workload = nil })) { done(.success((w, final))) }
         }
     }
 

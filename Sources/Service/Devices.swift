@@ -44,16 +44,13 @@ public final class ManagedDevice: Sendable {
     public let frontEnd: VhostUserBackend?
     /// Logs its access failures and miss storms.
     let missLogger: MissLogger
-    /// Whether the configuration (GET /v1/config, the state file) records it: not the demo device.
-    let persisted: Bool
     /// Its built-in guest: the latest one (running or finished) and whether another is starting.
     let workloadSlot = Locked(WorkloadSlot())
 
-    init(handle: DeviceHandle, frontEnd: VhostUserBackend?, missLogger: MissLogger, persisted: Bool) {
+    init(handle: DeviceHandle, frontEnd: VhostUserBackend?, missLogger: MissLogger) {
         self.handle = handle
         self.frontEnd = frontEnd
         self.missLogger = missLogger
-        self.persisted = persisted
     }
 
     /// Its id.
@@ -63,6 +60,16 @@ public final class ManagedDevice: Sendable {
 
     /// The latest workload (running or finished), nil when none was started or it was stopped.
     public var workload: Workload? { workloadSlot.withLock { $0.current } }
+
+    /// Takes its workload away for good (the device goes): a start still
+    /// setting up stops its guest when it finishes.
+    func takeWorkloadForDeletion() -> Workload? {
+        workloadSlot.withLock { s in
+            s.deleted = true
+            defer { s.current = nil }
+            return s.current
+        }
+    }
 }
 
 /// A device's built-in guest, as far as the control plane knows it.
@@ -76,17 +83,24 @@ struct WorkloadSlot {
     var deleted = false
 }
 
-/// Every device the control plane manages, by id, in creation order.
+/// Every device the control plane manages, by id, in creation order. Its
+/// `DeviceRegistry` is the one truth of which devices exist and where each is
+/// in its life (creating, running, deleting); teardown work (joining a guest's
+/// or a front-end's thread) runs on one thread of its own, in order.
 public final class Devices: Sendable {
     /// The engine that runs them.
     public let engine: Engine
-    /// What clients configured: creates, deletes and workloads are recorded here.
+    /// Where the configuration is written: creates, deletes and workloads are recorded.
     public let store: ConfigStore
     private let sockets: VhostUserSockets
     /// Whether a TAP port may create its interface (--tap-create); else it attaches only.
     private let tapCreate: Bool
     let logger: Logger
-    private let registry = Locked<(order: [String], byId: [String: ManagedDevice], open: Bool)>(([], [:], true))
+    let registry = DeviceRegistry()
+    /// Deletes, workload stops and creates that waited for a deletion: one
+    /// thread, in order, so that no request thread joins another thread and
+    /// no delete starts a thread of its own.
+    let teardown = Completions(name: "teardown")
 
     /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows;
     /// `tapCreate`: a TAP port may make its interface (else it only attaches to one that exists).
@@ -96,34 +110,80 @@ public final class Devices: Sendable {
         self.sockets = sockets
         self.logger = logger
         self.tapCreate = tapCreate
+        let registry = self.registry
+        store.attach { registry.configuration() }
     }
 
     // MARK: Look-ups
 
-    /// The device named `id`.
-    public func device(_ id: String) -> ManagedDevice? { registry.withLock { $0.byId[id] } }
+    /// The running device named `id` (not one being created or deleted).
+    public func device(_ id: String) -> ManagedDevice? { registry.running(id) }
 
-    /// Every device, in creation order.
-    public func all() -> [ManagedDevice] { registry.withLock { r in r.order.compactMap { r.byId[$0] } } }
+    /// Every running device, in creation order.
+    public func all() -> [ManagedDevice] { registry.allRunning() }
+
+    /// Where device `id` is in its life; nil when there is none.
+    public func lifecycle(_ id: String) -> DeviceLifecycle? { registry.lifecycle(id) }
 
     // MARK: Create, delete, shut down
 
-    /// Creates a device with its parts: the vhost-user socket first (a path that
-    /// cannot be served creates no device), then the engine's device, its miss
-    /// logger, the front-end started on it; `persist`: recorded in the configuration.
-    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
-        var config = requested
-        guard registry.withLock({ $0.open }) else { throw .engine(.unavailable) }
-        if !config.id.isEmpty && (device(config.id) != nil || engine.device(config.id) != nil) {
-            throw .exists(id: config.id)
-        }
-        var frontEnd: VhostUserBackend?
-        if let given = config.vhostUserSocket {
-            let path = try sockets.resolve(given)
-            config.vhostUserSocket = path
-            if let other = engine.devices().first(where: { $0.config.vhostUserSocket == path }) {
-                throw .socketTaken(path: path, by: other.config.id)
+    /// Creates a device with its parts (see `make`); `done` gets it once the
+    /// configuration's state file holds it (on the saver's thread, or at once
+    /// without --state-dir). Refusals known at once are thrown; when a device
+    /// being deleted holds the id or the socket, the create waits until it is
+    /// gone and then proceeds (or is refused through `done`), on the teardown thread.
+    public func create(_ requested: DeviceConfig, persist: Bool = true,
+                       then done: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) throws(DevicesError) {
+        let retry: @Sendable () -> Void = { [self] in
+            teardown.run { [self] in
+                do throws(DevicesError) { try create(requested, persist: persist, then: done) } catch { done(.failure(error)) }
             }
+        }
+        guard let (d, saved) = try make(requested, persist: persist, retry: retry) else { return }
+        store.whenSaved(saved) { done(.success(d)) }
+    }
+
+    /// Creates a device with its parts and returns it without waiting for the
+    /// state file (start-up, tests). Waits, on the caller's thread, when a
+    /// device being deleted holds the id or the socket: not for request threads.
+    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
+        while true {
+            let gone = WakeSignal()
+            if let (d, _) = try make(requested, persist: persist, retry: { gone.signal() }) { return d }
+            gone.wait(timeoutNanos: 10_000_000_000)
+        }
+    }
+
+    /// Creates a device with its parts: its id and socket reserved first (nil
+    /// when a device being deleted holds either: `retry` runs once it went),
+    /// then the vhost-user socket (a path that cannot be served creates no
+    /// device), the TAP, the engine's device, its miss logger, the front-end
+    /// started on it; `persist`: recorded in the configuration.
+    private func make(_ requested: DeviceConfig, persist: Bool, retry: @escaping @Sendable () -> Void)
+        throws(DevicesError) -> (device: ManagedDevice, saved: SaveTicket)? {
+        var config = requested
+        if let given = config.vhostUserSocket { config.vhostUserSocket = try sockets.resolve(given) }
+        guard case .reserved(let id) = try registry.reserve(config, retry: retry) else { return nil }
+        config.id = id
+        let made: ManagedDevice
+        do throws(DevicesError) { made = try makeParts(config) } catch {
+            registry.release(id)
+            throw error
+        }
+        let version: UInt64?
+        do throws(DevicesError) { version = try registry.started(made, record: persist ? DeviceRecord(config: made.config) : nil) } catch {
+            made.frontEnd?.stop()
+            _ = engine.deleteDevice(id) {}
+            registry.release(id)
+            throw error
+        }
+        return (made, store.changed(version))
+    }
+
+    /// The parts of a device whose id and socket are reserved.
+    private func makeParts(_ config: DeviceConfig) throws(DevicesError) -> ManagedDevice {
+        var frontEnd: VhostUserBackend?
+        if let path = config.vhostUserSocket {
             do throws(VhostUserSetupError) {
                 frontEnd = try VhostUserBackend(socket: path, mode: config.vhostUserMode,
                                                 permissions: sockets.permissions, group: sockets.group)
@@ -155,62 +215,43 @@ public final class Devices: Sendable {
                 logger.info("\(line)", metadata: ["device": "\(id)"])
             }
         }
-        // Recorded before it can be found, so that a delete's record always follows this one.
-        if persist { store.created(h.config) }
-        let d = ManagedDevice(handle: h, frontEnd: frontEnd, missLogger: missLogger, persisted: persist)
-        registry.withLock { r in
-            r.byId[id] = d
-            r.order.append(id)
-        }
-        return d
+        return ManagedDevice(handle: h, frontEnd: frontEnd, missLogger: missLogger)
     }
 
-    /// Deletes `id` with its parts: its built-in guest stops first (it must not
-    /// outlive the device's queues), its front-end is dropped while the device
-    /// still exists, then the engine drops the device, answering its waiting
-    /// long-polls. Throws `.notFound` at once; `done` runs once the device is gone.
+    /// Deletes running device `id` with its parts, on the teardown thread: its
+    /// built-in guest stops first (it must not outlive the device's queues),
+    /// its front-end is dropped while the device still exists, then the
+    /// engine drops the device, answering its waiting long-polls; then its id
+    /// and socket are free. Throws `.notFound` at once (none, or one being
+    /// created or deleted); `done` runs once it is gone and the state file says so.
     public func delete(_ id: String, then done: @escaping @Sendable (Result<Void, DevicesError>) -> Void) throws(DevicesError) {
-        let found = registry.withLock { r -> ManagedDevice? in
-            guard let d = r.byId.removeValue(forKey: id) else { return nil }
-            r.order.removeAll { $0 == id }
-            return d
-        }
-        guard let d = found else { throw .notFound(id: id) }
-        let (engine, store, logger) = (self.engine, self.store, self.logger)
-        // Joining the guest's thread is not for a server thread.
-        startDetachedThread(name: "delete-device") {
-            let workload = d.workloadSlot.withLock { s -> Workload? in
-                s.deleted = true
-                defer { s.current = nil }
-                return s.current
-            }
-            _ = workload?.stop()
+        guard let d = registry.beginDelete(id) else { throw .notFound(id: id) }
+        let (engine, store, registry, teardown, logger) = (self.engine, self.store, self.registry, self.teardown, self.logger)
+        teardown.run {
+            _ = d.takeWorkloadForDeletion()?.stop()
             d.frontEnd?.stop()
-            let inEngine = engine.deleteDevice(id) {
-                if d.persisted { store.deleted(id) }
-                logger.info("device deleted", metadata: ["device": "\(id)"])
-                done(.success(()))
+            // Its id and socket are free from here; the delete is answered before
+            // the creates that waited for them go on.
+            let gone: @Sendable (_ answer: @escaping @Sendable () -> Void) -> Void = { answer in
+                let (version, waiting) = registry.remove(id)
+                store.whenSaved(store.changed(version), answer)
+                for w in waiting { w() }
             }
-            if !inEngine { done(.failure(.notFound(id: id))) }
+            let inEngine = engine.deleteDevice(id) {
+                logger.info("device deleted", metadata: ["device": "\(id)"])
+                gone { done(.success(())) }
+            }
+            if !inEngine { gone { done(.failure(.notFound(id: id))) } }
         }
     }
 
     /// Stops every device's built-in guest and drops every front-end, closing
-    /// its socket (before the engine stops the devices). Later creates are
-    /// refused as the engine's shutdown refuses them.
+    /// its socket (before the engine stops the devices), after the teardown
+    /// work queued so far. Later creates are refused as the engine's shutdown refuses them.
     public func shutdown() {
-        let all = registry.withLock { r -> [ManagedDevice] in
-            r.open = false
-            return r.order.compactMap { r.byId[$0] }
-        }
-        for d in all {
-            let w = d.workloadSlot.withLock { s -> Workload? in
-                s.deleted = true  // a start still setting up stops its guest when it finishes
-                defer { s.current = nil }
-                return s.current
-            }
-            _ = w?.stop()
-        }
+        let all = registry.close()
+        teardown.stop()
+        for d in all { _ = d.takeWorkloadForDeletion()?.stop() }
         for d in all { d.frontEnd?.stop() }
     }
 }

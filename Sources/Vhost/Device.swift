@@ -182,15 +182,15 @@ public final class Device {
         guard config.iotlb else { throw .conflict("device \(config.id) was created with \"iotlb\": false") }
     }
 
-    /// Applies `entries` in order, all or nothing: every user range must be
+    /// Applies `entries` in order, all or nothing: no user range may wrap (the
+    /// one place this is checked, for every caller, and first: a malformed
+    /// entry is refused as such whatever the device), and every one must be
     /// wholly backed by the memory table before any is inserted.
     public func updateIOTLB(_ entries: [IOTLBEntry]) throws(EngineError) -> UpdateReport {
+        for (i, e) in entries.enumerated() where e.uaddrRange == nil { throw .uaddrRangeOverflow(index: i) }
         try requireIOTLB()
         guard let table = memTable else { throw .noMemTable }
-        for (i, e) in entries.enumerated() {
-            guard let ur = e.uaddrRange else { throw .uaddrRangeOverflow(index: i) }
-            guard table.isBacked(ur) else { throw .uaddrNotMapped(index: i) }
-        }
+        for (i, e) in entries.enumerated() where !table.isBacked(e.uaddrRange!) { throw .uaddrNotMapped(index: i) }
         var report = UpdateReport()
         for e in entries {
             let out = iotlb.update(e)
@@ -252,21 +252,6 @@ public final class Device {
         s.pendingMisses = queues.reduce(0) { $0 + ($1.pending?.kind == .miss ? 1 : 0) }
         return s
     }
-
-    /// Miss resolution times in µs: count, p50, p99, max.
-    public func resolutionTimes() -> (count: UInt64, p50: UInt32, p99: UInt32, max: UInt32) {
-        let sorted = resolutionSamples.sorted()
-        func pct(_ p: Double) -> UInt32 {
-            sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-        }
-        return (resolutionCount, pct(0.5), pct(0.99), resolutionMax)
-    }
-
-    /// Misses resolved so far (the histogram's count).
-    public var resolvedMisses: UInt64 { resolutionCount }
-
-    /// The resolution histogram: per-bucket counts (last one above every bound) and the sum in µs.
-    public func resolutionHistogram() -> (buckets: [UInt64], sumMicros: UInt64) { (resolutionBuckets, resolutionSumMicros) }
 
     /// Each queue's state and counters.
     public func vrings() -> [VringSnapshot] { queues.map(\.snapshot) }
@@ -384,50 +369,6 @@ public final class Device {
             throw .notFound("vring \(index) not found: the device has \(queues.count) queues")
         }
         return queues[index].snapshot
-    }
-
-    /// After an update: resumes every waiting queue whose missed IOVA now
-    /// translates with the permission it needs; returns how many. A queue
-    /// whose miss is still unresolved announces it again with a fresh seq (as
-    /// the kernel's vq sends its miss again) when `answerMayBeLost(iova)`: the
-    /// batch evicted or replaced entries (the answer may be among them) or
-    /// mapped the IOVA with too little permission. A reader that only asks past
-    /// its last seq then sees the miss once more; unrelated updates (another
-    /// queue's answer) do not repeat it.
-    func resolveMisses(answerMayBeLost: (IOVA) -> Bool) -> Int {
-        var resolved = 0
-        let now = monotonicNanos()
-        for vq in queues where vq.state == .waitingIOTLB {
-            guard let p = vq.pending, p.kind == .miss else { continue }
-            guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else {
-                guard answerMayBeLost(p.iova) else { continue }
-                missLog.remove(seq: p.seq)
-                vq.pending!.seq = missLog.post(vq: vq.index, kind: .miss, iova: p.iova, perm: p.perm, now: now)
-                vq.pending!.postedAt = now
-                counters.reannouncedMisses &+= 1
-                continue
-            }
-            missLog.remove(seq: p.seq)
-            vq.pending = nil
-            vq.state = .running
-            resolved += 1
-            recordResolution(since: p.waitingSince, now: now)
-        }
-        return resolved
-    }
-
-    /// Adds one miss resolution time (from the queue's first post) to the figures.
-    func recordResolution(since: UInt64, now: UInt64) {
-        let us = UInt32(clamping: (now &- since) / 1000)
-        if resolutionSamples.count < Device.resolutionWindow {
-            resolutionSamples.append(us)
-        } else {
-            resolutionSamples[Int(resolutionCount % UInt64(Device.resolutionWindow))] = us
-        }
-        resolutionCount &+= 1
-        resolutionMax = max(resolutionMax, us)
-        resolutionSumMicros &+= UInt64(us)
-        resolutionBuckets[Device.resolutionBounds.firstIndex { us <= $0 } ?? Device.resolutionBounds.count] &+= 1
     }
 
     /// Lost pages of the current memory already acted on.

@@ -51,7 +51,9 @@ public final class DeviceHandle: Sendable {
     }
 }
 
-/// Workers plus the device registry.
+/// Workers plus their index of devices (placement, peer wiring, shutdown).
+/// Which devices exist, and where each is in its life, is the caller's to
+/// decide (the daemon's `DeviceRegistry`): it creates and deletes here.
 public final class Engine: Sendable {
     /// Limits applied to every device.
     public let limits: EngineLimits

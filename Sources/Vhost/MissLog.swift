@@ -79,23 +79,38 @@ public final class MissLog: Sendable {
         observers.withLock { $0.append(body) }
     }
 
-    /// Appends an event and wakes the pollers it concerns; returns its seq.
+    /// Appends an event and wakes the pollers; returns its seq. The posting
+    /// (datapath) thread only appends and takes the waiters: their answers are
+    /// built where they are delivered (the completion thread), each from the
+    /// log as it is then.
     func post(vq: Int, kind: MissEvent.Kind, iova: IOVA, perm: Permissions, now: UInt64) -> UInt64 {
-        let (seq, ready) = state.withLock { s -> (UInt64, [(MissWaiter, MissAnswer)]) in
+        let (seq, woken) = state.withLock { s -> (UInt64, [MissWaiter]) in
             s.head += 1
             s.events.append(MissEvent(seq: s.head, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now))
-            let woken = s.waiters
-            s.waiters.removeAll()
-            return (s.head, woken.map { ($0, MissLog.answer(s, after: $0.after, limit: $0.limit)) })
+            defer { s.waiters = [] }
+            return (s.head, s.waiters)
         }
         let event = MissEvent(seq: seq, vq: vq, kind: kind, iova: iova, perm: perm, postedAt: now)
         let observers = self.observers
-        let deliver: @Sendable () -> Void = {
-            for (w, a) in ready { w.finish(a) }
+        let deliver: @Sendable () -> Void = { [self] in
+            for w in woken { answerOrWait(w) }
             for o in observers.withLock({ $0 }) { o(event) }
         }
         if let completions { completions.run(deliver) } else { deliver() }
         return seq
+    }
+
+    /// Answers a woken poller with the events past its cursor; when there are
+    /// none (resolved since, or its cursor is past them) it waits again.
+    private func answerOrWait(_ w: MissWaiter) {
+        guard !w.isFinished else { return }
+        let now: MissAnswer? = state.withLock { s in
+            if s.closed { return .closed }
+            if s.events.contains(where: { $0.seq > w.after }) { return MissLog.answer(s, after: w.after, limit: w.limit) }
+            s.waiters.append(w)
+            return nil
+        }
+        if let now { w.finish(now) }
     }
 
     /// Removes an event (resolved, or its vring was set again).

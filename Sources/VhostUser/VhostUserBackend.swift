@@ -34,6 +34,9 @@ public struct VhostUserStatus: Sendable, Equatable {
     public var protocolFeatures: UInt64 = 0
     /// Misses sent to the front-end (vIOMMU) and answered here (identity).
     public var missesForwarded: UInt64 = 0
+    /// Sends of a miss to the front-end that failed (channel full, closed, or
+    /// not given yet is not one); the miss is sent again.
+    public var missSendFailures: UInt64 = 0
     public var identityUpdates: UInt64 = 0
     /// Kicks received (drivers kick only while the worker sleeps).
     public var kicks: UInt64 = 0

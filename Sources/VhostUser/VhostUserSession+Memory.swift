@@ -61,7 +61,11 @@ extension VhostUserSession {
             guard let range = AddressRange(start: IOVA(m.iova), size: m.size) else {
                 throw Refused("IOTLB invalidation: size 0 or iova+size past 2^64")
             }
-            _ = handle.performSync { d in try? d?.invalidateIOTLB([range]) }
+            let result = handle.performSync { d -> Result<Int, EngineError> in
+                guard let d else { return .failure(.notFound("device gone")) }
+                do throws(EngineError) { return .success(try d.invalidateIOTLB([range])) } catch { return .failure(error) }
+            }
+            if case .failure(let e) = result { throw Refused("IOTLB invalidation: \(e)") }
         default:
             throw Refused("IOTLB message type \(m.kind) is not for a backend")
         }
@@ -72,23 +76,45 @@ extension VhostUserSession {
     /// New misses: sent to a front-end with a vIOMMU over the backend channel;
     /// without one (and with the built-in translator) answered here by
     /// identity, IOVA = guest-physical address, 2 MiB at a time clipped to the region.
+    ///
+    /// The miss log, not the observer's event, says what to send: the observer
+    /// only wakes this thread, and the log gives what is still outstanding past
+    /// the cursor (a miss resolved meanwhile is not sent). The cursor passes a
+    /// miss only once it was sent, so a miss whose send failed (counted) or
+    /// that came before the front-end gave its channel is sent again:
+    /// `missesUnsent` makes the loop try again within 50 ms while the channel
+    /// is full; a broken channel is closed and the misses go on the next.
     func answerMisses() {
         guard case .events(let events, let last) = handle.missLog.events(after: missCursor, limit: 256) else { return }
-        missCursor = last
-        let misses = events.filter { $0.kind == .miss }
-        if misses.isEmpty { return }
-        if frontEndIOMMU {
-            guard backendFD >= 0 else { return }
-            for e in misses {
+        missesUnsent = false
+        guard frontEndIOMMU else {
+            missCursor = last
+            return answerByIdentity(events.filter { $0.kind == .miss })
+        }
+        guard backendFD >= 0 else { return }  // sent once the front-end gives its channel
+        var sent: UInt64 = 0
+        defer { if sent > 0 { backend.updateStatus { $0.missesForwarded += sent } } }
+        for e in events {
+            if e.kind == .miss {
                 let m = VhostIOTLBMessage(iova: e.iova.raw, size: 1, uaddr: 0, perm: e.perm.rawValue, kind: .miss)
                 let head = VhostUserHeader(request: VhostUserBackendRequest.iotlbMsg.rawValue, size: UInt32(m.bytes.count))
                 let bytes = head.bytes + m.bytes
-                _ = bytes.withUnsafeBytes { cunixsock_send(backendFD, $0.baseAddress, $0.count, nil, 0) }
+                let n = bytes.withUnsafeBytes { cunixsock_send_nowait(backendFD, $0.baseAddress, $0.count) }
+                guard n == bytes.count else {
+                    let full = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+                    backend.updateStatus { $0.missSendFailures += 1 }
+                    if full { missesUnsent = true } else { closeFD(&backendFD) }  // broken, or a part sent: the stream is lost
+                    return
+                }
+                sent += 1
             }
-            backend.updateStatus { $0.missesForwarded += UInt64(misses.count) }
-            return
+            missCursor = e.seq
         }
-        guard config.translator == .builtin, let table = memory?.table else { return }
+        missCursor = max(missCursor, last)
+    }
+
+    private func answerByIdentity(_ misses: [MissEvent]) {
+        guard !misses.isEmpty, config.translator == .builtin, let table = memory?.table else { return }
         var entries: [IOTLBEntry] = []
         for e in misses {
             if let entry = Self.identityEntry(for: e.iova, in: table), !entries.contains(entry) { entries.append(entry) }

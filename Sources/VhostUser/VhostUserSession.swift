@@ -40,7 +40,10 @@ final class VhostUserSession {
     private var protocolFeatures: UInt64 = 0
     var memory: GuestMemory?
     var backendFD: Int32 = -1
+    /// The newest miss-log seq dealt with: sent, or not for the front-end.
     var missCursor: UInt64 = 0
+    /// A miss could not be sent (the channel was full): try again soon.
+    var missesUnsent = false
 
     init(backend: VhostUserBackend, handle: DeviceHandle, conn: Int32) {
         self.backend = backend
@@ -104,7 +107,7 @@ final class VhostUserSession {
                         pollfd(fd: backend.notifier.fd, events: Int16(POLLIN), revents: 0)]
             let kickIndex = pfds.count
             for r in rings where r.kickFD >= 0 { pfds.append(pollfd(fd: r.kickFD, events: Int16(POLLIN), revents: 0)) }
-            _ = poll(&pfds, nfds_t(pfds.count), 1000)
+            _ = poll(&pfds, nfds_t(pfds.count), missesUnsent ? 50 : 1000)
             if pfds[kickIndex...].contains(where: { $0.revents != 0 }) {
                 var kicks: UInt64 = 0
                 for p in pfds[kickIndex...] where p.revents & Int16(POLLIN) != 0 {
@@ -114,8 +117,8 @@ final class VhostUserSession {
                 handle.worker.kick()
                 backend.updateStatus { $0.kicks &+= kicks }
             }
-            if pfds[1].revents != 0 {
-                backend.notifier.drain()
+            if pfds[1].revents != 0 || missesUnsent {
+                if pfds[1].revents != 0 { backend.notifier.drain() }
                 answerMisses()
             }
             // The front-end shrank its memory file (the datapath's SIGBUS was caught
@@ -321,6 +324,7 @@ final class VhostUserSession {
             let fd = try takeFD()
             closeFD(&backendFD)
             backendFD = fd
+            answerMisses()  // what could not be sent before goes on this channel
         case .iotlbMsg:
             guard let m = VhostIOTLBMessage(payload) else { throw VhostUserProtocolError("IOTLB_MSG: payload too short") }
             try applyIOTLB(m)
@@ -337,77 +341,6 @@ final class VhostUserSession {
             throw Refused("\(request) needs a feature this backend does not offer")
         }
         return nil
-    }
-
-    // MARK: Rings
-
-    /// Applies ring `i` to the device when it is complete, started and enabled;
-    /// stops it on the device otherwise.
-    func syncRing(_ i: Int) throws {
-        let r = rings[i]
-        let enabled = r.enabled ?? (features & VhostUserFeature.protocolFeatures == 0)
-        guard r.started, enabled, r.addressed, r.num > 0, memory != nil else {
-            if r.applied {
-                handle.performSync { d in
-                    d?.setNotifiers(i, call: -1, kicks: false)
-                    d?.disableVring(i)
-                }
-                rings[i].applied = false
-            }
-            return
-        }
-        let c = VringConfig(num: r.num, descAddr: ringAddress(r.desc), availAddr: ringAddress(r.avail),
-                            usedAddr: ringAddress(r.used), enabled: true,
-                            eventIdx: features & VhostUserFeature.eventIdx != 0,
-                            lastAvailIdx: r.baseFresh ? r.base : nil,
-                            packed: features & VhostUserFeature.ringPacked != 0)
-        let call = r.callFD, kicks = r.kickFD >= 0
-        let result = handle.performSync { d -> Result<VringSnapshot, EngineError> in
-            guard let d else { return .failure(.notFound("device gone")) }
-            do throws(EngineError) {
-                let s = try d.setVring(i, c)
-                d.setNotifiers(i, call: call, kicks: kicks)
-                return .success(s)
-            } catch { return .failure(error) }
-        }
-        rings[i].baseFresh = false
-        if case .failure(let e) = result { throw Refused("vring \(i): \(e)") }
-        rings[i].applied = true
-    }
-
-    /// The device's address for a ring address from the front-end. Without a
-    /// vIOMMU these are the front-end's user addresses; with the device IOTLB
-    /// on they become guest-physical addresses, which the identity translator
-    /// maps as IOVAs (the seed's "DPDK in the guest, fixed mappings").
-    private func ringAddress(_ a: UInt64) -> UInt64 {
-        guard config.iotlb, !frontEndIOMMU, let t = memory?.table, let hit = t.lookup(uaddr: UserAddr(a)) else { return a }
-        return t.regions[hit.region].guestPhysAddr.raw + hit.offset
-    }
-
-    private func stopAllRings() {
-        handle.performSync { d in
-            for i in 0..<(d?.queues.count ?? 0) {
-                d?.setNotifiers(i, call: -1, kicks: false)
-                d?.disableVring(i)
-            }
-        }
-        for i in rings.indices {
-            closeFD(&rings[i].kickFD)
-            closeFD(&rings[i].callFD)
-            closeFD(&rings[i].errFD)
-            rings[i] = Ring()
-        }
-    }
-
-    /// The front-end left: rings stop, memory goes, every descriptor closes.
-    func teardown() {
-        stopAllRings()
-        handle.performSync {
-            $0?.install(memory: nil)
-            $0?.setNet(NetSettings(headerBytes: 0))
-        }
-        memory = nil
-        closeFD(&backendFD)
     }
 
     // MARK: Socket

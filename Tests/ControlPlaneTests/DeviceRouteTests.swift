@@ -1,6 +1,8 @@
 import ControlPlane
+import Glibc
 import HTTPClient
 import JSON
+import Platform
 import Testing
 
 @Suite struct DeviceRouteTests {
@@ -33,6 +35,28 @@ import Testing
         try d.expect(204, "DELETE", "/v1/devices/nic-1")
         try d.expectError(404, "not_found", "GET", "/v1/devices/nic-1")
         try d.expectError(404, "not_found", "DELETE", "/v1/devices/nic-1")
+    }
+
+    @Test("POST of an id being deleted waits until it is gone and creates it: no 409")
+    func createAfterDeleteOfTheSameId() throws {
+        let d = try LiveDaemon()
+        for round in 0..<5 {
+            try d.expect(201, "POST", "/v1/devices", #"{"id":"again"}"#)
+            try d.expect(200, "PUT", "/v1/devices/again/workload", #"{"mapping":"dynamic"}"#)
+            let port = d.daemon.port
+            let deleted = Locked<Int?>(nil)
+            let t = startThread(name: "delete") {
+                let status = (try? HTTPClient(port: port).request("DELETE", "/v1/devices/again"))?.status
+                deleted.withLock { $0 = status }
+            }
+            // Gone from the list at once; its id comes free once the guest stopped.
+            #expect(eventually { (try? d.call("GET", "/v1/devices/again"))?.status == 404 })
+            let created = try d.call("POST", "/v1/devices", #"{"id":"again"}"#)
+            #expect(created.status == 201, "round \(round): \(created.text)")
+            pthread_join(t, nil)
+            #expect(deleted.withLock { $0 } == 204)
+            try d.expect(204, "DELETE", "/v1/devices/again")
+        }
     }
 
     @Test func createRefusalsChangeNothing() throws {

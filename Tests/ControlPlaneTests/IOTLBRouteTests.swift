@@ -123,6 +123,14 @@ import Testing
         try d.expectError(422, "range_overflow", field: "entries[0].size", "POST", u, #"{"entries":[\#(e("0", "0"))]}"#)
         try d.expectError(422, "range_overflow", field: "size", "POST", u, e("\"0xffffffffffffffff\"", "2"))
         try d.expectError(422, "range_overflow", field: "uaddr", "POST", u, e("0", "2", "\"0xffffffffffffffff\""))
+        // Checked once, by the engine, before anything else about the device.
+        try d.expectError(422, "range_overflow", field: "entries[1].uaddr", "POST", u,
+                          #"{"entries":[\#(e()),\#(e("8192", "2", "\"0xffffffffffffffff\""))]}"#)
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"bare"}"#)
+        try d.expectError(422, "range_overflow", field: "uaddr", "POST", "/v1/devices/bare/iotlb/updates",
+                          e("0", "2", "\"0xffffffffffffffff\""))
+        try d.expectError(409, "no_mem_table", "POST", "/v1/devices/bare/iotlb/updates", e())
+        try d.expect(204, "DELETE", "/v1/devices/bare")
         try d.expectError(400, "invalid_field", field: "iova", "POST", u, e("-1"))
         try d.expectError(400, "invalid_field", field: "iova", "POST", u, e("1.5"))
         try d.expectError(400, "invalid_field", field: "iova", "POST", u, e("\"0x10000000000000000\""))

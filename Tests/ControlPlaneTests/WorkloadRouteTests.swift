@@ -68,6 +68,25 @@ import Testing
         #expect(misses < 20, "\(stats.text)")
     }
 
+    @Test("an eager push the device refuses is counted, not dropped")
+    func refusedEagerPushesAreCounted() throws {
+        let d = try LiveDaemon()
+        try d.expect(201, "POST", "/v1/devices", #"{"id":"e"}"#)
+        try d.expect(200, "PUT", "/v1/devices/e/workload", #"{"page_size":"4k","mapping":"dynamic","ring_size":32,"eager":true}"#)
+        #expect(try eventually { try d.expect(200, "GET", "/v1/devices/e/workload")["received"] != 0 })
+        var w = try d.expect(200, "GET", "/v1/devices/e/workload")
+        #expect(w["eager_update_failures"] == 0 && w["invalidation_failures"] == 0, "\(w.text)")
+        // The same guest memory somewhere else in the daemon: the guest's pushes name user addresses no longer backed.
+        let region = try #require(d.expect(200, "GET", "/v1/devices/e/mem-table")["regions"]?[0])
+        try d.expect(200, "PUT", "/v1/devices/e/mem-table",
+                     #"{"regions":[{"guest_phys_addr":"0x0","memory_size":\#(region["memory_size"]!.text),"userspace_addr":"0x7e0000000000"}]}"#)
+        #expect(try eventually {
+            w = try d.expect(200, "GET", "/v1/devices/e/workload")
+            return (w["eager_update_failures"]?.intValue ?? 0) > 0
+        }, "\(w.text)")
+        try d.expect(200, "DELETE", "/v1/devices/e/workload")
+    }
+
     @Test func externalTranslatorAnsweredOverHTTP() throws {
         let d = try LiveDaemon()
         try d.expect(201, "POST", "/v1/devices", #"{"id":"x","translator":"external"}"#)

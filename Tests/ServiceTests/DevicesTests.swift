@@ -17,7 +17,7 @@ let testSocketDirectory: String = {
 
 @Suite struct DevicesTests {
     /// The devices service over a fresh engine, recording in memory only.
-    final class Fixture {
+    final class Fixture: Sendable {
         let engine = Engine(datapathThreads: 1)
         let store = ConfigStore(stateFile: nil, logger: Logger(label: "service-tests"))
         let devices: Devices

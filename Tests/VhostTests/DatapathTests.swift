@@ -124,7 +124,13 @@ import Platform
         #expect(g.read(0x200000, sent.count) == sent)
         let s = g.stats()
         #expect(s.misses >= 3 && s.pendingMisses == 0)
-        #expect(g.handle.performSync { $0!.resolutionTimes().count } >= 3)
+        let times = g.handle.performSync { $0!.resolutionTimes() }
+        #expect(times.count >= 3 && times.samples.count == Int(times.count))
+        // The reader sorts the samples it was given, off the worker.
+        let (p50, p99) = times.percentiles()
+        #expect(p50 <= p99 && p99 <= times.max)
+        #expect(ResolutionTimes(samples: [9, 1, 5, 3, 7], count: 5, max: 9).percentiles() == (5, 9))
+        #expect(ResolutionTimes(samples: [], count: 0, max: 0).percentiles() == (0, 0))
     }
 
     @Test func oneQueueWaitsWhileAnotherRuns() throws {

@@ -26,6 +26,10 @@ int cunixsock_connect(const char *path);
 ssize_t cunixsock_recv(int fd, void *buf, size_t len, int *fds, int maxfds, int *nfds);
 /// Sends `len` bytes with `nfds` descriptors; returns bytes sent or -1 with errno.
 ssize_t cunixsock_send(int fd, const void *buf, size_t len, const int *fds, int nfds);
+/// Sends `len` bytes without blocking: -1 with EAGAIN when the socket's
+/// buffer is full (a front-end not reading its backend channel must not stall
+/// the thread that serves its messages); else as `cunixsock_send`.
+ssize_t cunixsock_send_nowait(int fd, const void *buf, size_t len);
 /// Accepts a connection (close-on-exec), or -1 with errno.
 int cunixsock_accept(int listen_fd);
 /// A non-blocking, close-on-exec eventfd, or -1 with errno.
