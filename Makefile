@@ -2,7 +2,8 @@
 # `make test` installs what is missing, builds and runs every test.
 SWIFT      ?= swift
 LISTEN     ?= 127.0.0.1:8080
-APT_PKGS   := libmicrohttpd-dev libjansson-dev pkg-config
+# libgnutls28-dev: the GnuTLS headers of the TLS shim (Debian's libmicrohttpd is built with GnuTLS).
+APT_PKGS   := libmicrohttpd-dev libjansson-dev libgnutls28-dev pkg-config
 PYTHON     ?= python3
 # make install: $(DESTDIR)$(BINDIR)/iotlbd and $(DESTDIR)$(UNITDIR)/iotlbd.service.
 # UNITDIR is in systemd's search path for PREFIX=/usr/local and PREFIX=/usr;
@@ -18,7 +19,7 @@ all: build
 
 # Installs the Debian packages only when pkg-config cannot find the libraries.
 deps:
-	@if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libmicrohttpd jansson; then :; else \
+	@if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libmicrohttpd jansson gnutls; then :; else \
 	  echo "installing $(APT_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
