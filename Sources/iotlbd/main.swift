@@ -85,9 +85,9 @@ struct IOTLBDaemon: ParsableCommand {
     var metricsAuth = false
 
     @Option(name: .long, help: ArgumentHelp(
-        "Where state-changing requests are recorded, one JSON line each: a file (appended, fsync'ed by a writer thread), - for stderr, or none.",
+        "Where state-changing requests are recorded, one JSON line each: a file (appended, fsync'ed by a writer thread), - for stderr, or none. Default: stderr when --token-file or --tls-client-ca is given, else none.",
         valueName: "file"))
-    var auditLog = "-"
+    var auditLog: String?
 
     @Option(name: .long, help: ArgumentHelp(
         "Failed authentications allowed per peer address, as N/SECONDS: N at once, refilled over SECONDS; past it 429 with Retry-After.",
@@ -179,8 +179,9 @@ struct IOTLBDaemon: ParsableCommand {
         }
         settings.metricsAuth = metricsAuth
         settings.failureLimit = parseFailureLimit(authFailureLimit)!
-        if auditLog != "none" {
-            do { settings.audit = try AuditLog(path: auditLog == "-" ? nil : auditLog) } catch {
+        let audit = auditLog ?? (tokenFile != nil || tlsClientCa != nil ? "-" : "none")
+        if audit != "none" {
+            do { settings.audit = try AuditLog(path: audit == "-" ? nil : audit) } catch {
                 logger.critical("\(error.description)")
                 throw ExitCode(1)
             }
@@ -224,7 +225,7 @@ struct IOTLBDaemon: ParsableCommand {
                                             "vhost_user_dir": "\(daemon.controlPlane.sockets.directory)",
                                             "state_file": "\(daemon.controlPlane.stateFile ?? "-")",
                                             "auth": "\(daemon.controlPlane.credentials.summary)",
-                                            "audit": "\(auditLog == "-" ? "stderr" : auditLog)"])
+                                            "audit": "\(audit == "-" ? "stderr" : audit)"])
         if demo {
             var plain = daemon.server.options
             (plain.port, plain.tls) = (daemon.server.port, nil)
