@@ -36,9 +36,10 @@ RULE_TESTS = os.path.join(ROOT, "examples", "prometheus", "iotlbd-rules.test.yml
 MACROS = {"$__rate_interval": "10s", "$__interval": "2s", "$__range": "1m"}
 # $device as Grafana writes it into a regex matcher: All, one value, several.
 DEVICE_FORMS = [".*", "demo0", "(demo0|dyn0)"]
+PORT_DEVICE_FORMS = ("pa", "(pa|pb)", ".*")
 DEVICE_MATCHER = 'device=~"$device"'
 # Families that carry a device label: every panel selecting them must honour $device.
-PER_DEVICE = re.compile(r"\b(iotlbd_(?:iotlb|vq|miss_resolution|workload|vhost_user)_[a-z_]+)\b")
+PER_DEVICE = re.compile(r"\b(iotlbd_(?:iotlb|vq|miss_resolution|workload|vhost_user|port)_[a-z_]+)\b")
 
 
 def tool(name):
@@ -153,7 +154,8 @@ class Dashboard(unittest.TestCase):
                        "iotlbd_iotlb_access_failures_total", "iotlbd_workload_frames_received_total",
                        "iotlbd_vq_bytes_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
                        "process_open_fds", "iotlbd_http_requests_total", "iotlbd_http_long_polls_waiting",
-                       "iotlbd_build_info"]:
+                       "iotlbd_build_info", "iotlbd_port_frames_total", "iotlbd_port_bytes_total",
+                       "iotlbd_port_drops_total", "iotlbd_port_tx_back_pressure_total"]:
             self.assertIn(needle, exprs)
         self.assertIn("heatmap", [p["type"] for p in self.d["panels"]])
 
@@ -221,6 +223,9 @@ class Live(unittest.TestCase):
         cls.must("POST", "/v1/devices/fail0/iotlb/updates",
                  {"iova": "0x800000", "size": "0x3000", "uaddr": "0x7f0000800000", "perm": "ro"})
         assert cls.call("GET", "/v1/devices/nope")[0] == 404  # one error for the HTTP errors panel
+        # Two devices wired to each other: their ports' series (no front-end: zeros).
+        cls.must("POST", "/v1/devices", {"id": "pa", "port": {"type": "peer", "device": "pb"}}, 201)
+        cls.must("POST", "/v1/devices", {"id": "pb", "port": {"type": "peer", "device": "pa"}}, 201)
 
         cls.prom_port = free_port()
         config = os.path.join(cls.tmp, "prometheus.yml")
@@ -336,7 +341,9 @@ class Live(unittest.TestCase):
 
     def test_every_panel_query_returns_series(self):
         for p, t in query_panels(load_dashboard()):
-            for device in DEVICE_FORMS:
+            # Port panels: the peer devices pa and pb (the demo's loopback port has no series of its own).
+            forms = PORT_DEVICE_FORMS if "iotlbd_port_" in t["expr"] else DEVICE_FORMS
+            for device in forms:
                 expr = self.expand(t["expr"], device)
                 with self.subTest(panel=p["title"], ref=t["refId"], device=device):
                     self.assertNotIn("$", expr)

@@ -298,6 +298,24 @@ class Installed(unittest.TestCase):
                               cwd=self.tmp)
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
 
+    def test_tap_dropin_keeps_the_exposure(self):
+        """The unit with examples/systemd/iotlbd-tap.conf merged (a drop-in's
+        settings come after the unit's): still 2.5 or better."""
+        merged = os.path.join(self.tmp, "iotlbd-tap", "iotlbd.service")
+        os.makedirs(os.path.dirname(merged), exist_ok=True)
+        with open(self.unit) as f, open(os.path.join(ROOT, "examples", "systemd", "iotlbd-tap.conf")) as d:
+            dropin = d.read()
+            text = f.read() + "\n" + dropin
+        self.assertIn("DeviceAllow=/dev/net/tun rw", dropin)
+        self.assertNotIn("CAP_NET_ADMIN", "".join(l for l in dropin.splitlines() if not l.startswith("#")))
+        with open(merged, "w") as f:
+            f.write(text)
+        out = systemd_analyze("security", "--offline=yes", merged, cwd=self.tmp)
+        m = re.search(r"Overall exposure level for iotlbd\.service: (\d+\.\d+) (\w+)", out.stdout)
+        self.assertIsNotNone(m, out.stdout + out.stderr)
+        print(f"\nsystemd-analyze security with the TAP drop-in: exposure {m.group(1)} {m.group(2)}", flush=True)
+        self.assertLessEqual(float(m.group(1)), MAX_EXPOSURE, out.stdout)
+
     # --- the installed binary -------------------------------------------------------------------
 
     def test_installed_binary_help(self):

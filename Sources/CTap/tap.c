@@ -20,11 +20,12 @@ static int fill_name(struct ifreq *ifr, const char *name) {
     return 0;
 }
 
-int CTap_open(const char *name, int multi_queue, int *created, char *actual) {
+int CTap_open(const char *name, int multi_queue, int may_create, int *created, char *actual) {
     struct ifreq ifr;
     if (fill_name(&ifr, name) < 0) return -1;
-    // Whether it existed: TUNSETIFF creates silently, the caller wants to know.
+    // Whether it existed: TUNSETIFF creates silently, the caller wants to know (and may not want one made).
     int existed = if_nametoindex(name) != 0;
+    if (!existed && !may_create) { errno = ENODEV; return -1; }
     int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return -1;
     ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multi_queue ? IFF_MULTI_QUEUE : 0);
@@ -68,13 +69,6 @@ int CTap_get_flags(const char *name) {
     struct ifreq ifr;
     if (fill_name(&ifr, name) < 0 || ifreq_ioctl(SIOCGIFFLAGS, &ifr) < 0) return -1;
     return ifr.ifr_flags & 0xffff;
-}
-
-int CTap_set_up(const char *name) {
-    struct ifreq ifr;
-    if (fill_name(&ifr, name) < 0 || ifreq_ioctl(SIOCGIFFLAGS, &ifr) < 0) return -1;
-    ifr.ifr_flags |= IFF_UP;
-    return ifreq_ioctl(SIOCSIFFLAGS, &ifr);
 }
 
 int CTap_get_mtu(const char *name) {

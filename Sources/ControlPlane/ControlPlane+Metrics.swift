@@ -26,9 +26,11 @@ extension ControlPlane {
                 guard let d else { return nil }
                 let (b, sum) = d.resolutionHistogram()
                 // The bounds go with the counts the device took, so the renderer needs no engine constant.
-                return DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(),
-                                     buckets: zip(Device.resolutionBounds, b).map { ($0, $1) }, sumMicros: sum,
-                                     resolutionCount: d.resolvedMisses)
+                var m = DeviceMetrics(id: id, stats: d.stats(), vqs: d.vrings(),
+                                      buckets: zip(Device.resolutionBounds, b).map { ($0, $1) }, sumMicros: sum,
+                                      resolutionCount: d.resolvedMisses)
+                if [.tap, .peer].contains(d.config.port.kind) { m.port = d.portSnapshot() }
+                return m
             }, then: { m in
                 if var m {
                     m.workload = managed.workload?.stats

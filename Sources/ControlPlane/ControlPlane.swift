@@ -30,6 +30,8 @@ public struct ControlPlaneSettings: Sendable {
     /// --state-dir: the configuration is kept in `<dir>/config.json`.
     public var stateDirectory: String?
     /// No token, 2048 entries, the default socket directory, no state directory.
+    /// --tap-create: a TAP port may make its interface when it does not exist.
+    public var tapCreate = false
     public init() {}
 }
 
@@ -72,7 +74,7 @@ public final class ControlPlane: Sendable {
         let store = ConfigStore(stateFile: settings.stateDirectory.map { ($0.hasSuffix("/") ? $0 : $0 + "/") + ConfigFormat.stateFileName },
                                 logger: logger)
         self.store = store
-        let devices = Devices(engine: engine, store: store, sockets: sockets, logger: logger)
+        let devices = Devices(engine: engine, store: store, sockets: sockets, logger: logger, tapCreate: settings.tapCreate)
         self.devices = devices
         var r = Router()
         ControlPlane.addRoutes(to: &r, devices: devices, settings: settings, timer: timer, store: store)

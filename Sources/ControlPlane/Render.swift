@@ -41,6 +41,7 @@ extension JSON {
         }
         pairs.append(("port", port(c.port, detail?.port)))
         if let detail {
+            pairs.append(("worker", .count(detail.worker)))
             pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
             pairs.append(("vrings", .array(detail.vrings)))
         }
@@ -74,13 +75,16 @@ struct DeviceDetail: Sendable {
     var memTable: MemoryTable?
     var vrings: [JSON]
     var port: PortSnapshot?
+    /// The datapath worker that owns the device.
+    var worker: Int
 }
 
 extension JSON {
     /// A port: its configuration, then (from its worker) its state and counters.
     static func port(_ p: PortConfig, _ s: PortSnapshot?) -> JSON {
         var pairs = portConfig(p)
-        guard let s else { return .object(pairs) }
+        // The loopback and the sink have no state of their own: the vrings' counters say it all.
+        guard let s, p.kind == .tap || p.kind == .peer else { return .object(pairs) }
         pairs.append(("state", .string(s.state)))
         if let name = s.tapName { pairs.append(("interface", .string(name))); pairs.append(("created", .bool(s.tapCreated))) }
         if case .peer = p { pairs.append(("linked", .bool(s.peerLinked))) }

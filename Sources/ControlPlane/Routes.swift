@@ -200,7 +200,8 @@ extension ControlPlane {
 
 extension Device {
     /// The parts of a device answer only its worker knows.
-    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring), port: portSnapshot()) }
+    var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring), port: portSnapshot(),
+                                     worker: workerIndex) }
 }
 
 extension Reply {

@@ -11,8 +11,10 @@
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
 // threaded by a FIFO list (IOTLB+Tree.swift). Look-up and update are
 // O(log n); a look-up touches no reference-counted object and allocates
-// nothing (not even when it rebuilds the search array, below). What a miss
-// means is left to the caller.
+// nothing (not even when it rebuilds the search array, below). In front of
+// the tree, a cache of recent look-ups' entries by 4 KiB page answers most
+// look-ups with one line read, and never after the entry left (IOTLB+Cache.swift).
+// What a miss means is left to the caller.
 
 /// One translation: the IOVAs of `range` map to `uaddr` onwards, with permission `perm`.
 public struct IOTLBEntry: Hashable, Sendable {
@@ -84,7 +86,8 @@ public struct UpdateOutcome: Equatable, Sendable {
 public final class IOTLB {
     /// The most entries the table holds before FIFO replacement.
     public let maxEntries: Int
-    /// The hard ceiling for `maxEntries` (bounds memory: ~48 bytes an entry).
+    /// The hard ceiling for `maxEntries` (bounds memory: ~52 bytes an entry, plus a
+    /// translation cache of at most 256 KiB).
     public static let entriesCeiling = 1 << 20
 
     /// Entries now held.
@@ -107,6 +110,7 @@ public final class IOTLB {
         var uaddr: UInt64
         var older: Int32     // FIFO neighbours
         var newer: Int32
+        var parent: Int32    // in the tree (-1 at the root)
         var height: Int8
         var perm: UInt8
         var pinned: Bool
@@ -144,6 +148,22 @@ public final class IOTLB {
         var root: Int32 = -1
         var oldest: Int32 = -1
         var newest: Int32 = -1
+        // The translation cache (IOTLB+Cache.swift): each node's stamp (capacity
+        // long), the next stamp to hand out, the slots, `cacheSets` sets of `ways`.
+        var stamps: UnsafeMutablePointer<UInt32>
+        var nextStamp: UInt32 = 1
+        var cache: UnsafeMutablePointer<CacheSlot>
+        var cacheSets: Int
+        var cacheBits: UInt64   // log2(cacheSets)
+        var cacheMask: UInt64   // cacheSets - 1
+        // Whether the cache pays (see `stepAsideIfUseless`): look-ups so far, the
+        // count at which the current window began, cache misses in it, and
+        // the count until which look-ups go to the tree alone.
+        var lookups: UInt64 = 0
+        var windowStart: UInt64 = 0
+        var windowMisses = 0
+        var bypassUntil: UInt64 = 0
+        var cacheMayStepAside = true
     }
     let state: UnsafeMutablePointer<State>
 
@@ -172,10 +192,15 @@ public final class IOTLB {
         precondition(maxEntries >= 1 && maxEntries <= IOTLB.entriesCeiling, "maxEntries out of range")
         self.maxEntries = maxEntries
         let capacity = min(maxEntries, 64)
+        let sets = IOTLB.cacheSets(maxEntries: maxEntries)
+        let stamps = UnsafeMutablePointer<UInt32>.allocate(capacity: capacity)
+        stamps.initialize(repeating: IOTLB.deadStamp, count: capacity)
         state = .allocate(capacity: 1)
         state.initialize(to: State(hot: .allocate(capacity: capacity), cold: .allocate(capacity: capacity),
                                    capacity: capacity, searchKeys: .allocate(capacity: capacity + 1),
-                                   searchNodes: .allocate(capacity: capacity + 1)))
+                                   searchNodes: .allocate(capacity: capacity + 1), stamps: stamps,
+                                   cache: IOTLB.allocateCache(sets: sets), cacheSets: sets,
+                                   cacheBits: UInt64(sets.trailingZeroBitCount), cacheMask: UInt64(sets - 1)))
     }
 
     deinit {
@@ -183,6 +208,8 @@ public final class IOTLB {
         cold.deallocate()
         searchKeys.deallocate()
         searchNodes.deallocate()
+        state.pointee.stamps.deallocate()
+        UnsafeMutableRawPointer(state.pointee.cache).deallocate()
         state.deinitialize(count: 1)
         state.deallocate()
     }
@@ -196,15 +223,39 @@ public final class IOTLB {
     @inline(__always)
     public func lookup(_ iova: IOVA, access: Permissions) -> IOTLBLookup {
         let key = iova.raw
-        let n = lookupFloor(key)
-        guard n >= 0 else { return .miss }
-        let c = cold[node(n)]
-        guard c.last >= key else { return .miss }
-        let perm = Permissions(rawValue: c.perm)
+        guard let s = live(key) else { return .miss }
+        let perm = Permissions(rawValue: UInt8(truncatingIfNeeded: s.nodePerm & 3))
         if !perm.contains(access) { return .denied(perm: perm) }
-        let first = hot[node(n)].first
-        return .mapped(IOTLBEntry(range: AddressRange(first: IOVA(first), last: IOVA(c.last)), uaddr: UserAddr(c.uaddr), perm: perm),
-                       uaddr: UserAddr(c.uaddr &+ (key &- first)))
+        return .mapped(IOTLBEntry(range: AddressRange(first: IOVA(s.first), last: IOVA(s.last)), uaddr: UserAddr(s.uaddr), perm: perm),
+                       uaddr: UserAddr(s.uaddr &+ (key &- s.first)))
+    }
+
+    /// The live entry holding `key`, as a cache slot: from the cache when it
+    /// has it, else from the tree, and then cached.
+    @inline(__always)
+    func live(_ key: UInt64) -> CacheSlot? {
+        let lookups = state.pointee.lookups &+ 1
+        state.pointee.lookups = lookups
+        if lookups < state.pointee.bypassUntil { return liveInTree(key) }
+        let set = cacheSet(key)
+        if answers(set[0], key) { return set[0] }
+        if answers(set[1], key) { return set[1] }
+        state.pointee.windowMisses += 1
+        if state.pointee.windowMisses == IOTLB.cacheWindow { stepAsideIfUseless() }
+        let n = lookupFloor(key)
+        guard n >= 0, cold[node(n)].last >= key else { return nil }
+        fill(set, n)
+        return set[0]
+    }
+
+    /// `live` without the cache, for when it steps aside.
+    @inline(__always)
+    func liveInTree(_ key: UInt64) -> CacheSlot? {
+        let n = lookupFloor(key)
+        guard n >= 0, cold[node(n)].last >= key else { return nil }
+        let c = cold[node(n)]
+        return CacheSlot(first: hot[node(n)].first, last: c.last, uaddr: c.uaddr, stamp: 0,
+                         nodePerm: UInt32(truncatingIfNeeded: n) << 2 | UInt32(c.perm))
     }
 
     /// Translates `iova` for an access needing `access`, `size` (>= 1) bytes long.
@@ -222,9 +273,9 @@ public final class IOTLB {
 
     /// The entry holding `iova`, if any.
     public func entry(containing iova: IOVA) -> IOTLBEntry? {
-        let n = lookupFloor(iova.raw)
-        guard n >= 0, cold[node(n)].last >= iova.raw else { return nil }
-        return entry(n)
+        guard let s = live(iova.raw) else { return nil }
+        return IOTLBEntry(range: AddressRange(first: IOVA(s.first), last: IOVA(s.last)), uaddr: UserAddr(s.uaddr),
+                          perm: Permissions(rawValue: UInt8(truncatingIfNeeded: s.nodePerm & 3)))
     }
 
     /// `floor` for look-ups: through the search arrays when they are current.
@@ -345,7 +396,7 @@ public final class IOTLB {
     public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
         var outcome = UpdateOutcome()
         // The common case, room and no overlap, takes one descent.
-        let linked = count < maxEntries && linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+        let linked = count < maxEntries && linkIfFree(e)
         if !linked {
             outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
             if count == maxEntries, oldest >= 0 {
@@ -353,23 +404,28 @@ public final class IOTLB {
                 if pinnedCount < count {
                     while cold[node(oldest)].pinned { makeNewest(oldest) }
                 }
-                if let victim = removeNode(key: hot[node(oldest)].first) { onRemove(victim, .evicted) }
+                onRemove(remove(oldest), .evicted)
                 outcome.evicted = 1
             }
             // Nothing overlaps `e` any more: this links it, in the same one descent.
-            let relinked = linkIfFree(e.range.first.raw, e.range.last.raw) { newNode(e) }
+            let relinked = linkIfFree(e)
             precondition(relinked, "an entry still overlaps after removeOverlapping")
         }
         state.pointee.count += 1
         mutated()
+        // A new mapping is about to be used: cached now, its first look-up
+        // (and an invalidation soon after) needs no descent.
+        fill(cacheSet(e.range.first.raw), newest)
         return outcome
     }
 
-    /// A node for `e`, newest in the FIFO list, not yet in the tree.
-    private func newNode(_ e: IOTLBEntry) -> Int32 {
+    /// A node for `e`, newest in the FIFO list, to be linked below `parent`.
+    @inline(__always)
+    func newNode(_ e: IOTLBEntry, parent: Int32) -> Int32 {
         let n = allocateNode()
+        stamp(n)
         hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
-        cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, height: 1,
+        cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, parent: parent, height: 1,
                             perm: e.perm.rawValue, pinned: false)
         if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n
@@ -389,6 +445,7 @@ public final class IOTLB {
         var n = oldest
         while n >= 0 {
             onRemove(entry(n), .flushed)
+            state.pointee.stamps[node(n)] = IOTLB.deadStamp  // its cached copies stop answering
             n = cold[node(n)].newer
         }
         root = -1; oldest = -1; newest = -1; freeList = -1; used = 0

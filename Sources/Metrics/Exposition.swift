@@ -46,6 +46,8 @@ public struct DeviceMetrics: Sendable {
     public var workload: WorkloadStats?
     /// The vhost-user front-end's state, nil without vhost-user.
     public var frontEnd: VhostUserStatus?
+    /// A TAP or peer port's state and counters (nil for the loopback and the sink).
+    public var port: PortSnapshot?
 
     /// The figures a device's worker took (the front-end and guest are added after).
     public init(id: String, stats: IOTLBStats, vqs: [VringSnapshot], buckets: [(boundMicros: UInt32, count: UInt64)],
@@ -172,6 +174,7 @@ public enum Exposition {
                  fronts.map { ([("device", $0.0)], "\($0.1.memoryFaults)") })
         w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
                  fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
+        writePorts(devices, to: &w)
         w.family("iotlbd_http_long_polls_waiting", "gauge", "Miss long-polls waiting for an event or their time-out.",
                  [([], "\(longPollsWaiting)")])
         w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
@@ -180,5 +183,34 @@ public enum Exposition {
                  [([("version", build.version), ("commit", build.commit)], "1")])
         ProcessStats.read().write(to: &w)
         return w.text
+    }
+}
+
+extension Exposition {
+    /// TAP and peer ports: frames and bytes each way and drops by reason, per
+    /// queue pair; back-pressure; the state each port is in.
+    static func writePorts(_ devices: [DeviceMetrics], to w: inout MetricsWriter) {
+        let ports = devices.compactMap { d in d.port.map { (d.id, $0) } }
+        typealias Sample = (labels: [(String, String)], value: String)
+        func perQueue(_ value: (PortCounters) -> [(extra: [(String, String)], n: UInt64)]) -> [Sample] {
+            ports.flatMap { id, p in
+                p.queues.enumerated().flatMap { q, c in
+                    value(c).map { ([("device", id), ("queue", "\(q)")] + $0.extra, "\($0.n)") }
+                }
+            }
+        }
+        w.family("iotlbd_port_frames_total", "counter",
+                 "Frames through a TAP or peer port, per queue pair: tx from the guest to the port, rx from the port to the guest.",
+                 perQueue { [([("direction", "tx")], $0.txFrames), ([("direction", "rx")], $0.rxFrames)] })
+        w.family("iotlbd_port_bytes_total", "counter", "Bytes of those frames (without the virtio-net header).",
+                 perQueue { [([("direction", "tx")], $0.txBytes), ([("direction", "rx")], $0.rxBytes)] })
+        w.family("iotlbd_port_drops_total", "counter", "Frames a port dropped, by reason, per queue pair.",
+                 perQueue { c in PortDropReason.allCases.map { ([("reason", $0.name)], c.drops[$0.rawValue]) } })
+        w.family("iotlbd_port_tx_back_pressure_total", "counter",
+                 "Times a TX frame stayed in its ring because the TAP was full (sent again later, not lost).",
+                 perQueue { [([], $0.txBackPressure)] })
+        w.family("iotlbd_port_state", "gauge", "1 for the state each TAP or peer port is in.", ports.flatMap { id, p in
+            ["up", "down", "gone"].map { ([("device", id), ("type", p.config.kind.rawValue), ("state", $0)], p.state == $0 ? "1" : "0") }
+        })
     }
 }

@@ -37,17 +37,22 @@ public final class TapInterface: @unchecked Sendable {
     public static let maxNameLength = 15
 
     /// Opens `queues` queues of `name`: attaches to an interface the operator
-    /// made (`ip tuntap add NAME mode tap multi_queue vnet_hdr user U`), or
-    /// creates it when it does not exist and the process may (CAP_NET_ADMIN),
-    /// and then sets it up (IFF_UP). Nothing stays open when it throws.
-    public init(name: String, queues: Int) throws(TapError) {
+    /// made (`ip tuntap add NAME mode tap multi_queue vnet_hdr user U`), or,
+    /// with `create`, creates it when it does not exist and the process may
+    /// (CAP_NET_ADMIN): it is then left down, as the kernel makes it, for the
+    /// operator to address or bridge and set up, and goes with the last queue.
+    /// Nothing stays open when it throws.
+    public init(name: String, queues: Int, create: Bool = false) throws(TapError) {
         precondition(queues >= 1)
         var fds: [Int32] = []
         var made: Int32 = 0
         var actual = [CChar](repeating: 0, count: 16)
         for i in 0..<queues {
             var c: Int32 = 0
-            let fd = CTap_open(name, queues > 1 ? 1 : 0, &c, &actual)
+            let mayCreate: Int32 = create && i == 0 ? 1 : 0
+            var fd = CTap_open(name, queues > 1 ? 1 : 0, mayCreate, &c, &actual)
+            // One queue of an interface made multi_queue (`ip tuntap … multi_queue`) needs the flag too.
+            if fd < 0 && errno == EINVAL && queues == 1 { fd = CTap_open(name, 1, mayCreate, &c, &actual) }
             if fd < 0 {
                 let e = errno
                 for f in fds { close(f) }
@@ -59,11 +64,12 @@ public final class TapInterface: @unchecked Sendable {
         self.name = String(decoding: actual.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         self.created = made != 0
         self.queues = fds.map { TapQueue(fd: $0) }
-        if created {
-            // One the daemon made goes with it; bring it up so frames flow at once.
-            _ = CTap_set_persist(fds[0], 0)
-            _ = CTap_set_up(self.name)
-        }
+        // One the daemon made goes with it (not persistent).
+        if created { _ = CTap_set_persist(fds[0], 0) }
+        // The 12-byte header (with num_buffers) until a front-end says otherwise: the
+        // kernel's default is the 10-byte legacy one, which a device set up over HTTP
+        // (frames without a header, 12 zero bytes added) must not get.
+        try setHeaderSize(VirtioNetHeader.size)
     }
 
     /// Queues handed over as open descriptors: a TAP a manager opened (as
@@ -85,6 +91,9 @@ public final class TapInterface: @unchecked Sendable {
     private static func explain(_ name: String, _ e: Int32, queue: Int, of count: Int) -> String {
         let what = "cannot open TAP \(name)" + (count > 1 ? " (queue \(queue + 1) of \(count))" : "")
         switch e {
+        case ENODEV:
+            return what + ": no such interface (make it with `ip tuntap add \(name) mode tap multi_queue vnet_hdr user <daemon user>`,"
+                + " or start iotlbd with --tap-create to let it make TAPs)"
         case EPERM:
             return what + " (it does not exist and creating it needs CAP_NET_ADMIN, or it belongs to another user;"
                 + " make it with `ip tuntap add \(name) mode tap multi_queue vnet_hdr user <daemon user>`)"

@@ -83,15 +83,19 @@ public final class Devices: Sendable {
     /// What clients configured: creates, deletes and workloads are recorded here.
     public let store: ConfigStore
     private let sockets: VhostUserSockets
+    /// Whether a TAP port may create its interface (--tap-create); else it attaches only.
+    private let tapCreate: Bool
     let logger: Logger
     private let registry = Locked<(order: [String], byId: [String: ManagedDevice], open: Bool)>(([], [:], true))
 
-    /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows.
-    public init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger) {
+    /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows;
+    /// `tapCreate`: a TAP port may make its interface (else it only attaches to one that exists).
+    public init(engine: Engine, store: ConfigStore, sockets: VhostUserSockets, logger: Logger, tapCreate: Bool = false) {
         self.engine = engine
         self.store = store
         self.sockets = sockets
         self.logger = logger
+        self.tapCreate = tapCreate
     }
 
     // MARK: Look-ups
@@ -129,7 +133,7 @@ public final class Devices: Sendable {
         }
         var tap: TapInterface?
         if case .tap(let name) = config.port {
-            do throws(TapError) { tap = try TapInterface(name: name, queues: config.queuePairs) } catch {
+            do throws(TapError) { tap = try TapInterface(name: name, queues: config.queuePairs, create: tapCreate) } catch {
                 frontEnd?.stop()
                 throw .portUnavailable(error.description)
             }

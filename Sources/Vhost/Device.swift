@@ -363,6 +363,9 @@ public final class Device {
     /// The port's state and counters.
     public func portSnapshot() -> PortSnapshot { port.snapshot }
 
+    /// The number of the datapath worker that owns the device (-1 before it is placed).
+    public var workerIndex: Int { owner.map { $0._withUnsafeGuaranteedRef { $0.index } } ?? -1 }
+
     /// Asks drivers that kick to do so (before the worker sleeps) or not to
     /// (while it polls): the used ring's flags. Then a full fence, so a buffer
     /// posted before the driver saw the flag is found by the next poll.

@@ -357,7 +357,12 @@ extension Device {
                         kicksWanted ? PackedRing.eventEnable : PackedRing.eventDisable)
             return
         }
-        guard let c = vq.config, !c.eventIdx else { return }
+        guard let c = vq.config else { return }
+        if c.eventIdx {
+            // vhost_enable_notify: avail_event at the next entry asks for a kick when one is added.
+            if kicksWanted { ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.availEvent(num: c.num), vq.lastAvailIdx) }
+            return
+        }
         ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.usedFlags, kicksWanted ? 0 : 1)
     }
 }

@@ -62,6 +62,8 @@ public final class DatapathWorker: @unchecked Sendable {
     /// is well under a microsecond): long enough to bridge a driver's gaps between
     /// batches, short enough that an idle daemon sleeps.
     static let spinRounds = 20_000
+    /// How long an idle thread sleeps when every device's work wakes it (kicks, TAPs, commands).
+    static let longSleepNanos: UInt64 = 1_000_000_000
 
     init(index: Int) {
         self.index = index
@@ -185,8 +187,16 @@ public final class DatapathWorker: @unchecked Sendable {
                     // TAP queues with room in their guest's RX ring wake the thread when a frame arrives.
                     let fds = polled.pointee.sleepFDs
                     var watched = 1
-                    for i in 0..<pollCount { watched = pollList[i]._withUnsafeGuaranteedRef { $0.watchFDs(fds, from: watched) } }
-                    wake.wait(timeoutNanos: idleNanos, fds: fds, count: watched)
+                    var allWake = true
+                    for i in 0..<pollCount {
+                        pollList[i]._withUnsafeGuaranteedRef { d in
+                            watched = d.watchFDs(fds, from: watched)
+                            if !d.wakesWorker() { allWake = false }
+                        }
+                    }
+                    // When every source of work wakes the thread, a long sleep costs nothing; the
+                    // cap is a safety net only.
+                    wake.wait(timeoutNanos: allWake ? Self.longSleepNanos : idleNanos, fds: fds, count: watched)
                 }
                 sleeping.store(false, ordering: .relaxed)
                 for i in 0..<pollCount { pollList[i]._withUnsafeGuaranteedRef { $0.setKickNotification(false) } }

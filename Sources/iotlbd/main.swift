@@ -60,6 +60,9 @@ struct IOTLBDaemon: ParsableCommand {
         valueName: "group"))
     var vhostUserGroup: String?
 
+    @Flag(name: .long, help: "Let a TAP port make its interface when it does not exist (needs CAP_NET_ADMIN; the interface is left down and goes with the device). Without it, a TAP port attaches only to an interface the operator made: `ip tuntap add NAME mode tap multi_queue vnet_hdr user USER`.")
+    var tapCreate = false
+
     @Option(name: .long, help: ArgumentHelp(
         "Bearer tokens, one per line: TOKEN SCOPE NAME (scope read, translate or admin; NAME is what the audit trail shows). A file holding one bare token gives it scope admin. Every request but /healthz (and /metrics, unless --metrics-auth) then needs a credential.",
         valueName: "file"))
@@ -196,6 +199,7 @@ struct IOTLBDaemon: ParsableCommand {
             throw ExitCode(1)
         }
         settings.stateDirectory = stateDir
+        settings.tapCreate = tapCreate
         func serverOptions(_ address: String) -> ServerOptions {
             var options = parseListen(address)!
             options.maxBodyBytes = maxBodyBytes

@@ -12,17 +12,18 @@ struct NaiveIOTLB {
     mutating func update(_ e: IOTLBEntry) -> UpdateOutcome {
         let before = entries.count
         entries.removeAll { $0.range.overlaps(e.range) }
+        // Before the new entry comes in: it may start where a removed pinned one did.
+        forgetPins()
         var out = UpdateOutcome(replaced: before - entries.count, evicted: 0)
         if entries.count == max {
             // Pinned ones go to the back of the line unless all are pinned.
             if entries.contains(where: { !pinned.contains($0.range.first.raw) }) {
                 while pinned.contains(entries[0].range.first.raw) { entries.append(entries.removeFirst()) }
             }
-            entries.removeFirst()
+            pinned.remove(entries.removeFirst().range.first.raw)
             out.evicted = 1
         }
         entries.append(e)
-        forgetPins()
         return out
     }
 

@@ -16,20 +16,18 @@ enum {
 
 /// Opens one queue of the TAP interface `name` (IFF_TAP | IFF_NO_PI |
 /// IFF_VNET_HDR, plus IFF_MULTI_QUEUE when `multi_queue`), non-blocking and
-/// close-on-exec. The kernel creates the interface when it does not exist and
-/// the caller may (CAP_NET_ADMIN); otherwise it attaches to the existing one
-/// when the caller is its owner or in its group. `created` (may be NULL) tells
-/// whether the interface existed before; `actual` (IFNAMSIZ bytes, may be NULL)
-/// receives the kernel's name for it.
-int CTap_open(const char *name, int multi_queue, int *created, char *actual);
+/// close-on-exec. It attaches to the existing interface when the caller is its
+/// owner or in its group (or has CAP_NET_ADMIN); when there is none, the kernel
+/// creates it if `may_create` and the caller may (CAP_NET_ADMIN), else this
+/// fails with ENODEV. `created` (may be NULL) tells whether the interface is
+/// new; `actual` (IFNAMSIZ bytes, may be NULL) receives the kernel's name for it.
+int CTap_open(const char *name, int multi_queue, int may_create, int *created, char *actual);
 /// TUNSETVNETHDRSZ: the virtio-net header size in front of every frame (10 or 12).
 int CTap_set_vnet_hdr_size(int fd, int size);
 /// TUNSETOFFLOAD with CTAP_F_* bits.
 int CTap_set_offload(int fd, unsigned flags);
 /// TUNSETPERSIST 0: the interface goes away when its last queue closes.
 int CTap_set_persist(int fd, int persist);
-/// Sets IFF_UP on the interface `name` (SIOCSIFFLAGS through an AF_INET socket: needs CAP_NET_ADMIN).
-int CTap_set_up(const char *name);
 /// The interface's flags (SIOCGIFFLAGS), or -1 with errno (ENODEV: gone).
 int CTap_get_flags(const char *name);
 /// The interface's MTU (SIOCGIFMTU), or -1 with errno.

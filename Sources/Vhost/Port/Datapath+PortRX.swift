@@ -285,3 +285,16 @@ extension Device {
         return n
     }
 }
+
+extension Device {
+    /// Whether everything that can give this device work wakes the worker by
+    /// itself, so that it may sleep long: every running queue's driver kicks
+    /// (asked to before the worker sleeps), a TAP wakes it through `watchFDs`,
+    /// a peer kicks it, commands signal it. A queue polled without kicks (set
+    /// over HTTP), or a frame held back by a full TAP, needs the short timeout.
+    func wakesWorker() -> Bool {
+        if port.m.pointee.backPressured { return false }
+        for vq in queues where vq.state == .running && !vq.driverKicks { return false }
+        return true
+    }
+}

@@ -76,8 +76,10 @@ extension Device {
             switch port.tapQueue(pair).write(first, count: count) {
             case .done:
                 if p.pointee.state == .down { p.pointee.state = .up }
+                p.pointee.backPressured = false
             case .wouldBlock:
                 port.count(pair, DevicePort.Slot.backPressure)
+                p.pointee.backPressured = true
                 return .backPressure
             case .down:
                 p.pointee.state = .down

@@ -42,8 +42,8 @@ final class DevicePort {
         var inboundCount = 0
         /// The peer's worker, woken when frames were put on its wire while it sleeps.
         var peerWorker: Unmanaged<DatapathWorker>?
-        /// Whether the worker's sleep should watch each TAP queue (an RX queue that can take frames).
-        var watchTap = false
+        /// A TX frame met a full TAP and waits in its ring: nothing will kick for it, so the worker polls.
+        var backPressured = false
     }
     let m: UnsafeMutablePointer<Mutable>
 
