@@ -138,12 +138,15 @@ class Client:
             return resp.status, {"error": {"code": "http", "message": payload.decode(errors="replace")}}
 
 
-def answer(client, device, miss):
-    """Looks the missed IOVA up in the guest IOMMU and posts the update. True when answered."""
+def answer(client, device, miss, warned):
+    """Looks the missed IOVA up in the guest IOMMU and posts the update. True when answered.
+    `warned`: the seqs already reported unanswerable (each is reported once)."""
     status, page = client.call("GET", f"/v1/devices/{device}/guest-iommu/translate?iova={miss['iova']}")
     if status != 200:
-        log.warning("seq %s: guest IOMMU has no mapping for %s (%s); leaving it outstanding",
-                    miss["seq"], miss["iova"], page.get("error", {}).get("code"))
+        if miss["seq"] not in warned:
+            warned.add(miss["seq"])
+            log.warning("seq %s: guest IOMMU has no mapping for %s (%s); asking again",
+                        miss["seq"], miss["iova"], page.get("error", {}).get("code"))
         return False
     entry = {k: page[k] for k in ("iova", "size", "uaddr", "perm")}
     status, result = client.call("POST", f"/v1/devices/{device}/iotlb/updates", entry)
@@ -170,6 +173,8 @@ def run(args, stopping):
     token = open(args.token_file).read().strip() if args.token_file else None
     client = Client(args.url, token, tls=tls_context(args))
     cursor = 0
+    reported = 0  # the last access failure logged
+    warned = set()
     backoff = 0.05
     answered = 0
     while not stopping():
@@ -196,20 +201,32 @@ def run(args, stopping):
             log.info("daemon restarted (cursor %s > %s); starting over", cursor, last)
             cursor = 0
             continue
+        pending = None  # the first miss left unanswered: asked for again from there
         for m in misses:
-            if m["type"] == "miss" and answer(client, args.device, m):
-                answered += 1
-            elif m["type"] == "access_fail":
+            if m["type"] == "miss":
+                if answer(client, args.device, m, warned):
+                    answered += 1
+                elif pending is None:
+                    pending = m["seq"]
+            elif m["type"] == "access_fail" and m["seq"] > reported:
+                reported = m["seq"]
                 log.error("seq %s: access failure on vq %s at %s (%s): the vring must be set again",
                           m["seq"], m["vq"], m["iova"], m["perm"])
-        cursor = last
+        if pending is None:
+            cursor = last
+        else:
+            # The guest may map it a moment later (a ring set before its pages are
+            # mapped): ask again rather than wait for a miss that is already posted.
+            cursor = pending - 1
+            time.sleep(0.05)
     log.info("stopping after %d answers", answered)
 
 
 def main():
     p = argparse.ArgumentParser(description="Answer iotlbd IOTLB misses from the guest IOMMU view.")
     p.add_argument("--url", default="http://127.0.0.1:8080",
-                   help="iotlbd base URL: http://HOST:PORT, or unix:PATH for iotlbd --listen unix:PATH")
+                   help="iotlbd base URL: http://HOST:PORT, https://HOST:PORT (with --cacert, --cert, --key), "
+                        "or unix:PATH for iotlbd --listen unix:PATH")
     p.add_argument("--device", required=True, help="device id whose misses to answer")
     p.add_argument("--token-file", help="file with the bearer token, if iotlbd runs with --token-file")
     p.add_argument("--cacert", help="https: the CA certificate(s) the server's certificate must chain to (PEM)")
