@@ -2,7 +2,8 @@
 # `make test` installs what is missing, builds and runs every test.
 SWIFT      ?= swift
 LISTEN     ?= 127.0.0.1:8080
-APT_PKGS   := libmicrohttpd-dev libjansson-dev liburing-dev pkg-config
+# libgnutls28-dev: the GnuTLS headers of the TLS shim (Debian's libmicrohttpd is built with GnuTLS).
+APT_PKGS   := libmicrohttpd-dev libjansson-dev libgnutls28-dev liburing-dev pkg-config
 PYTHON     ?= python3
 # make install: $(DESTDIR)$(BINDIR)/iotlbd and $(DESTDIR)$(UNITDIR)/iotlbd.service.
 # UNITDIR is in systemd's search path for PREFIX=/usr/local and PREFIX=/usr;
@@ -12,13 +13,13 @@ DESTDIR    ?=
 BINDIR     ?= $(PREFIX)/bin
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-restarts test-stalled-disk test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net test-ports test-readme-network net-tools test-libvirt libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
+.PHONY: all deps tools qemu-tools build release run test test-swift test-readme test-examples test-remote bench-tls test-restarts test-stalled-disk test-dashboards test-dpdk test-qemu test-qemu-restart test-guest-net test-ports test-readme-network net-tools test-libvirt libvirt-tools test-systemd test-charts test-package test-tsan test-asan bench charts charts-deps install uninstall clean
 
 all: build
 
 # Installs the Debian packages only when pkg-config cannot find the libraries.
 deps:
-	@if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libmicrohttpd jansson liburing; then :; else \
+	@if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libmicrohttpd jansson gnutls liburing; then :; else \
 	  echo "installing $(APT_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
@@ -90,7 +91,7 @@ install: release
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/iotlbd $(DESTDIR)$(UNITDIR)/iotlbd.service
 
-test: test-swift test-readme test-examples test-restarts test-stalled-disk test-dashboards test-dpdk test-ports test-qemu test-qemu-restart test-guest-net test-readme-network test-libvirt test-systemd test-charts test-package
+test: test-swift test-readme test-examples test-remote test-restarts test-stalled-disk test-dashboards test-dpdk test-ports test-qemu test-qemu-restart test-guest-net test-readme-network test-libvirt test-systemd test-charts test-package
 
 test-swift: deps
 	$(SWIFT) build --build-tests
@@ -105,6 +106,21 @@ test-readme: build
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
 	$(PYTHON) tests/test_examples.py
+
+# Remote control: TLS with client certificates from a throw-away CA (openssl), scopes
+# on every route of the OpenAPI document, SIGHUP reloads under a long-poll, the audit
+# log, the failure limit; then the README's "Remote orchestrators" section as written.
+test-remote: build
+	@command -v openssl >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl curl; }
+	@$(PYTHON) -c 'import yaml' 2>/dev/null || $(PYTHON) -m pip install -q pyyaml
+	$(PYTHON) tests/test_remote.py
+	$(PYTHON) tests/readme_remote.py .build/debug/iotlbd README.md
+
+# The isolation benchmark over TLS: the built-in guest's Mpps while a TLS client (client
+# certificate, token) loops GETs, alternated with a plain-HTTP client (BENCHMARKS.md).
+bench-tls: release
+	$(PYTHON) scripts/tls-isolation.py .build/release/iotlbd
 
 # Restarts: --state-dir across kill -9, damaged state files refused, --config,
 # confined vhost-user socket paths, the API on a Unix socket (curl, orchestrator).

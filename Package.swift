@@ -46,8 +46,10 @@ let package = Package(
         .target(name: "VhostUser", dependencies: ["Vhost", "IOTLB", "Platform", "Ports", "CUnixSocket"]),
         // The built-in guest: ring driver, guest IOMMU, traffic generator, translator.
         .target(name: "Guest", dependencies: ["IOTLB", "Platform", "Vhost", "CRingAtomics"]),
-        // C interop, confined: a one-function shim to start libmicrohttpd, and jansson's header.
-        .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
+        // C interop, confined: a shim to start libmicrohttpd and to give its connections
+        // reloadable TLS credentials (GnuTLS, which Debian's libmicrohttpd is built with),
+        // and jansson's header.
+        .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd"), .linkedLibrary("gnutls")]),
         .systemLibrary(name: "CJansson", pkgConfig: "jansson",
                        providers: [.apt(["libjansson-dev"])]),
         // The build's git commit, defined from the manifest (Swift -D takes no values).

@@ -4,7 +4,9 @@ the dashboard JSON is a well-formed dashboard wired to the provisioned
 datasource; promtool checks and unit-tests the rules; and, for real, a
 Prometheus scraping a live `iotlbd --demo` every second loads the rules
 healthy, fires the alerts the daemon's state calls for, and answers every
-panel's query with data. Run by `make test-dashboards` (stdlib unittest;
+panel's query with data; and a Prometheus configured as examples/prometheus-tls.yml
+scrapes a daemon over TLS with a client certificate of scope read (--metrics-auth),
+and only so. Run by `make test-dashboards` (stdlib unittest;
 needs Debian's prometheus and promtool, which `make tools` installs; fails
 without them)."""
 import json
@@ -429,6 +431,72 @@ class Live(unittest.TestCase):
         # for no device with static mappings.
         storming = {a["labels"]["device"] for a in self.alerts() if a["labels"]["alertname"] == "IotlbdMissStorm"}
         self.assertLessEqual(storming, {"dyn0"})
+
+
+class LiveTLS(unittest.TestCase):
+    """examples/prometheus-tls.yml, for real: iotlbd --demo serving TLS with client
+    certificates and --metrics-auth; Prometheus scrapes it with a certificate whose
+    subject has scope read; a second job with no certificate is refused."""
+
+    @classmethod
+    def setUpClass(cls):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from tlspki import PKI
+        prometheus = tool("prometheus")
+        cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dashboards-tls-")
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
+        pki = PKI(os.path.join(cls.tmp, "pki"))
+        ca = pki.ca("ca", "dashboards CA")
+        server = pki.server("server", ca)
+        scraper = pki.client("prometheus", ca, "prometheus")
+        scopes = os.path.join(cls.tmp, "client-scopes")
+        with open(scopes, "w") as f:
+            f.write(f"{PKI.subject(scraper[0])} read prometheus\n")
+        port = free_port()
+        cls.daemon = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{port}", "--log-level", "error", "--demo",
+                                       "--tls-cert", server[0], "--tls-key", server[1], "--tls-client-ca", ca[0],
+                                       "--tls-client-scopes", scopes, "--metrics-auth", "--audit-log", "none"])
+        cls.addClassCleanup(Live.stop, cls.daemon)
+        # The example, pointed at this daemon and these files; plus a job without a certificate.
+        with open(os.path.join(ROOT, "examples", "prometheus-tls.yml")) as f:
+            text = f.read()
+        for old, new in [("/etc/prometheus/iotlbd/ca.pem", ca[0]), ("/etc/prometheus/iotlbd/prometheus.pem", scraper[0]),
+                         ("/etc/prometheus/iotlbd/prometheus.key", scraper[1]), ("127.0.0.1:8443", f"127.0.0.1:{port}"),
+                         ("prometheus/iotlbd-rules.yml", RULES), ("scrape_interval: 5s", "scrape_interval: 1s")]:
+            assert old in text, old
+            text = text.replace(old, new)
+        text += (f"  - job_name: no-certificate\n    scheme: https\n    tls_config:\n      ca_file: {ca[0]}\n"
+                 f"      server_name: localhost\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+        cls.config = os.path.join(cls.tmp, "prometheus.yml")
+        with open(cls.config, "w") as f:
+            f.write(text)
+        cls.prom_port = free_port()
+        cls.prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w+")
+        cls.addClassCleanup(cls.prom_log.close)
+        cls.prom = subprocess.Popen([prometheus, f"--config.file={cls.config}",
+                                     f"--storage.tsdb.path={os.path.join(cls.tmp, 'data')}",
+                                     f"--web.listen-address=127.0.0.1:{cls.prom_port}", "--log.level=warn"],
+                                    stdout=cls.prom_log, stderr=subprocess.STDOUT)
+        cls.addClassCleanup(Live.stop, cls.prom)
+        Live.prom_port = cls.prom_port
+        Live.wait_for(Live.prom_ready, 30, "prometheus did not become ready")
+        Live.wait_for(lambda: Live.query('up{job="iotlbd"} == 1') and Live.query('up{job="no-certificate"}'), 30,
+                      "prometheus did not scrape iotlbd over TLS")
+
+    def test_config_passes_promtool(self):
+        out = subprocess.run([tool("promtool"), "check", "config", self.config], capture_output=True, text=True)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_scrapes_over_tls_with_scope_read(self):
+        self.assertEqual(float(Live.query('up{job="iotlbd"}')[0]["value"][1]), 1)
+        Live.wait_for(lambda: Live.query('iotlbd_workload_frames_received_total{job="iotlbd",device="demo0"} > 0'), 15,
+                      "no demo0 figures over TLS")
+        self.assertGreater(float(Live.query('scrape_samples_scraped{job="iotlbd"}')[0]["value"][1]), 50)
+        self.assertEqual(float(Live.query('iotlbd_auth_failures_total{job="iotlbd",reason="unknown_subject"}')[0]["value"][1]), 0)
+        # The scraper without a certificate gets nothing; iotlbd counts it.
+        self.assertEqual(float(Live.query('up{job="no-certificate"}')[0]["value"][1]), 0)
+        Live.wait_for(lambda: Live.query('iotlbd_auth_failures_total{job="iotlbd",reason="no_client_cert"} > 0'), 15,
+                      "the refused scrape was not counted")
 
 
 if __name__ == "__main__":

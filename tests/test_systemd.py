@@ -6,7 +6,11 @@ installed unit; the installed binary's --help; and the installed binary
 started with the unit's ExecStart arguments under the unit's seccomp sandbox
 (SystemCallFilter, MemoryDenyWriteExecute, RestrictAddressFamilies,
 LockPersonality, NoNewPrivileges, UMask, an unprivileged user), answering
-/healthz, running a built-in guest and serving a vhost-user socket.
+/healthz, running a built-in guest and serving a vhost-user socket. The TLS
+drop-in (examples/systemd/iotlbd-tls.conf: certificate, key, client CA,
+scopes and tokens by LoadCredential=) keeps the exposure at 2.5 or better,
+verifies clean, and its ExecStart serves TLS with client certificates under
+the same sandbox, reading the credentials as the unprivileged user.
 
 Needs systemd-analyze (Debian's systemd; `make test-systemd` installs it) and
 fails without it. Does not need a running systemd. Run by `make test`
@@ -32,6 +36,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "/usr/local"
 UNIT_SOURCE = os.path.join(ROOT, "examples", "systemd", "iotlbd.service")
+TLS_DROPIN = os.path.join(ROOT, "examples", "systemd", "iotlbd-tls.conf")
 MAX_EXPOSURE = 2.5
 
 
@@ -433,6 +438,123 @@ class Installed(unittest.TestCase):
             proc.send_signal(signal.SIGTERM)
             self.assertEqual(proc.wait(timeout=10), 0, log_text())
             self.assertFalse(os.path.exists(sock))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+class TLSDropIn(unittest.TestCase):
+    """The unit with examples/systemd/iotlbd-tls.conf, as systemd merges a drop-in."""
+
+    @classmethod
+    def setUpClass(cls):
+        Installed.setUpClass.__func__(cls)
+        with open(TLS_DROPIN) as f:
+            cls.dropin = f.read().replace("@BINDIR@", "/usr/local/bin")
+        # A drop-in's lines come after the unit's, in the same sections ("ExecStart=" resets).
+        cls.merged = os.path.join(cls.tmp, "merged", "iotlbd.service")
+        os.makedirs(os.path.dirname(cls.merged))
+        with open(cls.unit) as f, open(cls.merged, "w") as out:
+            out.write(f.read() + "\n" + cls.dropin)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_security_exposure_stays_with_the_credentials(self):
+        service = read_unit(self.merged)["Service"]
+        creds = [v for k, v in service if k == "LoadCredential"]
+        self.assertEqual([c.split(":")[0] for c in creds],
+                         ["server.pem", "server.key", "client-ca.pem", "client-scopes", "tokens"])
+        out = systemd_analyze("security", "--offline=yes", f"--threshold={int(MAX_EXPOSURE * 10)}", self.merged,
+                              cwd=self.tmp)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        m = re.search(r"Overall exposure level for iotlbd\.service: (\d+\.\d+) (\w+)", out.stdout)
+        print(f"\nsystemd-analyze security with the TLS drop-in: exposure {m.group(1)} {m.group(2)}", flush=True)
+        self.assertLessEqual(float(m.group(1)), MAX_EXPOSURE)
+
+    def test_verify_is_clean_with_the_dropin(self):
+        root = os.path.join(self.tmp, "verify-tls")
+        shutil.copytree(self.dest, root, symlinks=True)
+        shutil.copytree("/lib/systemd/system", os.path.join(root, "lib", "systemd", "system"), symlinks=True)
+        d = os.path.join(root, "etc", "systemd", "system", "iotlbd.service.d")
+        os.makedirs(d)
+        # ExecReload= runs /bin/kill, which verify resolves inside the root too.
+        os.makedirs(os.path.join(root, "bin"), exist_ok=True)
+        shutil.copy("/bin/kill", os.path.join(root, "bin", "kill"))
+        with open(os.path.join(d, "tls.conf"), "w") as f:
+            f.write(self.dropin)
+        out = systemd_analyze("verify", f"--root={root}", "iotlbd.service", cwd=self.tmp)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertEqual([line for line in (out.stdout + out.stderr).splitlines() if "iotlbd" in line], [])
+
+    def test_serves_tls_from_its_credentials_under_the_sandbox(self):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from tlspki import PKI
+        service = read_unit(self.merged)["Service"]
+        sandbox = Sandbox(service)
+        pki = PKI(os.path.join(self.tmp, "pki"))
+        ca = pki.ca("ca", "test CA")
+        server = pki.server("server", ca)
+        client = pki.client("orch1", ca, "orch1")
+        # What systemd makes of LoadCredential=: a directory of copies the service's user alone reads.
+        creds = os.path.join(self.tmp, "credentials")
+        os.mkdir(creds, 0o500)
+        sources = {"server.pem": server[0], "server.key": server[1], "client-ca.pem": ca[0]}
+        for name, src in sources.items():
+            shutil.copy(src, os.path.join(creds, name))
+        with open(os.path.join(creds, "client-scopes"), "w") as f:
+            f.write(f"{PKI.subject(client[0])} translate orch1\n")
+        with open(os.path.join(creds, "tokens"), "w") as f:
+            f.write("r3ad-0nly-t0ken read dashboard\n")
+        user = {}
+        for name in os.listdir(creds):
+            os.chmod(os.path.join(creds, name), 0o400)
+            if os.geteuid() == 0:
+                os.chown(os.path.join(creds, name), 65534, 65534)
+        if os.geteuid() == 0:
+            os.chown(creds, 65534, 65534)
+            user = {"user": 65534, "group": 65534, "extra_groups": []}
+        port = free_port()
+        exec_start = [v for k, v in service if k == "ExecStart"][-1]
+        argv = []
+        for word in shlex.split(exec_start.replace("%d", creds)):
+            argv.extend(f"--listen 127.0.0.1:{port} --log-level warning".split() if word == "$IOTLBD_OPTS" else [word])
+        argv[0] = self.binary
+        runtime = os.path.join(self.tmp, "run-tls")
+        os.mkdir(runtime, 0o755)
+        log_path = os.path.join(self.tmp, "iotlbd-tls.log")
+        log = open(log_path, "w")
+        proc = subprocess.Popen(argv, cwd=runtime, umask=0o077, preexec_fn=sandbox.apply, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, env=dict(os.environ, RUNTIME_DIRECTORY=runtime), **user)
+
+        def curl(*args):
+            out = subprocess.run(["curl", "-s", "-m", "10", "--cacert", ca[0], *args], capture_output=True, text=True,
+                                 timeout=30)
+            return json.loads(out.stdout) if out.stdout else out.returncode
+
+        try:
+            deadline = time.time() + 10
+            while True:
+                with open(log_path) as f:
+                    self.assertIsNone(proc.poll(), f.read())
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    self.assertLess(time.time(), deadline)
+                    time.sleep(0.05)
+            url = f"https://127.0.0.1:{port}"
+            self.assertEqual(curl(url + "/healthz"), {"status": "ok"})
+            self.assertEqual(curl("--cert", client[0], "--key", client[1], url + "/v1/devices"), {"devices": []})
+            self.assertEqual(curl(url + "/v1/devices")["error"]["code"], "unauthorized")
+            refused = curl("--cert", client[0], "--key", client[1], "-X", "DELETE", url + "/v1/devices/x")
+            self.assertIn("needs scope admin", refused["error"]["message"])
+            proc.send_signal(signal.SIGTERM)
+            with open(log_path) as f:
+                self.assertEqual(proc.wait(timeout=10), 0, f.read())
         finally:
             if proc.poll() is None:
                 proc.kill()

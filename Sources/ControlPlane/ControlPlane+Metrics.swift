@@ -12,9 +12,12 @@ extension ControlPlane {
         let left = Locked(all.count)
         let finish: @Sendable () -> Void = { [self] in
             let all = gathered.withLock { $0 }.sorted { $0.id < $1.id }
+            let text = Exposition.render(all, longPollsWaiting: timer.pending, requests: requests,
+                                         build: (BuildInfo.version, BuildInfo.commit))
+                + authCounters.exposition(auditDropped: settings.audit?.dropped ?? 0, auditPending: settings.audit?.pending ?? 0,
+                                          certificateNotAfter: certificateNotAfter.withLock { $0 })
             complete(Response(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                              body: Array(Exposition.render(all, longPollsWaiting: timer.pending, requests: requests,
-                                                            build: (BuildInfo.version, BuildInfo.commit)).utf8)))
+                              body: Array(text.utf8)))
         }
         if all.isEmpty { return finish() }
         for managed in all {

@@ -1,4 +1,5 @@
-// The control plane: the routes over the devices service and the engine, authentication, and request counts.
+// The control plane: the routes over the devices service and the engine, authentication
+// (Authorization.swift), the audit trail, and request counts.
 import IOTLB
 import Vhost
 import Guest
@@ -7,11 +8,20 @@ import JSON
 import HTTP
 import Service
 import Metrics
+import Platform
 
 /// Settings of the HTTP/JSON control plane.
 public struct ControlPlaneSettings: Sendable {
-    /// Bearer token every /v1 request must carry; nil disables auth.
+    /// One bearer token with scope admin (as a bare --token-file); ignored when `credentials` is set.
     public var token: String?
+    /// Tokens and certificate subjects with their scopes (--token-file, --tls-client-scopes).
+    public var credentials: Credentials?
+    /// /metrics needs scope read (--metrics-auth).
+    public var metricsAuth = false
+    /// Where state-changing requests are recorded; nil: nowhere.
+    public var audit: AuditLog?
+    /// Failed authentications allowed per peer address, and in how many seconds they refill.
+    public var failureLimit = (burst: 10, seconds: 60.0)
     /// Default IOTLB size for devices that do not name one.
     public var iotlbMaxEntries = 2048
     /// Where vhost-user sockets may live and how they are made; nil: the
@@ -42,12 +52,21 @@ public final class ControlPlane: Sendable {
     let store: ConfigStore
     /// Where vhost-user sockets may live.
     public let sockets: VhostUserSockets
+    /// The credentials in force (reloaded on SIGHUP by `iotlbd`).
+    public let credentials: Credentials
+    /// Failed authentications by reason, 403s, 429s, reloads.
+    public let authCounters = AuthCounters()
+    let limiter: FailureLimiter
+    /// The TLS certificate's expiry (seconds since the epoch) for /metrics; set by whoever starts TLS listeners.
+    public let certificateNotAfter = Locked<Int64?>(nil)
 
     /// The routes over `engine` (no configuration loaded yet: see `loadConfiguration`).
     public init(engine: Engine, settings: ControlPlaneSettings, logger: Logger = Logger(label: "iotlbd")) {
         self.engine = engine
         self.settings = settings
         self.logger = logger
+        credentials = settings.credentials ?? Credentials(settings.token.map { CredentialSet(adminToken: $0) } ?? CredentialSet())
+        limiter = FailureLimiter(burst: settings.failureLimit.burst, period: settings.failureLimit.seconds)
         let sockets = settings.vhostUserSockets
             ?? (try? VhostUserSockets.prepare(directory: nil, group: nil))
             ?? VhostUserSockets(resolvedDirectory: VhostUserSockets.defaultDirectory())
@@ -95,30 +114,47 @@ public final class ControlPlane: Sendable {
         store.stop()
     }
 
-    /// Answers one request: authentication, then routing.
+    /// Answers one request: authentication and scope, then routing; a
+    /// state-changing one leaves an audit line once answered.
     public func respond(_ request: Request) -> Reply {
+        let started = monotonicNanos()
         // Matched once: the pattern labels the count, the match runs once authorized.
         let match = router.match(request)
         // Counted by route pattern (not path: ids would make labels unbounded).
         let route = match.pattern ?? (request.path == "/metrics" ? "/metrics" : "unmatched")
         let method = ["GET", "HEAD", "POST", "PUT", "DELETE"].contains(request.method) ? request.method : "other"
         let counter = requests
-        let reply = authorizedReply(request, match)
+        let reply: Reply
+        let who: Identity?
+        switch authorize(request, pattern: match.pattern) {
+        case .success(let id):
+            (reply, who) = (authorizedReply(request, match), id)
+        case .failure(let refused):
+            (reply, who) = (.now(refused.response), refused.identity)
+        }
+        let audit = settings.audit.flatMap { log -> (@Sendable (Int) -> Void)? in
+            guard request.method != "GET", request.method != "HEAD" else { return nil }
+            return { status in log.record(auditLine(request, match, who, status: status, started: started)) }
+        }
+        let answered: @Sendable (Response) -> Void = { r in
+            counter.count(route: route, method: method, status: r.status)
+            audit?(r.status)
+        }
         switch reply {
         case .now(let r):
-            counter.count(route: route, method: method, status: r.status)
+            answered(r)
             return reply
         case .later(let start):
             return .later { complete in
                 start { r in
-                    counter.count(route: route, method: method, status: r.status)
+                    answered(r)
                     complete(r)
                 }
             }
         case .deferred(let start):
             return .deferred { complete in
                 start { r in
-                    counter.count(route: route, method: method, status: r.status)
+                    answered(r)
                     complete(r)
                 }
             }
@@ -126,14 +162,6 @@ public final class ControlPlane: Sendable {
     }
 
     private func authorizedReply(_ request: Request, _ match: Router.Match) -> Reply {
-        if let token = settings.token, request.path.hasPrefix("/v1") {
-            let given = request.headers["authorization"] ?? ""
-            guard constantTimeEqual(Array(given.utf8), Array(("Bearer " + token).utf8)) else {
-                var resp = Response.error(APIError(401, "unauthorized", "missing or wrong bearer token"))
-                resp.headers.append(("WWW-Authenticate", "Bearer"))
-                return .now(resp)
-            }
-        }
         if request.path == "/metrics" {
             guard request.method == "GET" || request.method == "HEAD" else {
                 var resp = Response.error(APIError(405, "method_not_allowed", "\(request.method) is not allowed here; allowed: GET"))

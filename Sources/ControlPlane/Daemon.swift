@@ -24,8 +24,9 @@ public final class Daemon: Sendable {
         engine = Engine(datapathThreads: datapathThreads, limits: limits)
         let cp = ControlPlane(engine: engine, settings: settings, logger: logger)
         controlPlane = cp
-        server = HTTPServer(options: options) { cp.respond($0) }
-        extraServers = alsoListen.map { HTTPServer(options: $0) { cp.respond($0) } }
+        let handshakeFailed: @Sendable (String) -> Void = { _ in cp.authCounters.failure("tls_handshake") }
+        server = HTTPServer(options: options, onHandshakeFailure: handshakeFailed) { cp.respond($0) }
+        extraServers = alsoListen.map { HTTPServer(options: $0, onHandshakeFailure: handshakeFailed) { cp.respond($0) } }
     }
 
     /// Loads the configuration (the state file of --state-dir, else
@@ -44,6 +45,27 @@ public final class Daemon: Sendable {
             }
             started.append(s)
         }
+        noteCertificate()
+    }
+
+    private func noteCertificate() {
+        let notAfter = ([server] + extraServers).compactMap(\.tlsNotAfter).min()
+        controlPlane.certificateNotAfter.withLock { $0 = notAfter }
+    }
+
+    /// SIGHUP: re-reads the token and certificate-scope files and every TLS
+    /// listener's certificate, key and client CA, and reopens the audit log.
+    /// What fails to load keeps what was in force; the refusals are returned.
+    public func reload() -> [String] {
+        var refusals: [String] = []
+        do throws(CredentialsError) { try controlPlane.credentials.reload() } catch { refusals.append(error.description) }
+        for s in [server] + extraServers {
+            do throws(ServerStartError) { try s.reloadTLS() } catch { refusals.append(error.description) }
+        }
+        noteCertificate()
+        controlPlane.settings.audit?.reopen()
+        controlPlane.authCounters.reload(refusals.isEmpty ? "ok" : "failed")
+        return refusals
     }
 
     /// The bound port of the first listener.
@@ -56,5 +78,6 @@ public final class Daemon: Sendable {
         controlPlane.stop()
         server.stop()
         for s in extraServers { s.stop() }
+        controlPlane.settings.audit?.stop()
     }
 }

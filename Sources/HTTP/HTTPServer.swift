@@ -30,13 +30,16 @@ public struct ServerOptions: Sendable {
     public var unixPath: String?
     /// The Unix socket's mode: who may connect is who may write it.
     public var unixPermissions: mode_t = 0o660
+    /// TLS on a TCP listener (a Unix socket stays plain, guarded by its mode).
+    public var tls: TLSFiles?
     /// 127.0.0.1:8080, as `iotlbd` without --listen.
     public init() {}
 
-    /// What the listener is, for messages: "HOST:PORT" or "unix:PATH".
+    /// What the listener is, for messages: "HOST:PORT" or "unix:PATH" ("… (TLS)" with TLS).
     public var address: String {
         if let unixPath { return "unix:" + unixPath }
-        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        let hostPort = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        return tls == nil ? hostPort : hostPort + " (TLS)"
     }
 }
 
@@ -68,15 +71,22 @@ public final class HTTPServer: @unchecked Sendable {
     /// The options given.
     public let options: ServerOptions
     private let responder: @Sendable (Request) -> Reply
+    /// Called with the peer's address when a TLS handshake failed (e.g. plain HTTP on the TLS port).
+    let onHandshakeFailure: @Sendable (String) -> Void
+    /// The credentials new connections take (see TLS.swift); nil without TLS.
+    let currentTLS = Locked<TLSCredentials?>(nil)
     private var daemon: OpaquePointer?
     private let open = Atomic<Int>(0)
     private let suspended = Atomic<Int>(0)
     /// The bound port (the chosen one when `options.port` was 0).
     public private(set) var port: UInt16 = 0
 
-    /// A server (not yet listening: see `start()`) that answers every request with `responder`.
-    public init(options: ServerOptions, responder: @escaping @Sendable (Request) -> Reply) {
+    /// A server (not yet listening: see `start()`) that answers every request with `responder`;
+    /// `onHandshakeFailure` hears of every TLS handshake that failed, with the peer's address.
+    public init(options: ServerOptions, onHandshakeFailure: @escaping @Sendable (String) -> Void = { _ in },
+                responder: @escaping @Sendable (Request) -> Reply) {
         self.options = options
+        self.onHandshakeFailure = onHandshakeFailure
         self.responder = responder
     }
 
@@ -140,15 +150,19 @@ public final class HTTPServer: @unchecked Sendable {
             Unmanaged<ConnectionState>.fromOpaque(p).release()
             slot.pointee = nil
         }
-        let notify: MHD_NotifyConnectionCallback = { cls, _, _, code in
+        let notify: MHD_NotifyConnectionCallback = { cls, connection, socketContext, code in
             let server = Unmanaged<HTTPServer>.fromOpaque(cls!).takeUnretainedValue()
             if code == .CONNECTION_NOTIFY_STARTED {
                 server.open.add(1, ordering: .relaxed)
+                server.connectionStarted(connection!, socketContext!)
             } else {
                 server.open.subtract(1, ordering: .relaxed)
+                server.connectionClosed(connection!, socketContext!)
             }
         }
-        var items: [MHD_OptionItem] = [
+        let tls = unixFD >= 0 ? nil : try loadTLS()
+        if tls != nil { flags |= MHD_USE_TLS.rawValue }
+        var items: [MHD_OptionItem] = tlsOptionItems(tls) + [
             unixFD >= 0 ? MHD_OptionItem(option: .LISTEN_SOCKET, value: Int(unixFD), ptr_value: nil)
                 : MHD_OptionItem(option: .SOCK_ADDR, value: 0, ptr_value: addrPtr),
             MHD_OptionItem(option: .THREAD_POOL_SIZE, value: max(1, options.threads), ptr_value: nil),
@@ -165,7 +179,7 @@ public final class HTTPServer: @unchecked Sendable {
             return server.handle(connection!, url!, method!, uploadData, uploadSize!, conCls!)
         }
         daemon = CMicroHTTPD_start(flags, unixFD >= 0 ? 0 : options.port, handler, me, &items)
-        withExtendedLifetime((v4, v6)) {}
+        withExtendedLifetime((v4, v6, tls)) {}
         guard let daemon else {
             let why = String(cString: strerror(errno))
             if unixFD >= 0, let path = options.unixPath {
@@ -240,6 +254,11 @@ public final class HTTPServer: @unchecked Sendable {
 
         var request = Request(method: String(cString: method), path: String(cString: url))
         request.body = state.body
+        if let context = CMicroHTTPD_socket_context(c) {
+            let ctx = Unmanaged<ConnectionContext>.fromOpaque(context).takeUnretainedValue()
+            ctx.requests += 1
+            request.peer = ctx.peer(c)
+        }
         request.query = values(c, .GET_ARGUMENT_KIND)
         for (k, v) in values(c, .HEADER_KIND) { request.headers[k.lowercased()] = v }
         switch responder(request) {

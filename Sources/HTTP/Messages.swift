@@ -15,6 +15,8 @@ public struct Request: Sendable {
     public var body: [UInt8]
     /// Path parameters filled in by the router (`{id}` → "demo0").
     public var params: [String: String] = [:]
+    /// Who sent it: address, TLS, client certificate (set by the server).
+    public var peer = Peer()
 
     /// A request as the server (or an in-process test) hands it to a responder.
     public init(method: String, path: String, query: [(String, String)] = [], headers: [String: String] = [:],

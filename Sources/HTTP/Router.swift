@@ -50,6 +50,8 @@ public struct Router: Sendable {
         /// The pattern of the route serving the request with its own method (for
         /// metrics labels); nil for no route, a 405, or HEAD served by GET.
         public let pattern: String?
+        /// The path parameters of the route serving the request (`{id}` → "nic0"), also for HEAD.
+        public let params: [String: String]
         fileprivate let run: @Sendable () -> Reply
 
         /// Runs the handler (a thrown APIError becomes its error body), or answers
@@ -71,7 +73,7 @@ public struct Router: Sendable {
             var withParams = request
             withParams.params = params
             let (req, handler) = (withParams, r.handler)
-            return Match(pattern: r.method == request.method ? r.pattern : nil) {
+            return Match(pattern: r.method == request.method ? r.pattern : nil, params: params) {
                 do throws(APIError) { return try handler(req) } catch { return .now(.error(error)) }
             }
         }
@@ -80,9 +82,9 @@ public struct Router: Sendable {
                                                "\(request.method) is not allowed here; allowed: \(allowed.joined(separator: ", "))"))
             resp.headers.append(("Allow", allowed.joined(separator: ", ")))
             let answer = resp
-            return Match(pattern: nil) { .now(answer) }
+            return Match(pattern: nil, params: [:]) { .now(answer) }
         }
-        return Match(pattern: nil) { .now(.error(.notFound("no route for \(request.path)"))) }
+        return Match(pattern: nil, params: [:]) { .now(.error(.notFound("no route for \(request.path)"))) }
     }
 
     /// Dispatches: `match(request).reply()`.

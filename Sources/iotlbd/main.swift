@@ -24,7 +24,9 @@ struct IOTLBDaemon: ParsableCommand {
             memory tables, vrings, workloads; not the IOTLB) survives restarts; \
             GET /v1/config exports it and --config loads one. \
             SIGTERM or SIGINT stops workloads, drops vhost-user front-ends (removing \
-            their sockets), releases long-polls and exits 0.
+            their sockets), releases long-polls and exits 0. SIGHUP re-reads --token-file, \
+            --tls-client-scopes and the TLS files (connections in flight keep theirs) and \
+            reopens --audit-log; a file that fails to load keeps what was in force.
             """,
         version: "\(BuildInfo.version) (commit \(BuildInfo.commit))")
 
@@ -61,8 +63,39 @@ struct IOTLBDaemon: ParsableCommand {
     @Flag(name: .long, help: "Let a TAP port make its interface when it does not exist (needs CAP_NET_ADMIN; the interface is left down and goes with the device). Without it, a TAP port attaches only to an interface the operator made: `ip tuntap add NAME mode tap multi_queue vnet_hdr user USER`.")
     var tapCreate = false
 
-    @Option(name: .long, help: "File holding a bearer token required on every /v1 request (/healthz and /metrics stay open).")
+    @Option(name: .long, help: ArgumentHelp(
+        "Bearer tokens, one per line: TOKEN SCOPE NAME (scope read, translate or admin; NAME is what the audit trail shows). A file holding one bare token gives it scope admin. Every request but /healthz (and /metrics, unless --metrics-auth) then needs a credential.",
+        valueName: "file"))
     var tokenFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("Serve TCP listeners over TLS (1.2 and 1.3) with this certificate chain (PEM).", valueName: "file"))
+    var tlsCert: String?
+
+    @Option(name: .long, help: ArgumentHelp("The private key of --tls-cert (PEM); refused when others may read it.", valueName: "file"))
+    var tlsKey: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Require a client certificate signed by one of these CAs (PEM) on TLS listeners, for every request but /healthz.",
+        valueName: "file"))
+    var tlsClientCa: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Client certificate subjects with their scopes, one per line: SUBJECT SCOPE NAME (SUBJECT as RFC 4514 writes it, e.g. CN=orch1,O=Example). Without it any certificate --tls-client-ca verifies has scope admin.",
+        valueName: "file"))
+    var tlsClientScopes: String?
+
+    @Flag(name: .long, help: "/metrics needs a credential with scope read (else it is open; with --tls-client-ca a client certificate is still needed).")
+    var metricsAuth = false
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Where state-changing requests are recorded, one JSON line each: a file (appended, fsync'ed by a writer thread), - for stderr, or none. Default: stderr when --token-file or --tls-client-ca is given, else none.",
+        valueName: "file"))
+    var auditLog: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Failed authentications allowed per peer address, as N/SECONDS: N at once, refilled over SECONDS; past it 429 with Retry-After.",
+        valueName: "n/seconds"))
+    var authFailureLimit = "10/60"
 
     @Flag(name: .long, help: "Create device demo0 with a looping built-in guest so live figures show at once.")
     var demo = false
@@ -111,6 +144,14 @@ struct IOTLBDaemon: ParsableCommand {
         for (flag, a) in [("--listen", listen)] + alsoListen.map({ ("--also-listen", $0) }) where parseListen(a) == nil {
             throw ValidationError("\(flag) \(a): expected HOST:PORT (e.g. 127.0.0.1:8080) or unix:PATH (an absolute path of at most 107 bytes)")
         }
+        guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
+        guard tlsCert != nil || (tlsClientCa == nil && tlsClientScopes == nil) else {
+            throw ValidationError("--tls-client-ca and --tls-client-scopes need --tls-cert and --tls-key")
+        }
+        guard tlsClientScopes == nil || tlsClientCa != nil else { throw ValidationError("--tls-client-scopes needs --tls-client-ca") }
+        guard parseFailureLimit(authFailureLimit) != nil else {
+            throw ValidationError("--auth-failure-limit: expected N/SECONDS, e.g. 10/60 (N ≥ 1, SECONDS > 0)")
+        }
     }
 
     func run() throws {
@@ -127,18 +168,26 @@ struct IOTLBDaemon: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGTERM)
         sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
         signal(SIGPIPE, SIG_IGN)
 
         var settings = ControlPlaneSettings()
         settings.iotlbMaxEntries = iotlbMaxEntries
-        if let tokenFile {
-            guard let bytes = (try? readWholeFile(tokenFile)) ?? nil else {
-                throw ValidationError("cannot read --token-file \(tokenFile)")
+        do throws(CredentialsError) {
+            settings.credentials = try Credentials(tokenFile: tokenFile, subjectsFile: tlsClientScopes)
+        } catch {
+            logger.critical("\(error.description)")
+            throw ExitCode(1)
+        }
+        settings.metricsAuth = metricsAuth
+        settings.failureLimit = parseFailureLimit(authFailureLimit)!
+        let audit = auditLog ?? (tokenFile != nil || tlsClientCa != nil ? "-" : "none")
+        if audit != "none" {
+            do { settings.audit = try AuditLog(path: audit == "-" ? nil : audit) } catch {
+                logger.critical("\(error.description)")
+                throw ExitCode(1)
             }
-            let token = String(decoding: bytes, as: UTF8.self).trimmingWhitespace()
-            guard !token.isEmpty else { throw ValidationError("--token-file \(tokenFile) is empty") }
-            settings.token = token
         }
         var limits = EngineLimits()
         limits.maxMemRegions = maxMemRegions
@@ -157,6 +206,9 @@ struct IOTLBDaemon: ParsableCommand {
             options.maxConnections = maxConnections
             options.threads = httpThreads
             options.connectionTimeout = requestTimeout
+            if options.unixPath == nil, let tlsCert, let tlsKey {
+                options.tls = TLSFiles(certificate: tlsCert, key: tlsKey, clientCA: tlsClientCa)
+            }
             return options
         }
         let options = serverOptions(listen)
@@ -176,9 +228,13 @@ struct IOTLBDaemon: ParsableCommand {
                                             "datapath_threads": "\(datapathThreads)",
                                             "vhost_user_dir": "\(daemon.controlPlane.sockets.directory)",
                                             "state_file": "\(daemon.controlPlane.stateFile ?? "-")",
-                                            "auth": "\(settings.token == nil ? "off" : "bearer")"])
+                                            "auth": "\(daemon.controlPlane.credentials.summary)",
+                                            "audit": "\(audit == "-" ? "stderr" : audit)"])
         if demo {
-            let base = options.unixPath == nil ? "http://\(shown(daemon.server))" : "--unix-socket \(options.unixPath!) http://localhost"
+            var plain = daemon.server.options
+            (plain.port, plain.tls) = (daemon.server.port, nil)
+            let base = options.unixPath != nil ? "--unix-socket \(options.unixPath!) http://localhost"
+                : (options.tls == nil ? "http://" : "https://") + plain.address
             daemon.controlPlane.startDemo { result in
                 switch result {
                 case .success(let id):
@@ -190,11 +246,22 @@ struct IOTLBDaemon: ParsableCommand {
             }
         }
         var caught: Int32 = 0
-        sigwait(&signals, &caught)
+        while sigwait(&signals, &caught) == 0, caught == SIGHUP {
+            let refusals = daemon.reload()
+            for r in refusals { logger.error("reload refused, the previous one stays in force: \(r)") }
+            if refusals.isEmpty { logger.info("reloaded", metadata: ["auth": "\(daemon.controlPlane.credentials.summary)"]) }
+        }
         logger.info("stopping", metadata: ["signal": "\(caught == SIGTERM ? "SIGTERM" : "SIGINT")"])
         daemon.stop()
         logger.info("stopped")
     }
+}
+
+/// "10/60" → (burst 10, refilled over 60 s).
+func parseFailureLimit(_ s: String) -> (burst: Int, seconds: Double)? {
+    let parts = s.split(separator: "/")
+    guard parts.count == 2, let n = Int(parts[0]), n >= 1, let t = Double(parts[1]), t > 0, t.isFinite else { return nil }
+    return (n, t)
 }
 
 /// "8G", "512M", "4096" → bytes.
@@ -231,16 +298,6 @@ func splitHostPort(_ s: String) -> (String, UInt16)? {
     var host = String(s[..<colon])
     if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
     return host.isEmpty ? nil : (host, port)
-}
-
-extension String {
-    /// Without leading and trailing white space (a token file usually ends in a newline).
-    func trimmingWhitespace() -> String {
-        var s = Substring(self)
-        while let f = s.first, f.isWhitespace { s = s.dropFirst() }
-        while let l = s.last, l.isWhitespace { s = s.dropLast() }
-        return String(s)
-    }
 }
 
 IOTLBDaemon.main()
