@@ -75,12 +75,17 @@ def read_text(path):
 
 def counters(text):
     """The console's "QG counters phase=run" lines, as dicts of ints (plus "up");
-    a last line still being written is left for the next read."""
+    a last line still being written is left for the next read, and so is a line
+    with an empty value (the guest read /qg-sent while its pktgen loop rewrote
+    it: `pktgen_sent=`, seen once here)."""
     out = []
     for line in text[:text.rfind("\n") + 1].splitlines():
         m = COUNTERS.match(line.strip())
         if m:
-            c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
+            words = [kv.split("=", 1) for kv in m.group(2).split()]
+            if not all(len(w) == 2 and re.fullmatch(r"-?\d+", w[1]) for w in words):
+                continue
+            c = {k: int(v) for k, v in words}
             c["up"] = float(m.group(1))
             out.append(c)
     return out
