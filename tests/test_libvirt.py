@@ -40,7 +40,9 @@ its serial console (a file) prints the counters every ~0.5 s.
   connection, `virsh start` again connects and `virsh destroy` leaves no
   connection, and QEMU's log holds no complaint.
 - The README's "Use with libvirt" fragments are the ones in the example files
-  (checked as written), and the two domain files differ only in <source>.
+  (checked as written), the two loopback domain files differ only in
+  <source>, and the port domains differ from iotlbd-guest-client.xml only in
+  what each must (name, MAC, socket, console, the guest's command line).
 
 Needs root, libvirt (`make libvirt-tools`), QEMU and ip (`make net-tools`);
 fails, never skips, when something cannot run. libvirtd and virtlogd are
@@ -141,6 +143,9 @@ def stripped_lines(text):
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+PORT_FILES = ("iotlbd-guest-tap.xml", "iotlbd-vm2.xml", "iotlbd-vm3.xml")
+
+
 class Fragments(unittest.TestCase):
     """The README's libvirt guide as written: what it shows is what the test boots."""
 
@@ -148,19 +153,24 @@ class Fragments(unittest.TestCase):
         return read_text(os.path.join(EXAMPLES, f"iotlbd-guest-{mode}.xml"))
 
     def test_xml_fragments_are_the_example_files(self):
+        """Each block is in the files its comment names (`<!-- FILE.xml -->`), or
+        else in the loopback file of its socket mode (both without one)."""
         section = libvirt_section()
         blocks = re.findall(r"```xml\n(.*?)```", section, re.S)
-        self.assertGreaterEqual(len(blocks), 5, "interface (both modes), iommu, memoryBacking, features, override")
-        files = {mode: stripped_lines(self.example(mode)) for mode in ("client", "server")}
+        self.assertGreaterEqual(len(blocks), 6, "interface (both modes), iommu, memoryBacking, features, override, "
+                                                "a peer domain's interface")
         for block in blocks:
             want = stripped_lines(block)
+            named = re.findall(r"<!--\s*([\w.-]+\.xml)\s*-->", block)
             modes = [m for m in ("client", "server") if f"mode='{m}'" in block] or ["client", "server"]
-            for mode in modes:
-                lines = files[mode]
+            for name in named or [f"iotlbd-guest-{m}.xml" for m in modes]:
+                text = read_text(os.path.join(EXAMPLES, name))
+                self.assertTrue(text, f"README fragment names {name}, not in examples/libvirt/")
+                lines = stripped_lines(text)
                 found = any(lines[i:i + len(want)] == want for i in range(len(lines) - len(want) + 1))
-                self.assertTrue(found, f"README fragment not in iotlbd-guest-{mode}.xml as written:\n{block}")
+                self.assertTrue(found, f"README fragment not in {name} as written:\n{block}")
         for needle in ("<interface type='vhostuser'>", "<iommu model='intel'>", "<memoryBacking>", "<features>",
-                       "<qemu:override>", "name='vectors'", "mode='client'", "mode='server'"):
+                       "<qemu:override>", "name='vectors'", "mode='client'", "mode='server'", "iotlbd-vm3.xml"):
             self.assertIn(needle, "".join(blocks), f"the README shows no {needle}")
 
     def test_domain_files_differ_in_source_only(self):
@@ -170,16 +180,50 @@ class Fragments(unittest.TestCase):
         for line in changed:
             self.assertRegex(line, r"^(<source type='unix' |<reconnect |</source>)", "the two domains differ elsewhere")
 
+    def test_port_domains_differ_from_client_where_they_must(self):
+        """The port is the device's: the TAP domain is iotlbd-guest-client.xml
+        but for the guest's command line; each peer domain also has its own
+        name, MAC, socket and console file."""
+        client = stripped_lines(self.example("client"))
+        allowed = {"iotlbd-guest-tap.xml": r"^<cmdline>",
+                   "iotlbd-vm2.xml": r"^(<cmdline>|<name>|<mac |<source type='unix' path=|<source path=)",
+                   "iotlbd-vm3.xml": r"^(<cmdline>|<name>|<mac |<source type='unix' path=|<source path=)"}
+        seen = {}
+        for name in PORT_FILES:
+            lines = stripped_lines(read_text(os.path.join(EXAMPLES, name)))
+            self.assertTrue(lines, name)
+            changed = [line[2:] for line in difflib.ndiff(client, lines) if line[:2] in ("- ", "+ ")]
+            for line in changed:
+                self.assertRegex(line, allowed[name], f"{name} differs from iotlbd-guest-client.xml elsewhere")
+            cmdline = next(line for line in lines if line.startswith("<cmdline>"))
+            self.assertIn("qg_mode=net", cmdline)
+            self.assertIn(f"qg_mb={STREAM_MB}", cmdline)
+            seen[name] = {k: next(line for line in lines if line.startswith(k)) for k in ("<name>", "<mac ", "<source type='unix'", "<source path=")}
+        self.assertIn(f"qg_peer={TAP_HOST} ", next(l for l in stripped_lines(read_text(
+            os.path.join(EXAMPLES, "iotlbd-guest-tap.xml"))) if l.startswith("<cmdline>")))
+        for k in ("<name>", "<mac ", "<source type='unix'", "<source path="):
+            self.assertNotEqual(seen["iotlbd-vm2.xml"][k], seen["iotlbd-vm3.xml"][k], f"the peer domains share {k}")
+        for (domain, device), name in zip(PAIR, PORT_FILES[1:]):
+            self.assertEqual(seen[name]["<name>"], f"<name>{domain}</name>")
+            self.assertIn(f"/{device}.sock'", seen[name]["<source type='unix'"])
+            self.assertIn(f"/{domain}-console.log'", seen[name]["<source path="])
+
     def test_readme_commands_are_the_scripts(self):
-        """The device JSON the README creates is the script's; the group setting
-        is the test's."""
+        """The device JSON the README creates is the script's, and so is the one
+        each domain file's comment names; the group setting is the test's."""
         section = libvirt_section()
         script = read_text(SCRIPT)
         bodies = re.findall(r"-d '(\{.*?\})'", section)
-        self.assertEqual(len(bodies), 2, "the README creates the device for both modes")
+        self.assertEqual(len(bodies), 5, "the README creates the device for both modes, the TAP port and the pair")
         for body in bodies:
             json.loads(body)
             self.assertTrue(f"'{body}'" in script, f"README device JSON not in libvirt-guest.sh: {body}")
+        ports = {json.loads(b).get("port", {}).get("type", "loopback") for b in bodies}
+        self.assertEqual(ports, {"loopback", "tap", "peer"})
+        for name in ("iotlbd-guest-client.xml", "iotlbd-guest-server.xml") + PORT_FILES:
+            named = re.findall(r"(\{\"id\".*\}\})[.;]?$", read_text(os.path.join(EXAMPLES, name)), re.M)
+            self.assertEqual(len(named), 1, f"{name} names its device's JSON")
+            self.assertTrue(f"'{named[0]}'" in script, f"{name}'s device JSON not in libvirt-guest.sh: {named[0]}")
         self.assertIn("--vhost-user-group libvirt-qemu", section)
         self.assertIn("install -d -m 0770 -g libvirt-qemu", section)
         self.assertIn("install -d -m 0770 -g libvirt-qemu", script)
