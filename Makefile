@@ -200,8 +200,11 @@ test-ports: build tools net-tools
 # systemd) and stopped by PID; the guest of scripts/qemu-guest booted by `virsh
 # start` from examples/libvirt/ in both socket directions behind an Intel vIOMMU;
 # traffic back, IOTLB misses, updates and invalidations, no connection left after
-# `virsh destroy`, iotlbd killed and restarted under the running domain.
-test-libvirt: build libvirt-tools
+# `virsh destroy`, iotlbd killed and restarted under the running domain. Then
+# with iotlbd in a network namespace of the test's: a domain on a TAP port
+# pinging and streaming to the TAP's address, and two domains on peer ports
+# pinging and streaming to each other; port counters both ways, no drop.
+test-libvirt: build libvirt-tools net-tools
 	scripts/qemu-guest/build.sh
 	$(PYTHON) tests/test_libvirt.py
 
