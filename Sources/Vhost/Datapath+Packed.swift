@@ -60,6 +60,7 @@ extension Device {
             }
             ringStore16(vq, nil, base, at + PackedRing.flagsOffset, flags, release: true)
         }
+        if R.logs { logDescRing(vq, at + 8, 8) }  // len, id, flags: one descriptor, one page
     }
 
     /// After used buffers were written: notify unless the driver's event
