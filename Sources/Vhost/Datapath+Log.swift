@@ -69,23 +69,78 @@ extension Device {
         return !wrapped && last >> 12 < logState.pointee.pages
     }
 
-    /// Sets the bits of the pages of `[gpa, gpa+length)`, after the write they
-    /// record. Callers checked `logCovers`; a page past the log is still never
-    /// touched (counted as a fault).
+    /// Records the pages of `[gpa, gpa+length)` as written; their bits are set
+    /// by the next `logFlush`, which runs after the writes and before the used
+    /// index (or a packed used descriptor) that hands them over is published.
+    /// Callers checked `logCovers`; a page past the log is still never
+    /// recorded (counted as a fault).
     @inline(__always)
     func logMark(_ gpa: UInt64, _ length: Int) {
-        guard let base = logState.pointee.base else { return }
+        // The common case inline: one page, in the word recorded last.
+        let page = gpa >> 12
+        let n = logState.pointee.cached
+        if n > 0, (gpa &+ UInt64(length &- 1)) >> 12 == page, page < logState.pointee.pages {
+            let last = logState.pointee.cache + (n - 1)
+            if last.pointee.word == page >> 6 { last.pointee.bits |= 1 << (page & 63); return }
+        }
+        logMarkPages(gpa, length)
+    }
+
+    @inline(never)
+    func logMarkPages(_ gpa: UInt64, _ length: Int) {
         let pages = logState.pointee.pages
         var page = gpa >> 12
         let last = (gpa &+ UInt64(length &- 1)) >> 12
         while page <= last {
             guard page < pages else { logState.pointee.faults &+= 1; return }
-            let bit = UInt8(1) << UInt8(truncatingIfNeeded: page & 7)
-            if CRingAtomics_fetch_or_u8(base + Int(truncatingIfNeeded: page >> 3), bit) & bit == 0 {
-                logState.pointee.pagesLogged &+= 1
-            }
+            logRecord(word: page >> 6, bit: 1 << (page & 63))
             page &+= 1
         }
+    }
+
+    private func logRecord(word: UInt64, bit: UInt64) {
+        let cache = logState.pointee.cache
+        var i = logState.pointee.cached
+        while i > 0 {
+            i -= 1
+            if cache[i].word == word { cache[i].bits |= bit; return }
+        }
+        if logState.pointee.cached == DirtyLogState.cacheSize { logFlush() }
+        cache[logState.pointee.cached] = (word, bit)
+        logState.pointee.cached += 1
+    }
+
+    /// Sets the recorded bits in the log, after a full fence: the guest writes
+    /// they record are visible before any bit is read or set. A byte whose
+    /// bits are all set already is left alone (the front-end clears bits with
+    /// an atomic exchange and copies the page after it: if it has not cleared
+    /// them yet, it copies what the fence made visible); an atomic OR sets the rest.
+    @inline(__always)
+    func logFlush() {
+        if logState.pointee.cached > 0 { logFlushCached() }
+    }
+
+    @inline(never)
+    func logFlushCached() {
+        let n = logState.pointee.cached
+        guard n > 0, let base = logState.pointee.base else { return }
+        let cache = logState.pointee.cache
+        var fresh: UInt64 = 0
+        CRingAtomics_fence_seq_cst()
+        for i in 0..<n {
+            var bits = cache[i].bits
+            let at = base + Int(truncatingIfNeeded: cache[i].word << 3)
+            while bits != 0 {
+                let k = bits.trailingZeroBitCount >> 3
+                let byte = UInt8(truncatingIfNeeded: bits >> UInt64(k << 3))
+                bits &= ~(UInt64(0xff) << UInt64(k << 3))
+                if CRingAtomics_load_relaxed_u8(at + k) & byte == byte { continue }
+                let old = CRingAtomics_fetch_or_u8(at + k, byte)
+                fresh &+= UInt64((byte & ~old).nonzeroBitCount)
+            }
+        }
+        logState.pointee.pagesLogged &+= fresh
+        logState.pointee.cached = 0
     }
 
     /// Before a buffer write of segment `s`: true when the log covers it, else

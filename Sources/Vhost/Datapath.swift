@@ -54,6 +54,7 @@ extension Device {
             for pair in 0..<port.pairs where receiveFromPort(pair: pair, port, S.self) { work = true }
         }
         if port.m.pointee.announcePending { sendAnnouncement(S.self) }
+        if S.Ring.logs { logFlush() }  // what a stopped queue wrote and did not publish
         return work
     }
 
@@ -270,6 +271,7 @@ extension Device {
     /// Copies a TX chain's bytes into an RX chain (`txHead`, `rxHead`: where
     /// they start, for messages); nil when a fault or a malformed chain
     /// stopped a queue (nothing is published then).
+    @inline(__always)
     func copyChain<T: ChainWalk, R: ChainWalk>(from tx: VirtQueue, _ src: inout ChainCursor<T>, _ txHead: UInt16,
                                                to rx: VirtQueue, _ dst: inout ChainCursor<R>, _ rxHead: UInt16) -> (Int, Int)? {
         var read = 0, written = 0

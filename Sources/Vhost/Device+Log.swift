@@ -13,6 +13,7 @@ extension Device {
     /// released here, on the worker, so no round uses it afterwards; a front-end
     /// may unmap it once this returned.
     public func setDirtyLog(_ log: DirtyLog?) {
+        logFlush()
         logState.pointee.log = log
         logState.pointee.base = log?.base
         logState.pointee.pages = log?.pages ?? 0

@@ -137,7 +137,8 @@ public final class Device {
         m.initialize(to: Mutable())
         m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
         logState = .allocate(capacity: 1)
-        logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests))
+        logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests,
+                                              cache: .allocate(capacity: DirtyLogState.cacheSize)))
         self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
         queueRefs = .allocate(capacity: queues.count)
         for (i, q) in queues.enumerated() { (queueRefs + i).initialize(to: .passUnretained(q)) }
@@ -148,6 +149,7 @@ public final class Device {
         m.pointee.regions.free()
         m.deinitialize(count: 1)
         m.deallocate()
+        logState.pointee.cache.deallocate()
         logState.deinitialize(count: 1)
         logState.deallocate()
     }

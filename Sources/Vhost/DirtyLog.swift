@@ -122,4 +122,11 @@ struct DirtyLogState {
     var lastFault: String?
     /// The log object itself, kept while the pointers above point into it.
     var log: DirtyLog?
+    /// Bits set since the last flush, by 64-page word of the log: writes of a
+    /// batch touch few pages again and again, so a flush before the used index
+    /// is published costs an atomic OR per word, not one per write.
+    /// SAFETY: allocated with the device (`cacheSize` entries), freed with it.
+    var cache: UnsafeMutablePointer<(word: UInt64, bits: UInt64)>
+    var cached = 0
+    static let cacheSize = 8
 }

@@ -335,6 +335,7 @@ extension Device {
     /// decides whether the driver asked to be notified.
     func publishUsed<R: TranslatedAddress>(_ vq: VirtQueue, from old: UInt16, _: R.Type) {
         guard let c = vq.config else { return }
+        if R.logs { logFlush() }  // logging: the bits of what the entries hand over (the index's: next flush)
         let ring = c.areas(R.self)
         ringStore16(vq, vq.usedHost, ring.used, SplitRing.usedIdx, vq.usedIdx, release: true)
         if R.logs { logUsed(vq, SplitRing.usedIdx, 2) }
@@ -375,6 +376,7 @@ extension Device {
     }
 
     func writeUsedFlags<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) {
+        defer { if R.logs { logFlush() } }
         if let c = vq.config, c.packed {
             // The device's event suppression area: notifications wanted or not.
             ringStore16(vq, vq.usedHost, c.areas(R.self).used, PackedRing.eventFlags,

@@ -108,7 +108,8 @@ struct RunResult {
 /// Runs one workload for `seconds` after `warmup` and reads its figures. With
 /// `dirtyLog`, the device logs as a migrating front-end would have it: a log
 /// covering guest memory, VHOST_F_LOG_ALL, and each vring's used ring logged
-/// at its own address (VHOST_VRING_F_LOG).
+/// at its own address (VHOST_VRING_F_LOG); a thread clears the log every 100 ms,
+/// as QEMU's migration does each time it syncs and copies the dirty pages.
 func measure(_ c: WorkloadConfig, iotlb: Bool, dirtyLog: Bool = false, warmup: Double, seconds: Double,
              maxEntries: Int = 2048) throws -> RunResult {
     var limits = EngineLimits()
@@ -124,13 +125,26 @@ func measure(_ c: WorkloadConfig, iotlb: Bool, dirtyLog: Bool = false, warmup: D
     }
     let workload = w!
     defer { _ = workload.stop() }
+    let clearing = Atomic<Bool>(true)
+    defer { clearing.store(false, ordering: .relaxed) }
     if dirtyLog {
-        let failed = h.performSync { d -> String? in
-            guard let d, let t = d.memTable else { return "no memory table" }
+        let made = h.performSync { d -> Result<DirtyLog, ValidationError> in
+            guard let d, let t = d.memTable else { return .failure(ValidationError("no memory table")) }
             let last = t.regions.map { $0.guestPhysAddr.raw + ($0.memorySize - 1) }.max()!
-            do throws(SystemCallError) { d.setDirtyLog(try DirtyLog(bytes: DirtyLog.bytes(covering: last))) } catch {
-                return error.description
+            do throws(SystemCallError) { return .success(try DirtyLog(bytes: DirtyLog.bytes(covering: last))) } catch {
+                return .failure(ValidationError(error.description))
             }
+        }
+        let log = try made.get()
+        Thread.detachNewThread {
+            while clearing.load(ordering: .relaxed) {
+                usleep(100_000)
+                log.clear()
+            }
+        }
+        let failed = h.performSync { d -> String? in
+            guard let d else { return "device gone" }
+            d.setDirtyLog(log)
             d.setLogging(true)
             for v in d.vrings() {
                 guard var vc = v.config else { continue }

@@ -33,6 +33,11 @@ static inline uint8_t CRingAtomics_fetch_or_u8(void *p, uint8_t bits) {
     return __atomic_fetch_or((uint8_t *)p, bits, __ATOMIC_RELEASE);
 }
 
+/// Reads a byte of the dirty log (its bits, before deciding to set more).
+static inline uint8_t CRingAtomics_load_relaxed_u8(const void *p) {
+    return __atomic_load_n((const uint8_t *)p, __ATOMIC_RELAXED);
+}
+
 /// Asks for the cache line at `p` ahead of use (never faults, whatever `p` is).
 static inline void CRingAtomics_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
