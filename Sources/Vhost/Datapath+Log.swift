@@ -123,6 +123,7 @@ extension Device {
     @inline(never)
     func logFlushCached() {
         let n = logState.pointee.cached
+        logState.pointee.cached = 0
         guard n > 0, let base = logState.pointee.base else { return }
         let cache = logState.pointee.cache
         var fresh: UInt64 = 0
@@ -140,7 +141,6 @@ extension Device {
             }
         }
         logState.pointee.pagesLogged &+= fresh
-        logState.pointee.cached = 0
     }
 
     /// Before a buffer write of segment `s`: true when the log covers it, else
