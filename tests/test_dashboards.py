@@ -39,7 +39,7 @@ DEVICE_FORMS = [".*", "demo0", "(demo0|dyn0)"]
 PORT_DEVICE_FORMS = ("pa", "(pa|pb)", ".*")
 DEVICE_MATCHER = 'device=~"$device"'
 # Families that carry a device label: every panel selecting them must honour $device.
-PER_DEVICE = re.compile(r"\b(iotlbd_(?:iotlb|vq|miss_resolution|workload|vhost_user|port)_[a-z_]+)\b")
+PER_DEVICE = re.compile(r"\b(iotlbd_(?:iotlb|vq|miss_resolution|workload|vhost_user|port|dirty_log)_[a-z_]+)\b")
 
 
 def tool(name):
@@ -155,7 +155,8 @@ class Dashboard(unittest.TestCase):
                        "iotlbd_vq_bytes_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
                        "process_open_fds", "iotlbd_http_requests_total", "iotlbd_http_long_polls_waiting",
                        "iotlbd_build_info", "iotlbd_port_frames_total", "iotlbd_port_bytes_total",
-                       "iotlbd_port_drops_total", "iotlbd_port_tx_back_pressure_total"]:
+                       "iotlbd_port_drops_total", "iotlbd_port_tx_back_pressure_total",
+                       "iotlbd_dirty_log_pages_total", "iotlbd_dirty_log_enabled", "iotlbd_dirty_log_faults_total"]:
             self.assertIn(needle, exprs)
         self.assertIn("heatmap", [p["type"] for p in self.d["panels"]])
 

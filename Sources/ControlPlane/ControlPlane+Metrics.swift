@@ -30,6 +30,7 @@ extension ControlPlane {
                                       buckets: zip(Device.resolutionBounds, b).map { ($0, $1) }, sumMicros: sum,
                                       resolutionCount: d.resolvedMisses)
                 if [.tap, .peer].contains(d.config.port.kind) { m.port = d.portSnapshot() }
+                m.dirtyLog = d.dirtyLogSnapshot()
                 return m
             }, then: { m in
                 if var m {

@@ -35,7 +35,8 @@ extension JSON {
                       ("protocol_features", .hex(s.protocolFeatures)),
                       ("misses_forwarded", .count(s.missesForwarded)), ("miss_send_failures", .count(s.missSendFailures)),
                       ("identity_updates", .count(s.identityUpdates)),
-                      ("kicks", .count(s.kicks)), ("memory_faults", .count(s.memoryFaults))]
+                      ("kicks", .count(s.kicks)), ("memory_faults", .count(s.memoryFaults)),
+                      ("announcements", .count(s.announcements))]
                 if let e = s.lastError { v.append(("last_error", .string(e))) }
             }
             pairs.append(("vhost_user", .object(v)))
@@ -45,6 +46,7 @@ extension JSON {
             pairs.append(("worker", .count(detail.worker)))
             pairs.append(("mem_table", detail.memTable.map(memTable) ?? .null))
             pairs.append(("vrings", .array(detail.vrings)))
+            pairs.append(("dirty_log", dirtyLog(detail.dirtyLog)))
         }
         return .object(pairs)
     }
@@ -79,6 +81,19 @@ struct DeviceDetail: Sendable {
     var port: PortSnapshot?
     /// The datapath worker that owns the device.
     var worker: Int
+    /// Dirty logging (live migration).
+    var dirtyLog = DirtyLogSnapshot()
+}
+
+extension JSON {
+    /// Dirty logging: on (a front-end migrates the guest), waiting for its log,
+    /// the log's size, pages logged, writes refused past the log.
+    static func dirtyLog(_ s: DirtyLogSnapshot) -> JSON {
+        var pairs: [(String, JSON)] = [("enabled", .bool(s.enabled)), ("waiting", .bool(s.waiting)), ("size", .hex(s.size)),
+                                       ("pages_logged", .count(s.pagesLogged)), ("faults", .count(s.faults))]
+        if let f = s.lastFault { pairs.append(("last_fault", .string(f))) }
+        return .object(pairs)
+    }
 }
 
 extension JSON {

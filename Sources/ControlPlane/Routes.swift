@@ -201,7 +201,7 @@ extension ControlPlane {
 extension Device {
     /// The parts of a device answer only its worker knows.
     var detail: DeviceDetail { DeviceDetail(memTable: memTable, vrings: vrings().map(JSON.vring), port: portSnapshot(),
-                                     worker: workerIndex) }
+                                     worker: workerIndex, dirtyLog: dirtyLogSnapshot()) }
 }
 
 extension Reply {

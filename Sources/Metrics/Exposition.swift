@@ -48,6 +48,8 @@ public struct DeviceMetrics: Sendable {
     public var frontEnd: VhostUserStatus?
     /// A TAP or peer port's state and counters (nil for the loopback and the sink).
     public var port: PortSnapshot?
+    /// Dirty logging (live migration): on or off, pages logged, faults.
+    public var dirtyLog = DirtyLogSnapshot()
 
     /// The figures a device's worker took (the front-end and guest are added after).
     public init(id: String, stats: IOTLBStats, vqs: [VringSnapshot], buckets: [(boundMicros: UInt32, count: UInt64)],
@@ -174,7 +176,11 @@ public enum Exposition {
                  fronts.map { ([("device", $0.0)], "\($0.1.memoryFaults)") })
         w.family("iotlbd_vhost_user_kicks_total", "counter", "Driver kicks received (only while the datapath sleeps).",
                  fronts.map { ([("device", $0.0)], "\($0.1.kicks)") })
+        w.family("iotlbd_vhost_user_announcements_total", "counter",
+                 "Announcements (SEND_RARP) a front-end asked for after a live migration.",
+                 fronts.map { ([("device", $0.0)], "\($0.1.announcements)") })
         writePorts(devices, to: &w)
+        writeDirtyLog(devices, to: &w)
         w.family("iotlbd_http_long_polls_waiting", "gauge", "Miss long-polls waiting for an event or their time-out.",
                  [([], "\(longPollsWaiting)")])
         w.family("iotlbd_http_requests_total", "counter", "HTTP requests answered, by route, method and status.",
@@ -187,6 +193,18 @@ public enum Exposition {
 }
 
 extension Exposition {
+    /// Dirty logging: whether each device logs (a front-end migrates it), the
+    /// pages it made dirty, and the writes refused because the log ends before them.
+    static func writeDirtyLog(_ devices: [DeviceMetrics], to w: inout MetricsWriter) {
+        w.family("iotlbd_dirty_log_enabled", "gauge", "1 while the device logs its guest writes (VHOST_F_LOG_ALL, live migration).",
+                 devices.map { ([("device", $0.id)], $0.dirtyLog.enabled ? "1" : "0") })
+        w.family("iotlbd_dirty_log_pages_total", "counter", "Guest-physical pages whose dirty-log bit the device set (it was clear).",
+                 devices.map { ([("device", $0.id)], "\($0.dirtyLog.pagesLogged)") })
+        w.family("iotlbd_dirty_log_faults_total", "counter",
+                 "Guest writes refused because their page lies past the dirty log (each failed its virtqueue).",
+                 devices.map { ([("device", $0.id)], "\($0.dirtyLog.faults)") })
+    }
+
     /// TAP and peer ports: frames and bytes each way and drops by reason, per
     /// queue pair; back-pressure; the state each port is in.
     static func writePorts(_ devices: [DeviceMetrics], to w: inout MetricsWriter) {

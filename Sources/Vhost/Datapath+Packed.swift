@@ -51,6 +51,7 @@ extension Device {
         if let host = vq.descHost {
             (host + at + 8).storeBytes(of: len.littleEndian, as: UInt32.self)
             (host + at + 12).storeBytes(of: id.littleEndian, as: UInt16.self)
+            if R.logs { logFlush() }  // the buffers' bits, before the descriptor hands them over
             CRingAtomics_store_release_u16(host + at + PackedRing.flagsOffset, flags.littleEndian)
         } else {
             var body = (len.littleEndian, id.littleEndian)
@@ -58,8 +59,10 @@ extension Device {
             _ = withUnsafeBytes(of: &body) {
                 copyToGuest(ringField(base, at + 8), $0.baseAddress!, 6, &vq.ringCache.pointee, vq)
             }
+            if R.logs { logFlush() }
             ringStore16(vq, nil, base, at + PackedRing.flagsOffset, flags, release: true)
         }
+        if R.logs { logDescRing(vq, at + 8, 8) }  // len, id, flags: one descriptor, one page
     }
 
     /// After used buffers were written: notify unless the driver's event

@@ -13,8 +13,13 @@ extension Device {
     static let publishEvery = 4
 
     /// One datapath round over the device's queues; true when it did work.
+    /// Dirty logging picks the logged specialization (Datapath+Log.swift).
     func poll() -> Bool {
-        config.iotlb ? poll(ThroughIOTLB.self) : poll(ThroughMemoryTable.self)
+        switch logMode {
+        case .off: return config.iotlb ? poll(ThroughIOTLB.self) : poll(ThroughMemoryTable.self)
+        case .on: return config.iotlb ? poll(LoggedIOTLB.self) : poll(LoggedMemoryTable.self)
+        case .waiting: return false
+        }
     }
 
     /// `poll` for a device whose rings and buffers live in the spaces `S`
@@ -48,6 +53,8 @@ extension Device {
             }
             for pair in 0..<port.pairs where receiveFromPort(pair: pair, port, S.self) { work = true }
         }
+        if port.m.pointee.announcePending { sendAnnouncement(S.self) }
+        if S.Ring.logs { logFlush() }  // what a stopped queue wrote and did not publish
         return work
     }
 
@@ -56,7 +63,11 @@ extension Device {
     /// mismatch an access failure.
     @discardableResult
     func prepareRings(_ vq: VirtQueue) -> Bool {
-        config.iotlb ? prepareRings(vq, ThroughIOTLB.Ring.self) : prepareRings(vq, ThroughMemoryTable.Ring.self)
+        switch logMode {
+        case .off: return config.iotlb ? prepareRings(vq, ThroughIOTLB.Ring.self) : prepareRings(vq, ThroughMemoryTable.Ring.self)
+        case .on: return config.iotlb ? prepareRings(vq, LoggedIOTLB.Ring.self) : prepareRings(vq, LoggedMemoryTable.Ring.self)
+        case .waiting: return false
+        }
     }
 
     func prepareRings<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) -> Bool {
@@ -70,6 +81,7 @@ extension Device {
         if let f = avail.fault { stop(vq, f); return false }
         let used = checkRange(ring.used, c.usedBytes, .write, vq)
         if let f = used.fault { stop(vq, f); return false }
+        if R.logs && !prepareLog(vq, c, descGPA: desc.gpa, R.self) { return false }
         vq.descHost = desc.contiguous; vq.availHost = avail.contiguous; vq.usedHost = used.contiguous
         if config.iotlb { pinRings(c) }
         vq.ringsReady = true
@@ -259,15 +271,20 @@ extension Device {
     /// Copies a TX chain's bytes into an RX chain (`txHead`, `rxHead`: where
     /// they start, for messages); nil when a fault or a malformed chain
     /// stopped a queue (nothing is published then).
+    @inline(__always)
     func copyChain<T: ChainWalk, R: ChainWalk>(from tx: VirtQueue, _ src: inout ChainCursor<T>, _ txHead: UInt16,
                                                to rx: VirtQueue, _ dst: inout ChainCursor<R>, _ rxHead: UInt16) -> (Int, Int)? {
         var read = 0, written = 0
         var headerAt: UnsafeMutableRawPointer?  // where the RX frame starts, when its header fits the first segment
+        var headerGPA: UInt64 = 0               // and its guest-physical address (dirty logging)
         while true {
             switch src.fill(self, tx) {
             case .end:
                 // One RX chain per frame: num_buffers = 1 (virtio-net, 5.1.6.4).
-                if let h = headerAt, written >= 12 { (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self) }
+                if let h = headerAt, written >= 12 {
+                    (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
+                    if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
+                }
                 return (read, written)
             case .error(let e): chainError(tx, e); return nil
             case .ready: break
@@ -277,7 +294,10 @@ extension Device {
             case .end:
                 // The RX buffers are full: the rest of the frame is dropped, as a NIC would.
                 truncatedFrames &+= 1
-                if let h = headerAt, written >= 12 { (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self) }
+                if let h = headerAt, written >= 12 {
+                    (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
+                    if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
+                }
                 return (read + Int(src.left), written)
             case .error(let e): chainError(rx, e); return nil
             case .ready: break
@@ -292,8 +312,13 @@ extension Device {
             switch segment(dst.addr, s.length, .write, &rx.bufferCache(dst.addr.raw).pointee, rx) {
             case .fault(let f): stop(rx, f); return nil
             case .ok(let d):
+                if R.Buffer.logs && !logAdmits(rx, d) { return nil }
                 d.host.copyMemory(from: s.host, byteCount: d.length)
-                if written == 0 && rxNetHeaderNumBuffers && d.length >= 12 { headerAt = d.host }
+                if R.Buffer.logs { logBuffer(d.gpa, d.length) }
+                if written == 0 && rxNetHeaderNumBuffers && d.length >= 12 {
+                    headerAt = d.host
+                    headerGPA = d.gpa
+                }
                 src.advance(d.length)
                 dst.advance(d.length)
                 read += d.length

@@ -99,6 +99,8 @@ public final class Device {
         var resolutionSumMicros: UInt64 = 0
     }
     private let m: UnsafeMutablePointer<Mutable>
+    /// Dirty logging (Datapath+Log.swift); behind its own pointer, as `m`.
+    let logState: UnsafeMutablePointer<DirtyLogState>
 
     var memoryGeneration: UInt64 { get { m.pointee.memoryGeneration } set { m.pointee.memoryGeneration = newValue } }
     var regions: RegionIndex { get { m.pointee.regions } set { m.pointee.regions = newValue } }
@@ -134,6 +136,9 @@ public final class Device {
         m = .allocate(capacity: 1)
         m.initialize(to: Mutable())
         m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
+        logState = .allocate(capacity: 1)
+        logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests,
+                                              cache: .allocate(capacity: DirtyLogState.cacheSize)))
         self.queues = (0..<config.queues).map { VirtQueue(index: $0) }
         queueRefs = .allocate(capacity: queues.count)
         for (i, q) in queues.enumerated() { (queueRefs + i).initialize(to: .passUnretained(q)) }
@@ -144,6 +149,9 @@ public final class Device {
         m.pointee.regions.free()
         m.deinitialize(count: 1)
         m.deallocate()
+        logState.pointee.cache.deallocate()
+        logState.deinitialize(count: 1)
+        logState.deallocate()
     }
 
     /// The memory table, once set.
@@ -285,9 +293,11 @@ public final class Device {
     }
 
     /// Stops queue `index` (vhost-user GET_VRING_BASE, or a disabled ring):
-    /// drops its outstanding event; returns where it stopped in the avail ring.
+    /// drops its outstanding event; returns where it stopped (`vringBase`:
+    /// the avail position, and a packed ring's used position in bits 16-31).
+    /// Between rounds, so nothing is half done: every used entry is published.
     @discardableResult
-    public func disableVring(_ index: Int) -> UInt16 {
+    public func disableVring(_ index: Int) -> UInt32 {
         let vq = queues[index]
         if let p = vq.pending { missLog.remove(seq: p.seq) }
         vq.pending = nil
@@ -296,7 +306,7 @@ public final class Device {
         vq.config?.enabled = false
         vq.dropTranslations()
         repinRings()
-        return vq.availPosition
+        return vq.vringBase
     }
 
     /// A vhost-user front-end's eventfds for queue `index`: `call` is signalled
@@ -309,44 +319,6 @@ public final class Device {
         vq.driverKicks = kicks
         if kicks && vq.state == .running && vq.ringsReady { writeUsedFlags(vq) }
     }
-
-    /// What a vhost-user front-end negotiated for the net device: the header
-    /// in front of its frames, mergeable RX buffers, and the offloads both ways.
-    /// A TAP port is told at once (header size, TUNSETOFFLOAD); returns the
-    /// offloads the TAP took (it may refuse some).
-    @discardableResult
-    public func setNet(_ n: NetSettings) -> TapOffloads {
-        // The loopback fills in num_buffers of the 12-byte header it copies.
-        rxNetHeaderNumBuffers = n.headerBytes == VirtioNetHeader.size
-        let p = port.m
-        p.pointee.guestHeaderBytes = n.headerBytes
-        p.pointee.mergeable = n.mergeableRX
-        p.pointee.hostOffloads = n.hostOffloads
-        guard let tap = port.tap else {
-            p.pointee.guestOffloads = []
-            return []
-        }
-        do throws(TapError) {
-            try tap.setHeaderSize(n.headerBytes == VirtioNetHeader.legacySize ? VirtioNetHeader.legacySize : VirtioNetHeader.size)
-        } catch {
-            p.pointee.lastError = error.description
-        }
-        p.pointee.guestOffloads = tap.setOffloads(n.guestOffloads)
-        return p.pointee.guestOffloads
-    }
-
-    /// The MTU a front-end set (VHOST_USER_NET_SET_MTU): received frames
-    /// longer than it (without GSO) are dropped; the TAP is given it when the
-    /// daemon may (its own interface), else it keeps its own.
-    public func setMTU(_ mtu: Int) {
-        port.m.pointee.mtu = mtu
-        if let tap = port.tap, tap.created, tap.mtu != mtu {
-            do throws(TapError) { try tap.setMTU(mtu) } catch { port.m.pointee.lastError = error.description }
-        }
-    }
-
-    /// The port's state and counters.
-    public func portSnapshot() -> PortSnapshot { port.snapshot }
 
     /// The number of the datapath worker that owns the device (-1 before it is placed).
     public var workerIndex: Int { owner.map { $0._withUnsafeGuaranteedRef { $0.index } } ?? -1 }

@@ -66,5 +66,9 @@ public struct EngineLimits: Sendable {
     public var maxGuestMemory: UInt64 = 8 << 30
     /// Whether to try explicit huge pages for guest memory.
     public var hugePages = true
+    /// Test only (IOTLBD_TEST_UNLOGGED_RX_BUFFERS=1 at start-up): RX buffer
+    /// writes are not dirty-logged, so a migration test can show that its
+    /// memory comparison catches a missing log write. Never for real use.
+    public var unloggedRXBuffersForTests = false
     public init() {}
 }

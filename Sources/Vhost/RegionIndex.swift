@@ -8,6 +8,9 @@ struct RegionSpan {
     var first: UInt64
     var last: UInt64
     var host: UnsafeMutableRawPointer
+    /// The region's first guest-physical address (= `first` in the GPA index):
+    /// a user address's GPA in one step, for the dirty log.
+    var gpa: UInt64
 }
 
 /// Sorted spans by guest-physical and by user address. Owned by one Device;
@@ -30,9 +33,9 @@ struct RegionIndex {
         let u = UnsafeMutablePointer<RegionSpan>.allocate(capacity: count)
         let spans = regions.indices.map { i in
             (gpa: RegionSpan(first: regions[i].guestPhysAddr.raw, last: regions[i].guestPhysAddr.raw + (regions[i].memorySize - 1),
-                             host: memory.bases[i]),
+                             host: memory.bases[i], gpa: regions[i].guestPhysAddr.raw),
              user: RegionSpan(first: regions[i].userspaceAddr.raw, last: regions[i].userspaceAddr.raw + (regions[i].memorySize - 1),
-                              host: memory.bases[i]))
+                              host: memory.bases[i], gpa: regions[i].guestPhysAddr.raw))
         }
         for (k, s) in spans.map(\.gpa).sorted(by: { $0.first < $1.first }).enumerated() { (g + k).initialize(to: s) }
         for (k, s) in spans.map(\.user).sorted(by: { $0.first < $1.first }).enumerated() { (u + k).initialize(to: s) }

@@ -30,6 +30,9 @@ public enum AccessFault: Error, Equatable, Sendable {
 public struct Segment {
     public var host: UnsafeMutableRawPointer
     public var length: Int
+    /// The guest-physical address of `host` (contiguous over `length`): what
+    /// the dirty log is indexed by. Unused, it costs nothing once inlined.
+    public var gpa: UInt64
 }
 
 /// The last translation made, kept for the next access near it: one IOTLB
@@ -42,6 +45,7 @@ struct TranslationCache {
     // `generation` equals the device's translation generation, which moves
     // when an IOTLB entry leaves or the memory table (and its mapping) goes.
     var host: UnsafeMutableRawPointer? = nil  // host address of `first`
+    var gpa: UInt64 = 0                       // guest-physical address of `first`
     var perm: Permissions = []
     var generation: UInt64 = .max
 
@@ -65,13 +69,22 @@ protocol TranslatedAddress: Address {
     static var space: AddressSpace { get }
     /// The widest piece around `addr` that maps to one contiguous host range
     /// with one permission: `[lo, hi]` in this space, the host address of
-    /// `lo`, the permission; or why there is none. Counts IOTLB hits and misses.
+    /// `lo`, its guest-physical address, the permission; or why there is none.
+    /// Counts IOTLB hits and misses.
     static func piece(_ addr: Self, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult
+    /// Whether the datapath logs its writes through addresses of this type
+    /// (dirty logging, see `Logged`): a constant, so the unlogged datapath
+    /// carries no test for it.
+    static var logs: Bool { get }
+}
+
+extension TranslatedAddress {
+    static var logs: Bool { false }
 }
 
 /// What `TranslatedAddress.piece` finds.
 enum PieceResult {
-    case piece(lo: UInt64, hi: UInt64, host: UnsafeMutableRawPointer, perm: Permissions)
+    case piece(lo: UInt64, hi: UInt64, host: UnsafeMutableRawPointer, gpa: UInt64, perm: Permissions)
     case fault(AccessFault)
 }
 
@@ -94,7 +107,9 @@ extension IOVA: TranslatedAddress {
             // The IOVAs where this entry and this region overlap.
             let lo = addr.raw &- min(uaddr.raw &- span.first, addr.raw &- e.range.first.raw)
             let hi = addr.raw &+ min(span.last &- uaddr.raw, e.range.last.raw &- addr.raw)
-            return .piece(lo: lo, hi: hi, host: span.host + Int(uaddr.raw &- span.first) - Int(addr.raw &- lo), perm: e.perm)
+            let back = addr.raw &- lo
+            return .piece(lo: lo, hi: hi, host: span.host + Int(uaddr.raw &- span.first) - Int(back),
+                          gpa: span.gpa &+ (uaddr.raw &- span.first) &- back, perm: e.perm)
         }
     }
 }
@@ -104,7 +119,7 @@ extension GuestPhysAddr: TranslatedAddress {
 
     static func piece(_ addr: GuestPhysAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
         guard let span = device.regions.find(addr.raw, user: false) else { return .fault(.badAddress(addr.raw, .guestPhys)) }
-        return .piece(lo: span.first, hi: span.last, host: span.host, perm: .readWrite)
+        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa, perm: .readWrite)
     }
 }
 
@@ -113,7 +128,7 @@ extension UserAddr: TranslatedAddress {
 
     static func piece(_ addr: UserAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
         guard let span = device.regions.find(addr.raw, user: true) else { return .fault(.badAddress(addr.raw, .user)) }
-        return .piece(lo: span.first, hi: span.last, host: span.host, perm: .readWrite)
+        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa, perm: .readWrite)
     }
 }
 
@@ -152,7 +167,7 @@ extension Device {
             if A.space == .iova { counters.hits &+= 1; vq.hits &+= 1 }
             let leftMinusOne = cache.last &- a
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
-            return .ok(Segment(host: cache.host! + Int(a &- cache.first), length: n))
+            return .ok(Segment(host: cache.host! + Int(a &- cache.first), length: n, gpa: cache.gpa &+ (a &- cache.first)))
         }
         return slowSegment(addr, length, access, &cache, vq)
     }
@@ -169,11 +184,11 @@ extension Device {
         }
         switch A.piece(addr, access, on: self, vq) {
         case .fault(let f): return .fault(f)
-        case .piece(let lo, let hi, let host, let perm):
-            cache = TranslationCache(first: lo, last: hi, host: host, perm: perm, generation: translationGeneration)
+        case .piece(let lo, let hi, let host, let gpa, let perm):
+            cache = TranslationCache(first: lo, last: hi, host: host, gpa: gpa, perm: perm, generation: translationGeneration)
             let leftMinusOne = hi &- addr.raw
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
-            return .ok(Segment(host: host + Int(addr.raw &- lo), length: n))
+            return .ok(Segment(host: host + Int(addr.raw &- lo), length: n, gpa: gpa &+ (addr.raw &- lo)))
         }
     }
 
@@ -225,14 +240,22 @@ extension Device {
     }
 
     /// Checks that all of `[addr, addr+length)` translates with `access`;
-    /// returns the host pointer when it is one contiguous piece.
-    func checkRange<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
-                                          _ vq: VirtQueue) -> (contiguous: UnsafeMutableRawPointer?, fault: AccessFault?) {
+    /// returns the host pointer when it is one contiguous piece, and the
+    /// guest-physical address of `addr` when the range is contiguous there.
+    func checkRange<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions, _ vq: VirtQueue)
+        -> (contiguous: UnsafeMutableRawPointer?, gpa: UInt64?, fault: AccessFault?) {
         var cache = TranslationCache()
         var first: UnsafeMutableRawPointer?
+        var gpa: UInt64?, nextGPA: UInt64 = 0
         let fault = walkSegments(addr, length, access, &cache, vq) { s, done in
-            if done == 0 && s.length == length { first = s.host }
+            if done == 0 {
+                gpa = s.gpa
+                if s.length == length { first = s.host }
+            } else if s.gpa != nextGPA {
+                gpa = nil
+            }
+            nextGPA = s.gpa &+ UInt64(s.length)
         }
-        return fault.map { (nil, $0) } ?? (first, nil)
+        return fault.map { (nil, nil, $0) } ?? (first, gpa, nil)
     }
 }

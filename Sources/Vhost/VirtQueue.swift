@@ -26,10 +26,16 @@ public struct VringConfig: Sendable, Equatable {
     public var lastAvailIdx: UInt16?
     /// VIRTIO_F_RING_PACKED: the ring is packed.
     public var packed: Bool
+    /// VHOST_VRING_F_LOG: while dirty logging, writes to the used area are
+    /// logged at this address (vhost's log_guest_addr): an IOVA with the IOTLB
+    /// on (QEMU's used_phys under ACCESS_PLATFORM), else guest-physical. Nil:
+    /// the used area is not logged. Changing it keeps the ring running.
+    public var logAddr: UInt64?
 
     public init(num: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64, enabled: Bool = true,
-                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil, packed: Bool = false) {
+                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil, packed: Bool = false, logAddr: UInt64? = nil) {
         self.packed = packed
+        self.logAddr = logAddr
         self.num = num
         self.descAddr = descAddr
         self.availAddr = availAddr
@@ -155,6 +161,11 @@ public final class VirtQueue {
         var availHost: UnsafeMutableRawPointer?
         var usedHost: UnsafeMutableRawPointer?
         var ringCache = TranslationCache()
+        // Dirty logging (see Datapath+Log.swift): the GPA of the used area's log
+        // address and of a packed descriptor ring, when contiguous (.max: not, or none).
+        var usedLogGPA: UInt64 = .max
+        var usedLogPieces = false
+        var descLogGPA: UInt64 = .max
         // Counters.
         var hits: UInt64 = 0
         var misses: UInt64 = 0
@@ -185,6 +196,9 @@ public final class VirtQueue {
     var usedHost: UnsafeMutableRawPointer? { get { m.pointee.usedHost } set { m.pointee.usedHost = newValue } }
     /// The ring areas' last translation, updated in place by the accessors.
     var ringCache: UnsafeMutablePointer<TranslationCache> { m.pointer(to: \.ringCache)! }
+    var usedLogGPA: UInt64 { get { m.pointee.usedLogGPA } set { m.pointee.usedLogGPA = newValue } }
+    var usedLogPieces: Bool { get { m.pointee.usedLogPieces } set { m.pointee.usedLogPieces = newValue } }
+    var descLogGPA: UInt64 { get { m.pointee.descLogGPA } set { m.pointee.descLogGPA = newValue } }
     var hits: UInt64 { get { m.pointee.hits } set { m.pointee.hits = newValue } }
     var misses: UInt64 { get { m.pointee.misses } set { m.pointee.misses = newValue } }
     var accessFailures: UInt64 { get { m.pointee.accessFailures } set { m.pointee.accessFailures = newValue } }
@@ -313,6 +327,7 @@ extension Device {
                 copyToGuest(ringField(R(vq.config!.usedAddr), offset), $0.baseAddress!, 8, &vq.ringCache.pointee, vq)
             }
         }
+        if R.logs { logUsed(vq, offset, 8) }
         vq.usedIdx &+= 1
     }
 
@@ -320,10 +335,13 @@ extension Device {
     /// decides whether the driver asked to be notified.
     func publishUsed<R: TranslatedAddress>(_ vq: VirtQueue, from old: UInt16, _: R.Type) {
         guard let c = vq.config else { return }
+        if R.logs { logFlush() }  // logging: the bits of what the entries hand over (the index's: next flush)
         let ring = c.areas(R.self)
         ringStore16(vq, vq.usedHost, ring.used, SplitRing.usedIdx, vq.usedIdx, release: true)
+        if R.logs { logUsed(vq, SplitRing.usedIdx, 2) }
         if c.eventIdx {
             ringStore16(vq, vq.usedHost, ring.used, SplitRing.availEvent(num: c.num), vq.lastAvailIdx)
+            if R.logs { logUsed(vq, SplitRing.availEvent(num: c.num), 2) }
             CRingAtomics_fence_seq_cst()
             let usedEvent = ringLoad16(vq, vq.availHost, ring.avail, SplitRing.usedEvent(num: c.num))
             // vring_need_event: notify when used_event lies in (old, new].
@@ -347,22 +365,35 @@ extension Device {
 
     /// VRING_USED_F_NO_NOTIFY while the worker polls, clear when it wants kicks.
     func writeUsedFlags(_ vq: VirtQueue) {
-        if config.iotlb { writeUsedFlags(vq, ThroughIOTLB.Ring.self) } else { writeUsedFlags(vq, ThroughMemoryTable.Ring.self) }
+        switch logMode {
+        case .off:
+            if config.iotlb { writeUsedFlags(vq, ThroughIOTLB.Ring.self) } else { writeUsedFlags(vq, ThroughMemoryTable.Ring.self) }
+        case .on:
+            if config.iotlb { writeUsedFlags(vq, LoggedIOTLB.Ring.self) } else { writeUsedFlags(vq, LoggedMemoryTable.Ring.self) }
+        case .waiting:
+            break  // nothing is written unlogged; preparing the ring once the log comes writes them
+        }
     }
 
     func writeUsedFlags<R: TranslatedAddress>(_ vq: VirtQueue, _: R.Type) {
+        defer { if R.logs { logFlush() } }
         if let c = vq.config, c.packed {
             // The device's event suppression area: notifications wanted or not.
             ringStore16(vq, vq.usedHost, c.areas(R.self).used, PackedRing.eventFlags,
                         kicksWanted ? PackedRing.eventEnable : PackedRing.eventDisable)
+            if R.logs { logUsed(vq, PackedRing.eventFlags, 2) }
             return
         }
         guard let c = vq.config else { return }
         if c.eventIdx {
             // vhost_enable_notify: avail_event at the next entry asks for a kick when one is added.
-            if kicksWanted { ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.availEvent(num: c.num), vq.lastAvailIdx) }
+            if kicksWanted {
+                ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.availEvent(num: c.num), vq.lastAvailIdx)
+                if R.logs { logUsed(vq, SplitRing.availEvent(num: c.num), 2) }
+            }
             return
         }
         ringStore16(vq, vq.usedHost, c.areas(R.self).used, SplitRing.usedFlags, kicksWanted ? 0 : 1)
+        if R.logs { logUsed(vq, SplitRing.usedFlags, 2) }
     }
 }

@@ -42,6 +42,8 @@ public struct VhostUserStatus: Sendable, Equatable {
     public var kicks: UInt64 = 0
     /// Guest memory pages lost to a front-end shrinking its memory file (its connection ended).
     public var memoryFaults: UInt64 = 0
+    /// Announcements (SEND_RARP) the front-end asked for after a migration.
+    public var announcements: UInt64 = 0
     /// Client mode: connection attempts that failed (nothing listening yet,
     /// refused, backlog full), since the device was created. 0 in server mode.
     public var reconnectAttempts: UInt64 = 0

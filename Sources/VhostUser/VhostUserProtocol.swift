@@ -43,6 +43,8 @@ public enum VhostUserFeature {
     public static let netOffloads: UInt64 = netCsum | netGuestCsum | netMTU | netGuestTSO4 | netGuestTSO6
         | netGuestECN | netHostTSO4 | netHostTSO6 | netHostECN
     public static let netMRGRXBuf: UInt64 = 1 << 15
+    /// VHOST_F_LOG_ALL: the back-end logs every guest write (live migration).
+    public static let logAll: UInt64 = 1 << 26
     public static let netMQ: UInt64 = 1 << 22
     public static let indirectDesc: UInt64 = 1 << 28
     public static let eventIdx: UInt64 = 1 << 29
@@ -60,6 +62,10 @@ public enum VhostUserFeature {
 /// Protocol feature bits (VHOST_USER_PROTOCOL_F_*).
 public enum VhostUserProtocolFeature {
     public static let mq: UInt64 = 1 << 0
+    /// The dirty log travels as a file descriptor with SET_LOG_BASE (shared memory).
+    public static let logShmFD: UInt64 = 1 << 1
+    /// SEND_RARP: the back-end announces a migrated guest.
+    public static let rarp: UInt64 = 1 << 2
     public static let replyAck: UInt64 = 1 << 3
     /// NET_SET_MTU.
     public static let netMTU: UInt64 = 1 << 4

@@ -23,7 +23,7 @@ extension VhostUserSession {
                             usedAddr: ringAddress(r.used), enabled: true,
                             eventIdx: features & VhostUserFeature.eventIdx != 0,
                             lastAvailIdx: r.baseFresh ? r.base : nil,
-                            packed: features & VhostUserFeature.ringPacked != 0)
+                            packed: features & VhostUserFeature.ringPacked != 0, logAddr: r.logAddr)
         let call = r.callFD, kicks = r.kickFD >= 0
         let result = handle.performSync { d -> Result<VringSnapshot, EngineError> in
             guard let d else { return .failure(.notFound("device gone")) }
@@ -71,5 +71,6 @@ extension VhostUserSession {
         }
         memory = nil
         closeFD(&backendFD)
+        dropLog()
     }
 }

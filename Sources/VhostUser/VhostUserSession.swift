@@ -30,20 +30,24 @@ final class VhostUserSession {
         var started = false
         var enabled: Bool?  // nil: as the protocol-features rule says
         var applied = false
+        var logAddr: UInt64?  // VHOST_VRING_F_LOG: log_guest_addr
     }
 
     let backend: VhostUserBackend
     let handle: DeviceHandle
-    private let conn: Int32
+    let conn: Int32
     var rings: [Ring]
     var features: UInt64 = 0
-    private var protocolFeatures: UInt64 = 0
+    var protocolFeatures: UInt64 = 0
     var memory: GuestMemory?
     var backendFD: Int32 = -1
     /// The newest miss-log seq dealt with: sent, or not for the front-end.
     var missCursor: UInt64 = 0
     /// A miss could not be sent (the channel was full): try again soon.
     var missesUnsent = false
+    /// SET_LOG_BASE's log and SET_LOG_FD's descriptor (VhostUserSession+Migration.swift).
+    var dirtyLog: DirtyLog?
+    var logFD: Int32 = -1
 
     init(backend: VhostUserBackend, handle: DeviceHandle, conn: Int32) {
         self.backend = backend
@@ -53,48 +57,6 @@ final class VhostUserSession {
     }
 
     var config: DeviceConfig { handle.config }
-
-    /// Virtio features offered: split or packed rings with indirect
-    /// descriptors and event index; in order (every port uses chains in the
-    /// order offered); mergeable RX buffers; ACCESS_PLATFORM when the device
-    /// IOTLB is on. Checksum and TSO offloads both ways and the MTU only with a
-    /// TAP port, whose kernel side honours them; the loopback, the sink and a
-    /// peer would have to compute checksums and segment themselves.
-    var offeredFeatures: UInt64 {
-        var f = VhostUserFeature.version1 | VhostUserFeature.protocolFeatures | VhostUserFeature.indirectDesc
-            | VhostUserFeature.eventIdx | VhostUserFeature.inOrder | VhostUserFeature.netMRGRXBuf
-            | VhostUserFeature.ringPacked
-        if config.iotlb { f |= VhostUserFeature.accessPlatform }
-        if config.queues > 2 { f |= VhostUserFeature.netMQ }
-        if config.port.kind == .tap { f |= VhostUserFeature.netOffloads }
-        return f
-    }
-
-    var offeredProtocolFeatures: UInt64 {
-        var f = VhostUserProtocolFeature.mq | VhostUserProtocolFeature.replyAck
-        if config.iotlb { f |= VhostUserProtocolFeature.backendReq }
-        if config.port.kind == .tap { f |= VhostUserProtocolFeature.netMTU }
-        return f
-    }
-
-    /// What the acknowledged features `f` mean for the net device.
-    static func netSettings(_ f: UInt64) -> NetSettings {
-        func has(_ bit: UInt64) -> Bool { f & bit != 0 }
-        var host: VirtioNetHeader.HostOffloads = []
-        if has(VhostUserFeature.netCsum) { host.insert(.checksum) }
-        if has(VhostUserFeature.netHostTSO4) { host.insert(.tso4) }
-        if has(VhostUserFeature.netHostTSO6) { host.insert(.tso6) }
-        if has(VhostUserFeature.netHostECN) { host.insert(.ecn) }
-        var guest: TapOffloads = []
-        if has(VhostUserFeature.netGuestCsum) { guest.insert(.checksum) }
-        if has(VhostUserFeature.netGuestTSO4) { guest.insert(.tso4) }
-        if has(VhostUserFeature.netGuestTSO6) { guest.insert(.tso6) }
-        if has(VhostUserFeature.netGuestECN) { guest.insert(.tsoECN) }
-        // A 12-byte header (with num_buffers) leads every frame under VERSION_1 or MRG_RXBUF.
-        let twelve = has(VhostUserFeature.version1) || has(VhostUserFeature.netMRGRXBuf)
-        return NetSettings(headerBytes: twelve ? VirtioNetHeader.size : VirtioNetHeader.legacySize,
-                           mergeableRX: has(VhostUserFeature.netMRGRXBuf), hostOffloads: host, guestOffloads: guest)
-    }
 
     /// Whether ring and buffer addresses are IOVAs the front-end's vIOMMU maps.
     var frontEndIOMMU: Bool { features & VhostUserFeature.accessPlatform != 0 }
@@ -243,8 +205,11 @@ final class VhostUserSession {
             let f = try acknowledged(offeredFeatures, "features")
             features = f
             backend.updateStatus { $0.features = f }
-            let net = Self.netSettings(f)
-            _ = handle.performSync { $0?.setNet(net) }
+            let net = Self.netSettings(f), logging = f & VhostUserFeature.logAll != 0
+            handle.performSync { d in
+                d?.setNet(net)
+                d?.setLogging(logging)
+            }
             for i in rings.indices { try syncRing(i) }
         case .getProtocolFeatures:
             return reply64(offeredProtocolFeatures)
@@ -266,10 +231,12 @@ final class VhostUserSession {
             if rings[i].applied { try syncRing(i) }
         case .setVringAddr:
             let i = try ringIndex(UInt64(try u32()))
-            _ = try u32()  // flags: logging, not offered
+            let flags = try u32()
             rings[i].desc = try u64()
             rings[i].used = try u64()
             rings[i].avail = try u64()
+            let logAddr = try u64()
+            rings[i].logAddr = flags & VhostUserSession.vringFLog != 0 ? logAddr : nil
             rings[i].addressed = true
             if rings[i].applied { try syncRing(i) }
         case .setVringBase:
@@ -279,20 +246,20 @@ final class VhostUserSession {
         case .getVringBase:
             let i = try ringIndex(UInt64(try u32()))
             let wasRunning = rings[i].applied, base = rings[i].base
-            let stopped = handle.performSync { d -> UInt16 in
+            let stopped = handle.performSync { d -> UInt32 in
                 d?.setNotifiers(i, call: -1, kicks: false)
                 return d?.disableVring(i) ?? 0
             }
             // A ring that never ran reports the base it was given.
-            let last = wasRunning ? stopped : base
+            let last = wasRunning ? stopped : neverRunBase(base)
             rings[i].baseFresh = true
             rings[i].applied = false
             rings[i].started = false
-            rings[i].base = last
+            rings[i].base = UInt16(truncatingIfNeeded: last)
             closeFD(&rings[i].kickFD)
             closeFD(&rings[i].callFD)
             var w = PayloadWriter()
-            w.u32(UInt32(i)); w.u32(UInt32(last))
+            w.u32(UInt32(i)); w.u32(last)
             return w.bytes
         case .setVringKick, .setVringCall, .setVringErr:
             let v = try u64()
@@ -335,38 +302,20 @@ final class VhostUserSession {
             let mtu = try u64()
             guard (68...65_535).contains(mtu) else { throw Refused("NET_SET_MTU \(mtu): an MTU is 68 to 65535") }
             handle.performSync { $0?.setMTU(Int(mtu)) }
-        case .setLogBase, .setLogFD, .sendRARP, .setVringEndian, .getConfig, .setConfig,
+        case .setLogBase:
+            return try setLogBase(&r, &fds)
+        case .setLogFD:
+            let fd = try takeFD()
+            closeFD(&logFD)
+            logFD = fd
+        case .sendRARP:
+            try sendRARP(&r)
+        case .setVringEndian, .getConfig, .setConfig,
              .getMaxMemSlots, .setStatus, .getStatus:
             // Features these belong to are not offered.
             throw Refused("\(request) needs a feature this backend does not offer")
         }
         return nil
-    }
-
-    // MARK: Socket
-
-    private func readExactly(_ buf: inout [UInt8], from start: Int) throws(VhostUserProtocolError) {
-        var at = start
-        while at < buf.count {
-            let n = buf.withUnsafeMutableBytes { recv(conn, $0.baseAddress! + at, $0.count - at, 0) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw VhostUserProtocolError("the front-end closed the socket mid-message") }
-            at += n
-        }
-    }
-
-    private func send(_ request: UInt32, _ payload: [UInt8]) throws(VhostUserProtocolError) {
-        let head = VhostUserHeader(request: request, flags: VhostUserHeader.version | VhostUserHeader.replyFlag,
-                                   size: UInt32(payload.count))
-        let bytes = head.bytes + payload
-        let n = bytes.withUnsafeBytes { cunixsock_send(conn, $0.baseAddress, $0.count, nil, 0) }
-        guard n == bytes.count else { throw VhostUserProtocolError("reply not sent: \(String(cString: strerror(errno)))") }
-    }
-
-    private func sendAck(_ request: UInt32, ok: Bool) throws(VhostUserProtocolError) {
-        var w = PayloadWriter()
-        w.u64(ok ? 0 : 1)
-        try send(request, w.bytes)
     }
 
     func closeFD(_ fd: inout Int32) {

@@ -23,9 +23,13 @@ struct DatapathBench: ParsableCommand {
     @Option(help: "Ring size.") var ringSize = 256
     @Flag(help: "Builtin translator pushes guest mappings eagerly (dynamic).") var eager = false
     @Option(help: "Which sides to run: on,off (alternately), or one of them (profiling).") var sides = "on,off"
+    @Option(help: "What the sides differ in: iotlb (on/off), or dirty-log (logging on/off, IOTLB on in both: live migration's cost).")
+    var compare = "iotlb"
     @OptionGroup var output: ReportOptions
 
     func run() throws {
+        guard compare == "iotlb" || compare == "dirty-log" else { throw ValidationError("--compare takes iotlb or dirty-log") }
+        let logging = compare == "dirty-log"
         let sideList = sides.split(separator: ",").map { $0 == "on" }
         guard !sideList.isEmpty, sides.split(separator: ",").allSatisfy({ $0 == "on" || $0 == "off" }) else {
             throw ValidationError("--sides takes on, off, or on,off")
@@ -41,6 +45,7 @@ struct DatapathBench: ParsableCommand {
             ("mappings", .array(mapList.map { .string($0.rawValue) })), ("seconds", .double(seconds)),
             ("warmup", .double(warmup)), ("repeats", .count(repeats)), ("ring_size", .count(ringSize)),
             ("eager", .bool(eager)), ("sides", .array(sideList.map { .string($0 ? "on" : "off") })),
+            ("compare", .string(compare)),
         ])
         var cells: [Cell] = []
         let total = sizeList.count * pageList.count * mapList.count * repeats * sideList.count
@@ -52,17 +57,19 @@ struct DatapathBench: ParsableCommand {
                     for index in 0..<repeats {
                         for on in sideList {
                             done += 1
-                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") …")
+                            let what = logging ? "dirty log" : "iotlb"
+                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) \(what) \(on ? "on " : "off") …")
                             var c = WorkloadConfig()
                             c.packetSize = size
                             c.pageSize = page
                             c.mapping = mapping
                             c.ringSize = ringSize
                             c.eager = eager
-                            let r = try measure(c, iotlb: on, warmup: warmup, seconds: seconds)
-                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) iotlb \(on ? "on " : "off") \(fmt(r.mpps)) Mpps")
+                            let r = try measure(c, iotlb: logging || on, dirtyLog: logging && on, warmup: warmup, seconds: seconds)
+                            progress("[\(done)/\(total)] \(size) B \(page.rawValue) \(mapping.rawValue) \(what) \(on ? "on " : "off") \(fmt(r.mpps)) Mpps")
                             if on { cell.on.append(r) } else { cell.off.append(r) }
-                            report.row(cell.parameters + [("iotlb", .string(on ? "on" : "off")), ("repeat", .count(index))] + r.fields)
+                            report.row(cell.parameters + [(logging ? "dirty_log" : "iotlb", .string(on ? "on" : "off")),
+                                                          ("repeat", .count(index))] + r.fields)
                         }
                     }
                     cells.append(cell)
@@ -98,8 +105,13 @@ struct RunResult {
     }
 }
 
-/// Runs one workload for `seconds` after `warmup` and reads its figures.
-func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double, maxEntries: Int = 2048) throws -> RunResult {
+/// Runs one workload for `seconds` after `warmup` and reads its figures. With
+/// `dirtyLog`, the device logs as a migrating front-end would have it: a log
+/// covering guest memory, VHOST_F_LOG_ALL, and each vring's used ring logged
+/// at its own address (VHOST_VRING_F_LOG); a thread clears the log every 100 ms,
+/// as QEMU's migration does each time it syncs and copies the dirty pages.
+func measure(_ c: WorkloadConfig, iotlb: Bool, dirtyLog: Bool = false, warmup: Double, seconds: Double,
+             maxEntries: Int = 2048) throws -> RunResult {
     var limits = EngineLimits()
     limits.hugePages = true
     let engine = Engine(datapathThreads: 1, limits: limits)
@@ -113,6 +125,37 @@ func measure(_ c: WorkloadConfig, iotlb: Bool, warmup: Double, seconds: Double, 
     }
     let workload = w!
     defer { _ = workload.stop() }
+    let clearing = Atomic<Bool>(true)
+    defer { clearing.store(false, ordering: .relaxed) }
+    if dirtyLog {
+        let made = h.performSync { d -> Result<DirtyLog, ValidationError> in
+            guard let d, let t = d.memTable else { return .failure(ValidationError("no memory table")) }
+            let last = t.regions.map { $0.guestPhysAddr.raw + ($0.memorySize - 1) }.max()!
+            do throws(SystemCallError) { return .success(try DirtyLog(bytes: DirtyLog.bytes(covering: last))) } catch {
+                return .failure(ValidationError(error.description))
+            }
+        }
+        let log = try made.get()
+        Thread.detachNewThread {
+            while clearing.load(ordering: .relaxed) {
+                usleep(100_000)
+                log.clear()
+            }
+        }
+        let failed = h.performSync { d -> String? in
+            guard let d else { return "device gone" }
+            d.setDirtyLog(log)
+            d.setLogging(true)
+            for v in d.vrings() {
+                guard var vc = v.config else { continue }
+                vc.logAddr = vc.usedAddr
+                vc.lastAvailIdx = nil
+                if (try? d.setVring(v.index, vc)) == nil { return "vring \(v.index) refused" }
+            }
+            return nil
+        }
+        if let failed { throw ValidationError("dirty log: \(failed)") }
+    }
     sleepSeconds(warmup)
     // What the datapath thread counted, read on that thread; two reads back to back
     // give what reading itself costs.

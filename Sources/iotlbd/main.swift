@@ -192,6 +192,12 @@ struct IOTLBDaemon: ParsableCommand {
         var limits = EngineLimits()
         limits.maxMemRegions = maxMemRegions
         limits.maxGuestMemory = parseBytes(maxGuestMemory)!
+        // Test only: RX buffer writes go unlogged while migrating, so the migration
+        // test can show its memory comparison catches a missing log write.
+        if getenv("IOTLBD_TEST_UNLOGGED_RX_BUFFERS").map({ String(cString: $0) }) == "1" {
+            limits.unloggedRXBuffersForTests = true
+            logger.warning("IOTLBD_TEST_UNLOGGED_RX_BUFFERS=1: RX buffers are not dirty-logged (test only; live migration loses data)")
+        }
         do {
             settings.vhostUserSockets = try VhostUserSockets.prepare(directory: vhostUserDir, group: vhostUserGroup)
         } catch {

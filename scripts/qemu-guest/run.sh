@@ -22,6 +22,7 @@
 # frames for S seconds, printing counters every ~0.5 s (scripts/qemu-guest/init).
 # QG_MODE=net with QG_APPEND="qg_ip=.. qg_peer=.. qg_mb=.." (more kernel
 # command-line words; init lists them) puts the guest on an IPv4 network.
+# QG_MEM sets the guest's memory (default 1G; the migration test uses less);
 # QG_MAC sets the NIC's MAC (two guests on one bridge need different ones);
 # QG_QUEUES=N (tap only) opens N queue pairs (a multi_queue TAP).
 # This is the one place the QEMU command line lives (README "Use with QEMU",
@@ -60,8 +61,9 @@ case "$SOCK" in
             NETDEV="tap,id=n0,ifname=${SOCK#tap:},script=no,downscript=no,vnet_hdr=on"
             if [ "${QG_QUEUES:-1}" -gt 1 ]; then NETDEV="$NETDEV,queues=$QG_QUEUES"; NIC="$NIC,mq=on"; fi ;;
 esac
-set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1G \
-    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+MEM=${QG_MEM:-1G}
+set -- "$QEMU" -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m "$MEM" \
+    -object memory-backend-memfd,id=mem,size="$MEM",share=on -numa node,memdev=mem \
     $IOMMU @NETDEV@ \
     -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
     -device "virtio-net-pci,bus=rp0,netdev=n0,disable-legacy=on,vectors=0$NIC" \

@@ -26,6 +26,18 @@ static inline void CRingAtomics_store_release_u64(void *p, uint64_t v) {
     __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
 }
 
+/// Sets bits in a byte of a log shared with another process (the dirty log);
+/// returns the byte before. Release: the guest-memory write it records is
+/// visible before the bit (a front-end that sees the bit copies the new data).
+static inline uint8_t CRingAtomics_fetch_or_u8(void *p, uint8_t bits) {
+    return __atomic_fetch_or((uint8_t *)p, bits, __ATOMIC_RELEASE);
+}
+
+/// Reads a byte of the dirty log (its bits, before deciding to set more).
+static inline uint8_t CRingAtomics_load_relaxed_u8(const void *p) {
+    return __atomic_load_n((const uint8_t *)p, __ATOMIC_RELAXED);
+}
+
 /// Asks for the cache line at `p` ahead of use (never faults, whatever `p` is).
 static inline void CRingAtomics_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 

@@ -105,7 +105,7 @@ extension Device {
     }
 
     /// Publishes what a batch put in the used ring and notifies the driver if it asked.
-    private func finishRX<S: DeviceSpaces>(_ rx: VirtQueue, _ c: VringConfig, _ b: RXBatch, _: S.Type) {
+    func finishRX<S: DeviceSpaces>(_ rx: VirtQueue, _ c: VringConfig, _ b: RXBatch, _: S.Type) {
         if c.packed {
             if b.packedUsed > 0 { notifyPacked(rx, S.Ring.self) }
         } else if rx.usedIdx != b.usedBefore {
@@ -143,17 +143,21 @@ extension Device {
         let payload: UnsafeRawPointer
         let total: Int
 
-        /// Copies stream bytes `[at, at+n)` to `dst`; remembers where num_buffers lands.
+        /// Copies stream bytes `[at, at+n)` to `dst` (guest-physical `gpa`);
+        /// remembers where num_buffers lands.
         @inline(__always)
-        func copy(_ at: Int, _ n: Int, to dst: UnsafeMutableRawPointer, _ numBuffers: inout NumBuffersAt) {
+        func copy(_ at: Int, _ n: Int, to dst: UnsafeMutableRawPointer, gpa: UInt64, _ numBuffers: inout NumBuffersAt) {
             var done = 0
             if at < headerBytes {
                 let k = Swift.min(headerBytes - at, n)
                 dst.copyMemory(from: header + at, byteCount: k)
                 let nb = VirtioNetHeader.numBuffersOffset
                 if headerBytes == VirtioNetHeader.size {
-                    if at <= nb && nb < at + k { numBuffers.low = dst + (nb - at) }
-                    if at <= nb + 1 && nb + 1 < at + k { numBuffers.high = dst + (nb + 1 - at) }
+                    if at <= nb && nb < at + k { numBuffers.low = dst + (nb - at); numBuffers.lowGPA = gpa &+ UInt64(nb - at) }
+                    if at <= nb + 1 && nb + 1 < at + k {
+                        numBuffers.high = dst + (nb + 1 - at)
+                        numBuffers.highGPA = gpa &+ UInt64(nb + 1 - at)
+                    }
                 }
                 done = k
             }
@@ -165,10 +169,20 @@ extension Device {
     struct NumBuffersAt {
         var low: UnsafeMutableRawPointer?
         var high: UnsafeMutableRawPointer?
+        /// Their guest-physical addresses (dirty logging).
+        var lowGPA: UInt64 = 0
+        var highGPA: UInt64 = 0
 
         func set(_ n: Int) {
             low?.storeBytes(of: UInt8(truncatingIfNeeded: n), as: UInt8.self)
             high?.storeBytes(of: UInt8(truncatingIfNeeded: n >> 8), as: UInt8.self)
+        }
+
+        /// After `set`, while logging: the header's pages again (the front-end
+        /// may have copied them since the header was first written).
+        func log(_ device: Device) {
+            if low != nil { device.logBuffer(lowGPA, 1) }
+            if high != nil { device.logBuffer(highGPA, 1) }
         }
     }
 
@@ -191,7 +205,9 @@ extension Device {
                     switch segment(a, Swift.min(Int(len) - off, src.total - written), .write, &rx.bufferCache(a.raw).pointee, rx) {
                     case .fault(let f): stop(rx, f); return nil
                     case .ok(let s):
-                        src.copy(written, s.length, to: s.host, &numBuffers)
+                        if W.Buffer.logs && !logAdmits(rx, s) { return nil }
+                        src.copy(written, s.length, to: s.host, gpa: s.gpa, &numBuffers)
+                        if W.Buffer.logs { logBuffer(s.gpa, s.length) }
                         off += s.length
                         written += s.length
                         inChain += s.length
@@ -230,6 +246,7 @@ extension Device {
             buffers += 1
         }
         numBuffers.set(buffers)
+        if S.Buffer.logs { numBuffers.log(self) }
         rx.chains &+= UInt64(buffers)
         rx.bytes &+= UInt64(written)
         return .delivered
@@ -256,6 +273,7 @@ extension Device {
             buffers += 1
         }
         numBuffers.set(buffers)
+        if S.Buffer.logs { numBuffers.log(self) }
         // The driver reads a merged frame's buffers from its first: write that one last.
         var at = Int(rx.usedIdx), wrap = rx.usedWrap
         let firstAt = at, firstWrap = wrap

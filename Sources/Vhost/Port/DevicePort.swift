@@ -44,6 +44,10 @@ final class DevicePort {
         var peerWorker: Unmanaged<DatapathWorker>?
         /// A TX frame met a full TAP and waits in its ring: nothing will kick for it, so the worker polls.
         var backPressured = false
+        /// A RARP announcement (`announceFrame`) waits to go out (Device+Announce.swift).
+        var announcePending = false
+        /// Announcements sent.
+        var announcements: UInt64 = 0
     }
     let m: UnsafeMutablePointer<Mutable>
 
@@ -91,6 +95,8 @@ final class DevicePort {
         var drop: PortDropReason?
     }
 
+    /// A RARP frame after a 12-byte virtio-net header, made when a front-end asks for an announcement.
+    let announceFrame: UnsafeMutableRawPointer
     /// The TAP's queue descriptors, one per pair (read per frame without touching `tap`).
     /// SAFETY: `tap` keeps them open as long as the port lives.
     let tapFDs: UnsafeMutablePointer<Int32>
@@ -137,6 +143,8 @@ final class DevicePort {
         zeroHeader = .allocate(byteCount: 16, alignment: 8)
         zeroHeader.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
         usedScratch = .allocate(capacity: Self.maxRXBuffers)
+        announceFrame = .allocate(byteCount: VirtioNetHeader.size + 60, alignment: 8)
+        announceFrame.initializeMemory(as: UInt8.self, repeating: 0, count: VirtioNetHeader.size + 60)
     }
 
     deinit {
@@ -151,6 +159,7 @@ final class DevicePort {
         header.deallocate()
         zeroHeader.deallocate()
         usedScratch.deallocate()
+        announceFrame.deallocate()
         tapFDs.deallocate()
         burstFrames.deallocate()
     }
