@@ -28,19 +28,23 @@ final class BuiltinTranslator: @unchecked Sendable {
     /// sends the pages the guest mapped after it (read-ahead), but no more than
     /// a quarter of the entries the IOTLB can hold beside its pinned ones: a
     /// batch larger than the IOTLB would evict its own answer, and the entries
-    /// of the chain being processed must survive it. The missed page comes last.
+    /// of the chain being processed must survive it. The missed page comes
+    /// last. Written into the device's buffer: nothing is allocated.
     var resolver: MissResolver {
-        { [self] iova, _, budget in
-            guard let page = iommu.translate(iova), let missed = page.iotlbEntry(clippedTo: table, around: iova) else {
-                return []
+        MissResolver { [self] iova, _, budget, out in
+            guard out.count > 0, let page = iommu.translate(iova),
+                  let missed = page.iotlbEntry(clippedTo: table, around: iova) else { return 0 }
+            var n = 0
+            let limit = min(BuiltinTranslator.readAhead, budget / 4, out.count - 1)
+            iommu.forEachMapping(after: iova, limit: limit) { p in
+                if let e = p.iotlbEntry(clippedTo: table, around: p.iova.first), e != missed {
+                    out[n] = e
+                    n += 1
+                }
             }
-            var entries: [IOTLBEntry] = []
-            for p in iommu.mappings(after: iova, limit: min(BuiltinTranslator.readAhead, budget / 4)) {
-                if let e = p.iotlbEntry(clippedTo: table, around: p.iova.first), e != missed { entries.append(e) }
-            }
-            entries.append(missed)
+            out[n] = missed
             answered.add(1, ordering: .relaxed)
-            return entries
+            return n + 1
         }
     }
 }

@@ -153,19 +153,28 @@ public final class GuestIOMMU: Sendable {
     /// it is done with: an IOTLB smaller than the buffers in flight keeps the
     /// ones about to be used.
     public func mappings(after iova: IOVA, limit: Int) -> [GuestPageMapping] {
+        var out: [GuestPageMapping] = []
+        forEachMapping(after: iova, limit: limit) { out.append($0) }
+        return out
+    }
+
+    /// The same pages, each given to `body` under the table's lock (a translator
+    /// on a datapath thread: nothing allocated).
+    public func forEachMapping(after iova: IOVA, limit: Int, _ body: (GuestPageMapping) -> Void) {
         table.withLock { t in
-            guard limit > 0, let missed = t.pages[iova.raw >> shift] else { return [] }
+            guard limit > 0, let missed = t.pages[iova.raw >> shift] else { return }
             let cap = UInt64(GuestIOMMU.recentCapacity)
             var at = max(missed.logged + 1, t.recentCount > cap ? t.recentCount - cap : 0)
-            var out: [GuestPageMapping] = []
-            out.reserveCapacity(min(limit, Int(t.recentCount - min(at, t.recentCount))))
-            while at < t.recentCount && out.count < limit {
+            var given = 0
+            while at < t.recentCount && given < limit {
                 let n = t.recent[Int(at % cap)]
                 // A page logged twice is sent once, at its latest place.
-                if let p = t.pages[n], p.logged == at { out.append(mapping(n, p)) }
+                if let p = t.pages[n], p.logged == at {
+                    body(mapping(n, p))
+                    given += 1
+                }
                 at += 1
             }
-            return out
         }
     }
 

@@ -81,11 +81,15 @@ final class GuestRun {
     let invalidated = TicketCounter()
     /// Invalidations the device refused (counted on the worker).
     let invalidationsRefused = TicketCounter()
+    /// Where invalidations go without a command (dynamic mappings through the IOTLB), nil otherwise.
+    let mailbox: InvalidationMailbox?
     let startTime = monotonicNanos()
 
     init(workload: Workload, memory: GuestPhysicalMemory, table: MemoryTable, iotlb: Bool, iommu: GuestIOMMU?,
-         rxRing: RingLayout, txRing: RingLayout, rxBuffers: GuestPhysAddr, txBuffers: GuestPhysAddr) {
+         rxRing: RingLayout, txRing: RingLayout, rxBuffers: GuestPhysAddr, txBuffers: GuestPhysAddr,
+         mailbox: InvalidationMailbox? = nil) {
         self.workload = workload
+        self.mailbox = mailbox
         self.config = workload.config
         self.memory = memory
         self.table = table
@@ -149,6 +153,9 @@ final class GuestRun {
             }
         }
         ranges.removeAll(keepingCapacity: true)
+        if !merged.isEmpty { stats.invalidations &+= 1 }
+        // The mailbox costs the worker no command (no allocation, no reference counting).
+        if let mailbox, mailbox.post(merged, ticket: ticket) { return }
         let invalidations = merged, invalidated = self.invalidated, refused = self.invalidationsRefused
         workload.handle.submit { d in
             if !invalidations.isEmpty, let d {
@@ -158,7 +165,11 @@ final class GuestRun {
             }
             invalidated.value.store(ticket, ordering: .releasing)
         }
-        if !invalidations.isEmpty { stats.invalidations &+= 1 }
+    }
+
+    /// The last ticket whose invalidations the device applied (by command or through the mailbox).
+    private var invalidatedTicket: UInt64 {
+        max(invalidated.value.load(ordering: .acquiring), mailbox?.applied ?? 0)
     }
 
     /// Maps guest-physical [gpa, gpa+len) at its static IOVA in the guest
@@ -277,7 +288,7 @@ final class GuestRun {
             // or nothing is left in flight.
             let quarter = config.ringSize / 4
             if dynamic {
-                if awaited != 0 && invalidated.value.load(ordering: .acquiring) >= awaited {
+                if awaited != 0 && invalidatedTicket >= awaited {
                     rxFree += rxQuarantined; txFree += txQuarantined
                     rxQuarantined.removeAll(keepingCapacity: true); txQuarantined.removeAll(keepingCapacity: true)
                     awaited = 0
@@ -375,7 +386,7 @@ final class GuestRun {
     }
 
     func publish(now: UInt64 = monotonicNanos(), final: Bool = false) {
-        stats.invalidationFailures = invalidationsRefused.value.load(ordering: .relaxed)
+        stats.invalidationFailures = invalidationsRefused.value.load(ordering: .relaxed) + (mailbox?.refused ?? 0)
         if stats.invalidationFailures > 0 && stats.error == nil {
             stats.error = "the device refused an invalidation: a buffer used again may still be mapped"
         }

@@ -62,6 +62,7 @@ public final class Workload: @unchecked Sendable {
                 ready(.failure(error))
             }
             if w.translator != nil { handle.performSync { $0?.missResolver = nil } }
+            handle.performSync { $0?.invalidationMailbox = nil }
         }
     }
 
@@ -121,10 +122,13 @@ public final class Workload: @unchecked Sendable {
         self.iommu = iommu
         let rxBuffers = gpa0 + 2 * ringsBytes
         let txBuffers = rxBuffers + UInt64(c.ringSize) * UInt64(slot)
+        // Dynamic mappings invalidate all the time: through a mailbox the worker polls, not commands.
+        let mailbox = device.iotlb && c.mapping == .dynamic ? InvalidationMailbox(capacity: 4 * c.ringSize) : nil
+        if let mailbox { handle.performSync { $0?.invalidationMailbox = mailbox } }
         let run = GuestRun(workload: self, memory: guestMemory, table: table, iotlb: device.iotlb, iommu: iommu,
                            rxRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0)),
                            txRing: RingLayout.consecutive(num: c.ringSize, at: GuestPhysAddr(gpa0 + ringsBytes)),
-                           rxBuffers: GuestPhysAddr(rxBuffers), txBuffers: GuestPhysAddr(txBuffers))
+                           rxBuffers: GuestPhysAddr(rxBuffers), txBuffers: GuestPhysAddr(txBuffers), mailbox: mailbox)
         published.withLock { $0.guestMemoryBytes = table.totalBytes }
         if device.iotlb && device.translator == .builtin, let iommu {
             let t = BuiltinTranslator(iommu: iommu, table: table)

@@ -72,14 +72,32 @@ extension IOTLB {
     /// In-order walk of the nodes overlapping [lo, hi]. Entries never overlap,
     /// so a node ending below `lo` has nothing useful on its left, and a node
     /// starting above `hi` nothing on its right.
-    func visit(_ n: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
-        if n < 0 { return }
-        let h = hot[node(n)]
-        if h.first > hi { visit(h.left, lo, hi, body); return }
-        if cold[node(n)].last < lo { visit(h.right, lo, hi, body); return }
-        visit(h.left, lo, hi, body)
-        body(n)
-        visit(h.right, lo, hi, body)
+    @inline(__always)
+    func visit(_ start: Int32, _ lo: UInt64, _ hi: UInt64, _ body: (Int32) -> Void) {
+        // In order, without recursion (a recursive walk passing `body` along cost
+        // reference counting per node): an explicit stack of the overlapping
+        // ancestors whose right subtree is still to visit. An AVL tree of 2^20
+        // entries is at most 29 high; 64 leaves room.
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: 64) { stack in
+            var top = 0
+            var n = start
+            while true {
+                while n >= 0 {
+                    let h = hot[node(n)]
+                    if h.first > hi { n = h.left; continue }           // this and its right: past the range
+                    if cold[node(n)].last < lo { n = h.right; continue }  // this and its left: before it
+                    // SAFETY: `top` < 64, the tree's height bound (see above).
+                    stack[top] = n
+                    top += 1
+                    n = h.left
+                }
+                if top == 0 { return }
+                top -= 1
+                let v = stack[top]
+                body(v)
+                n = hot[node(v)].right
+            }
+        }
     }
 
     /// `visit` that stops as soon as `body` returns false; returns whether it went on to the end.

@@ -65,6 +65,51 @@ extension Device {
         if R.logs { logDescRing(vq, at + 8, 8) }  // len, id, flags: one descriptor, one page
     }
 
+    /// Writes `count` used descriptors from `group` at the queue's used
+    /// position: every id and length first, then every flag (release), in ring
+    /// order. The driver reads a descriptor's flags before its id and length,
+    /// so each is whole when it sees it; the ring's lines change once per
+    /// group. A logged ring, or one without a host mapping, goes one by one.
+    @inline(__always)
+    func writeUsedPackedGroup<R: TranslatedAddress>(_ vq: VirtQueue, _ group: UnsafeMutablePointer<DevicePort.UsedBuffer>,
+                                                    count: Int, num: Int, _: R.Type) {
+        guard let host = vq.descHost, !R.logs else {
+            for k in 0..<count { putUsedPacked(vq, id: group[k].id, len: group[k].len, slots: group[k].slots, num: num, R.self) }
+            return
+        }
+        var slot = Int(vq.usedIdx)
+        for k in 0..<count {
+            // SAFETY: `slot` < num; the ring was checked whole (16 × num bytes) at `host` this round.
+            let at = host + PackedRing.descriptor(slot)
+            (at + 8).storeBytes(of: group[k].len.littleEndian, as: UInt32.self)
+            (at + 12).storeBytes(of: group[k].id.littleEndian, as: UInt16.self)
+            slot += group[k].slots
+            if slot >= num { slot -= num }
+        }
+        slot = Int(vq.usedIdx)
+        var wrap = vq.usedWrap
+        for k in 0..<count {
+            CRingAtomics_store_release_u16(host + PackedRing.descriptor(slot) + PackedRing.flagsOffset,
+                                           PackedRing.usedFlags(wrap: wrap).littleEndian)
+            slot += group[k].slots
+            if slot >= num { slot -= num; wrap.toggle() }
+        }
+        vq.usedIdx = UInt16(slot)
+        vq.usedWrap = wrap
+    }
+
+    /// Holds a used descriptor back for `writeUsedPackedGroup`; writes the group once it is whole.
+    @inline(__always)
+    func stageUsedPacked<R: TranslatedAddress>(_ vq: VirtQueue, _ u: DevicePort.UsedBuffer, staged: inout Int, num: Int,
+                                               _: R.Type) {
+        vq.usedStage[staged] = u
+        staged += 1
+        if staged == VirtQueue.usedGroup {
+            writeUsedPackedGroup(vq, vq.usedStage, count: staged, num: num, R.self)
+            staged = 0
+        }
+    }
+
     /// After used buffers were written: notify unless the driver's event
     /// suppression area says not to. A driver asking for a specific
     /// descriptor (EVENT_IDX) is notified at every batch: more often than it
@@ -107,7 +152,7 @@ extension Device {
             guard rx.state == .running, rx.ringsReady, let r = rx.config, r.packed else { return false }
             rc = r
         }
-        var done = 0, txUsed = 0, rxUsed = 0
+        var done = 0, txStaged = 0, rxStaged = 0
         while done < Device.batch && packedAvailable(tx, S.Ring.self) {
             prefetchPacked(tx, num: c.num)
             if loopback { prefetchPacked(rx, num: rc.num) }
@@ -124,30 +169,34 @@ extension Device {
                 if let e = src.chain.finish(self, tx) { chainError(tx, e); break }
                 if let e = dst.chain.finish(self, rx) { chainError(rx, e); break }
                 txChain = src.chain
-                putUsedPacked(rx, id: dst.chain.id, len: UInt32(written), slots: dst.chain.slots, num: rc.num, S.Ring.self)
+                stageUsedPacked(rx, DevicePort.UsedBuffer(id: dst.chain.id, len: UInt32(written), slots: dst.chain.slots),
+                                staged: &rxStaged, num: rc.num, S.Ring.self)
                 consumePacked(rx, slots: dst.chain.slots, num: rc.num)
                 rx.chains &+= 1
                 rx.bytes &+= UInt64(written)
-                rxUsed += 1
                 sent = read
             } else {
                 guard let read = consumeChain(tx, &txChain, txSlot) else { break }
                 sent = read
             }
-            putUsedPacked(tx, id: txChain.id, len: 0, slots: txChain.slots, num: c.num, S.Ring.self)
+            stageUsedPacked(tx, DevicePort.UsedBuffer(id: txChain.id, len: 0, slots: txChain.slots), staged: &txStaged,
+                            num: c.num, S.Ring.self)
             consumePacked(tx, slots: txChain.slots, num: c.num)
             tx.chains &+= 1
             tx.bytes &+= UInt64(sent)
-            txUsed += 1
             done += 1
-            if done & (Device.publishEvery - 1) == 0 {
-                notifyPacked(tx, S.Ring.self); txUsed = 0
-                if loopback { notifyPacked(rx, S.Ring.self); rxUsed = 0 }
-                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+            // Commands wait (a guest's invalidation, an API call): let them in.
+            if done & (Device.publishEvery - 1) == 0, let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) {
+                break
             }
         }
-        if txUsed > 0 { notifyPacked(tx, S.Ring.self) }
-        if loopback && rxUsed > 0 { notifyPacked(rx, S.Ring.self) }
+        // What is held back goes now, and the drivers hear of it once per batch.
+        if txStaged > 0 { writeUsedPackedGroup(tx, tx.usedStage, count: txStaged, num: c.num, S.Ring.self) }
+        if rxStaged > 0 { writeUsedPackedGroup(rx, rx.usedStage, count: rxStaged, num: rc.num, S.Ring.self) }
+        if done > 0 {
+            notifyPacked(tx, S.Ring.self)
+            if loopback { notifyPacked(rx, S.Ring.self) }
+        }
         return done > 0
     }
 }

@@ -26,6 +26,10 @@ extension Device {
     /// names: everything below is specialized for it.
     private func poll<S: DeviceSpaces>(_: S.Type) -> Bool {
         guard regions.count > 0 else { return false }
+        // A built-in guest's invalidations, between two rounds (as a command would be).
+        if let mailbox = m.pointee.mailbox {
+            _ = mailbox._withUnsafeGuaranteedRef { $0.drain { ranges in (try? invalidateIOTLB(ranges)) != nil } }
+        }
         var work = false
         let n = config.queues
         let generation = translationGeneration
@@ -125,16 +129,24 @@ extension Device {
     /// installs it at once (no round trip through the miss log): true when the
     /// queue may go on (or was failed by a permission the answer lacks).
     func resolveOnWorker(_ vq: VirtQueue, _ iova: IOVA, _ perm: Permissions) -> Bool {
-        guard let resolver = missResolver else { return false }
+        guard let resolver = m.pointee.missResolver else { return false }
         let since = monotonicNanos()
-        var entries = resolver(iova, perm, max(1, iotlb.maxEntries - iotlb.pinnedCount))
-        // What the IOTLB holds already stays (a re-insert would unpin it and cost an eviction).
-        if entries.count > 1 {
-            let last = entries.removeLast()
-            entries.removeAll { iotlb.entry(containing: $0.range.first) == $0 }
-            entries.append(last)
+        let buffer = m.pointee.resolveBuffer
+        let budget = max(1, iotlb.maxEntries - iotlb.pinnedCount)
+        var n = resolver._withUnsafeGuaranteedRef { $0.resolve(iova, perm, budget, buffer) }
+        guard n > 0 && n <= buffer.count else { return false }
+        // What the IOTLB holds already stays (a re-insert would unpin it and cost
+        // an eviction): compacted in place, the missed entry kept last.
+        if n > 1 {
+            var kept = 0
+            for i in 0..<(n - 1) where iotlb.entry(containing: buffer[i].range.first) != buffer[i] {
+                buffer[kept] = buffer[i]
+                kept += 1
+            }
+            buffer[kept] = buffer[n - 1]
+            n = kept + 1
         }
-        guard !entries.isEmpty, (try? updateIOTLB(entries)) != nil else { return false }
+        guard (try? updateIOTLB(buffer[..<n])) != nil else { return false }
         switch iotlb.translate(iova, access: perm, size: 1) {
         case .mapped:
             recordResolution(since: since, now: monotonicNanos())

@@ -16,23 +16,31 @@ extension Device {
     func resolveMisses(answerMayBeLost: (IOVA) -> Bool) -> Int {
         var resolved = 0
         let now = monotonicNanos()
-        for vq in queues where vq.state == .waitingIOTLB {
-            guard let p = vq.pending, p.kind == .miss else { continue }
-            guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else {
-                guard answerMayBeLost(p.iova) else { continue }
-                missLog.remove(seq: p.seq)
-                vq.pending!.seq = missLog.post(vq: vq.index, kind: .miss, iova: p.iova, perm: p.perm, now: now)
-                vq.pending!.postedAt = now
-                counters.reannouncedMisses &+= 1
-                continue
-            }
-            missLog.remove(seq: p.seq)
-            vq.pending = nil
-            vq.state = .running
+        // Through the unretained references: this runs on the worker after every update (a miss answered there).
+        for i in 0..<config.queues where queueRefs[i]._withUnsafeGuaranteedRef({ resumeIfAnswered($0, now, answerMayBeLost) }) {
             resolved += 1
-            recordResolution(since: p.waitingSince, now: now)
         }
         return resolved
+    }
+
+    /// Resumes `vq` if it waits for a miss the IOTLB now answers (true), or
+    /// announces the miss again when the update may have lost its answer.
+    @inline(__always)
+    private func resumeIfAnswered(_ vq: VirtQueue, _ now: UInt64, _ answerMayBeLost: (IOVA) -> Bool) -> Bool {
+        guard vq.state == .waitingIOTLB, let p = vq.pending, p.kind == .miss else { return false }
+        guard case .mapped = iotlb.translate(p.iova, access: p.perm, size: 1) else {
+            guard answerMayBeLost(p.iova) else { return false }
+            missLog.remove(seq: p.seq)
+            vq.pending!.seq = missLog.post(vq: vq.index, kind: .miss, iova: p.iova, perm: p.perm, now: now)
+            vq.pending!.postedAt = now
+            counters.reannouncedMisses &+= 1
+            return false
+        }
+        missLog.remove(seq: p.seq)
+        vq.pending = nil
+        vq.state = .running
+        recordResolution(since: p.waitingSince, now: now)
+        return true
     }
 
     /// Adds one miss resolution time (from the queue's first post) to the figures.

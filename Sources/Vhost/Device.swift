@@ -35,11 +35,21 @@ public struct IOTLBStats: Equatable, Sendable {
     public var reannouncedMisses: UInt64 = 0
 }
 
-/// An in-process vIOMMU (the built-in guest's) that answers misses on the
-/// worker: given the missed IOVA, the access and how many entries may be
-/// installed without evicting pinned ones, the entries to install (the one
-/// mapping the IOVA last, so FIFO replacement takes it last), or none.
-public typealias MissResolver = @Sendable (IOVA, Permissions, Int) -> [IOTLBEntry]
+/// An in-process vIOMMU (the built-in guest's, or vhost-user's identity
+/// translator) that answers misses on the worker: given the missed IOVA, the
+/// access and how many entries may be installed without evicting pinned ones,
+/// the entries to install (the one mapping the IOVA last, so FIFO replacement
+/// takes it last), or none. A class holding the function, so the worker calls
+/// it through an unretained reference (no reference counting per miss).
+public final class MissResolver: Sendable {
+    /// Fills the buffer with the entries to install for a miss at the IOVA
+    /// (with the access), at most the budget given and the buffer's room, the
+    /// one mapping the IOVA last; returns how many (0: it cannot answer). Runs
+    /// on the worker: no allocation, no lock held long.
+    public typealias Resolve = @Sendable (IOVA, Permissions, Int, UnsafeMutableBufferPointer<IOTLBEntry>) -> Int
+    let resolve: Resolve
+    public init(_ resolve: @escaping Resolve) { self.resolve = resolve }
+}
 
 /// One device's state. Not thread-safe by design: only its worker touches it.
 public final class Device {
@@ -82,8 +92,13 @@ public final class Device {
         /// where a reference count would cost per batch. SAFETY: a worker
         /// outlives every device it owns (the engine stops devices first).
         var owner: Unmanaged<DatapathWorker>?
-        /// Answers misses on the worker when set (see `MissResolver`).
-        var missResolver: MissResolver?
+        /// Answers misses on the worker when set (see `MissResolver`); unretained:
+        /// `resolverOwner` holds it. SAFETY: both change together, on the worker.
+        var missResolver: Unmanaged<MissResolver>?
+        /// Where a resolver writes its answer: room for `Device.resolveRoom` entries.
+        var resolveBuffer: UnsafeMutableBufferPointer<IOTLBEntry> = .init(start: nil, count: 0)
+        /// Invalidations a built-in guest posts without a command (see `InvalidationMailbox`).
+        var mailbox: Unmanaged<InvalidationMailbox>?
         /// Whether drivers should kick (the worker is about to sleep).
         var kicksWanted = false
         /// Whether RX chains start with a 12-byte virtio-net header whose
@@ -98,7 +113,7 @@ public final class Device {
         var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
         var resolutionSumMicros: UInt64 = 0
     }
-    private let m: UnsafeMutablePointer<Mutable>
+    let m: UnsafeMutablePointer<Mutable>
     /// Dirty logging (Datapath+Log.swift); behind its own pointer, as `m`.
     let logState: UnsafeMutablePointer<DirtyLogState>
 
@@ -107,7 +122,26 @@ public final class Device {
     var counters: IOTLBStats { get { m.pointee.counters } set { m.pointee.counters = newValue } }
     var truncatedFrames: UInt64 { get { m.pointee.truncatedFrames } set { m.pointee.truncatedFrames = newValue } }
     var owner: Unmanaged<DatapathWorker>? { get { m.pointee.owner } set { m.pointee.owner = newValue } }
-    public var missResolver: MissResolver? { get { m.pointee.missResolver } set { m.pointee.missResolver = newValue } }
+    /// The in-process vIOMMU answering misses on the worker, if any.
+    public var missResolver: MissResolver? {
+        get { resolverOwner }
+        set {
+            resolverOwner = newValue
+            m.pointee.missResolver = newValue.map { .passUnretained($0) }
+        }
+    }
+    private var resolverOwner: MissResolver?
+    /// The built-in guest's invalidation mailbox, if any: polled every round.
+    public var invalidationMailbox: InvalidationMailbox? {
+        get { mailboxOwner }
+        set {
+            mailboxOwner = newValue
+            m.pointee.mailbox = newValue.map { .passUnretained($0) }
+        }
+    }
+    private var mailboxOwner: InvalidationMailbox?
+    /// Entries one miss answer may carry (a resolver's read-ahead and the missed page).
+    static let resolveRoom = 1025
     var kicksWanted: Bool { get { m.pointee.kicksWanted } set { m.pointee.kicksWanted = newValue } }
     var rxNetHeaderNumBuffers: Bool {
         get { m.pointee.rxNetHeaderNumBuffers } set { m.pointee.rxNetHeaderNumBuffers = newValue }
@@ -136,6 +170,7 @@ public final class Device {
         m = .allocate(capacity: 1)
         m.initialize(to: Mutable())
         m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
+        m.pointee.resolveBuffer = .allocate(capacity: Device.resolveRoom)
         logState = .allocate(capacity: 1)
         logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests,
                                               cache: .allocate(capacity: DirtyLogState.cacheSize)))
@@ -147,6 +182,7 @@ public final class Device {
     deinit {
         queueRefs.deallocate()
         m.pointee.regions.free()
+        m.pointee.resolveBuffer.deallocate()
         m.deinitialize(count: 1)
         m.deallocate()
         logState.pointee.cache.deallocate()
@@ -195,6 +231,11 @@ public final class Device {
     /// entry is refused as such whatever the device), and every one must be
     /// wholly backed by the memory table before any is inserted.
     public func updateIOTLB(_ entries: [IOTLBEntry]) throws(EngineError) -> UpdateReport {
+        try updateIOTLB(entries[...])
+    }
+
+    /// The same for any collection of entries (the worker's own answers: a buffer, nothing allocated).
+    func updateIOTLB<C: Collection<IOTLBEntry>>(_ entries: C) throws(EngineError) -> UpdateReport {
         for (i, e) in entries.enumerated() where e.uaddrRange == nil { throw .uaddrRangeOverflow(index: i) }
         try requireIOTLB()
         guard let table = memTable else { throw .noMemTable }
@@ -218,6 +259,11 @@ public final class Device {
 
     /// Removes every entry overlapping any of `ranges`; returns how many.
     public func invalidateIOTLB(_ ranges: [AddressRange<IOVA>]) throws(EngineError) -> Int {
+        try invalidateIOTLB(ranges[...])
+    }
+
+    /// The same for any collection of ranges (a mailbox's: nothing allocated).
+    func invalidateIOTLB<C: Collection<AddressRange<IOVA>>>(_ ranges: C) throws(EngineError) -> Int {
         try requireIOTLB()
         var removed = 0
         for r in ranges { removed += iotlb.invalidate(r) }

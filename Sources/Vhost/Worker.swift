@@ -35,6 +35,8 @@ public final class DatapathWorker: @unchecked Sendable {
         var count = 0
         /// What the thread sleeps on: its wake-up eventfd, then the devices' TAP queues.
         var sleepFDs = UnsafeMutablePointer<pollfd>.allocate(capacity: 1)
+        /// The command queue's other array: the batch being applied (see `drainCommands`).
+        var spareCommands: [Command] = []
     }
     private let polled: UnsafeMutablePointer<PollList> = {
         let p = UnsafeMutablePointer<PollList>.allocate(capacity: 1)
@@ -140,13 +142,12 @@ public final class DatapathWorker: @unchecked Sendable {
     @discardableResult
     private func drainCommands() -> Bool {
         guard queued.load(ordering: .acquiring) > 0 else { return false }
-        let batch = queue.withLock { q -> [Command] in
-            let b = q.commands
-            q.commands.removeAll(keepingCapacity: true)
-            return b
-        }
-        queued.subtract(batch.count, ordering: .relaxed)
-        for c in batch { c(self) }
+        // Two arrays swapped (the queue's and this thread's): taking a batch allocates nothing.
+        queue.withLock { q in swap(&q.commands, &polled.pointee.spareCommands) }
+        let count = polled.pointee.spareCommands.count
+        queued.subtract(count, ordering: .relaxed)
+        for i in 0..<count { polled.pointee.spareCommands[i](self) }
+        polled.pointee.spareCommands.removeAll(keepingCapacity: true)
         return true
     }
 

@@ -29,10 +29,11 @@ extension VhostUserSession {
         var identity: MissResolver?
         if config.iotlb && !frontEndIOMMU && config.translator == .builtin {
             let status = backend
-            identity = { iova, _, _ in
-                guard let e = VhostUserSession.identityEntry(for: iova, in: table) else { return [] }
+            identity = MissResolver { iova, _, _, out in
+                guard out.count > 0, let e = VhostUserSession.identityEntry(for: iova, in: table) else { return 0 }
                 status.updateStatus { $0.identityUpdates += 1 }
-                return [e]
+                out[0] = e
+                return 1
             }
         }
         let resolver = identity

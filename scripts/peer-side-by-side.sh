@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Guest to guest (issue 20), side by side, alternated round after round: two
+# DPDK virtio-user front-ends (two ports of one dpdk-testpmd, io forwarding
+# between them, tx-first) wired to each other by a vhost-user back-end:
+#   dpdk        DPDK's own: testpmd with two net_vhost ports, io forwarding
+#               between them (its "wire" is the forwarding core);
+#   off, on     iotlbd: two devices whose ports name each other (peer ports),
+#               device IOTLB off / on (the identity translator answers).
+# Frames go port 0 → back-end → port 1 → front-end → port 0 … in a loop: the
+# figure is the front-end's Rx-pps over both ports (median of the per-second
+# figures after a 2 s warm-up). The back-end gets core 1, the front-end core 0.
+# Needs root (huge pages) and Debian's dpdk-dev (installed when missing).
+#   scripts/peer-side-by-side.sh [--json FILE] [ROUNDS] [SECONDS] [FRAMES] [BACKENDS]
+# BACKENDS: any of "dpdk off on" (default all three).
+set -euo pipefail
+STARTED=$(date +%s.%N)
+ARGV=("$0" "$@")
+JSON_OUT=
+if [ "${1:-}" = --json ]; then JSON_OUT=$(realpath -m "$2"); shift 2; fi
+ROUNDS=${1:-3}
+SECONDS_PER_RUN=${2:-6}
+FRAMES=${3:-"64 1518"}
+BACKENDS=${4:-"dpdk off on"}
+cd "$(dirname "$0")/.."
+command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
+HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
+[ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
+
+WORK=$(mktemp -d)
+PORT=$((20000 + $$ % 10000))
+taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
+DAEMON=$!
+cleanup() {
+  kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true
+  echo "$HUGE_BEFORE" > /proc/sys/vm/nr_hugepages
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+for i in $(seq 50); do curl -fs "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+for side in on off; do
+  iotlb=$([ $side = on ] && echo true || echo false)
+  for pair in "a b" "b a"; do
+    set -- $pair
+    curl -fs -XPOST "127.0.0.1:$PORT/v1/devices" -d "{\"id\":\"$side-$1\",\"iotlb\":$iotlb,\
+\"vhost_user\":{\"socket\":\"$WORK/$side-$1.sock\"},\"port\":{\"type\":\"peer\",\"device\":\"$side-$2\"}}" >/dev/null
+  done
+done
+
+front_end() { # SOCKET_A SOCKET_B FRAME -> median total Rx-pps in Mpps
+  timeout -s INT $((SECONDS_PER_RUN + 2)) dpdk-testpmd -l 1,0 --main-lcore 1 --no-pci --single-file-segments --in-memory \
+    -m 512 --file-prefix peer-fe --vdev "net_virtio_user0,path=$1,queues=1" --vdev "net_virtio_user1,path=$2,queues=1" \
+    -- --forward-mode=io --tx-first --txpkts="$3" --nb-cores=1 --stats-period 1 --no-lsc-interrupt \
+    >"$WORK/virtio.log" 2>&1 || true
+  # Per second: the two ports' Rx-pps lines, summed.
+  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | paste - - | awk '{print $1 + $2}' |
+    tail -n +3 | sort -n | awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
+}
+
+dpdk_run() { # FRAME
+  local a=$WORK/dpdk-a.sock b=$WORK/dpdk-b.sock r
+  for attempt in 1 2 3; do
+    rm -f "$a" "$b"
+    timeout $((SECONDS_PER_RUN + 6)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --in-memory -m 512 --file-prefix peer-be \
+      --vdev "net_vhost0,iface=$a,queues=1" --vdev "net_vhost1,iface=$b,queues=1" -- --forward-mode=io \
+      --nb-cores=1 --no-lsc-interrupt --stats-period 1 >"$WORK/vhost.log" 2>&1 &
+    local vh=$!
+    for i in $(seq 50); do [ -S "$a" ] && [ -S "$b" ] && break; sleep 0.1; done
+    sleep 1
+    r=$(front_end "$a" "$b" "$1")
+    kill "$vh" 2>/dev/null || true; wait "$vh" 2>/dev/null || true
+    [ "$r" != "0.00" ] && break
+    echo x >>"$WORK/dpdk-retries"
+  done
+  echo "$r"
+}
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
+has() { case " $BACKENDS " in *" $1 "*) return 0;; esac; return 1; }
+echo "| frame B | round | DPDK 2 × net_vhost Mpps | iotlbd peers, IOTLB off Mpps | IOTLB on Mpps | off / DPDK | on / DPDK |"
+echo "|---:|---:|---:|---:|---:|---:|---:|"
+printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_dpdk\n' >"$WORK/rows.tsv"
+for frame in $FRAMES; do
+  for r in $(seq 1 "$ROUNDS"); do
+    d=-; off=-; on=-
+    has dpdk && d=$(dpdk_run "$frame")
+    has off && off=$(front_end "$WORK/off-a.sock" "$WORK/off-b.sock" "$frame")
+    has on && on=$(front_end "$WORK/on-a.sock" "$WORK/on-b.sock" "$frame")
+    r1=-; r2=-
+    [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
+    [ "$d" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$d")
+    echo "| $frame | $r | $d | $off | $on | $r1 | $r2 |"
+    if [ "$d" = 0.00 ]; then d=-; r1=-; r2=-; fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" >>"$WORK/rows.tsv"
+  done
+done
+RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
+has dpdk && { echo; echo "DPDK runs repeated because the tx-first burst was lost: $RETRIES"; }
+if [ -n "$JSON_OUT" ]; then
+  python3 scripts/bench_json.py --benchmark peer-side-by-side --out "$JSON_OUT" --started "$STARTED" \
+    --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
+    --param-list "backends=$BACKENDS" --meta "dpdk_retries=$RETRIES" --group-by frame_size --median dpdk_mpps \
+    --median iotlbd_off_mpps --median iotlbd_on_mpps --median off_over_dpdk --median on_over_dpdk -- "${ARGV[@]}" \
+    <"$WORK/rows.tsv"
+fi
