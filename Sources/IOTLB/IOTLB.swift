@@ -265,7 +265,7 @@ public final class IOTLB {
         case .denied(let perm): return .denied(perm: perm)
         case .mapped(let e, let uaddr):
             // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
-            let leftMinusOne = e.range.last.raw &- iova.raw
+            let leftMinusOne = e.range.last.uncheckedOffset(from: iova)  // iova lies in the entry
             let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
             return .mapped(uaddr: uaddr, length: length, perm: e.perm)
         }

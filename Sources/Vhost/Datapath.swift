@@ -158,10 +158,10 @@ extension Device {
             vq.state = .failed
             vq.accessFailures &+= 1
             counters.accessFailures &+= 1
-            vq.failure = "access failure: \(perm) access to iova \(iova) denied by the IOTLB entry"
+            vq.failure = fault.description
             post(vq, .accessFail, iova, perm)
-        case .badAddress(let addr, let space):
-            fail(vq, "address 0x\(String(addr, radix: 16)) (\(space == .guestPhys ? "guest-physical" : "user")) is not in the memory table")
+        case .notInMemoryTable, .unbacked, .wraps:
+            fail(vq, fault.description)
         }
         vq.dropTranslations()
     }
@@ -339,7 +339,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return nil
                     case .ok(let s): off += s.length

@@ -95,7 +95,7 @@ struct PackedChain<S: DeviceSpaces>: ChainWalk {
         while true {
             if indirectNext < indirectCount {
                 // The table was checked not to pass 2^64-1 when its descriptor was read.
-                let at = S.Buffer(indirectBase.raw &+ UInt64(PackedRing.descriptor(indirectNext)))
+                let at = indirectBase.uncheckedAdd(UInt64(PackedRing.descriptor(indirectNext)))
                 let d: PackedDescriptor
                 switch device.readDescriptor(at, &vq.bufferCache(at.raw).pointee, vq, PackedDescriptor.decode) {
                 case .success(let entry): d = entry

@@ -267,7 +267,7 @@ extension VringConfig {
 
 /// `offset` bytes into a ring area: `problem()` refused any ring passing 2^64-1.
 @inline(__always)
-func ringField<R: Address>(_ base: R, _ offset: Int) -> R { R(base.raw &+ UInt64(offset)) }
+func ringField<R: Address>(_ base: R, _ offset: Int) -> R { base.uncheckedAdd(UInt64(offset)) }
 
 extension Device {
     @inline(__always)

@@ -201,7 +201,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) && written < src.total {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Swift.min(Int(len) - off, src.total - written), .write, &rx.bufferCache(a.raw).pointee, rx) {
                     case .fault(let f): stop(rx, f); return nil
                     case .ok(let s):

@@ -42,7 +42,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return .stopped
                     case .ok(let s):
