@@ -71,6 +71,8 @@ public final class Device {
     /// The fields keep their names as properties below; the memory lives as
     /// long as the device.
     struct Mutable {
+        /// Who may touch the rest (debug builds check it; see `OwnerThread`).
+        var ownerThread = OwnerThread()
         /// Bumped whenever the memory table is replaced (cached translations die with it).
         var memoryGeneration: UInt64 = 0
         /// The memory table flattened for the datapath.
@@ -98,7 +100,15 @@ public final class Device {
         var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
         var resolutionSumMicros: UInt64 = 0
     }
-    private let m: UnsafeMutablePointer<Mutable>
+    private let storage: UnsafeMutablePointer<Mutable>
+    /// The state, for the accessors below: checks the owner thread in debug
+    /// builds (see `OwnerThread`), nothing more in release ones.
+    private var m: UnsafeMutablePointer<Mutable> {
+        @inline(__always) get {
+            storage.pointee.ownerThread.check()
+            return storage
+        }
+    }
     /// Dirty logging (Datapath+Log.swift); behind its own pointer, as `m`.
     let logState: UnsafeMutablePointer<DirtyLogState>
 
@@ -133,9 +143,9 @@ public final class Device {
         self.limits = limits
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
-        m = .allocate(capacity: 1)
-        m.initialize(to: Mutable())
-        m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
+        storage = .allocate(capacity: 1)
+        storage.initialize(to: Mutable())
+        storage.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
         logState = .allocate(capacity: 1)
         logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests,
                                               cache: .allocate(capacity: DirtyLogState.cacheSize)))
@@ -146,12 +156,20 @@ public final class Device {
 
     deinit {
         queueRefs.deallocate()
-        m.pointee.regions.free()
-        m.deinitialize(count: 1)
-        m.deallocate()
+        storage.pointee.regions.free()
+        storage.deinitialize(count: 1)
+        storage.deallocate()
         logState.pointee.cache.deallocate()
         logState.deinitialize(count: 1)
         logState.deallocate()
+    }
+
+    /// Makes the calling thread (the worker that places the device) the only
+    /// one that may touch the device's and its queues' state from now on:
+    /// checked in debug builds (`OwnerThread`).
+    func adoptThread() {
+        storage.pointee.ownerThread.adopt()
+        for q in queues { q.adoptThread() }
     }
 
     /// The memory table, once set.

@@ -95,6 +95,7 @@ public final class Engine: Sendable {
             worker.submit { w in
                 let d = Device(config: frozen, limits: limits, missLog: log, tap: tap)
                 d.owner = .passUnretained(w)
+                d.adoptThread()
                 w.devices[frozen.id] = d
             }
             if case .peer(let other) = config.port, let p = r.byId[other], p.config.port == .peer(device: config.id) {
