@@ -135,6 +135,7 @@ extension Device {
         CRingAtomics_fence_seq_cst()
         for i in 0..<n {
             var bits = cache[i].bits
+            // SAFETY: only pages below `pages` are recorded (logMark), so word·8+7 < pages/8, the log's bytes.
             let at = base + Int(truncatingIfNeeded: cache[i].word << 3)
             while bits != 0 {
                 let k = bits.trailingZeroBitCount >> 3

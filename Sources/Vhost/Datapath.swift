@@ -255,10 +255,12 @@ extension Device {
         let pending = avail &- vq.lastAvailIdx
         let mask = c.num - 1
         @inline(__always) func headAt(_ ahead: UInt16) -> Int {
+            // SAFETY: the entry index is masked below num; the avail ring's 4+2·num bytes are mapped at `ring`.
             Int(UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ ahead) & mask)).loadUnaligned(as: UInt16.self))) & mask
         }
         if pending > 8 { CRingAtomics_prefetch(desc + SplitRing.descriptor(headAt(8))) }
         guard pending > 4 else { return }
+        // SAFETY: headAt masks the head below num; the table's 16·num bytes are mapped at `desc`.
         let d = Descriptor.decode(desc + SplitRing.descriptor(headAt(4)))
         let addr = d.addr, flags = d.flags
         let cache = vq.bufferCache(addr).pointee
@@ -282,6 +284,7 @@ extension Device {
             case .end:
                 // One RX chain per frame: num_buffers = 1 (virtio-net, 5.1.6.4).
                 if let h = headerAt, written >= 12 {
+                    // SAFETY: headerAt is set only from a segment of >= 12 mapped, writable bytes.
                     (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
                     if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
                 }
@@ -295,6 +298,7 @@ extension Device {
                 // The RX buffers are full: the rest of the frame is dropped, as a NIC would.
                 truncatedFrames &+= 1
                 if let h = headerAt, written >= 12 {
+                    // SAFETY: headerAt is set only from a segment of >= 12 mapped, writable bytes.
                     (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
                     if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
                 }
@@ -313,6 +317,7 @@ extension Device {
             case .fault(let f): stop(rx, f); return nil
             case .ok(let d):
                 if R.Buffer.logs && !logAdmits(rx, d) { return nil }
+                // SAFETY: d.length <= s.length: both segments hold that many mapped bytes (translated above).
                 d.host.copyMemory(from: s.host, byteCount: d.length)
                 if R.Buffer.logs { logBuffer(d.gpa, d.length) }
                 if written == 0 && rxNetHeaderNumBuffers && d.length >= 12 {

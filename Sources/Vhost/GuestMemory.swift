@@ -71,6 +71,7 @@ final class RegionMapping: @unchecked Sendable {
         let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else { throw SystemCallError(call: "mmap", errno: errno) }
         self.region = region
+        // SAFETY: offset+memorySize = end <= total, the bytes mapped from p; and <= the file's size (above).
         self.base = p + Int(offset)
         self.length = Int(region.memorySize)
         self.huge = block >= 2 << 20

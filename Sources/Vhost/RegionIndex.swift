@@ -46,6 +46,7 @@ struct RegionIndex {
 
     private static func sorted<A>(_ spans: [RegionSpan<A>]) -> UnsafeMutablePointer<RegionSpan<A>> {
         let p = UnsafeMutablePointer<RegionSpan<A>>.allocate(capacity: spans.count)
+        // SAFETY: p has room for spans.count elements, one initialized per index.
         for (k, s) in spans.sorted(by: { $0.first < $1.first }).enumerated() { (p + k).initialize(to: s) }
         return p
     }
@@ -69,8 +70,10 @@ struct RegionIndex {
         var lo = 0, hi = count  // first span starting above addr
         while lo < hi {
             let mid = (lo + hi) >> 1
+            // SAFETY: 0 <= mid < count, the arrays' length.
             if spans[mid].first.raw <= addr.raw { lo = mid + 1 } else { hi = mid }
         }
+        // SAFETY: 0 <= lo-1 < count.
         guard lo > 0, spans[lo - 1].last.raw >= addr.raw else { return nil }
         return spans[lo - 1]
     }

@@ -23,7 +23,7 @@ extension Device {
     func ringLoad16<R: TranslatedAddress>(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: R, _ offset: Int,
                                           acquire: Bool = false) -> UInt16 {
         if let host {
-            // SAFETY: prefetch checked the whole area maps to this contiguous host range.
+            // SAFETY: prepareRings checked the whole area maps to this host range; offset+2 <= its size.
             let p = host + offset
             return UInt16(littleEndian: acquire ? CRingAtomics_load_acquire_u16(p) : p.loadUnaligned(as: UInt16.self))
         }
@@ -39,6 +39,7 @@ extension Device {
     func ringStore16<R: TranslatedAddress>(_ vq: VirtQueue, _ host: UnsafeMutableRawPointer?, _ base: R, _ offset: Int,
                                            _ value: UInt16, release: Bool = false) {
         if let host {
+            // SAFETY: prepareRings checked the whole area maps to this host range; offset+2 <= its size.
             let p = host + offset
             if release { CRingAtomics_store_release_u16(p, value.littleEndian) } else {
                 p.storeBytes(of: value.littleEndian, toByteOffset: 0, as: UInt16.self)
@@ -55,6 +56,7 @@ extension Device {
     /// Descriptor `i` of the queue's table (`i` < num).
     @inline(__always)
     func descriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ i: UInt16, _: R.Type) -> Descriptor {
+        // SAFETY: i < num (the walker checks), and prepareRings mapped the table's 16·num bytes here.
         if let host = vq.descHost { return Descriptor.decode(host + SplitRing.descriptor(Int(i))) }
         // The ring was checked whole this round (prepareRings); were it not to
         // translate, an empty descriptor reads as nothing rather than garbage.
@@ -68,6 +70,7 @@ extension Device {
         let slot = Int(vq.usedIdx) & (vq.config!.num - 1)
         let offset = SplitRing.usedElement(slot)
         if let host = vq.usedHost {
+            // SAFETY: slot < num, so offset+8 <= 4+8·num, inside the used area prepareRings mapped here.
             (host + offset).storeBytes(of: UInt32(id).littleEndian, as: UInt32.self)
             (host + offset + 4).storeBytes(of: len.littleEndian, as: UInt32.self)
         } else {

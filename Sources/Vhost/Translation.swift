@@ -268,6 +268,7 @@ extension Device {
     func copyFromGuest<A: TranslatedAddress>(_ addr: A, _ dst: UnsafeMutableRawPointer, _ length: Int,
                                              _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
         walkSegments(addr, length, .read, &cache, vq) { s, done in
+            // SAFETY: the segment is s.length mapped bytes of one region; done+s.length <= length, dst's size.
             (dst + done).copyMemory(from: s.host, byteCount: s.length)
         }
     }
@@ -280,6 +281,7 @@ extension Device {
                                                  _ decode: (UnsafeRawPointer) -> D) -> Result<D, AccessFault> {
         withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf -> Result<D, AccessFault> in
             if let fault = copyFromGuest(addr, buf.baseAddress!, 16, &cache, vq) { return .failure(fault) }
+            // SAFETY: buf is the 16 bytes just copied in full (no fault).
             return .success(decode(UnsafeRawPointer(buf.baseAddress!)))
         }
     }
@@ -288,6 +290,7 @@ extension Device {
     func copyToGuest<A: TranslatedAddress>(_ addr: A, _ src: UnsafeRawPointer, _ length: Int,
                                            _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
         walkSegments(addr, length, .write, &cache, vq) { s, done in
+            // SAFETY: the segment is s.length mapped writable bytes; done+s.length <= length, src's size.
             s.host.copyMemory(from: src + done, byteCount: s.length)
         }
     }
