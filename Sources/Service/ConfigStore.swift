@@ -11,8 +11,8 @@ import Logging
 import Platform
 import Vhost
 
-/// One device as configured.
-struct DeviceRecord: Sendable {
+/// One device as clients configured it: what the state file keeps of it.
+struct ConfiguredDevice: Sendable {
     var config: DeviceConfig
     var memTable: [MemoryRegion]?
     var vrings: [Int: VringConfig] = [:]
@@ -36,7 +36,7 @@ public enum ConfigFormat {
 /// what must wait for the disk.
 public final class ConfigStore: Sendable {
     /// Where the configuration is read from: its version and the devices' records, in creation order.
-    typealias Source = @Sendable () -> (version: UInt64, devices: [DeviceRecord])
+    typealias Source = @Sendable () -> (version: UInt64, devices: [ConfiguredDevice])
     private let source = Locked<Source?>(nil)
     private let paused = Locked(false)
     /// The state file, nil without --state-dir.
@@ -59,7 +59,7 @@ public final class ConfigStore: Sendable {
     /// Reads the configuration from `source` (the devices registry) from now on.
     func attach(_ source: @escaping Source) { self.source.withLock { $0 = source } }
 
-    private var current: (version: UInt64, devices: [DeviceRecord]) { source.withLock { $0 }?() ?? (0, []) }
+    private var current: (version: UInt64, devices: [ConfiguredDevice]) { source.withLock { $0 }?() ?? (0, []) }
 
     // MARK: Changes (in memory at once; `whenSaved` waits for the state file)
 
@@ -101,12 +101,12 @@ public final class ConfigStore: Sendable {
     /// The whole configuration, as GET /v1/config answers and the state file holds.
     public var document: JSON { Self.document(current.devices) }
 
-    static func document(_ devices: [DeviceRecord]) -> JSON {
+    static func document(_ devices: [ConfiguredDevice]) -> JSON {
         ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),
          "devices": .array(devices.map(render))]
     }
 
-    static func render(_ d: DeviceRecord) -> JSON {
+    static func render(_ d: ConfiguredDevice) -> JSON {
         let c = d.config
         var pairs: [(String, JSON)] = [
             ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
