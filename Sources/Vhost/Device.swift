@@ -1,5 +1,6 @@
 // A vhost device: memory table, IOTLB, counters. Owned by one datapath
-// worker; every method runs on that worker's thread (see Worker.swift).
+// worker; every method runs on that worker's thread (README, "Threads";
+// checked in debug builds, see OwnerThread.swift).
 import IOTLB
 import CRingAtomics
 import Platform
