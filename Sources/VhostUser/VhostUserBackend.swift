@@ -188,21 +188,19 @@ public final class VhostUserBackend: @unchecked Sendable {
                 backoff = min(backoff * 2, Self.maxBackoffMillis)
                 continue
             }
-            let began = Self.monotonicMillis()
+            let began = monotonicMillis()
             serve(conn)
-            if Self.monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
+            if monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
             pause(backoff)
             backoff = min(backoff * 2, Self.maxBackoffMillis)
         }
     }
 
-    static func monotonicMillis() -> Int { Int(monotonicNanos() / 1_000_000) }
-
     /// Waits `millis` unless stopped meanwhile.
     private func pause(_ millis: Int) {
-        let end = Self.monotonicMillis() + millis
+        let end = monotonicMillis() + millis
         while running.load(ordering: .acquiring) {
-            let left = end - Self.monotonicMillis()
+            let left = end - monotonicMillis()
             if left <= 0 { return }
             var pfd = pollfd(fd: notifier.fd, events: Int16(POLLIN), revents: 0)
             if poll(&pfd, 1, Int32(left)) > 0 { notifier.drain() }
