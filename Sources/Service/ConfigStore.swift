@@ -147,34 +147,25 @@ public final class ConfigStore: Sendable {
     static func writeAtomically(_ bytes: [UInt8], to path: String) throws(StartupError) {
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StartupError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
-        var at = 0
-        while at < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + at, $0.count - at) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                let why = String(cString: strerror(errno))
-                close(fd)
+        do throws(SystemCallError) {
+            let fd = try syscall("cannot write \(tmp)") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            do throws(SystemCallError) {
+                defer { close(fd) }
+                try writeAll(fd, bytes, "cannot write \(tmp)")
+                try syscall("cannot fsync \(tmp)") { fsync(fd) }
+            } catch {
                 unlink(tmp)
-                throw StartupError("cannot write \(tmp): \(why)")
+                throw error
             }
-            at += n
+            do throws(SystemCallError) { try syscall("cannot rename \(tmp) to \(path)") { rename(tmp, path) } } catch {
+                unlink(tmp)
+                throw error
+            }
+        } catch {
+            throw StartupError(error.description)
         }
-        guard fsync(fd) == 0 else {
-            let why = String(cString: strerror(errno))
-            close(fd)
-            unlink(tmp)
-            throw StartupError("cannot fsync \(tmp): \(why)")
-        }
-        close(fd)
-        guard rename(tmp, path) == 0 else {
-            let why = String(cString: strerror(errno))
-            unlink(tmp)
-            throw StartupError("cannot rename \(tmp) to \(path): \(why)")
-        }
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 {
+        // Makes the rename durable; a directory that cannot be opened is left as it is.
+        if let dfd = try? syscall("open \(dir)", { open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }) {
             _ = fsync(dfd)
             close(dfd)
         }
