@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from guestnet import parse_console  # noqa: E402
 from netns import Netns, qgdata  # noqa: E402
 from nsdaemon import NsDaemon  # noqa: E402
-from test_examples import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 from test_qemu_restart import ERROR_COUNTERS, QEMU_BENIGN, QEMU_DISCONNECT_MESSAGES  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "examples", "libvirt")

@@ -45,7 +45,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
