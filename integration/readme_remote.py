@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the README's "Remote orchestrators" section, as written.
 
-  python3 tests/readme_remote.py IOTLBD README.md
+  python3 integration/readme_remote.py IOTLBD README.md
 
 The section's ```sh and ```console remote blocks run in order in one bash
 session (set -e), in a scratch directory, with the daemon binary first on

@@ -118,7 +118,7 @@ class Examples(unittest.TestCase):
 
     def test_schemathesis_finds_no_server_errors_and_answers_conform(self):
         """Schema-driven fuzzing of every operation but the long-poll (its waits outlast
-        the fuzzer's request time-out; tests/ControlPlaneTests cover it): no 5xx, status
+        the fuzzer's request time-out; Tests/ControlPlaneTests cover it): no 5xx, status
         codes, content types, bodies and headers as documented, invalid input refused,
         auth enforced. Bounded and seeded."""
         tok = os.path.join(ROOT, ".build", "fuzz-token")
