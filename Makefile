@@ -46,7 +46,7 @@ qemu-tools:
 	@dpkg -s $(QEMU_PKGS) >/dev/null 2>&1 || { echo "installing $(QEMU_PKGS)"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(QEMU_PKGS); }
 
-# What the network tests and benchmarks use (tests/netns.py, tests/test_guest_net.py,
+# What the network tests and benchmarks use (integration/netns.py, integration/test_guest_net.py,
 # scripts/tap-side-by-side.py): iproute2 (ip netns, ip tuntap), tcpdump (captures in
 # the test's namespace), netsniff-ng (trafgen, the RX generator); installed only
 # when a command is missing, with apt-get update before the first install.
@@ -100,12 +100,12 @@ test-swift: deps
 # Runs the README's curl walk-through against a live daemon and compares every answer.
 # Then checks the README's target table and picture, and every target's imports, against Package.swift.
 test-readme: build
-	$(PYTHON) tests/readme_walkthrough.py .build/debug/iotlbd README.md
-	$(PYTHON) tests/readme_targets.py README.md
+	$(PYTHON) integration/readme_walkthrough.py .build/debug/iotlbd README.md
+	$(PYTHON) integration/readme_targets.py README.md
 
 # Runs every example against a live daemon; promtool, OpenAPI validation, SIGTERM.
 test-examples: build tools
-	$(PYTHON) tests/test_examples.py
+	$(PYTHON) integration/test_examples.py
 
 # Remote control: TLS with client certificates from a throw-away CA (openssl), scopes
 # on every route of the OpenAPI document, SIGHUP reloads under a long-poll, the audit
@@ -114,8 +114,8 @@ test-remote: build
 	@command -v openssl >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl curl; }
 	@$(PYTHON) -c 'import yaml' 2>/dev/null || $(PYTHON) -m pip install -q pyyaml
-	$(PYTHON) tests/test_remote.py
-	$(PYTHON) tests/readme_remote.py .build/debug/iotlbd README.md
+	$(PYTHON) integration/test_remote.py
+	$(PYTHON) integration/readme_remote.py .build/debug/iotlbd README.md
 
 # The isolation benchmark over TLS: the built-in guest's Mpps while a TLS client (client
 # certificate, token) loops GETs, alternated with a plain-HTTP client (BENCHMARKS.md).
@@ -125,24 +125,24 @@ bench-tls: release
 # Restarts: --state-dir across kill -9, damaged state files refused, --config,
 # confined vhost-user socket paths, the API on a Unix socket (curl, orchestrator).
 test-restarts: build
-	$(PYTHON) tests/test_restarts.py
+	$(PYTHON) integration/test_restarts.py
 
 # --state-dir on a loop-mounted ext4 frozen with fsfreeze: changes wait for the
 # disk, other devices' traffic, GETs, worker commands and long-polls do not.
 # Root; fails (does not skip) without.
 test-stalled-disk: build
-	$(PYTHON) tests/test_stalled_disk.py
+	$(PYTHON) integration/test_stalled_disk.py
 
 # The Grafana dashboard and the Prometheus rules: JSON checks, promtool check/test
 # rules, then a real Prometheus scraping a live daemon answers every panel's query.
 test-dashboards: build tools
-	$(PYTHON) tests/test_dashboards.py
+	$(PYTHON) integration/test_dashboards.py
 
 # DPDK's virtio-user driver (dpdk-testpmd) through a vhost-user device, IOTLB off
 # and on; a missing dpdk-testpmd fails; needs root for huge pages and skips, with a
 # banner, only where the machine cannot reserve them.
 test-dpdk: build tools
-	$(PYTHON) tests/test_vhost_user_dpdk.py
+	$(PYTHON) integration/test_vhost_user_dpdk.py
 
 # make install into a scratch root, then systemd-analyze verify and security
 # (exposure 2.5 or better) on the installed unit, and the installed binary
@@ -150,14 +150,14 @@ test-dpdk: build tools
 test-systemd: release
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
-	$(PYTHON) tests/test_systemd.py
+	$(PYTHON) integration/test_systemd.py
 
 # A Debian kernel under QEMU (TCG) with virtio-net on a vhost-user device of the
 # daemon, with an Intel vIOMMU (device IOTLB on) and without; fails when QEMU or
 # the kernel cannot be had. The guest is cached in .cache/qemu-guest/.
 test-qemu: build qemu-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/test_qemu.py
+	$(PYTHON) integration/test_qemu.py
 
 # Restart under traffic: QEMU (the vhost-user server, Intel vIOMMU, strict) sends
 # continuously to a client-mode device of a daemon with --state-dir; the daemon is
@@ -165,7 +165,7 @@ test-qemu: build qemu-tools
 # traffic resumes, nothing damaged, no access failure; prints the outage figures.
 test-qemu-restart: build qemu-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/test_qemu_restart.py
+	$(PYTHON) integration/test_qemu_restart.py
 
 # Live migration through the IOTLB: a QEMU guest behind the strict Intel vIOMMU
 # moves between two daemons (two sockets, as two hosts) under traffic, there
@@ -176,7 +176,7 @@ test-qemu-restart: build qemu-tools
 # Prints downtime, pages logged, frames lost. About 2.5 minutes here.
 test-qemu-migration: build qemu-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/test_qemu_migration.py
+	$(PYTHON) integration/test_qemu_migration.py
 
 # Guests on networks through iotlbd's ports: the daemon in a network namespace of
 # its own with a TAP port, the busybox guest under QEMU on its vhost-user socket
@@ -190,7 +190,7 @@ test-qemu-migration: build qemu-tools
 # Root; about 3 minutes here.
 test-guest-net: build qemu-tools net-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/test_guest_net.py
+	$(PYTHON) integration/test_guest_net.py
 
 # README's "Connect a VM to a network", run as written: in a network namespace of
 # its own (and /run/iotlbd a private tmpfs), the daemon, an operator's TAP, the
@@ -198,14 +198,14 @@ test-guest-net: build qemu-tools net-tools
 # guests wired by peer ports. Root; about 1.5 minutes here.
 test-readme-network: build qemu-tools net-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/readme_network.py .build/debug/iotlbd README.md
+	$(PYTHON) integration/readme_network.py .build/debug/iotlbd README.md
 
 # DPDK's virtio-user through a TAP port of iotlbd in a network namespace: frames
 # byte for byte both ways (IOTLB off and on), faults under traffic (TAP down,
 # deleted, an oversize frame) while another device keeps moving, and an idle
 # device with a TAP under 1 % of a core. Root and 2 MiB huge pages.
 test-ports: build tools net-tools
-	$(PYTHON) tests/test_ports_dpdk.py
+	$(PYTHON) integration/test_ports_dpdk.py
 
 # libvirt as the front door: libvirtd and virtlogd started by the test (no
 # systemd) and stopped by PID; the guest of scripts/qemu-guest booted by `virsh
@@ -217,24 +217,24 @@ test-ports: build tools net-tools
 # pinging and streaming to each other; port counters both ways, no drop.
 test-libvirt: build libvirt-tools net-tools
 	scripts/qemu-guest/build.sh
-	$(PYTHON) tests/test_libvirt.py
+	$(PYTHON) integration/test_libvirt.py
 
 # The plotting script on the committed bench/results/*.json, and a tiny
 # `iotlb-bench lookup --json` run; fails (does not skip) when it cannot run.
 test-charts: build charts-deps
-	$(PYTHON) tests/test_charts.py
+	$(PYTHON) integration/test_charts.py
 
 # A new package depends on a tagged clone of this repository by version and
 # uses the IOTLB library (SwiftPM refuses unsafe build flags in a dependency).
 test-package: deps
-	$(PYTHON) tests/test_package_dependency.py
+	$(PYTHON) integration/test_package_dependency.py
 
 # The Swift test suite under ThreadSanitizer / AddressSanitizer (own build folders).
 test-tsan: deps
 	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
 
 test-asan: deps
-	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp $(SWIFT) test --sanitize=address --scratch-path .build-asan
+	LSAN_OPTIONS=suppressions=$(CURDIR)/integration/lsan.supp $(SWIFT) test --sanitize=address --scratch-path .build-asan
 
 # The benchmark tables of BENCHMARKS.md (release build; minutes, not for CI).
 bench: release

@@ -17,7 +17,7 @@ Sides (--sides, alternated in this order every round):
               (iface=dtap0, created by net_tap in the namespace), io forwarding
   iotlbd-off  iotlbd (started in the namespace, API on a Unix socket) with a
   iotlbd-on   device whose port is a TAP made there (multi_queue, vnet_hdr),
-              device IOTLB off / on. The device's JSON is tests/nsdaemon.py's
+              device IOTLB off / on. The device's JSON is integration/nsdaemon.py's
               tap_device_body(): fill in the port's field once issue 20's API exists.
 
 Cores (2 here): the back-end's forwarding on core 1, the front-end's on core 0
@@ -44,7 +44,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "integration"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from netns import Netns  # noqa: E402
 from nsdaemon import NsDaemon, iotlbd_path, tap_device_body  # noqa: E402

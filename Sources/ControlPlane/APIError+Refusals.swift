@@ -35,7 +35,7 @@ extension APIError {
     /// Maps a devices service refusal to its HTTP answer. `fieldPrefix` prefixes
     /// the fields named ("devices[2]." in a configuration file); with none, a
     /// duplicate id names no field.
-    init(_ e: DevicesError, fieldPrefix p: String = "") {
+    init(_ e: DeviceServiceError, fieldPrefix p: String = "") {
         let socketField = p + "vhost_user.socket"
         switch e {
         case .exists(let id):

@@ -106,14 +106,8 @@ public final class AuditLog: Sendable {
     }
 
     private func writeAll(_ bytes: [UInt8]) {
-        var off = 0
-        let f = fd.load(ordering: .relaxed)
-        while off < bytes.count {
-            let n = bytes.withUnsafeBytes { write(f, $0.baseAddress! + off, $0.count - off) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }  // disk full or closed: the lines are lost, the daemon goes on
-            off += n
-        }
+        // Disk full or closed: the lines are lost, the daemon goes on.
+        try? Platform.writeAll(fd.load(ordering: .relaxed), bytes, "audit log")
     }
 }
 

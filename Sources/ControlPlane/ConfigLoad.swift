@@ -116,8 +116,8 @@ extension ControlPlane {
 
     /// Creates one loaded device and sets what it had; `field` prefixes refusals.
     private func apply(_ d: LoadedDevice, at field: String) throws(APIError) {
-        let managed: ManagedDevice
-        do throws(DevicesError) { managed = try devices.create(d.config) } catch { throw APIError(error, fieldPrefix: field) }
+        let managed: DeviceParts
+        do throws(DeviceServiceError) { managed = try devices.create(d.config) } catch { throw APIError(error, fieldPrefix: field) }
         func prefixed(_ e: APIError, _ sub: String) -> APIError {
             var a = e
             a.field = field + sub + (a.field.map { "." + $0 } ?? "")
@@ -133,7 +133,7 @@ extension ControlPlane {
             if case .failure(let e) = r { throw prefixed(APIError(e), "vrings[\(i)]") }
         }
         if let w = d.workload {
-            do throws(DevicesError) { _ = try devices.startWorkloadAndWait(w, on: managed) } catch {
+            do throws(DeviceServiceError) { _ = try devices.startWorkloadAndWait(w, on: managed) } catch {
                 throw prefixed(APIError(error), "workload")
             }
         }

@@ -46,7 +46,7 @@ public final class ControlPlane: Sendable {
     public let router: Router
     let timer = LongPollTimer()
     /// The devices and their parts (front-ends, built-in guests, miss loggers).
-    let devices: Devices
+    let devices: DeviceService
     let requests = RequestCounter()
     /// What clients configured (GET /v1/config, the state file).
     let store: ConfigStore
@@ -74,7 +74,7 @@ public final class ControlPlane: Sendable {
         let store = ConfigStore(stateFile: settings.stateDirectory.map { ($0.hasSuffix("/") ? $0 : $0 + "/") + ConfigFormat.stateFileName },
                                 logger: logger)
         self.store = store
-        let devices = Devices(engine: engine, store: store, sockets: sockets, logger: logger, tapCreate: settings.tapCreate)
+        let devices = DeviceService(engine: engine, store: store, sockets: sockets, logger: logger, tapCreate: settings.tapCreate)
         self.devices = devices
         var r = Router()
         ControlPlane.addRoutes(to: &r, devices: devices, settings: settings, timer: timer, store: store)
@@ -95,7 +95,7 @@ public final class ControlPlane: Sendable {
         c.packetSize = 64
         c.pageSize = .m2
         c.mapping = .static
-        do throws(DevicesError) {
+        do throws(DeviceServiceError) {
             let d = try devices.create(DeviceConfig(id: "demo0", iotlbMaxEntries: settings.iotlbMaxEntries), persist: false)
             try devices.startWorkload(c, on: d) { result in done(result.map { _ in d.id }.mapError { APIError($0) }) }
         } catch {
@@ -204,9 +204,9 @@ extension DeviceHandle {
     }
 }
 
-extension Devices {
+extension DeviceService {
     /// The device named by the request's `{id}`, or 404.
-    func device(for request: Request) throws(APIError) -> ManagedDevice {
+    func device(for request: Request) throws(APIError) -> DeviceParts {
         let id = request.params["id"] ?? ""
         guard let d = device(id) else { throw .notFound("device \(id) not found") }
         return d

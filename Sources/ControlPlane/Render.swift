@@ -52,7 +52,7 @@ extension JSON {
     }
 
     /// A managed device: its configuration, its front-end's state, and what its worker knows.
-    static func device(_ d: ManagedDevice, detail: DeviceDetail) -> JSON {
+    static func device(_ d: DeviceParts, detail: DeviceDetail) -> JSON {
         device(d.config, detail: detail, vhostUser: d.frontEnd?.status)
     }
 

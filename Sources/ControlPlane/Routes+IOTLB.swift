@@ -6,7 +6,7 @@ import Service
 import Vhost
 
 extension ControlPlane {
-    static func addIOTLBRoutes(to r: inout Router, devices: Devices) {
+    static func addIOTLBRoutes(to r: inout Router, devices: DeviceService) {
         r.post("/v1/devices/{id}/iotlb/updates") { req throws(APIError) in
             let h = try devices.handle(for: req)
             var entries: [IOTLBEntry] = []

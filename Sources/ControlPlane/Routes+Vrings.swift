@@ -7,7 +7,7 @@ import Service
 import Vhost
 
 extension ControlPlane {
-    static func addVringRoutes(to r: inout Router, devices: Devices, timer: LongPollTimer) {
+    static func addVringRoutes(to r: inout Router, devices: DeviceService, timer: LongPollTimer) {
         r.put("/v1/devices/{id}/vrings/{n}") { req throws(APIError) in
             let d = try devices.device(for: req)
             try requireHTTPOwned(d.handle, "vrings")

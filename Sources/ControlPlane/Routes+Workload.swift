@@ -7,13 +7,13 @@ import Service
 import Vhost
 
 extension ControlPlane {
-    static func addWorkloadRoutes(to r: inout Router, devices: Devices) {
+    static func addWorkloadRoutes(to r: inout Router, devices: DeviceService) {
         r.put("/v1/devices/{id}/workload") { req throws(APIError) in
             let d = try devices.device(for: req)
             try requireHTTPOwned(d.handle, "memory and rings a built-in guest would lay")
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             let config = try parseWorkload(body)
-            return .devices({ done throws(DevicesError) in try devices.startWorkload(config, on: d, then: done) }) {
+            return .devices({ done throws(DeviceServiceError) in try devices.startWorkload(config, on: d, then: done) }) {
                 .json(200, .workload($0))
             }
         }
@@ -26,7 +26,7 @@ extension ControlPlane {
 
         r.delete("/v1/devices/{id}/workload") { req throws(APIError) in
             let d = try devices.device(for: req)
-            return .devices({ done throws(DevicesError) in try devices.stopWorkload(on: d, then: done) }) {
+            return .devices({ done throws(DeviceServiceError) in try devices.stopWorkload(on: d, then: done) }) {
                 .json(200, .workload($0.0, stats: $0.1))
             }
         }

@@ -9,7 +9,7 @@ import HTTP
 import Service
 
 extension ControlPlane {
-    static func addRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings, timer: LongPollTimer,
+    static func addRoutes(to r: inout Router, devices: DeviceService, settings: ControlPlaneSettings, timer: LongPollTimer,
                           store: ConfigStore) {
         r.get("/healthz") { _ in .json(200, ["status": "ok"]) }
         addDeviceRoutes(to: &r, devices: devices, settings: settings)
@@ -19,12 +19,12 @@ extension ControlPlane {
         r.get("/v1/config") { _ in .json(200, store.document) }
     }
 
-    static func addDeviceRoutes(to r: inout Router, devices: Devices, settings: ControlPlaneSettings) {
+    static func addDeviceRoutes(to r: inout Router, devices: DeviceService, settings: ControlPlaneSettings) {
         r.post("/v1/devices") { req throws(APIError) in
             let body: JSON = req.body.isEmpty ? .object([]) : try req.json()
             let config = try parseDeviceConfig(body, settings: settings)
             // Answered once the state file holds it, then with what its worker knows.
-            return .devices({ done throws(DevicesError) in try devices.create(config, then: done) }, then: { d, complete in
+            return .devices({ done throws(DeviceServiceError) in try devices.create(config, then: done) }, then: { d, complete in
                 d.handle.perform({ dev in dev?.detail }) { detail in
                     complete(detail.map { .json(201, .device(d, detail: $0)) }
                              ?? .error(.notFound("device \(d.id) was deleted meanwhile")))
@@ -43,7 +43,7 @@ extension ControlPlane {
 
         r.delete("/v1/devices/{id}") { req in
             let id = req.params["id"] ?? ""
-            return .devices({ done throws(DevicesError) in try devices.delete(id, then: done) }) { .noContent }
+            return .devices({ done throws(DeviceServiceError) in try devices.delete(id, then: done) }) { .noContent }
         }
 
         r.put("/v1/devices/{id}/mem-table") { req throws(APIError) in
@@ -208,7 +208,7 @@ extension Reply {
     /// The answer of a devices service call, delivered when `call` calls back:
     /// `render` of its result, or its refusal (thrown at once or given later).
     static func devices<T: Sendable>(
-        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DevicesError>) -> Void) throws(DevicesError) -> Void,
+        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DeviceServiceError>) -> Void) throws(DeviceServiceError) -> Void,
         render: @escaping @Sendable (T) -> Response
     ) -> Reply {
         devices(call, then: { v, complete in complete(render(v)) })
@@ -217,22 +217,22 @@ extension Reply {
     /// As `devices(_:render:)`, where answering the result takes a further step
     /// (`then` completes it, e.g. after asking the device's worker).
     static func devices<T: Sendable>(
-        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DevicesError>) -> Void) throws(DevicesError) -> Void,
+        _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, DeviceServiceError>) -> Void) throws(DeviceServiceError) -> Void,
         then: @escaping @Sendable (T, _ complete: @escaping @Sendable (Response) -> Void) -> Void
     ) -> Reply {
         .deferred { complete in
-            let answer: @Sendable (Result<T, DevicesError>) -> Void = { result in
+            let answer: @Sendable (Result<T, DeviceServiceError>) -> Void = { result in
                 switch result {
                 case .success(let v): then(v, complete)
                 case .failure(let e): complete(.error(APIError(e)))
                 }
             }
-            do throws(DevicesError) { try call(answer) } catch { answer(.failure(error)) }
+            do throws(DeviceServiceError) { try call(answer) } catch { answer(.failure(error)) }
         }
     }
 
     /// The answer of a change a device's worker applies and the configuration
-    /// records (`Devices.setMemTable`, `setVring`): `render` of its result once
+    /// records (`DeviceService.setMemTable`, `setVring`): `render` of its result once
     /// saved, or the engine's refusal.
     static func engine<T: Sendable>(
         _ call: @escaping @Sendable (_ done: @escaping @Sendable (Result<T, EngineError>) -> Void) -> Void,

@@ -1,5 +1,5 @@
 // Scopes: what a credential may do, and what each route needs. The table is
-// the one api/openapi.yaml documents per operation (tests/test_remote.py
+// the one api/openapi.yaml documents per operation (integration/test_remote.py
 // checks every route against it).
 import HTTP
 

@@ -3,8 +3,10 @@
 // Convention for the whole module: ranges are CLOSED, [first, last]. A range
 // may end at 2^64-1; a range of 2^64 bytes has no 64-bit size, so nothing here
 // stores a size — sizes are derived (`sizeMinusOne`) only where they fit.
-// Address types offer no `+`: callers say `checkedAdd`, so overflow is always
-// a decision.
+// Address types offer no `+`: callers say `checkedAdd` (nil past 2^64-1) or
+// `uncheckedAdd` (inside a range checked before, asserted in debug builds), so
+// overflow is always a decision; likewise `checkedSub`/`uncheckedSub` and
+// `checkedOffset(from:)`/`uncheckedOffset(from:)`.
 
 /// A 64-bit address in one address space. Each space is its own type so the
 /// compiler refuses to mix an IOVA with a guest-physical or user address.
@@ -25,10 +27,50 @@ extension Address {
         return o ? nil : Self(r)
     }
 
+    /// `self + bytes` where the caller has ruled overflow out (the address
+    /// lies in a range already checked not to pass 2^64-1, and `bytes` stays
+    /// inside it): asserted in debug builds, a plain add in release ones
+    /// (vm-memory's `unchecked_add`). Say at the call which check makes it safe.
+    @inlinable @inline(__always)
+    public func uncheckedAdd(_ bytes: UInt64) -> Self {
+        let (r, o) = raw.addingReportingOverflow(bytes)
+        assert(!o, "address overflow")
+        return Self(r)
+    }
+
+    /// `self - bytes`, or nil when that goes below 0.
+    @inlinable
+    public func checkedSub(_ bytes: UInt64) -> Self? {
+        let (r, o) = raw.subtractingReportingOverflow(bytes)
+        return o ? nil : Self(r)
+    }
+
+    /// `self - bytes` where the caller has ruled underflow out, as `uncheckedAdd`.
+    @inlinable @inline(__always)
+    public func uncheckedSub(_ bytes: UInt64) -> Self {
+        let (r, o) = raw.subtractingReportingOverflow(bytes)
+        assert(!o, "address underflow")
+        return Self(r)
+    }
+
     /// Bytes from `base` to `self`; `self` must not be below `base`.
     @inlinable
     public func offset(from base: Self) -> UInt64 {
         precondition(raw >= base.raw, "address below base")
+        return raw &- base.raw
+    }
+
+    /// Bytes from `base` to `self`, or nil when `self` is below `base`.
+    @inlinable
+    public func checkedOffset(from base: Self) -> UInt64? {
+        raw >= base.raw ? raw &- base.raw : nil
+    }
+
+    /// Bytes from `base` to `self` where the caller knows `self` is not below
+    /// `base` (both in one checked range): asserted in debug builds only.
+    @inlinable @inline(__always)
+    public func uncheckedOffset(from base: Self) -> UInt64 {
+        assert(raw >= base.raw, "address below base")
         return raw &- base.raw
     }
 

@@ -11,76 +11,11 @@
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
 // threaded by a FIFO list (IOTLB+Tree.swift). Look-up and update are
 // O(log n); a look-up touches no reference-counted object and allocates
-// nothing (not even when it rebuilds the search array, below). In front of
-// the tree, a cache of recent look-ups' entries by 4 KiB page answers most
-// look-ups with one line read, and never after the entry left (IOTLB+Cache.swift).
+// nothing (not even when it rebuilds the search array, IOTLB+Search.swift).
+// In front of the tree, a cache of recent look-ups' entries by 4 KiB page
+// answers most look-ups with one line read, and never after the entry left
+// (IOTLB+Cache.swift). The values it takes and gives are in IOTLBEntry.swift.
 // What a miss means is left to the caller.
-
-/// One translation: the IOVAs of `range` map to `uaddr` onwards, with permission `perm`.
-public struct IOTLBEntry: Hashable, Sendable {
-    /// The IOVAs covered.
-    public var range: AddressRange<IOVA>
-    /// The user address of `range.first`.
-    public var uaddr: UserAddr
-    /// What the device may do through this entry.
-    public var perm: Permissions
-
-    public init(range: AddressRange<IOVA>, uaddr: UserAddr, perm: Permissions) {
-        self.range = range
-        self.uaddr = uaddr
-        self.perm = perm
-    }
-
-    /// The user addresses covered, or nil when `uaddr` plus the range size would wrap.
-    public var uaddrRange: AddressRange<UserAddr>? {
-        guard let last = uaddr.checkedAdd(range.sizeMinusOne) else { return nil }
-        return AddressRange(first: uaddr, last: last)
-    }
-}
-
-/// The answer of a look-up. Failures are values: the caller decides what a miss means.
-public enum Translation: Equatable, Sendable {
-    /// `iova` maps to `uaddr`; `length` bytes from there are contiguous (capped at the size asked).
-    case mapped(uaddr: UserAddr, length: UInt64, perm: Permissions)
-    /// No entry holds the IOVA.
-    case miss
-    /// An entry holds the IOVA but lacks a requested permission.
-    case denied(perm: Permissions)
-}
-
-/// What `IOTLB.lookup` finds.
-public enum IOTLBLookup: Equatable, Sendable {
-    /// `entry` holds the IOVA, which lands on `uaddr`.
-    case mapped(IOTLBEntry, uaddr: UserAddr)
-    /// No entry holds the IOVA.
-    case miss
-    /// An entry holds the IOVA but lacks a requested permission.
-    case denied(perm: Permissions)
-}
-
-/// Why an entry left the table (reported to `onRemove` callbacks).
-public enum RemovalReason: Sendable {
-    /// An update overlapped it.
-    case replaced
-    /// The table was full and it was the oldest.
-    case evicted
-    /// An invalidation overlapped it.
-    case invalidated
-    /// The table was flushed.
-    case flushed
-}
-
-/// Counts of what an update did.
-public struct UpdateOutcome: Equatable, Sendable {
-    /// Entries removed because the new range overlapped them.
-    public var replaced = 0
-    /// Entries removed by FIFO replacement.
-    public var evicted = 0
-    public init(replaced: Int = 0, evicted: Int = 0) {
-        self.replaced = replaced
-        self.evicted = evicted
-    }
-}
 
 /// The device IOTLB. Not thread-safe: owned by one thread (the device's datapath worker).
 public final class IOTLB {
@@ -265,7 +200,7 @@ public final class IOTLB {
         case .denied(let perm): return .denied(perm: perm)
         case .mapped(let e, let uaddr):
             // Bytes left in the entry, minus one; +1 cannot overflow when it is below size-1.
-            let leftMinusOne = e.range.last.raw &- iova.raw
+            let leftMinusOne = e.range.last.uncheckedOffset(from: iova)  // iova lies in the entry
             let length = (size &- 1) <= leftMinusOne ? size : leftMinusOne &+ 1
             return .mapped(uaddr: uaddr, length: length, perm: e.perm)
         }
@@ -276,85 +211,6 @@ public final class IOTLB {
         guard let s = live(iova.raw) else { return nil }
         return IOTLBEntry(range: AddressRange(first: IOVA(s.first), last: IOVA(s.last)), uaddr: UserAddr(s.uaddr),
                           perm: Permissions(rawValue: UInt8(truncatingIfNeeded: s.nodePerm & 3)))
-    }
-
-    /// `floor` for look-ups: through the search arrays when they are current.
-    @inline(__always)
-    private func lookupFloor(_ key: UInt64) -> Int32 {
-        if searchVersion != version {
-            staleLookups += 1
-            if staleLookups < max(count / 4, 16) { return floor(key) }
-            rebuildSearch()
-        }
-        // Each step appends one bit to k: 1 to the right (key <= the search key),
-        // 0 to the left; no branch but the loop's. The floor is the last node
-        // where the walk went right: drop the trailing left moves and that 1.
-        var k = 1
-        let n = searchCount
-        while k <= n {
-            // The Bool's bits, not a branch (the compiler would otherwise branch here).
-            // SAFETY: a Bool is one byte holding 0 or 1.
-            k = 2 &* k &+ Int(unsafeBitCast(searchKeys[k] <= key, to: UInt8.self))
-        }
-        k = k >> (k.trailingZeroBitCount + 1)
-        return k == 0 ? -1 : searchNodes[k]
-    }
-
-    /// Marks the search arrays stale and restarts the count of look-ups
-    /// since the last change.
-    @inline(__always)
-    func mutated() {
-        version &+= 1
-        staleLookups = 0
-    }
-
-    /// Lays the keys out in Eytzinger order: an in-order walk of the tree (an
-    /// explicit stack, no allocation) feeds the array's in-order positions.
-    private func rebuildSearch() {
-        withUnsafeTemporaryAllocation(of: Int32.self, capacity: IOTLB.maxDepth) { stack in
-            var depth = 0
-            var next = root
-            func nextInOrder() -> Int32 {
-                while next >= 0 {
-                    stack[depth] = next
-                    depth += 1
-                    next = hot[node(next)].left
-                }
-                depth -= 1
-                let n = stack[depth]
-                next = hot[node(n)].right
-                return n
-            }
-            let total = count
-            func fill(_ k: Int) {
-                guard k <= total else { return }
-                fill(2 * k)
-                let n = nextInOrder()
-                searchKeys[k] = hot[node(n)].first
-                searchNodes[k] = n
-                fill(2 * k + 1)
-            }
-            fill(1)
-            searchCount = total
-        }
-        searchVersion = version
-        staleLookups = 0
-    }
-
-    /// The node with the greatest first <= key, or -1. The descent is written
-    /// to compile to conditional moves: random look-ups would otherwise pay a
-    /// mispredicted branch per level.
-    @inline(__always)
-    func floor(_ key: UInt64) -> Int32 {
-        var n = root
-        var best: Int32 = -1
-        while n >= 0 {
-            let h = hot[node(n)]
-            let right = h.first <= key
-            best = right ? n : best
-            n = right ? h.right : h.left
-        }
-        return best
     }
 
     /// Calls `body` with every entry overlapping `range`, in IOVA order.

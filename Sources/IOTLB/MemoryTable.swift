@@ -115,9 +115,9 @@ public struct MemoryTable: Equatable, Sendable {
         var at = range.first
         while true {
             guard let hit = lookup(uaddr: at) else { return false }
-            let leftMinusOne = range.last.raw - at.raw
+            let leftMinusOne = range.last.offset(from: at)
             if hit.contiguous - 1 >= leftMinusOne { return true }
-            at = UserAddr(at.raw + hit.contiguous)  // < range.last, cannot wrap
+            at = at.uncheckedAdd(hit.contiguous)  // <= range.last, cannot wrap
         }
     }
 

@@ -8,3 +8,7 @@ public func monotonicNanos() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
+
+/// Monotonic time in milliseconds (back-offs and time-outs of the control path).
+@inlinable
+public func monotonicMillis() -> Int { Int(monotonicNanos() / 1_000_000) }

@@ -73,11 +73,12 @@ public final class FrameRing: @unchecked Sendable {
             if head &+ pad &+ need &- producer.pointee.tailSeen > UInt64(capacity) { return nil }
         }
         if pad > 0 {
+            // SAFETY: offset is masked below capacity and 8-aligned (records are), so 4 bytes fit before the end.
             (storage + offset).storeBytes(of: Self.wrapMarker, as: UInt32.self)
             producer.pointee.head = head &+ pad
-            return storage + 8
+            return storage + 8  // SAFETY: need <= capacity/2 bytes from 0 are free (checked above)
         }
-        return storage + offset + 8
+        return storage + offset + 8  // SAFETY: need bytes fit before the end (pad == 0) and are free
     }
 
     /// Publishes the frame written after `reserve(length)`.
@@ -85,6 +86,7 @@ public final class FrameRing: @unchecked Sendable {
     public func commit(_ length: Int) {
         let head = producer.pointee.head
         let offset = Int(head & UInt64(capacity - 1))
+        // SAFETY: the record reserve() made starts here (head, masked), 8-aligned, inside storage.
         (storage + offset).storeBytes(of: UInt32(length), as: UInt32.self)
         producer.pointee.head = head &+ UInt64(Self.recordBytes(length))
         CRingAtomics_store_release_u64(headAddress, producer.pointee.head)
@@ -101,6 +103,7 @@ public final class FrameRing: @unchecked Sendable {
             if tail == consumer.pointee.headSeen { return nil }
         }
         var offset = Int(tail & UInt64(capacity - 1))
+        // SAFETY: tail < head, so a record header the producer published (acquire) sits at this masked offset.
         var length = (storage + offset).load(as: UInt32.self)
         if length == Self.wrapMarker {
             tail &+= UInt64(capacity - offset)
@@ -108,6 +111,7 @@ public final class FrameRing: @unchecked Sendable {
             offset = 0
             length = storage.load(as: UInt32.self)
         }
+        // SAFETY: a record never wraps: its length bytes follow its header inside storage.
         return UnsafeRawBufferPointer(start: storage + offset + 8, count: Int(length))
     }
 
@@ -115,6 +119,7 @@ public final class FrameRing: @unchecked Sendable {
     @inline(__always)
     public func release() {
         let offset = Int(consumer.pointee.tail & UInt64(capacity - 1))
+        // SAFETY: the header peek() read (the wrap marker already skipped), inside storage.
         let length = Int((storage + offset).load(as: UInt32.self))
         consumer.pointee.tail &+= UInt64(Self.recordBytes(length))
         CRingAtomics_store_release_u64(tailAddress, consumer.pointee.tail)

@@ -46,7 +46,10 @@ public final class TapBurst {
 
     /// The pieces of frame `slot` (`piecesPerFrame` of room).
     @inline(__always)
-    public func pieces(_ slot: Int) -> UnsafeMutablePointer<iovec> { iovs + slot * Self.piecesPerFrame }
+    public func pieces(_ slot: Int) -> UnsafeMutablePointer<iovec> {
+        // SAFETY: slot < capacity (callers count frames per burst), so the piecesPerFrame iovecs fit in iovs.
+        iovs + slot * Self.piecesPerFrame
+    }
 
     /// Queues frame `slot` (`count` pieces) for `queue`, as write number `index` of the burst.
     @inline(__always)
@@ -66,7 +69,7 @@ public final class TapBurst {
     /// What write `i` of the last `run` did.
     @inline(__always)
     public func result(_ i: Int) -> FrameIO {
-        let v = Int(results[i])
+        let v = Int(results[i])  // SAFETY: i < the count run(), <= capacity, results' size
         if v >= 0 { return .done(v) }
         if v == -Int(EOPNOTSUPP) {
             // This file cannot write without waiting: from now on, frame by frame (this one goes again).
@@ -105,6 +108,7 @@ public final class TapReadiness {
     }
 
     /// Whether queue `i` may hold a frame.
+    // SAFETY (both): i < the queue count, flags' size (one per TAP queue of the port).
     @inline(__always) public func mayRead(_ i: Int) -> Bool { poller == nil || flags[i] != 0 }
 
     /// Queue `i` read empty (EAGAIN): it waits for the next completion.

@@ -48,6 +48,7 @@ public enum VirtioNetHeader {
     /// (after the header) against what was negotiated; nil when it may pass.
     @inline(__always)
     public static func problem(_ h: UnsafeRawPointer, frameLength: Int, allowed: HostOffloads) -> Problem? {
+        // SAFETY: callers pass the 10 header bytes gathered into the port's 16-byte header buffer.
         let flags = h.load(as: UInt8.self)
         let gso = h.load(fromByteOffset: 1, as: UInt8.self)
         if gso != gsoNone {

@@ -11,8 +11,8 @@ import Logging
 import Platform
 import Vhost
 
-/// One device as configured.
-struct DeviceRecord: Sendable {
+/// One device as clients configured it: what the state file keeps of it.
+struct ConfiguredDevice: Sendable {
     var config: DeviceConfig
     var memTable: [MemoryRegion]?
     var vrings: [Int: VringConfig] = [:]
@@ -36,7 +36,7 @@ public enum ConfigFormat {
 /// what must wait for the disk.
 public final class ConfigStore: Sendable {
     /// Where the configuration is read from: its version and the devices' records, in creation order.
-    typealias Source = @Sendable () -> (version: UInt64, devices: [DeviceRecord])
+    typealias Source = @Sendable () -> (version: UInt64, devices: [ConfiguredDevice])
     private let source = Locked<Source?>(nil)
     private let paused = Locked(false)
     /// The state file, nil without --state-dir.
@@ -59,7 +59,7 @@ public final class ConfigStore: Sendable {
     /// Reads the configuration from `source` (the devices registry) from now on.
     func attach(_ source: @escaping Source) { self.source.withLock { $0 = source } }
 
-    private var current: (version: UInt64, devices: [DeviceRecord]) { source.withLock { $0 }?() ?? (0, []) }
+    private var current: (version: UInt64, devices: [ConfiguredDevice]) { source.withLock { $0 }?() ?? (0, []) }
 
     // MARK: Changes (in memory at once; `whenSaved` waits for the state file)
 
@@ -101,12 +101,12 @@ public final class ConfigStore: Sendable {
     /// The whole configuration, as GET /v1/config answers and the state file holds.
     public var document: JSON { Self.document(current.devices) }
 
-    static func document(_ devices: [DeviceRecord]) -> JSON {
+    static func document(_ devices: [ConfiguredDevice]) -> JSON {
         ["format": .string(ConfigFormat.name), "version": .count(ConfigFormat.version),
          "devices": .array(devices.map(render))]
     }
 
-    static func render(_ d: DeviceRecord) -> JSON {
+    static func render(_ d: ConfiguredDevice) -> JSON {
         let c = d.config
         var pairs: [(String, JSON)] = [
             ("id", .string(c.id)), ("queues", .count(c.queues)), ("iotlb", .bool(c.iotlb)),
@@ -147,34 +147,25 @@ public final class ConfigStore: Sendable {
     static func writeAtomically(_ bytes: [UInt8], to path: String) throws(StartupError) {
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StartupError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
-        var at = 0
-        while at < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + at, $0.count - at) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                let why = String(cString: strerror(errno))
-                close(fd)
+        do throws(SystemCallError) {
+            let fd = try syscall("cannot write \(tmp)") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            do throws(SystemCallError) {
+                defer { close(fd) }
+                try writeAll(fd, bytes, "cannot write \(tmp)")
+                try syscall("cannot fsync \(tmp)") { fsync(fd) }
+            } catch {
                 unlink(tmp)
-                throw StartupError("cannot write \(tmp): \(why)")
+                throw error
             }
-            at += n
+            do throws(SystemCallError) { try syscall("cannot rename \(tmp) to \(path)") { rename(tmp, path) } } catch {
+                unlink(tmp)
+                throw error
+            }
+        } catch {
+            throw StartupError(error.description)
         }
-        guard fsync(fd) == 0 else {
-            let why = String(cString: strerror(errno))
-            close(fd)
-            unlink(tmp)
-            throw StartupError("cannot fsync \(tmp): \(why)")
-        }
-        close(fd)
-        guard rename(tmp, path) == 0 else {
-            let why = String(cString: strerror(errno))
-            unlink(tmp)
-            throw StartupError("cannot rename \(tmp) to \(path): \(why)")
-        }
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 {
+        // Makes the rename durable; a directory that cannot be opened is left as it is.
+        if let dfd = try? syscall("open \(dir)", { open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }) {
             _ = fsync(dfd)
             close(dfd)
         }

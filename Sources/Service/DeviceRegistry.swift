@@ -31,11 +31,11 @@ public enum DeviceLifecycle: String, Sendable {
 final class DeviceRegistry: Sendable {
     private struct Entry {
         var state: DeviceLifecycle
-        var device: ManagedDevice?
+        var device: DeviceParts?
         /// The vhost-user socket path it holds, if any.
         var socket: String?
         /// What the configuration records (nil: not recorded, as the demo device).
-        var record: DeviceRecord?
+        var record: ConfiguredDevice?
         /// Run once it is gone: creates waiting for its id or socket.
         var whenGone: [@Sendable () -> Void] = []
     }
@@ -62,8 +62,8 @@ final class DeviceRegistry: Sendable {
     /// Takes `config`'s id (generating "devN" for an empty one) and its socket
     /// for a device about to be made. Refused when either is held by a device
     /// being created or running, or the registry is closed.
-    func reserve(_ config: DeviceConfig, retry: @escaping @Sendable () -> Void) throws(DevicesError) -> Reservation {
-        try state.withLock { s throws(DevicesError) -> Reservation in
+    func reserve(_ config: DeviceConfig, retry: @escaping @Sendable () -> Void) throws(DeviceServiceError) -> Reservation {
+        try state.withLock { s throws(DeviceServiceError) -> Reservation in
             guard s.open else { throw .engine(.unavailable) }
             var id = config.id
             if id.isEmpty {
@@ -95,8 +95,8 @@ final class DeviceRegistry: Sendable {
     /// records of it; returns the configuration's version then (nil: nothing
     /// recorded). Refused when the registry closed meanwhile (the daemon stops):
     /// the caller drops the parts and releases the id.
-    func started(_ d: ManagedDevice, record: DeviceRecord?) throws(DevicesError) -> UInt64? {
-        try state.withLock { s throws(DevicesError) -> UInt64? in
+    func started(_ d: DeviceParts, record: ConfiguredDevice?) throws(DeviceServiceError) -> UInt64? {
+        try state.withLock { s throws(DeviceServiceError) -> UInt64? in
             guard s.open else { throw .engine(.unavailable) }
             s.entries[d.id]?.state = .running
             s.entries[d.id]?.device = d
@@ -109,7 +109,7 @@ final class DeviceRegistry: Sendable {
 
     /// Marks running device `id` as being deleted and returns it; nil when no
     /// device `id` runs (none, or one being created or deleted).
-    func beginDelete(_ id: String) -> ManagedDevice? {
+    func beginDelete(_ id: String) -> DeviceParts? {
         state.withLock { s in
             guard let e = s.entries[id], e.state == .running else { return nil }
             s.entries[id]!.state = .deleting
@@ -133,7 +133,7 @@ final class DeviceRegistry: Sendable {
 
     /// Changes what the configuration records of `id`; returns the version then
     /// (nil: `id` is not recorded, or gone).
-    func record(_ id: String, _ change: (inout DeviceRecord) -> Void) -> UInt64? {
+    func record(_ id: String, _ change: (inout ConfiguredDevice) -> Void) -> UInt64? {
         state.withLock { s in
             guard s.entries[id]?.record != nil else { return nil }
             change(&s.entries[id]!.record!)
@@ -143,12 +143,12 @@ final class DeviceRegistry: Sendable {
     }
 
     /// The running device `id`.
-    func running(_ id: String) -> ManagedDevice? {
+    func running(_ id: String) -> DeviceParts? {
         state.withLock { s in s.entries[id].flatMap { $0.state == .running ? $0.device : nil } }
     }
 
     /// Every running device, in creation order.
-    func allRunning() -> [ManagedDevice] {
+    func allRunning() -> [DeviceParts] {
         state.withLock { s in s.order.compactMap { id in s.entries[id].flatMap { $0.state == .running ? $0.device : nil } } }
     }
 
@@ -156,12 +156,12 @@ final class DeviceRegistry: Sendable {
     func lifecycle(_ id: String) -> DeviceLifecycle? { state.withLock { $0.entries[id]?.state } }
 
     /// What the configuration records, in creation order, and its version.
-    func configuration() -> (version: UInt64, devices: [DeviceRecord]) {
+    func configuration() -> (version: UInt64, devices: [ConfiguredDevice]) {
         state.withLock { s in (s.version, s.order.compactMap { s.entries[$0]?.record }) }
     }
 
     /// Refuses later reservations; returns the running devices.
-    func close() -> [ManagedDevice] {
+    func close() -> [DeviceParts] {
         state.withLock { s in
             s.open = false
             return s.order.compactMap { id in s.entries[id].flatMap { $0.state == .running ? $0.device : nil } }

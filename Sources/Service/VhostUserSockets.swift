@@ -74,7 +74,7 @@ public struct VhostUserSockets: Sendable {
     /// The absolute path a client's `socket` stands for, or `.socketRefused`
     /// saying why: relative paths are taken in the directory; the parent must
     /// exist and resolve inside it; the name itself must not be a symlink.
-    public func resolve(_ socket: String) throws(DevicesError) -> String {
+    public func resolve(_ socket: String) throws(DeviceServiceError) -> String {
         guard !socket.isEmpty, !socket.utf8.contains(0) else {
             throw .socketRefused("a socket path of 1 to 107 bytes")
         }

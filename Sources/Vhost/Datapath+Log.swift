@@ -26,8 +26,13 @@ struct Logged<A: TranslatedAddress>: TranslatedAddress {
     static var space: AddressSpace { A.space }
     static var logs: Bool { true }
     @inline(__always)
-    static func piece(_ addr: Logged<A>, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
-        A.piece(A(addr.raw), access, on: device, vq)
+    static func piece(_ addr: Logged<A>, _ access: Permissions, on device: Device, _ vq: VirtQueue)
+        -> PieceResult<Logged<A>> {
+        switch A.piece(A(addr.raw), access, on: device, vq) {
+        case .fault(let f): .fault(f)
+        case .piece(let lo, let hi, let host, let gpa, let perm):
+            .piece(lo: Logged(lo.raw), hi: Logged(hi.raw), host: host, gpa: gpa, perm: perm)
+        }
     }
 }
 
@@ -130,6 +135,7 @@ extension Device {
         CRingAtomics_fence_seq_cst()
         for i in 0..<n {
             var bits = cache[i].bits
+            // SAFETY: only pages below `pages` are recorded (logMark), so word·8+7 < pages/8, the log's bytes.
             let at = base + Int(truncatingIfNeeded: cache[i].word << 3)
             while bits != 0 {
                 let k = bits.trailingZeroBitCount >> 3
@@ -175,37 +181,64 @@ extension Device {
 
     @inline(never)
     private func logUsedPieces(_ vq: VirtQueue, _ offset: Int, _ length: Int) {
+        // Pieces only under ACCESS_PLATFORM, where the log address is an IOVA;
+        // prepareLog checked the whole used area, so the offset stays inside.
         guard let a = vq.config?.logAddr else { return }
-        _ = forEachGPA(a &+ UInt64(offset), length, iova: true) { logMark($0, $1) }
+        _ = forEachGPA(IOVA(a).uncheckedAdd(UInt64(offset)), length) { logMark($0, $1) }
     }
 
     @inline(never)
     private func logDescPieces(_ vq: VirtQueue, _ offset: Int, _ length: Int) {
+        // The descriptor ring is in the ring space, checked whole by problem().
         guard let a = vq.config?.descAddr else { return }
-        _ = forEachGPA(a &+ UInt64(offset), length, iova: config.iotlb) { logMark($0, $1) }
+        if config.iotlb {
+            _ = forEachGPA(IOVA(a).uncheckedAdd(UInt64(offset)), length) { logMark($0, $1) }
+        } else {
+            _ = forEachGPA(UserAddr(a).uncheckedAdd(UInt64(offset)), length) { logMark($0, $1) }
+        }
     }
 
-    /// The guest-physical pieces of `[addr, addr+length)`, an IOVA (`iova`) or
-    /// a user address, each given to `body`; false when a piece does not
-    /// translate. Uncached and uncounted: for ring areas whose GPAs are not
-    /// contiguous (rare; checked whole when the ring is prepared).
-    func forEachGPA(_ addr: UInt64, _ length: Int, iova: Bool, _ body: (UInt64, Int) -> Void) -> Bool {
+    /// The guest-physical pieces of the IOVAs `[addr, addr+length)`, each given
+    /// to `body`; false when a piece does not translate. Uncached and
+    /// uncounted: for ring areas whose GPAs are not contiguous (rare; checked
+    /// whole when the ring is prepared).
+    func forEachGPA(_ addr: IOVA, _ length: Int, _ body: (UInt64, Int) -> Void) -> Bool {
         var done = 0
         while done < length {
-            let (a, wrapped) = addr.addingReportingOverflow(UInt64(done))
-            if wrapped { return false }
-            var ua = a, n = UInt64(length - done)
-            if iova {
-                guard case .mapped(let e, let u) = iotlb.lookup(IOVA(a), access: .write) else { return false }
-                ua = u.raw
-                n = min(n &- 1, e.range.last.raw &- a) &+ 1
-            }
-            guard let span = regions.find(ua, user: true) else { return false }
-            n = min(n &- 1, span.last &- ua) &+ 1
-            body(span.gpa &+ (ua &- span.first), Int(n))
+            guard let a = addr.checkedAdd(UInt64(done)),
+                  case .mapped(let e, let u) = iotlb.lookup(a, access: .write) else { return false }
+            let n = min(UInt64(length - done) &- 1, e.range.last.uncheckedOffset(from: a)) &+ 1
+            guard forEachGPA(u, Int(n), body) else { return false }
             done += Int(n)
         }
         return true
+    }
+
+    /// The guest-physical pieces of the user addresses `[addr, addr+length)`,
+    /// as `forEachGPA(_: IOVA, …)`.
+    func forEachGPA(_ addr: UserAddr, _ length: Int, _ body: (UInt64, Int) -> Void) -> Bool {
+        var done = 0
+        while done < length {
+            guard let ua = addr.checkedAdd(UInt64(done)), let span = regions.find(ua) else { return false }
+            let into = ua.uncheckedOffset(from: span.first)
+            let n = min(UInt64(length - done) &- 1, span.last.uncheckedOffset(from: ua)) &+ 1
+            body(span.gpa.uncheckedAdd(into).raw, Int(n))
+            done += Int(n)
+        }
+        return true
+    }
+
+    /// `forEachGPA` for a ring area in its own space; a guest-physical one
+    /// is its own single piece.
+    private func forEachGPA(_ addr: AnyAddress, _ length: Int, _ body: (UInt64, Int) -> Void) -> Bool {
+        switch addr {
+        case .iova(let a): return forEachGPA(a, length, body)
+        case .user(let a): return forEachGPA(a, length, body)
+        case .guestPhys(let a):
+            guard a.checkedAdd(UInt64(length &- 1)) != nil else { return false }
+            body(a.raw, length)
+            return true
+        }
     }
 
     /// When a logged ring is prepared: where its used area and (packed) its
@@ -224,27 +257,28 @@ extension Device {
             } else {
                 vq.usedLogGPA = logAddr  // without it, a guest-physical address
             }
-            if !logCoversRing(vq, "the used ring", logAddr, c.usedBytes, iova: R.space == .iova, base: vq.usedLogGPA) { return false }
+            let at: AnyAddress = R.space == .iova ? .iova(IOVA(logAddr)) : .guestPhys(GuestPhysAddr(logAddr))
+            if !logCoversRing(vq, "the used ring", at, c.usedBytes, base: vq.usedLogGPA) { return false }
         }
         if c.packed {
             if let g = descGPA { vq.descLogGPA = g }
-            if !logCoversRing(vq, "the descriptor ring", c.descAddr, c.descBytes, iova: R.space == .iova, base: vq.descLogGPA) {
+            if !logCoversRing(vq, "the descriptor ring", R(c.descAddr).tagged, c.descBytes, base: vq.descLogGPA) {
                 return false
             }
         }
         return true
     }
 
-    private func logCoversRing(_ vq: VirtQueue, _ what: String, _ addr: UInt64, _ bytes: Int, iova: Bool, base: UInt64) -> Bool {
+    private func logCoversRing(_ vq: VirtQueue, _ what: String, _ addr: AnyAddress, _ bytes: Int, base: UInt64) -> Bool {
         if base != .max {
             if logCovers(base, bytes) { return true }
             logFault(vq, what, gpa: base, length: bytes)
             return false
         }
         var bad: (UInt64, Int)?
-        let ok = forEachGPA(addr, bytes, iova: iova) { g, n in if bad == nil && !logCovers(g, n) { bad = (g, n) } }
+        let ok = forEachGPA(addr, bytes) { g, n in if bad == nil && !logCovers(g, n) { bad = (g, n) } }
         if let (g, n) = bad { logFault(vq, what, gpa: g, length: n); return false }
-        if !ok { fail(vq, "dirty log: \(what) does not translate to guest-physical memory") }
+        if !ok { fail(vq, "dirty log: \(what) at \(addr) does not translate to guest-physical memory") }
         return ok
     }
 

@@ -7,6 +7,7 @@ extension Device {
     /// Ring descriptor `slot` of a packed queue.
     @inline(__always)
     func packedDescriptor<R: TranslatedAddress>(_ vq: VirtQueue, _ slot: Int, _: R.Type) -> PackedDescriptor {
+        // SAFETY: slot < num (callers wrap it), and prepareRings mapped the ring's 16·num bytes here.
         if let host = vq.descHost { return PackedDescriptor.decode(host + PackedRing.descriptor(slot)) }
         // As for split rings (`descriptor`): checked whole this round; an empty one if not.
         let at = ringField(R(vq.config!.descAddr), PackedRing.descriptor(slot))
@@ -49,6 +50,7 @@ extension Device {
         let at = PackedRing.descriptor(slot)
         let flags = PackedRing.usedFlags(wrap: wrap)
         if let host = vq.descHost {
+            // SAFETY: slot < num, so at+16 <= 16·num, inside the ring prepareRings mapped here.
             (host + at + 8).storeBytes(of: len.littleEndian, as: UInt32.self)
             (host + at + 12).storeBytes(of: id.littleEndian, as: UInt16.self)
             if R.logs { logFlush() }  // the buffers' bits, before the descriptor hands them over
@@ -130,6 +132,7 @@ extension Device {
         guard let desc = vq.descHost else { return }
         var ahead = Int(vq.lastAvailIdx) + 4
         if ahead >= num { ahead -= num }
+        // SAFETY (for both slots): wrapped below num; the ring's 16·num bytes are mapped at `desc`.
         CRingAtomics_prefetch(desc + PackedRing.descriptor(ahead))
         var next = Int(vq.lastAvailIdx) + 2
         var wrap = vq.availWrap

@@ -170,10 +170,10 @@ extension Device {
             vq.state = .failed
             vq.accessFailures &+= 1
             counters.accessFailures &+= 1
-            vq.failure = "access failure: \(perm) access to iova \(iova) denied by the IOTLB entry"
+            vq.failure = fault.description
             post(vq, .accessFail, iova, perm)
-        case .badAddress(let addr, let space):
-            fail(vq, "address 0x\(String(addr, radix: 16)) (\(space == .guestPhys ? "guest-physical" : "user")) is not in the memory table")
+        case .notInMemoryTable, .unbacked, .wraps:
+            fail(vq, fault.description)
         }
         vq.dropTranslations()
     }
@@ -267,10 +267,12 @@ extension Device {
         let pending = avail &- vq.lastAvailIdx
         let mask = c.num - 1
         @inline(__always) func headAt(_ ahead: UInt16) -> Int {
+            // SAFETY: the entry index is masked below num; the avail ring's 4+2·num bytes are mapped at `ring`.
             Int(UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ ahead) & mask)).loadUnaligned(as: UInt16.self))) & mask
         }
         if pending > 8 { CRingAtomics_prefetch(desc + SplitRing.descriptor(headAt(8))) }
         guard pending > 4 else { return }
+        // SAFETY: headAt masks the head below num; the table's 16·num bytes are mapped at `desc`.
         let d = Descriptor.decode(desc + SplitRing.descriptor(headAt(4)))
         let addr = d.addr, flags = d.flags
         let cache = vq.bufferCache(addr).pointee
@@ -294,6 +296,7 @@ extension Device {
             case .end:
                 // One RX chain per frame: num_buffers = 1 (virtio-net, 5.1.6.4).
                 if let h = headerAt, written >= 12 {
+                    // SAFETY: headerAt is set only from a segment of >= 12 mapped, writable bytes.
                     (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
                     if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
                 }
@@ -307,6 +310,7 @@ extension Device {
                 // The RX buffers are full: the rest of the frame is dropped, as a NIC would.
                 truncatedFrames &+= 1
                 if let h = headerAt, written >= 12 {
+                    // SAFETY: headerAt is set only from a segment of >= 12 mapped, writable bytes.
                     (h + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self)
                     if R.Buffer.logs { logBuffer(headerGPA &+ 10, 2) }
                 }
@@ -325,6 +329,7 @@ extension Device {
             case .fault(let f): stop(rx, f); return nil
             case .ok(let d):
                 if R.Buffer.logs && !logAdmits(rx, d) { return nil }
+                // SAFETY: d.length <= s.length: both segments hold that many mapped bytes (translated above).
                 d.host.copyMemory(from: s.host, byteCount: d.length)
                 if R.Buffer.logs { logBuffer(d.gpa, d.length) }
                 if written == 0 && rxNetHeaderNumBuffers && d.length >= 12 {
@@ -351,7 +356,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return nil
                     case .ok(let s): off += s.length

@@ -95,7 +95,7 @@ struct DescriptorChain<S: DeviceSpaces>: ChainWalk {
                     return .error(.malformed("indirect descriptor \(i) is past its table of \(indirectCount)"))
                 }
                 // The table was checked not to pass 2^64-1 when its descriptor was read.
-                let at = S.Buffer(indirectBase.raw &+ UInt64(SplitRing.descriptor(Int(i))))
+                let at = indirectBase.uncheckedAdd(UInt64(SplitRing.descriptor(Int(i))))
                 switch device.readDescriptor(at, &vq.bufferCache(at.raw).pointee, vq, Descriptor.decode) {
                 case .success(let entry): d = entry
                 case .failure(let fault): return .error(.fault(fault))
@@ -152,7 +152,7 @@ struct ChainCursor<W: ChainWalk> {
 
     mutating func advance(_ n: Int) {
         // Within the buffer `fill` returned, which does not pass 2^64-1.
-        addr = W.Buffer(addr.raw &+ UInt64(n))
+        addr = addr.uncheckedAdd(UInt64(n))
         left -= UInt32(n)
     }
 }

@@ -1,5 +1,6 @@
 // A vhost device: memory table, IOTLB, counters. Owned by one datapath
-// worker; every method runs on that worker's thread (see Worker.swift).
+// worker; every method runs on that worker's thread (README, "Threads";
+// checked in debug builds, see OwnerThread.swift).
 import IOTLB
 import CRingAtomics
 import Platform
@@ -81,6 +82,8 @@ public final class Device {
     /// The fields keep their names as properties below; the memory lives as
     /// long as the device.
     struct Mutable {
+        /// Who may touch the rest (debug builds check it; see `OwnerThread`).
+        var ownerThread = OwnerThread()
         /// Bumped whenever the memory table is replaced (cached translations die with it).
         var memoryGeneration: UInt64 = 0
         /// The memory table flattened for the datapath.
@@ -113,7 +116,15 @@ public final class Device {
         var resolutionBuckets = [UInt64](repeating: 0, count: Device.resolutionBounds.count + 1)
         var resolutionSumMicros: UInt64 = 0
     }
-    let m: UnsafeMutablePointer<Mutable>
+    private let storage: UnsafeMutablePointer<Mutable>
+    /// The state, for the accessors below: checks the owner thread in debug
+    /// builds (see `OwnerThread`), nothing more in release ones.
+    var m: UnsafeMutablePointer<Mutable> {
+        @inline(__always) get {
+            storage.pointee.ownerThread.check()
+            return storage
+        }
+    }
     /// Dirty logging (Datapath+Log.swift); behind its own pointer, as `m`.
     let logState: UnsafeMutablePointer<DirtyLogState>
 
@@ -167,10 +178,10 @@ public final class Device {
         self.limits = limits
         self.missLog = missLog
         self.iotlb = IOTLB(maxEntries: config.iotlbMaxEntries)
-        m = .allocate(capacity: 1)
-        m.initialize(to: Mutable())
-        m.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
-        m.pointee.resolveBuffer = .allocate(capacity: Device.resolveRoom)
+        storage = .allocate(capacity: 1)
+        storage.initialize(to: Mutable())
+        storage.pointee.resolutionSamples.reserveCapacity(Device.resolutionWindow)
+        storage.pointee.resolveBuffer = .allocate(capacity: Device.resolveRoom)
         logState = .allocate(capacity: 1)
         logState.initialize(to: DirtyLogState(skipBuffers: limits.unloggedRXBuffersForTests,
                                               cache: .allocate(capacity: DirtyLogState.cacheSize)))
@@ -181,13 +192,21 @@ public final class Device {
 
     deinit {
         queueRefs.deallocate()
-        m.pointee.regions.free()
-        m.pointee.resolveBuffer.deallocate()
-        m.deinitialize(count: 1)
-        m.deallocate()
+        storage.pointee.regions.free()
+        storage.pointee.resolveBuffer.deallocate()
+        storage.deinitialize(count: 1)
+        storage.deallocate()
         logState.pointee.cache.deallocate()
         logState.deinitialize(count: 1)
         logState.deallocate()
+    }
+
+    /// Makes the calling thread (the worker that places the device) the only
+    /// one that may touch the device's and its queues' state from now on:
+    /// checked in debug builds (`OwnerThread`).
+    func adoptThread() {
+        storage.pointee.ownerThread.adopt()
+        for q in queues { q.adoptThread() }
     }
 
     /// The memory table, once set.

@@ -42,8 +42,7 @@ public final class DirtyLog: @unchecked Sendable {
         if st.st_mode & S_IFMT == S_IFREG && UInt64(st.st_size) < end {
             throw SystemCallError(call: "mmap (the log ends past the end of its file)", errno: EINVAL)
         }
-        let p = mmap(nil, Int(end), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        guard let p, p != MAP_FAILED else { throw SystemCallError(call: "mmap (dirty log)", errno: errno) }
+        let p = try mapShared(Int(end), fd: fd, call: "mmap (dirty log)")
         mapBase = p
         mapLength = Int(end)
         base = p + Int(offset)
@@ -56,8 +55,7 @@ public final class DirtyLog: @unchecked Sendable {
         guard bytes > 0, UInt64(bytes) <= DirtyLog.maxBytes else {
             throw SystemCallError(call: "mmap (log of \(bytes) bytes)", errno: EINVAL)
         }
-        let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
-        guard let p, p != MAP_FAILED else { throw SystemCallError(call: "mmap (dirty log)", errno: errno) }
+        let p = try mapShared(bytes, flags: MAP_ANONYMOUS, call: "mmap (dirty log)")
         mapBase = p
         mapLength = bytes
         base = p

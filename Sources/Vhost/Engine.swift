@@ -14,9 +14,9 @@ public final class DeviceHandle: Sendable {
     /// The device's misses and access failures (long-polled directly, not through the worker).
     public let missLog: MissLog
     /// Where `perform`'s completions run: off the datapath thread.
-    let completions: Completions
+    let completions: ControlExecutor
 
-    init(config: DeviceConfig, worker: DatapathWorker, completions: Completions) {
+    init(config: DeviceConfig, worker: DatapathWorker, completions: ControlExecutor) {
         self.config = config
         self.worker = worker
         self.completions = completions
@@ -59,7 +59,7 @@ public final class Engine: Sendable {
     public let limits: EngineLimits
     private let workers: [DatapathWorker]
     /// Runs command completions and miss deliveries off the datapath threads.
-    public let completions = Completions()
+    public let completions = ControlExecutor()
     private let registry = Locked<(byId: [String: DeviceHandle], order: [String], nextId: Int, open: Bool)>(([:], [], 0, true))
 
     /// An engine with `datapathThreads` workers, started at once.
@@ -95,6 +95,7 @@ public final class Engine: Sendable {
             worker.submit { w in
                 let d = Device(config: frozen, limits: limits, missLog: log, tap: tap)
                 d.owner = .passUnretained(w)
+                d.adoptThread()
                 w.devices[frozen.id] = d
             }
             if case .peer(let other) = config.port, let p = r.byId[other], p.config.port == .peer(device: config.id) {

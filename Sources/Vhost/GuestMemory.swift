@@ -30,17 +30,12 @@ final class RegionMapping: @unchecked Sendable {
         guard region.memorySize <= UInt64(Int.max) else { throw SystemCallError(call: "mmap", errno: ENOMEM) }
         let len = Int(region.memorySize)
         let wantHuge = hugePages && region.memorySize % (2 << 20) == 0
-        var p: UnsafeMutableRawPointer? = MAP_FAILED
-        if wantHuge {
-            // Huge pages are reserved at mmap time (no MAP_NORESERVE): with too few
-            // free, mmap fails and we fall back, instead of SIGBUS on first touch.
-            p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | 0x40000 /* MAP_HUGETLB */, -1, 0)
-        }
-        let huge = p != MAP_FAILED
-        if !huge {
-            p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        }
-        guard let base = p, base != MAP_FAILED else { throw SystemCallError(call: "mmap", errno: errno) }
+        // Huge pages are reserved at mmap time (no MAP_NORESERVE): with too few
+        // free, mmap fails and we fall back, instead of SIGBUS on first touch.
+        let hugeBase = wantHuge ? try? mapShared(len, flags: MAP_ANONYMOUS | 0x40000 /* MAP_HUGETLB */) : nil
+        let huge = hugeBase != nil
+        let base: UnsafeMutableRawPointer
+        if let hugeBase { base = hugeBase } else { base = try mapShared(len, flags: MAP_ANONYMOUS | MAP_NORESERVE) }
         if !huge { _ = madvise(base, len, 14 /* MADV_HUGEPAGE */) }
         self.region = region
         self.base = base
@@ -68,9 +63,9 @@ final class RegionMapping: @unchecked Sendable {
         if st.st_mode & S_IFMT == S_IFREG && UInt64(st.st_size) < end {
             throw SystemCallError(call: "mmap (region ends past the end of its file)", errno: EINVAL)
         }
-        let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        guard let p, p != MAP_FAILED else { throw SystemCallError(call: "mmap", errno: errno) }
+        let p = try mapShared(total, fd: fd)
         self.region = region
+        // SAFETY: offset+memorySize = end <= total, the bytes mapped from p; and <= the file's size (above).
         self.base = p + Int(offset)
         self.length = Int(region.memorySize)
         self.huge = block >= 2 << 20

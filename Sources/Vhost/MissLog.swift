@@ -69,9 +69,9 @@ public final class MissLog: Sendable {
     private let observers = Locked<[@Sendable (MissEvent) -> Void]>([])
 
     /// Where waiters and observers are answered (nil: on the posting thread).
-    private let completions: Completions?
+    private let completions: ControlExecutor?
 
-    public init(completions: Completions? = nil) { self.completions = completions }
+    public init(completions: ControlExecutor? = nil) { self.completions = completions }
 
     /// Adds `body`, called (outside the log's lock, on the completion thread)
     /// for every event posted: logging, alerting and forwarding hang here.

@@ -55,6 +55,7 @@ public struct PackedDescriptor: Equatable, Sendable {
 
     @inlinable
     public static func decode(_ p: UnsafeRawPointer) -> PackedDescriptor {
+        // SAFETY: callers pass 16 readable bytes: a ring slot < num of a mapped ring, or a local copy.
         PackedDescriptor(addr: UInt64(littleEndian: p.loadUnaligned(as: UInt64.self)),
                          len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
                          id: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
@@ -64,6 +65,7 @@ public struct PackedDescriptor: Equatable, Sendable {
     /// Writes everything but the flags (the caller stores them last, with release).
     @inlinable
     public func encodeAllButFlags(to p: UnsafeMutableRawPointer) {
+        // SAFETY: callers pass a ring slot < num whose 16 bytes prepareRings (or the guest) mapped.
         p.storeBytes(of: addr.littleEndian, toByteOffset: 0, as: UInt64.self)
         p.storeBytes(of: len.littleEndian, toByteOffset: 8, as: UInt32.self)
         p.storeBytes(of: id.littleEndian, toByteOffset: 12, as: UInt16.self)
@@ -95,7 +97,7 @@ struct PackedChain<S: DeviceSpaces>: ChainWalk {
         while true {
             if indirectNext < indirectCount {
                 // The table was checked not to pass 2^64-1 when its descriptor was read.
-                let at = S.Buffer(indirectBase.raw &+ UInt64(PackedRing.descriptor(indirectNext)))
+                let at = indirectBase.uncheckedAdd(UInt64(PackedRing.descriptor(indirectNext)))
                 let d: PackedDescriptor
                 switch device.readDescriptor(at, &vq.bufferCache(at.raw).pointee, vq, PackedDescriptor.decode) {
                 case .success(let entry): d = entry

@@ -45,6 +45,7 @@ public struct Descriptor: Equatable, Sendable {
     /// The descriptor at `p` (16 bytes, any alignment).
     @inlinable
     public static func decode(_ p: UnsafeRawPointer) -> Descriptor {
+        // SAFETY: callers pass 16 readable bytes: a ring slot i < num of a mapped table, or a local copy.
         Descriptor(addr: UInt64(littleEndian: p.loadUnaligned(as: UInt64.self)),
                    len: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
                    flags: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self)),
@@ -54,6 +55,7 @@ public struct Descriptor: Equatable, Sendable {
     /// Writes the descriptor at `p` (16 bytes).
     @inlinable
     public func encode(to p: UnsafeMutableRawPointer) {
+        // SAFETY: callers pass 16 writable bytes (the built-in guest's own ring slot).
         p.storeBytes(of: addr.littleEndian, toByteOffset: 0, as: UInt64.self)
         p.storeBytes(of: len.littleEndian, toByteOffset: 8, as: UInt32.self)
         p.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)

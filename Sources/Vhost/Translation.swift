@@ -5,8 +5,8 @@
 // are values.
 import IOTLB
 
-/// Which space a datapath address is in (for faults and their messages; the
-/// datapath itself knows it from the address's type).
+/// Which space a datapath address is in: a constant of each address type,
+/// which the datapath tests where the spaces differ (counting IOTLB hits).
 public enum AddressSpace: Sendable {
     /// Translated through the device IOTLB.
     case iova
@@ -16,14 +16,49 @@ public enum AddressSpace: Sendable {
     case user
 }
 
+/// An address of any of the three spaces, kept typed: what a fault names.
+public enum AnyAddress: Equatable, Sendable, CustomStringConvertible {
+    case iova(IOVA)
+    case guestPhys(GuestPhysAddr)
+    case user(UserAddr)
+
+    /// The space and the address, as fault messages write them: "IOVA 0x1000",
+    /// "guest-physical address 0x1000", "user address 0x1000".
+    public var description: String {
+        switch self {
+        case .iova(let a): "IOVA \(a)"
+        case .guestPhys(let a): "guest-physical address \(a)"
+        case .user(let a): "user address \(a)"
+        }
+    }
+}
+
 /// Why an access could not be made.
-public enum AccessFault: Error, Equatable, Sendable {
+public enum AccessFault: Error, Equatable, Sendable, CustomStringConvertible {
     /// No IOTLB entry holds `iova` (the first unmapped byte).
     case miss(iova: IOVA, perm: Permissions)
     /// The entry holding `iova` lacks `perm`.
     case denied(iova: IOVA, perm: Permissions)
-    /// Without an IOTLB: the address is not in the memory table.
-    case badAddress(UInt64, AddressSpace)
+    /// IOTLB off: a guest-physical or user address no memory region holds.
+    case notInMemoryTable(AnyAddress)
+    /// IOTLB on: the entry holding `iova` points at `uaddr`, which no memory
+    /// region holds. Verify-on-update keeps every entry backed, so this is a bug.
+    case unbacked(iova: IOVA, uaddr: UserAddr)
+    /// An access of `length` bytes from `start` would pass 2^64-1 (the chain
+    /// rules and `VringConfig.problem()` refuse such ranges before).
+    case wraps(start: AnyAddress, length: Int)
+
+    /// Why the queue failed, naming the address in its own space.
+    public var description: String {
+        switch self {
+        case .miss(let iova, let perm): "IOTLB miss: no entry holds IOVA \(iova) (\(perm))"
+        case .denied(let iova, let perm): "access failure: \(perm) access to iova \(iova) denied by the IOTLB entry"
+        case .notInMemoryTable(let a): "\(a) is not in the memory table"
+        case .unbacked(let iova, let uaddr):
+            "IOVA \(iova) maps to user address \(uaddr), which is not in the memory table"
+        case .wraps(let start, let length): "\(length) bytes from \(start) pass 2^64-1"
+        }
+    }
 }
 
 /// One contiguous piece of host memory.
@@ -71,7 +106,7 @@ protocol TranslatedAddress: Address {
     /// with one permission: `[lo, hi]` in this space, the host address of
     /// `lo`, its guest-physical address, the permission; or why there is none.
     /// Counts IOTLB hits and misses.
-    static func piece(_ addr: Self, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult
+    static func piece(_ addr: Self, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult<Self>
     /// Whether the datapath logs its writes through addresses of this type
     /// (dirty logging, see `Logged`): a constant, so the unlogged datapath
     /// carries no test for it.
@@ -82,16 +117,27 @@ extension TranslatedAddress {
     static var logs: Bool { false }
 }
 
-/// What `TranslatedAddress.piece` finds.
-enum PieceResult {
-    case piece(lo: UInt64, hi: UInt64, host: UnsafeMutableRawPointer, gpa: UInt64, perm: Permissions)
+/// What `TranslatedAddress.piece` finds: `[lo, hi]` in space `A`.
+enum PieceResult<A: Address> {
+    case piece(lo: A, hi: A, host: UnsafeMutableRawPointer, gpa: UInt64, perm: Permissions)
     case fault(AccessFault)
+}
+
+extension TranslatedAddress {
+    /// This address, tagged with its space for a fault.
+    var tagged: AnyAddress {
+        switch Self.space {
+        case .iova: .iova(IOVA(raw))
+        case .guestPhys: .guestPhys(GuestPhysAddr(raw))
+        case .user: .user(UserAddr(raw))
+        }
+    }
 }
 
 extension IOVA: TranslatedAddress {
     static var space: AddressSpace { .iova }
 
-    static func piece(_ addr: IOVA, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
+    static func piece(_ addr: IOVA, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult<IOVA> {
         // The IOTLB's own look-up (as `GET …/iotlb/translate` makes it): the
         // entry, its permission and where the address lands.
         switch device.iotlb.lookup(addr, access: access) {
@@ -102,14 +148,17 @@ extension IOVA: TranslatedAddress {
             return .fault(.denied(iova: addr, perm: access))
         case .mapped(let e, let uaddr):
             device.counters.hits &+= 1; vq.hits &+= 1
-            // Verify-on-update keeps every entry backed; a miss here would be a bug, reported as a bad address.
-            guard let span = device.regions.find(uaddr.raw, user: true) else { return .fault(.badAddress(addr.raw, .iova)) }
-            // The IOVAs where this entry and this region overlap.
-            let lo = addr.raw &- min(uaddr.raw &- span.first, addr.raw &- e.range.first.raw)
-            let hi = addr.raw &+ min(span.last &- uaddr.raw, e.range.last.raw &- addr.raw)
-            let back = addr.raw &- lo
-            return .piece(lo: lo, hi: hi, host: span.host + Int(uaddr.raw &- span.first) - Int(back),
-                          gpa: span.gpa &+ (uaddr.raw &- span.first) &- back, perm: e.perm)
+            // Verify-on-update keeps every entry backed; a miss here would be a bug.
+            guard let span = device.regions.find(uaddr) else { return .fault(.unbacked(iova: addr, uaddr: uaddr)) }
+            // The IOVAs where this entry and this region overlap: as far back
+            // from addr, and as far ahead, as both reach. addr lies in the
+            // entry and uaddr in the span, so no offset is negative and lo, hi
+            // stay inside the entry's range.
+            let into = uaddr.uncheckedOffset(from: span.first)
+            let back = min(into, addr.uncheckedOffset(from: e.range.first))
+            let ahead = min(span.last.uncheckedOffset(from: uaddr), e.range.last.uncheckedOffset(from: addr))
+            return .piece(lo: addr.uncheckedSub(back), hi: addr.uncheckedAdd(ahead),
+                          host: span.host + Int(into &- back), gpa: span.gpa.uncheckedAdd(into &- back).raw, perm: e.perm)
         }
     }
 }
@@ -117,18 +166,19 @@ extension IOVA: TranslatedAddress {
 extension GuestPhysAddr: TranslatedAddress {
     static var space: AddressSpace { .guestPhys }
 
-    static func piece(_ addr: GuestPhysAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
-        guard let span = device.regions.find(addr.raw, user: false) else { return .fault(.badAddress(addr.raw, .guestPhys)) }
-        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa, perm: .readWrite)
+    static func piece(_ addr: GuestPhysAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue)
+        -> PieceResult<GuestPhysAddr> {
+        guard let span = device.regions.find(addr) else { return .fault(.notInMemoryTable(.guestPhys(addr))) }
+        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa.raw, perm: .readWrite)
     }
 }
 
 extension UserAddr: TranslatedAddress {
     static var space: AddressSpace { .user }
 
-    static func piece(_ addr: UserAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult {
-        guard let span = device.regions.find(addr.raw, user: true) else { return .fault(.badAddress(addr.raw, .user)) }
-        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa, perm: .readWrite)
+    static func piece(_ addr: UserAddr, _ access: Permissions, on device: Device, _ vq: VirtQueue) -> PieceResult<UserAddr> {
+        guard let span = device.regions.find(addr) else { return .fault(.notInMemoryTable(.user(addr))) }
+        return .piece(lo: span.first, hi: span.last, host: span.host, gpa: span.gpa.raw, perm: .readWrite)
     }
 }
 
@@ -180,15 +230,18 @@ extension Device {
                 counters.misses &+= 1; vq.misses &+= 1
                 return .fault(.miss(iova: IOVA(addr.raw), perm: access))
             }
-            return .fault(.badAddress(addr.raw, A.space))
+            return .fault(.notInMemoryTable(addr.tagged))
         }
         switch A.piece(addr, access, on: self, vq) {
         case .fault(let f): return .fault(f)
         case .piece(let lo, let hi, let host, let gpa, let perm):
-            cache = TranslationCache(first: lo, last: hi, host: host, gpa: gpa, perm: perm, generation: translationGeneration)
-            let leftMinusOne = hi &- addr.raw
+            cache = TranslationCache(first: lo.raw, last: hi.raw, host: host, gpa: gpa, perm: perm,
+                                     generation: translationGeneration)
+            // addr lies in [lo, hi]: piece() found it there.
+            let leftMinusOne = hi.uncheckedOffset(from: addr)
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
-            return .ok(Segment(host: host + Int(addr.raw &- lo), length: n, gpa: gpa &+ (addr.raw &- lo)))
+            let into = addr.uncheckedOffset(from: lo)
+            return .ok(Segment(host: host + Int(into), length: n, gpa: gpa &+ into))
         }
     }
 
@@ -200,7 +253,7 @@ extension Device {
                                             _ body: (Segment, Int) -> Void) -> AccessFault? {
         var done = 0
         while done < length {
-            guard let a = addr.checkedAdd(UInt64(done)) else { return .badAddress(addr.raw, A.space) }
+            guard let a = addr.checkedAdd(UInt64(done)) else { return .wraps(start: addr.tagged, length: length) }
             switch segment(a, length - done, access, &cache, vq) {
             case .fault(let f): return f
             case .ok(let s):
@@ -215,6 +268,7 @@ extension Device {
     func copyFromGuest<A: TranslatedAddress>(_ addr: A, _ dst: UnsafeMutableRawPointer, _ length: Int,
                                              _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
         walkSegments(addr, length, .read, &cache, vq) { s, done in
+            // SAFETY: the segment is s.length mapped bytes of one region; done+s.length <= length, dst's size.
             (dst + done).copyMemory(from: s.host, byteCount: s.length)
         }
     }
@@ -227,6 +281,7 @@ extension Device {
                                                  _ decode: (UnsafeRawPointer) -> D) -> Result<D, AccessFault> {
         withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { buf -> Result<D, AccessFault> in
             if let fault = copyFromGuest(addr, buf.baseAddress!, 16, &cache, vq) { return .failure(fault) }
+            // SAFETY: buf is the 16 bytes just copied in full (no fault).
             return .success(decode(UnsafeRawPointer(buf.baseAddress!)))
         }
     }
@@ -235,6 +290,7 @@ extension Device {
     func copyToGuest<A: TranslatedAddress>(_ addr: A, _ src: UnsafeRawPointer, _ length: Int,
                                            _ cache: inout TranslationCache, _ vq: VirtQueue) -> AccessFault? {
         walkSegments(addr, length, .write, &cache, vq) { s, done in
+            // SAFETY: the segment is s.length mapped writable bytes; done+s.length <= length, src's size.
             s.host.copyMemory(from: src + done, byteCount: s.length)
         }
     }

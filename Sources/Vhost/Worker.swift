@@ -1,6 +1,7 @@
 // A datapath worker: one thread that owns a set of devices. Every mutation
 // of a device is a command this thread applies between batches, so once a
 // command's completion has run, no datapath access uses what it replaced.
+// The threads around it, and what each may wait on: README, "Threads".
 import CFaultGuard
 import Glibc
 import Platform

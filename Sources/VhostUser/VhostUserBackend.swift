@@ -57,8 +57,9 @@ public struct VhostUserStatus: Sendable, Equatable {
 final class EventNotifier: Sendable {
     let fd: Int32
     init() throws(VhostUserSetupError) {
-        fd = cunixsock_eventfd()
-        if fd < 0 { throw VhostUserSetupError("eventfd: \(String(cString: strerror(errno)))") }
+        do throws(SystemCallError) { fd = try syscall("eventfd") { cunixsock_eventfd() } } catch {
+            throw VhostUserSetupError(error.description)
+        }
     }
     func signal() {
         var one: UInt64 = 1
@@ -114,9 +115,13 @@ public final class VhostUserBackend: @unchecked Sendable {
             }
             unlink(socket)
         }
-        let fd = cunixsock_listen_mode(socket, UInt32(permissions), group.map { Int($0) } ?? -1, 16)
-        guard fd >= 0 else {
-            throw VhostUserSetupError("cannot listen on \(socket): \(String(cString: strerror(errno)))")
+        let fd: Int32
+        do throws(SystemCallError) {
+            fd = try syscall("cannot listen on \(socket)") {
+                cunixsock_listen_mode(socket, UInt32(permissions), group.map { Int($0) } ?? -1, 16)
+            }
+        } catch {
+            throw VhostUserSetupError(error.description)
         }
         do { notifier = try EventNotifier() } catch {
             close(fd)
@@ -188,21 +193,19 @@ public final class VhostUserBackend: @unchecked Sendable {
                 backoff = min(backoff * 2, Self.maxBackoffMillis)
                 continue
             }
-            let began = Self.monotonicMillis()
+            let began = monotonicMillis()
             serve(conn)
-            if Self.monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
+            if monotonicMillis() - began >= 1000 { backoff = Self.firstBackoffMillis }
             pause(backoff)
             backoff = min(backoff * 2, Self.maxBackoffMillis)
         }
     }
 
-    static func monotonicMillis() -> Int { Int(monotonicNanos() / 1_000_000) }
-
     /// Waits `millis` unless stopped meanwhile.
     private func pause(_ millis: Int) {
-        let end = Self.monotonicMillis() + millis
+        let end = monotonicMillis() + millis
         while running.load(ordering: .acquiring) {
-            let left = end - Self.monotonicMillis()
+            let left = end - monotonicMillis()
             if left <= 0 { return }
             var pfd = pollfd(fd: notifier.fd, events: Int16(POLLIN), revents: 0)
             if poll(&pfd, 1, Int32(left)) > 0 { notifier.drain() }

@@ -44,7 +44,7 @@ extension VhostUserSession {
     /// maps as IOVAs (the seed's "DPDK in the guest, fixed mappings").
     func ringAddress(_ a: UInt64) -> UInt64 {
         guard config.iotlb, !frontEndIOMMU, let t = memory?.table, let hit = t.lookup(uaddr: UserAddr(a)) else { return a }
-        return t.regions[hit.region].guestPhysAddr.raw + hit.offset
+        return t.regions[hit.region].guestPhysAddr.uncheckedAdd(hit.offset).raw  // inside the region
     }
 
     func stopAllRings() {

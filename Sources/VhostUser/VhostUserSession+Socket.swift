@@ -8,6 +8,7 @@ extension VhostUserSession {
     func readExactly(_ buf: inout [UInt8], from start: Int) throws(VhostUserProtocolError) {
         var at = start
         while at < buf.count {
+            // SAFETY: at < buf.count: recv writes at most the count-at bytes left in buf.
             let n = buf.withUnsafeMutableBytes { recv(conn, $0.baseAddress! + at, $0.count - at, 0) }
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { throw VhostUserProtocolError("the front-end closed the socket mid-message") }

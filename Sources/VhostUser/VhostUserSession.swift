@@ -107,6 +107,7 @@ final class VhostUserSession {
         var head = [UInt8](repeating: 0, count: VhostUserHeader.size)
         var fds = [Int32](repeating: -1, count: 8)
         var nfds: Int32 = 0
+        // SAFETY: head holds VhostUserHeader.size bytes, fds 8 descriptors: the sizes passed.
         let got = head.withUnsafeMutableBytes { b in
             cunixsock_recv(conn, b.baseAddress, VhostUserHeader.size, &fds, 8, &nfds)
         }

@@ -1,7 +1,6 @@
 // Datapath: frames through the engine, IOTLB on vs off side by side.
 import ArgumentParser
 import CBenchCounters
-import ControlPlane
 import Foundation
 import Guest
 import IOTLB

@@ -1,6 +1,5 @@
 // Lookup: what one IOTLB translation costs, by table size and access pattern.
 import ArgumentParser
-import ControlPlane
 import IOTLB
 import Platform
 import Vhost

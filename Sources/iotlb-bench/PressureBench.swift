@@ -2,7 +2,6 @@
 // answers every miss) against the IOTLB's size, with static mappings as the
 // reference, all alternated round by round so ratios compare like with like.
 import ArgumentParser
-import ControlPlane
 import Guest
 
 struct PressureBench: ParsableCommand {

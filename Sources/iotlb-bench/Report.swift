@@ -1,6 +1,5 @@
 // Progress lines, tables, and the machine-readable report (--json FILE).
 import ArgumentParser
-import ControlPlane
 import Foundation
 import Glibc
 import JSON

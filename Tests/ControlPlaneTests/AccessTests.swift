@@ -7,7 +7,7 @@ import Testing
 import Vhost
 
 /// Scopes, the credential files, the failure limiter and the audit line, in-process
-/// (tests/test_remote.py drives the same over TLS with real certificates).
+/// (integration/test_remote.py drives the same over TLS with real certificates).
 @Suite struct AccessTests {
     @Test func tokenFileLinesAndTheBareTokenOfOld() throws {
         let bare = try CredentialSet.parseTokens("  s3cret\n", file: "t")

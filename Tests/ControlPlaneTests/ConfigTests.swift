@@ -1,5 +1,5 @@
 // Configuration that outlives the process: the state file of --state-dir,
-// GET /v1/config, --config. (tests/test_restarts.py does the same with the
+// GET /v1/config, --config. (integration/test_restarts.py does the same with the
 // real binary and kill -9.)
 import ControlPlane
 import Foundation

@@ -132,8 +132,8 @@ import Vhost
         let devices = f.controlPlane.devices
         let taken = "\(testSocketDirectory)/routes-taken.sock"
         _ = try devices.create(DeviceConfig(id: "a", vhostUserSocket: taken))
-        func refusal(_ c: DeviceConfig) -> DevicesError? {
-            do throws(DevicesError) { _ = try devices.create(c) } catch { return error }
+        func refusal(_ c: DeviceConfig) -> DeviceServiceError? {
+            do throws(DeviceServiceError) { _ = try devices.create(c) } catch { return error }
             return nil
         }
         let dup = try #require(refusal(DeviceConfig(id: "a")))
@@ -143,8 +143,8 @@ import Vhost
         #expect(APIError(inUse) == APIError(409, "conflict", "device a uses \(taken)", field: "vhost_user.socket"))
         let outside = try #require(refusal(DeviceConfig(id: "c", vhostUserSocket: "/nonexistent-dir/x.sock")))
         #expect(APIError(outside).code == "invalid_field" && APIError(outside).field == "vhost_user.socket")
-        #expect(APIError(DevicesError.workloadBusy(id: "w"))
+        #expect(APIError(DeviceServiceError.workloadBusy(id: "w"))
                 == APIError(409, "conflict", "a workload is already running on w; DELETE it first"))
-        #expect(APIError(DevicesError.engine(.unavailable)) == .unavailable)
+        #expect(APIError(DeviceServiceError.engine(.unavailable)) == .unavailable)
     }
 }

@@ -30,18 +30,18 @@ final class Outstanding: Sendable {
 }
 
 @Suite struct RegistryTests {
-    typealias Fixture = DevicesTests.Fixture
+    typealias Fixture = DeviceServiceTests.Fixture
 
     /// Creates without waiting; `result` gets the outcome (thrown at once or called back).
     static func create(_ f: Fixture, _ c: DeviceConfig, _ owed: Outstanding,
-                       _ result: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) {
+                       _ result: @escaping @Sendable (Result<DeviceParts, DeviceServiceError>) -> Void) {
         create(f.devices, c, owed, result)
     }
 
-    static func create(_ devices: Devices, _ c: DeviceConfig, _ owed: Outstanding,
-                       _ result: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) {
+    static func create(_ devices: DeviceService, _ c: DeviceConfig, _ owed: Outstanding,
+                       _ result: @escaping @Sendable (Result<DeviceParts, DeviceServiceError>) -> Void) {
         owed.begin()
-        do throws(DevicesError) {
+        do throws(DeviceServiceError) {
             try devices.create(c) { r in
                 result(r)
                 owed.end()
@@ -54,9 +54,9 @@ final class Outstanding: Sendable {
 
     /// Deletes without waiting; `result` gets the outcome.
     static func delete(_ f: Fixture, _ id: String, _ owed: Outstanding,
-                       _ result: @escaping @Sendable (Result<Void, DevicesError>) -> Void) {
+                       _ result: @escaping @Sendable (Result<Void, DeviceServiceError>) -> Void) {
         owed.begin()
-        do throws(DevicesError) {
+        do throws(DeviceServiceError) {
             try f.devices.delete(id) { r in
                 result(r)
                 owed.end()
@@ -70,7 +70,7 @@ final class Outstanding: Sendable {
     @Test("a create of an id being deleted waits until it is gone, then succeeds (no 409)")
     func createWaitsForDeletion() throws {
         let f = Fixture()
-        let path = DevicesTests.socketPath("again")
+        let path = DeviceServiceTests.socketPath("again")
         let first = try f.devices.create(DeviceConfig(id: "again", vhostUserSocket: path))
         _ = try f.startWorkload(on: first)  // stopping it makes the teardown take a while
         let owed = Outstanding()
@@ -100,8 +100,8 @@ final class Outstanding: Sendable {
     @Test("concurrent creates on one socket: one wins, the others are refused as taken")
     func concurrentCreatesOnOneSocket() throws {
         let f = Fixture()
-        let path = DevicesTests.socketPath("race")
-        let outcomes = Locked<[Result<ManagedDevice, DevicesError>]>([])
+        let path = DeviceServiceTests.socketPath("race")
+        let outcomes = Locked<[Result<DeviceParts, DeviceServiceError>]>([])
         let owed = Outstanding()
         let threads = (0..<8).map { i in
             startThread(name: "create-\(i)") {
@@ -127,7 +127,7 @@ final class Outstanding: Sendable {
     func storm() throws {
         let f = Fixture()
         let ids = ["s0", "s1", "s2"]
-        let sockets = [DevicesTests.socketPath("storm-a"), DevicesTests.socketPath("storm-b")]
+        let sockets = [DeviceServiceTests.socketPath("storm-a"), DeviceServiceTests.socketPath("storm-b")]
         let owed = Outstanding()
         let unexpected = Locked<[String]>([])
         let counts = Locked<[String: Int]>([:])
@@ -196,7 +196,7 @@ final class Outstanding: Sendable {
         let logger = Logger(label: "service-tests")
         let engine = Engine(datapathThreads: 1)
         let store = ConfigStore(stateFile: file, logger: logger)
-        let devices = Devices(engine: engine, store: store, sockets: VhostUserSockets(resolvedDirectory: testSocketDirectory),
+        let devices = DeviceService(engine: engine, store: store, sockets: VhostUserSockets(resolvedDirectory: testSocketDirectory),
                               logger: logger)
         defer {
             devices.shutdown()

@@ -7,7 +7,7 @@ import Testing
 @Suite struct MissLogTests {
     @Test("a poller is answered on the completion thread, from the log as it is then")
     func answersAreBuiltWhereTheyAreDelivered() {
-        let completions = Completions(name: "misslog-test")
+        let completions = ControlExecutor(name: "misslog-test")
         defer { completions.stop() }
         let log = MissLog(completions: completions)
         let answers = Locked<[MissAnswer]>([])

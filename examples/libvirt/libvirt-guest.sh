@@ -1,6 +1,6 @@
 #!/bin/sh
 # The test guest under libvirt on iotlbd vhost-user devices (README "Use with
-# libvirt"; tests/test_libvirt.py runs this script):
+# libvirt"; integration/test_libvirt.py runs this script):
 #   libvirt-guest.sh up client|server   device vm1 (curl), domain iotlbd-guest on its loopback port
 #   libvirt-guest.sh up tap             device vm1 on the TAP tap0, domain iotlbd-guest in qg_mode=net
 #   libvirt-guest.sh up peer            devices vm2 and vm3 wired guest to guest, domains iotlbd-vm2 and iotlbd-vm3

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "integration"))
 from test_examples import Daemon  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")

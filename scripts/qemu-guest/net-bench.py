@@ -3,7 +3,7 @@
 QEMU guest" benchmark), alternated round by round: per run, a fresh network
 namespace with tap0 (10.77.0.1/24), the guest (10.77.0.2) sends TX_MB MiB to
 a receiver in the namespace, then receives RX_MB MiB from a sender there
-(tests/netns.py; both streams sha256-checked). Figures are the namespace
+(integration/netns.py; both streams sha256-checked). Figures are the namespace
 side's (first to last byte, 10^6 bytes/s); the guest's own send figure is
 kept too.
 
@@ -12,7 +12,7 @@ Back-ends (--backends, alternated in this order within each round and mode):
              without vhost-net; the anchor
   iotlbd     iotlbd started in the namespace, a device whose port is tap0,
              the guest on its vhost-user socket (device IOTLB on with a
-             vIOMMU, off without); the device's JSON is tests/nsdaemon.py's
+             vIOMMU, off without); the device's JSON is integration/nsdaemon.py's
              tap_device_body(): it needs issue 20's TAP port
 --iommu: any of "off strict lazy" (Intel vIOMMU; strict = iommu.strict=1).
 
@@ -35,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "integration"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from guestnet import BUILD_SH, Guest, NetConfig, Tap, VhostUser  # noqa: E402
 from netns import Netns  # noqa: E402

@@ -26,7 +26,7 @@
 # QG_MAC sets the NIC's MAC (two guests on one bridge need different ones);
 # QG_QUEUES=N (tap only) opens N queue pairs (a multi_queue TAP).
 # This is the one place the QEMU command line lives (README "Use with QEMU",
-# tests/test_qemu.py). Why each part:
+# integration/test_qemu.py). Why each part:
 #   TCG (not KVM): /dev/kvm here is nested and a Debian kernel does not boot on it;
 #   memfd share=on: the backend maps guest memory;
 #   pcie-root-port: ATS is only offered off the root bus;

@@ -128,6 +128,7 @@ extension Device {
         }
         // The header the guest gets: the port's flags and GSO fields; num_buffers once known.
         if hdrOut > 0 {
+            // SAFETY: port.header holds 16 bytes; the frame starts with headerIn bytes of header.
             port.header.initializeMemory(as: UInt8.self, repeating: 0, count: VirtioNetHeader.size)
             port.header.copyMemory(from: frame, byteCount: Swift.min(VirtioNetHeader.legacySize, headerIn))
         }
@@ -150,6 +151,7 @@ extension Device {
             var done = 0
             if at < headerBytes {
                 let k = Swift.min(headerBytes - at, n)
+                // SAFETY: k <= n, the mapped bytes at dst (one segment); at+k <= headerBytes, the header's size.
                 dst.copyMemory(from: header + at, byteCount: k)
                 let nb = VirtioNetHeader.numBuffersOffset
                 if headerBytes == VirtioNetHeader.size {
@@ -161,6 +163,7 @@ extension Device {
                 }
                 done = k
             }
+            // SAFETY: n bytes are mapped at dst; at+n <= total, so the payload holds at+n-headerBytes bytes.
             if done < n { (dst + done).copyMemory(from: payload + (at + done - headerBytes), byteCount: n - done) }
         }
     }
@@ -174,6 +177,7 @@ extension Device {
         var highGPA: UInt64 = 0
 
         func set(_ n: Int) {
+            // SAFETY: each points into a segment copy() wrote, still mapped (same translation generation).
             low?.storeBytes(of: UInt8(truncatingIfNeeded: n), as: UInt8.self)
             high?.storeBytes(of: UInt8(truncatingIfNeeded: n >> 8), as: UInt8.self)
         }
@@ -201,7 +205,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) && written < src.total {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Swift.min(Int(len) - off, src.total - written), .write, &rx.bufferCache(a.raw).pointee, rx) {
                     case .fault(let f): stop(rx, f); return nil
                     case .ok(let s):

@@ -42,7 +42,7 @@ extension Device {
                 var off = 0
                 while off < Int(len) {
                     // Within the buffer, which the chain walk checked does not pass 2^64-1.
-                    let a = W.Buffer(addr.raw &+ UInt64(off))
+                    let a = addr.uncheckedAdd(UInt64(off))
                     switch segment(a, Int(len) - off, .read, &tx.bufferCache(a.raw).pointee, tx) {
                     case .fault(let f): stop(tx, f); return .stopped
                     case .ok(let s):
@@ -130,6 +130,7 @@ extension Device {
                 return .consumed(bytes: bytes)
             }
             // Every frame on a wire carries a 12-byte header: the guest's flags and GSO fields, num_buffers 0.
+            // SAFETY: reserve gave `record` = 12+frame bytes; the header takes <= 12 of them, port.header holds 16.
             dst.initializeMemory(as: UInt8.self, repeating: 0, count: VirtioNetHeader.size)
             if hdr > 0 { dst.copyMemory(from: port.header, byteCount: Swift.min(hdr, VirtioNetHeader.legacySize)) }
             copyPieces(iov, pieces, skipping: hdr, to: dst + VirtioNetHeader.size)
@@ -157,6 +158,7 @@ extension Device {
         var done = 0, i = 0
         while done < n && i < pieces {
             let k = Swift.min(n - done, iov[i].iov_len)
+            // SAFETY: iov[i] is a translated guest segment of iov_len mapped bytes; done+k <= n, dst's room.
             (dst + done).copyMemory(from: iov[i].iov_base!, byteCount: k)
             done += k
             i += 1
@@ -170,6 +172,7 @@ extension Device {
         for i in 0..<pieces {
             let len = iov[i].iov_len
             if skip >= len { skip -= len; continue }
+            // SAFETY: iov[i] is len mapped guest bytes; dst has room for the pieces' sum less skip (the record).
             (dst + at).copyMemory(from: iov[i].iov_base! + skip, byteCount: len - skip)
             at += len - skip
             skip = 0

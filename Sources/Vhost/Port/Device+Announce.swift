@@ -23,6 +23,7 @@ extension Device {
     public func announce(mac: [UInt8]) {
         let frame = Device.rarpFrame(mac: mac)
         port.announceFrame.initializeMemory(as: UInt8.self, repeating: 0, count: VirtioNetHeader.size)
+        // SAFETY: announceFrame holds VirtioNetHeader.size + 60 bytes (DevicePort), the frame 60.
         frame.withUnsafeBytes { (port.announceFrame + VirtioNetHeader.size).copyMemory(from: $0.baseAddress!, byteCount: 60) }
         port.m.pointee.announcePending = true
     }
@@ -53,6 +54,7 @@ extension Device {
         case .peer:
             guard p.pointee.linked, p.pointee.outCount > 0,
                   let dst = p.pointee.out![0]._withUnsafeGuaranteedRef({ $0.reserve(length) }) else { return }
+            // SAFETY: reserve(length) gave length bytes; announceFrame holds length.
             dst.copyMemory(from: frame, byteCount: length)
             p.pointee.out![0]._withUnsafeGuaranteedRef { $0.commit(length) }
             wakePeer(port)

@@ -45,7 +45,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
@@ -356,7 +356,7 @@ class QemuMigration(unittest.TestCase):
         # Lost frames: only those in flight when a source stopped (a ring's worth per hop at most).
         self.assertLess(lost, 256 * hops, last)
         # QEMU complained of nothing (a miss sent just before a source stopped its
-        # rings reaches QEMU after: benign, as in tests/test_qemu.py).
+        # rings reaches QEMU after: benign, as in integration/test_qemu.py).
         qemu_errors = [line for con in self.consoles for line in con.text().splitlines()
                        if line.startswith("qemu-system-x86_64:") and "Unexpected IOTLB message when virtio device is stopped" not in line]
         self.assertEqual(qemu_errors, [], "QEMU reported errors")

@@ -1,12 +1,15 @@
-// Work the datapath hands back to the control plane: command completions
-// (JSON rendering, resuming HTTP connections), long-poll deliveries and miss
-// observers (logging, forwarding). A datapath thread only appends here; one
-// control-plane thread runs it, so slow readers never cost the datapath time.
+// An executor for control-plane work that must leave the thread producing it.
+// The engine's one (the "completions" thread) takes what the datapath hands
+// back: command completions (JSON rendering, resuming HTTP connections),
+// long-poll deliveries and miss observers (logging, forwarding). A datapath
+// thread only appends here, so slow readers never cost the datapath time. The
+// devices service has another ("teardown") for work that joins threads.
 import Glibc
 import Platform
 
-/// A FIFO of closures run in order on one thread of its own.
-public final class Completions: @unchecked Sendable {
+/// An executor: closures run one at a time, in the order queued, on one
+/// thread of its own (named after the executor: `completions`, `teardown`).
+public final class ControlExecutor: @unchecked Sendable {
     private let queue = Locked<(items: [@Sendable () -> Void], running: Bool)>(([], true))
     private let wake = WakeSignal()
     private var thread: pthread_t?

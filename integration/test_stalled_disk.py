@@ -25,7 +25,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import Daemon  # noqa: E402
+from iotlbtest import Daemon  # noqa: E402
 
 FAST = 1.0  # seconds: what an answer that does not wait for the disk takes at most, on a loaded 2-core machine
 

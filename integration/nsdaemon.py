@@ -1,4 +1,4 @@
-"""iotlbd started inside a test's network namespace (tests/netns.py), so that
+"""iotlbd started inside a test's network namespace (integration/netns.py), so that
 a TAP port opens the TAP where it lives. Its API listens on a Unix socket
 (--listen unix:PATH): a file, reachable from outside the namespace, where a
 TCP port would be on the namespace's own loopback.

@@ -34,7 +34,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 RESTARTS = int(os.environ.get("QG_RESTARTS", "3"))
@@ -53,7 +53,7 @@ QEMU_DISCONNECT_MESSAGES = re.compile(
     r"|Failed to set msg fds|ring restore failed|Fail to update device iotlb|Failed to write msg|vhost_set_vring_call failed"
     r"|Error writing|Failed to read from backend"
     r"|vhost lost connection|Failed to set msg")
-# Benign at any time (tests/test_qemu.py): a miss sent just before the guest
+# Benign at any time (integration/test_qemu.py): a miss sent just before the guest
 # reset the NIC reaches QEMU after it stopped the rings.
 QEMU_BENIGN = "Unexpected IOTLB message when virtio device is stopped"
 ERROR_COUNTERS = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", "rx_length_errors",

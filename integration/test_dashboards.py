@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IOTLBD = os.environ.get("IOTLBD", os.path.join(ROOT, ".build", "debug", "iotlbd"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import IOTLBD, ROOT, free_port  # noqa: E402
+
 DASHBOARD = os.path.join(ROOT, "examples", "grafana", "iotlbd.json")
 PROVISIONING = os.path.join(ROOT, "examples", "grafana", "provisioning")
 RULES = os.path.join(ROOT, "examples", "prometheus", "iotlbd-rules.yml")
@@ -47,12 +47,6 @@ def tool(name):
     if path is None:
         raise AssertionError(f"{name} not found: run `make tools` (Debian package prometheus)")
     return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_dashboard():

@@ -9,16 +9,11 @@ listens on a free port, substituted for localhost:8080 in the commands.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import free_port, wait_listening  # noqa: E402
 
 
 def blocks(readme):
@@ -52,12 +47,7 @@ def main():
     port = free_port()
     daemon = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--log-level", "warning"])
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_listening(port, timeout=15)
         ran = failed = 0
         for block in blocks(readme):
             for cmd, out in steps(block):

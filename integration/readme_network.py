@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Runs the README's "Connect a VM to a network" guide, as written.
 
-  python3 tests/readme_network.py IOTLBD README.md
+  python3 integration/readme_network.py IOTLBD README.md
 
 Every ```sh block of that section runs, in order, in one bash session (set -e)
-inside a network namespace of this test's own (tests/netns.py: no route out)
+inside a network namespace of this test's own (integration/netns.py: no route out)
 and a private mount namespace whose /run/iotlbd is a fresh tmpfs, with the
 daemon started there as the guide says (`iotlbd --listen 127.0.0.1:8080`, as
 root, sockets in /run/iotlbd). A ```text block after a ```sh block is that

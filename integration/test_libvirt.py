@@ -23,7 +23,7 @@ its serial console (a file) prints the counters every ~0.5 s.
   again: it connects to QEMU by itself, traffic resumes; `virsh destroy` leaves
   no connection; `virsh start` again: the device connects to the new QEMU.
 - Ports (LibvirtNetwork): iotlbd runs inside a network namespace the test
-  makes (tests/netns.py: no route out; tests/nsdaemon.py: its API on a Unix
+  makes (integration/netns.py: no route out; integration/nsdaemon.py: its API on a Unix
   socket, which the script reaches with IOTLBD_SOCKET), where the TAP tap0
   (10.77.0.1/24) lives; libvirt's QEMU stays in the root namespace (the
   vhost-user sockets are files). The guests run in qg_mode=net and power off
@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from guestnet import parse_console  # noqa: E402
 from netns import Netns, qgdata  # noqa: E402
 from nsdaemon import NsDaemon  # noqa: E402
-from test_examples import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 from test_qemu_restart import ERROR_COUNTERS, QEMU_BENIGN, QEMU_DISCONNECT_MESSAGES  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "examples", "libvirt")
@@ -457,7 +457,7 @@ class LibvirtGuest(unittest.TestCase):
 
     def boot(self, mode):
         """libvirt-guest.sh up MODE, then waits for TRAFFIC frames back. A guest
-        that resets before /init (seen rarely under TCG, tests/test_qemu.py) is
+        that resets before /init (seen rarely under TCG, integration/test_qemu.py) is
         started once more: on_reboot is destroy."""
         self.env["CONSOLE_DIR"] = self.lv.folder(f"loopback/console-{mode}")
         self.console = os.path.join(self.env["CONSOLE_DIR"], f"{DOMAIN}-console.log")

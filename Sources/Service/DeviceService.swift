@@ -13,7 +13,7 @@ import VhostUser
 
 /// Why the devices service refused. Nothing was changed when one is thrown.
 /// The control plane gives each its HTTP answer (`APIError(_:fieldPrefix:)`).
-public enum DevicesError: Error, Sendable {
+public enum DeviceServiceError: Error, Sendable {
     /// A device with this id exists.
     case exists(id: String)
     /// The vhost-user socket path was refused (outside the directory, a symlink, too long...).
@@ -36,8 +36,9 @@ public enum DevicesError: Error, Sendable {
     case noWorkload(id: String)
 }
 
-/// One device and its parts.
-public final class ManagedDevice: Sendable {
+/// One device as the service holds it: the engine's handle and the parts
+/// kept beside it, made and dropped together (README, "Device types").
+public final class DeviceParts: Sendable {
     /// The engine's device.
     public let handle: DeviceHandle
     /// The vhost-user backend serving (or connecting to) its socket, nil without vhost-user.
@@ -83,11 +84,12 @@ struct WorkloadSlot {
     var deleted = false
 }
 
-/// Every device the control plane manages, by id, in creation order. Its
+/// The devices service: every device the control plane manages, by id, in
+/// creation order (README, "Device types"). Its
 /// `DeviceRegistry` is the one truth of which devices exist and where each is
 /// in its life (creating, running, deleting); teardown work (joining a guest's
 /// or a front-end's thread) runs on one thread of its own, in order.
-public final class Devices: Sendable {
+public final class DeviceService: Sendable {
     /// The engine that runs them.
     public let engine: Engine
     /// Where the configuration is written: creates, deletes and workloads are recorded.
@@ -100,7 +102,7 @@ public final class Devices: Sendable {
     /// Deletes, workload stops and creates that waited for a deletion: one
     /// thread, in order, so that no request thread joins another thread and
     /// no delete starts a thread of its own.
-    let teardown = Completions(name: "teardown")
+    let teardown = ControlExecutor(name: "teardown")
 
     /// The devices of `engine`, recorded in `store`, with vhost-user sockets where `sockets` allows;
     /// `tapCreate`: a TAP port may make its interface (else it only attaches to one that exists).
@@ -117,10 +119,10 @@ public final class Devices: Sendable {
     // MARK: Look-ups
 
     /// The running device named `id` (not one being created or deleted).
-    public func device(_ id: String) -> ManagedDevice? { registry.running(id) }
+    public func device(_ id: String) -> DeviceParts? { registry.running(id) }
 
     /// Every running device, in creation order.
-    public func all() -> [ManagedDevice] { registry.allRunning() }
+    public func all() -> [DeviceParts] { registry.allRunning() }
 
     /// Where device `id` is in its life; nil when there is none.
     public func lifecycle(_ id: String) -> DeviceLifecycle? { registry.lifecycle(id) }
@@ -133,10 +135,10 @@ public final class Devices: Sendable {
     /// being deleted holds the id or the socket, the create waits until it is
     /// gone and then proceeds (or is refused through `done`), on the teardown thread.
     public func create(_ requested: DeviceConfig, persist: Bool = true,
-                       then done: @escaping @Sendable (Result<ManagedDevice, DevicesError>) -> Void) throws(DevicesError) {
+                       then done: @escaping @Sendable (Result<DeviceParts, DeviceServiceError>) -> Void) throws(DeviceServiceError) {
         let retry: @Sendable () -> Void = { [self] in
             teardown.run { [self] in
-                do throws(DevicesError) { try create(requested, persist: persist, then: done) } catch { done(.failure(error)) }
+                do throws(DeviceServiceError) { try create(requested, persist: persist, then: done) } catch { done(.failure(error)) }
             }
         }
         guard let (d, saved) = try make(requested, persist: persist, retry: retry) else { return }
@@ -146,7 +148,7 @@ public final class Devices: Sendable {
     /// Creates a device with its parts and returns it without waiting for the
     /// state file (start-up, tests). Waits, on the caller's thread, when a
     /// device being deleted holds the id or the socket: not for request threads.
-    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DevicesError) -> ManagedDevice {
+    public func create(_ requested: DeviceConfig, persist: Bool = true) throws(DeviceServiceError) -> DeviceParts {
         while true {
             let gone = WakeSignal()
             if let (d, _) = try make(requested, persist: persist, retry: { gone.signal() }) { return d }
@@ -160,18 +162,18 @@ public final class Devices: Sendable {
     /// device), the TAP, the engine's device, its miss logger, the front-end
     /// started on it; `persist`: recorded in the configuration.
     private func make(_ requested: DeviceConfig, persist: Bool, retry: @escaping @Sendable () -> Void)
-        throws(DevicesError) -> (device: ManagedDevice, saved: SaveTicket)? {
+        throws(DeviceServiceError) -> (device: DeviceParts, saved: SaveTicket)? {
         var config = requested
         if let given = config.vhostUserSocket { config.vhostUserSocket = try sockets.resolve(given) }
         guard case .reserved(let id) = try registry.reserve(config, retry: retry) else { return nil }
         config.id = id
-        let made: ManagedDevice
-        do throws(DevicesError) { made = try makeParts(config) } catch {
+        let made: DeviceParts
+        do throws(DeviceServiceError) { made = try makeParts(config) } catch {
             registry.release(id)
             throw error
         }
         let version: UInt64?
-        do throws(DevicesError) { version = try registry.started(made, record: persist ? DeviceRecord(config: made.config) : nil) } catch {
+        do throws(DeviceServiceError) { version = try registry.started(made, record: persist ? ConfiguredDevice(config: made.config) : nil) } catch {
             made.frontEnd?.stop()
             _ = engine.deleteDevice(id) {}
             registry.release(id)
@@ -181,7 +183,7 @@ public final class Devices: Sendable {
     }
 
     /// The parts of a device whose id and socket are reserved.
-    private func makeParts(_ config: DeviceConfig) throws(DevicesError) -> ManagedDevice {
+    private func makeParts(_ config: DeviceConfig) throws(DeviceServiceError) -> DeviceParts {
         var frontEnd: VhostUserBackend?
         if let path = config.vhostUserSocket {
             do throws(VhostUserSetupError) {
@@ -215,7 +217,7 @@ public final class Devices: Sendable {
                 logger.info("\(line)", metadata: ["device": "\(id)"])
             }
         }
-        return ManagedDevice(handle: h, frontEnd: frontEnd, missLogger: missLogger)
+        return DeviceParts(handle: h, frontEnd: frontEnd, missLogger: missLogger)
     }
 
     /// Deletes running device `id` with its parts, on the teardown thread: its
@@ -224,7 +226,7 @@ public final class Devices: Sendable {
     /// engine drops the device, answering its waiting long-polls; then its id
     /// and socket are free. Throws `.notFound` at once (none, or one being
     /// created or deleted); `done` runs once it is gone and the state file says so.
-    public func delete(_ id: String, then done: @escaping @Sendable (Result<Void, DevicesError>) -> Void) throws(DevicesError) {
+    public func delete(_ id: String, then done: @escaping @Sendable (Result<Void, DeviceServiceError>) -> Void) throws(DeviceServiceError) {
         guard let d = registry.beginDelete(id) else { throw .notFound(id: id) }
         let (engine, store, registry, teardown, logger) = (self.engine, self.store, self.registry, self.teardown, self.logger)
         teardown.run {

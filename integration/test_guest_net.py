@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The busybox guest on a network through iotlbd's ports (issue 20): a TAP port
-in a network namespace the test makes (tests/netns.py: no default route, no
+in a network namespace the test makes (integration/netns.py: no default route, no
 link out, 10.77.0.0/24 inside only), iotlbd itself running in that namespace
-(tests/nsdaemon.py: its API on a Unix socket), QEMU's guest on the device's
-vhost-user socket (tests/guestnet.py, scripts/qemu-guest/run.sh):
+(integration/nsdaemon.py: its API on a Unix socket), QEMU's guest on the device's
+vhost-user socket (integration/guestnet.py, scripts/qemu-guest/run.sh):
 
 - the guest pings the TAP's address;
 - it sends a 50 MiB TCP stream to a receiver in the namespace, which checks the

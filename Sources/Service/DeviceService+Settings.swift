@@ -5,10 +5,10 @@
 import IOTLB
 import Vhost
 
-extension Devices {
+extension DeviceService {
     /// Replaces `d`'s memory table; `done` gets it (or the engine's refusal)
     /// once the state file holds it.
-    public func setMemTable(_ regions: [MemoryRegion], on d: ManagedDevice,
+    public func setMemTable(_ regions: [MemoryRegion], on d: DeviceParts,
                             then done: @escaping @Sendable (Result<MemoryTable, EngineError>) -> Void) {
         let (store, registry, id) = (self.store, self.registry, d.id)
         d.handle.perform({ dev -> Result<MemoryTable, EngineError> in
@@ -22,7 +22,7 @@ extension Devices {
 
     /// Sets vring `n` of `d`; `done` gets its state (or the engine's refusal)
     /// once the state file holds it.
-    public func setVring(_ n: Int, _ c: VringConfig, on d: ManagedDevice,
+    public func setVring(_ n: Int, _ c: VringConfig, on d: DeviceParts,
                          then done: @escaping @Sendable (Result<VringSnapshot, EngineError>) -> Void) {
         let (store, registry, id) = (self.store, self.registry, d.id)
         d.handle.perform({ dev -> Result<VringSnapshot, EngineError> in

@@ -3,15 +3,15 @@ import Guest
 import Platform
 import Vhost
 
-extension Devices {
+extension DeviceService {
     /// Starts a built-in guest on `d`. Refused at once when one is starting or
     /// running there; `done` gets the workload once its memory, rings and
     /// mappings are set up, or why they could not be (on the guest's thread).
     /// The configuration records it when it started.
-    public func startWorkload(_ c: WorkloadConfig, on d: ManagedDevice,
-                       then done: @escaping @Sendable (Result<Workload, DevicesError>) -> Void) throws(DevicesError) {
+    public func startWorkload(_ c: WorkloadConfig, on d: DeviceParts,
+                       then done: @escaping @Sendable (Result<Workload, DeviceServiceError>) -> Void) throws(DeviceServiceError) {
         let id = d.id
-        let refusal = d.workloadSlot.withLock { s -> DevicesError? in
+        let refusal = d.workloadSlot.withLock { s -> DeviceServiceError? in
             if s.deleted { return .notFound(id: id) }
             if s.starting || s.current?.stats.state.isActive == true { return .workloadBusy(id: id) }
             s.starting = true
@@ -48,8 +48,8 @@ extension Devices {
     /// Stops `d`'s built-in guest and forgets it; `done` gets it with its final
     /// figures. Refused at once when it has none. Joins the guest's thread on
     /// the teardown thread, not the caller's.
-    public func stopWorkload(on d: ManagedDevice,
-                      then done: @escaping @Sendable (Result<(Workload, WorkloadStats), DevicesError>) -> Void) throws(DevicesError) {
+    public func stopWorkload(on d: DeviceParts,
+                      then done: @escaping @Sendable (Result<(Workload, WorkloadStats), DeviceServiceError>) -> Void) throws(DeviceServiceError) {
         let id = d.id
         guard d.workload != nil else { throw .noWorkload(id: id) }
         let (store, registry) = (self.store, self.registry)
@@ -66,8 +66,8 @@ extension Devices {
 
     /// Starts a built-in guest on `d` and waits until it is set up (start-up
     /// only: a configuration's workloads, before the server listens).
-    public func startWorkloadAndWait(_ c: WorkloadConfig, on d: ManagedDevice) throws(DevicesError) -> Workload {
-        let outcome = Locked<Result<Workload, DevicesError>?>(nil)
+    public func startWorkloadAndWait(_ c: WorkloadConfig, on d: DeviceParts) throws(DeviceServiceError) -> Workload {
+        let outcome = Locked<Result<Workload, DeviceServiceError>?>(nil)
         let ready = WakeSignal()
         try startWorkload(c, on: d) { r in
             outcome.withLock { $0 = r }

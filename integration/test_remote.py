@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -22,19 +21,12 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tlspki import PKI  # noqa: E402
+from iotlbtest import IOTLBD, ROOT, free_port, wait_listening  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IOTLBD = os.environ.get("IOTLBD", os.path.join(ROOT, ".build", "debug", "iotlbd"))
 TOKENS = {"read": "r3ad-t0ken-5ecret-0001", "translate": "tr4nslate-t0ken-5ecret-0002", "admin": "adm1n-t0ken-5ecret-0003"}
 SCOPES = ["read", "translate", "admin"]
 MEM = {"regions": [{"guest_phys_addr": 0, "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}]}
 RING = {"num": 256, "desc_addr": "0x800000", "avail_addr": "0x801000", "used_addr": "0x802000"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setUpModule():
@@ -92,17 +84,10 @@ class Daemon:
                 argv += ["--tls-client-ca", CA[0]]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log)
-        deadline = time.time() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"iotlbd exited ({self.proc.returncode}): {self.log_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise AssertionError("iotlbd did not listen: " + self.log_text())
-                time.sleep(0.05)
+        try:
+            wait_listening(self.port, self.proc, 15, self.log_text)
+        except RuntimeError as e:
+            raise AssertionError(str(e))
         self.scheme = "https" if tls else "http"
 
     def log_text(self):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the README's "Remote orchestrators" section, as written.
 
-  python3 tests/readme_remote.py IOTLBD README.md
+  python3 integration/readme_remote.py IOTLBD README.md
 
 The section's ```sh and ```console remote blocks run in order in one bash
 session (set -e), in a scratch directory, with the daemon binary first on
@@ -16,13 +16,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import ROOT, free_port, wait_listening  # noqa: E402
+
 SECTION = "## Remote orchestrators"
 
 
@@ -58,12 +59,6 @@ def same(expected, got):
         return json.loads(expected) == json.loads(got)
     except ValueError:
         return expected.strip() == got.strip()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Session:
@@ -122,16 +117,11 @@ def main():
                 if status != 0:
                     print(f"FAILED ({status}): {step[1]}")
                     return 1
-                deadline = time.time() + 15
-                while True:
-                    try:
-                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                        break
-                    except OSError:
-                        if time.time() > deadline:
-                            print("the daemon did not listen")
-                            return 1
-                        time.sleep(0.05)
+                try:
+                    wait_listening(port)
+                except RuntimeError:
+                    print("the daemon did not listen")
+                    return 1
                 continue
             _, cmd, expected = step
             status, got = session.run(cmd.replace("8443", str(port)), timeout=120)

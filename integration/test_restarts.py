@@ -24,7 +24,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import IOTLBD, ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import IOTLBD, ROOT, Daemon, free_port  # noqa: E402
 
 
 def curl_unix(path, method, url_path, body=None):

@@ -23,7 +23,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import Daemon  # noqa: E402
+from iotlbtest import Daemon  # noqa: E402
 
 TESTPMD = shutil.which("dpdk-testpmd")
 PAGES_NEEDED = 256  # 512 MiB: testpmd's memory with room to spare

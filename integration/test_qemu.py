@@ -26,7 +26,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_examples import ROOT, Daemon  # noqa: E402
+from iotlbtest import ROOT, Daemon  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 QEMU_TIMEOUT = 60    # seconds per boot; one takes 8–30 s here

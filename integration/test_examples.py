@@ -3,10 +3,8 @@
 promtool on /metrics and on examples/prometheus.yml, the OpenAPI document,
 SIGTERM. Run by `make test` (stdlib unittest; needs promtool and
 openapi-spec-validator, which the Makefile installs)."""
-import json
 import os
 import signal
-import socket
 import subprocess
 import shutil
 import sys
@@ -15,64 +13,8 @@ import time
 import unittest
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IOTLBD = os.environ.get("IOTLBD", os.path.join(ROOT, ".build", "debug", "iotlbd"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    def __init__(self, *extra, port=None, cwd=None, log=None, log_level="warning"):
-        """`log`: a file for the daemon's output (default: inherited)."""
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", log_level, *extra],
-                                     cwd=cwd, stdout=log, stderr=log)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("iotlbd did not start")
-
-    def call(self, method, path, body=None, timeout=30):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-                return r.status, (json.loads(raw) if raw and r.headers.get_content_type() == "application/json" else raw)
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-
-    def vhost_user_device(self, name, iotlb, directory):
-        """Creates device `name` serving the vhost-user socket DIRECTORY/NAME.sock
-        (DIRECTORY: the daemon's --vhost-user-dir); returns the socket's path."""
-        sock = os.path.join(directory, name + ".sock")
-        status, dev = self.call("POST", "/v1/devices", {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
-        if status != 201:
-            raise AssertionError(f"creating {name}: {status} {dev}")
-        return sock
-
-    def wait_done(self, device, timeout=60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status, w = self.call("GET", f"/v1/devices/{device}/workload")
-            if status == 200 and w["state"] == "done":
-                return w
-            time.sleep(0.05)
-        raise AssertionError(f"workload on {device} not done: {w}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import IOTLBD, ROOT, Daemon, free_port  # noqa: E402,F401
 
 
 class Examples(unittest.TestCase):
@@ -176,7 +118,7 @@ class Examples(unittest.TestCase):
 
     def test_schemathesis_finds_no_server_errors_and_answers_conform(self):
         """Schema-driven fuzzing of every operation but the long-poll (its waits outlast
-        the fuzzer's request time-out; tests/ControlPlaneTests cover it): no 5xx, status
+        the fuzzer's request time-out; Tests/ControlPlaneTests cover it): no 5xx, status
         codes, content types, bodies and headers as documented, invalid input refused,
         auth enforced. Bounded and seeded."""
         tok = os.path.join(ROOT, ".build", "fuzz-token")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DPDK's virtio-user (dpdk-testpmd, a driver no one here wrote) through a TAP
-port of iotlbd, in a network namespace the test makes (tests/netns.py: no
-route out; iotlbd runs inside, its API on a Unix socket, tests/nsdaemon.py):
+port of iotlbd, in a network namespace the test makes (integration/netns.py: no
+route out; iotlbd runs inside, its API on a Unix socket, integration/nsdaemon.py):
 
 - TX: frames from a pcap file go out of testpmd's virtio-user port, through
   iotlbd, into the TAP, where tcpdump in the namespace captures them: the same

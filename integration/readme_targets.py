@@ -2,7 +2,7 @@
 """The README's target table and picture against Package.swift, and every
 target's imports against what Package.swift declares for it.
 
-  python3 tests/readme_targets.py [README.md]
+  python3 integration/readme_targets.py [README.md]
 
 Reads the manifest with `swift package dump-package`. Fails (exit 1) naming
 each difference: a target missing from the table or the picture, a

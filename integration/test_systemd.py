@@ -33,17 +33,13 @@ import time
 import unittest
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import ROOT, free_port, wait_listening  # noqa: E402
+
 PREFIX = "/usr/local"
 UNIT_SOURCE = os.path.join(ROOT, "examples", "systemd", "iotlbd.service")
 TLS_DROPIN = os.path.join(ROOT, "examples", "systemd", "iotlbd-tls.conf")
 MAX_EXPOSURE = 2.5
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make(*args, timeout=1200):
@@ -396,17 +392,10 @@ class Installed(unittest.TestCase):
                 return e.code, json.loads(e.read())
 
         try:
-            deadline = time.time() + 10
-            while True:
-                if proc.poll() is not None:
-                    self.fail(f"iotlbd exited at start-up ({proc.returncode}): {log_text()}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        self.fail("iotlbd did not listen: " + log_text())
-                    time.sleep(0.05)
+            try:
+                wait_listening(port, proc, 10, log_text)
+            except RuntimeError as e:
+                self.fail(str(e))
             self.assertEqual(call("GET", "/healthz"), (200, {"status": "ok"}))
             # The built-in guest: guest memory, rings, datapath and guest threads, IOTLB misses.
             self.assertEqual(call("POST", "/v1/devices", {"id": "g0"})[0], 201)
@@ -536,16 +525,10 @@ class TLSDropIn(unittest.TestCase):
             return json.loads(out.stdout) if out.stdout else out.returncode
 
         try:
-            deadline = time.time() + 10
-            while True:
-                with open(log_path) as f:
-                    self.assertIsNone(proc.poll(), f.read())
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    self.assertLess(time.time(), deadline)
-                    time.sleep(0.05)
+            try:
+                wait_listening(port, proc, 10, lambda: open(log_path).read())
+            except RuntimeError as e:
+                self.fail(str(e))
             url = f"https://127.0.0.1:{port}"
             self.assertEqual(curl(url + "/healthz"), {"status": "ok"})
             self.assertEqual(curl("--cert", client[0], "--key", client[1], url + "/v1/devices"), {"devices": []})

@@ -15,15 +15,15 @@ let testSocketDirectory: String = {
     return dir
 }()
 
-@Suite struct DevicesTests {
+@Suite struct DeviceServiceTests {
     /// The devices service over a fresh engine, recording in memory only.
     final class Fixture: Sendable {
         let engine = Engine(datapathThreads: 1)
         let store = ConfigStore(stateFile: nil, logger: Logger(label: "service-tests"))
-        let devices: Devices
+        let devices: DeviceService
 
         init() {
-            devices = Devices(engine: engine, store: store,
+            devices = DeviceService(engine: engine, store: store,
                               sockets: VhostUserSockets(resolvedDirectory: testSocketDirectory),
                               logger: Logger(label: "service-tests"))
         }
@@ -34,14 +34,14 @@ let testSocketDirectory: String = {
         }
 
         /// Starts a guest sending until stopped and waits until it runs.
-        func startWorkload(on d: ManagedDevice) throws(DevicesError) -> Workload {
+        func startWorkload(on d: DeviceParts) throws(DeviceServiceError) -> Workload {
             try devices.startWorkloadAndWait(WorkloadConfig(), on: d)
         }
 
         /// Deletes `id` and waits until the engine dropped it.
-        func delete(_ id: String) throws(DevicesError) {
+        func delete(_ id: String) throws(DeviceServiceError) {
             let gone = WakeSignal()
-            let result = Locked<Result<Void, DevicesError>?>(nil)
+            let result = Locked<Result<Void, DeviceServiceError>?>(nil)
             try devices.delete(id) { r in
                 result.withLock { $0 = r }
                 gone.signal()
@@ -83,16 +83,16 @@ let testSocketDirectory: String = {
         #expect(f.devices.device("vu") == nil && f.engine.device("vu") == nil)
         #expect(f.recorded.isEmpty && f.devices.all().isEmpty)
 
-        #expect(throws: DevicesError.self) { try f.delete("g") }
+        #expect(throws: DeviceServiceError.self) { try f.delete("g") }
         // A stale reference cannot start a guest on a deleted device.
-        #expect(throws: DevicesError.self) { _ = try f.startWorkload(on: guest) }
+        #expect(throws: DeviceServiceError.self) { _ = try f.startWorkload(on: guest) }
     }
 
     @Test func oneWorkloadAtATimeAndStopForgetsIt() throws {
         let f = Fixture()
         let d = try f.devices.create(DeviceConfig(id: "w"))
         let w = try f.startWorkload(on: d)
-        do throws(DevicesError) {
+        do throws(DeviceServiceError) {
             _ = try f.startWorkload(on: d)
             Issue.record("a second workload started")
         } catch {
@@ -105,7 +105,7 @@ let testSocketDirectory: String = {
         }
         #expect(stopped.wait(timeoutNanos: 10_000_000_000))
         #expect(w.stats.state == .stopped && d.workload == nil)
-        #expect(throws: DevicesError.self) { try f.devices.stopWorkload(on: d) { _ in } }
+        #expect(throws: DeviceServiceError.self) { try f.devices.stopWorkload(on: d) { _ in } }
         // The device is free again.
         #expect(try f.startWorkload(on: d).stats.state == .running)
     }
@@ -123,7 +123,7 @@ let testSocketDirectory: String = {
         f.devices.shutdown()
         #expect(workload.stats.state == .stopped && guest.workload == nil)
         #expect(access(path, F_OK) != 0, "a server socket is removed")
-        do throws(DevicesError) {
+        do throws(DeviceServiceError) {
             _ = try f.devices.create(DeviceConfig(id: "late"))
             Issue.record("a device was created after shutdown")
         } catch {
@@ -136,8 +136,8 @@ let testSocketDirectory: String = {
         let f = Fixture()
         let taken = Self.socketPath("taken")
         _ = try f.devices.create(DeviceConfig(id: "a", vhostUserSocket: taken))
-        func refusal(_ c: DeviceConfig) -> DevicesError? {
-            do throws(DevicesError) { _ = try f.devices.create(c) } catch { return error }
+        func refusal(_ c: DeviceConfig) -> DeviceServiceError? {
+            do throws(DeviceServiceError) { _ = try f.devices.create(c) } catch { return error }
             return nil
         }
         guard case .exists(let id)? = refusal(DeviceConfig(id: "a")) else {

@@ -1,0 +1,82 @@
+"""What the integration tests share: where the tree and the daemon are, a
+free port, waiting for a daemon to listen, and `Daemon` (iotlbd on a loopback
+port, driven over HTTP). The network tests add netns.py and nsdaemon.py, the
+TLS ones tlspki.py. Stdlib only."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IOTLBD = os.environ.get("IOTLBD", os.path.join(ROOT, ".build", "debug", "iotlbd"))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc=None, timeout=15, log=lambda: ""):
+    """Waits until something accepts connections on 127.0.0.1:PORT. Raises
+    RuntimeError, with `log()` appended, when PROC exits first or TIMEOUT
+    seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"iotlbd exited ({proc.returncode}): {log()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError("iotlbd did not listen: " + log())
+            time.sleep(0.05)
+
+
+class Daemon:
+    def __init__(self, *extra, port=None, cwd=None, log=None, log_level="warning"):
+        """`log`: a file for the daemon's output (default: inherited)."""
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", log_level, *extra],
+                                     cwd=cwd, stdout=log, stderr=log)
+        wait_listening(self.port, self.proc, timeout=10)
+
+    def call(self, method, path, body=None, timeout=30):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw and r.headers.get_content_type() == "application/json" else raw)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+    def vhost_user_device(self, name, iotlb, directory):
+        """Creates device `name` serving the vhost-user socket DIRECTORY/NAME.sock
+        (DIRECTORY: the daemon's --vhost-user-dir); returns the socket's path."""
+        sock = os.path.join(directory, name + ".sock")
+        status, dev = self.call("POST", "/v1/devices", {"id": name, "iotlb": iotlb, "vhost_user": {"socket": sock}})
+        if status != 201:
+            raise AssertionError(f"creating {name}: {status} {dev}")
+        return sock
+
+    def wait_done(self, device, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status, w = self.call("GET", f"/v1/devices/{device}/workload")
+            if status == 200 and w["state"] == "done":
+                return w
+            time.sleep(0.05)
+        raise AssertionError(f"workload on {device} not done: {w}")
