@@ -359,7 +359,8 @@ class QemuMigration(unittest.TestCase):
         # rings reaches QEMU after: benign, as in integration/test_qemu.py).
         qemu_errors = [line for con in self.consoles for line in con.text().splitlines()
                        if line.startswith("qemu-system-x86_64:") and "Unexpected IOTLB message when virtio device is stopped" not in line]
-        self.assertEqual(qemu_errors, [], "QEMU reported errors")
+        self.assertEqual(qemu_errors, [], "QEMU reported errors; IOTLB stats: " +
+                         json.dumps({s.name: s.stats() for s in self.sides}))
         for s in self.sides:
             dev = s.device()
             self.assertEqual(dev["dirty_log"]["faults"], 0, dev["dirty_log"])

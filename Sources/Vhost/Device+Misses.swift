@@ -9,8 +9,8 @@ extension Device {
     /// translates with the permission it needs; returns how many. A queue
     /// whose miss is still unresolved announces it again with a fresh seq (as
     /// the kernel's vq sends its miss again) when `answerMayBeLost(iova)`: the
-    /// batch evicted or replaced entries (the answer may be among them) or
-    /// mapped the IOVA with too little permission. A reader that only asks past
+    /// batch named the IOVA yet it does not translate (evicted or replaced in
+    /// the same batch, or too little permission). A reader that only asks past
     /// its last seq then sees the miss once more; unrelated updates (another
     /// queue's answer) do not repeat it.
     func resolveMisses(answerMayBeLost: (IOVA) -> Bool) -> Int {

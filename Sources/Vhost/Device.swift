@@ -269,10 +269,12 @@ public final class Device {
         counters.updates += UInt64(report.applied)
         counters.evictions += UInt64(report.evicted)
         report.entries = iotlb.count
-        // An answer is lost when the batch removed entries (its own answer may be
-        // among them) or granted the missed IOVA too little permission.
-        let lossy = report.evicted > 0 || report.replaced > 0
-        report.resolvedMisses = resolveMisses { iova in lossy || entries.contains { $0.range.contains(iova) } }
+        // A queue still waiting although this batch named its IOVA lost its answer
+        // (evicted or replaced within the batch, or too little permission). Any
+        // other waiting queue's answer has not come yet: an earlier batch's would
+        // have resumed it. Announcing that one again would only send the front-end
+        // a duplicate, which it may walk after the guest unmapped the buffer.
+        report.resolvedMisses = resolveMisses { iova in entries.contains { $0.range.contains(iova) } }
         return report
     }
 

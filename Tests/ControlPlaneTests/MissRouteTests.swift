@@ -75,6 +75,27 @@ import JSON
         #expect(misses(try d.expect(200, "GET", "/v1/devices/r/iotlb/misses")).isEmpty)
     }
 
+    /// An update that evicts entries but does not name a waiting queue's IOVA
+    /// cannot have lost its answer: the miss is not sent again (a duplicate the
+    /// front-end might walk after the guest unmapped the buffer).
+    @Test func unrelatedEvictionDoesNotAnnounceAgain() throws {
+        let d = try LiveDaemon()
+        try d.deviceWithMemory("u", extra: #","translator":"external","iotlb_max_entries":1"#)
+        let desc: UInt64 = 0x20000
+        _ = try d.expect(200, "PUT", "/v1/devices/u/vrings/1",
+                         #"{"num":16,"desc_addr":"\#(hexText(desc + Self.off))","avail_addr":"\#(hexText(desc + 0x1000 + Self.off))","used_addr":"\#(hexText(desc + 0x2000 + Self.off))"}"#)
+        let first = misses(try d.expect(200, "GET", "/v1/devices/u/iotlb/misses?after=0&timeout_ms=1000"))
+        guard case .int(let seq)? = first.first?["seq"] else { Issue.record("no miss"); return }
+        let rep = try d.expect(200, "POST", "/v1/devices/u/iotlb/updates", #"""
+            {"entries":[{"iova":"0x900000000","size":4096,"uaddr":"0x7f0000100000","perm":"rw"},
+                        {"iova":"0x900001000","size":4096,"uaddr":"0x7f0000101000","perm":"rw"}]}
+            """#)
+        #expect(rep["evicted"] == 1 && rep["resolved_misses"] == 0)
+        #expect(misses(try d.expect(200, "GET", "/v1/devices/u/iotlb/misses?after=\(seq)&timeout_ms=200")).isEmpty)
+        #expect(try d.expect(200, "GET", "/v1/devices/u/iotlb/stats")["reannounced_misses"] == 0)
+        #expect(try d.expect(200, "GET", "/v1/devices/u/vrings/1")["state"] == "waiting_iotlb")
+    }
+
     @Test func vringValidation() throws {
         let d = try LiveDaemon()
         try d.deviceWithMemory("v")
