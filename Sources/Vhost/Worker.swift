@@ -75,6 +75,7 @@ public final class DatapathWorker: @unchecked Sendable {
     deinit {
         polled.pointee.sleepFDs.deallocate()
         polled.pointee.devices.deallocate()
+        polled.deinitialize(count: 1)  // the spare command array's buffer
         polled.deallocate()
     }
 
