@@ -12,6 +12,8 @@ and writes PNGs under --out (default bench/charts):
   dynamic-mappings.png on/off ratio for static, dynamic and dynamic eager mappings (log scale)
   dpdk-vhost-user.png  one DPDK virtio-user front-end against DPDK's net_vhost and iotlbd (IOTLB off, on)
   dpdk-loopback.png    DPDK's vhost-user loopback against iotlbd's built-in guest (when its JSON exists)
+  dpdk-vhost-user-packed.png  the same with packed rings (vhost-user-side-by-side-packed.json, optional)
+  network-ports.png    TAP TX, TAP RX and guest to guest against DPDK (tap-/peer-side-by-side.json, optional)
   iotlb-size.png       dynamic 4 KiB mappings: Mpps against iotlb_max_entries, and the fraction of 2048's
 
 A chart whose input is missing is skipped with a message saying which file and
@@ -50,6 +52,10 @@ MAKES = {
     "vhost-user-side-by-side.json": "scripts/vhost-user-side-by-side.sh --json bench/results/vhost-user-side-by-side.json "
                                     "4 5 \"64 1518\"",
     "dpdk-side-by-side.json": "scripts/dpdk-side-by-side.sh --json bench/results/dpdk-side-by-side.json 3 5 \"64 1500\"",
+    "vhost-user-side-by-side-packed.json": "RING=packed scripts/vhost-user-side-by-side.sh --json "
+                                           "bench/results/vhost-user-side-by-side-packed.json 4 5 \"64 1518\"",
+    "tap-side-by-side.json": "scripts/tap-side-by-side.py --rounds 3 --seconds 4 --json bench/results/tap-side-by-side.json",
+    "peer-side-by-side.json": "scripts/peer-side-by-side.sh --json bench/results/peer-side-by-side.json 3 4 \"64 1518\"",
     "pressure.json": ".build/release/iotlb-bench pressure --repeats 3 --json bench/results/pressure.json",
 }
 
@@ -220,8 +226,8 @@ def col(rows, key, frame_key, frame):
     return [(r.get("round"), r.get(key)) for r in rows if r.get(frame_key) == frame]
 
 
-def chart_vhost_user(results, out):
-    doc = load(results, "vhost-user-side-by-side.json")
+def chart_vhost_user(results, out, name="vhost-user-side-by-side.json", png="dpdk-vhost-user.png", ring="split"):
+    doc = load(results, name, required=ring == "split")
     if doc is None:
         return None
     rows = doc["rows"]
@@ -260,7 +266,8 @@ def chart_vhost_user(results, out):
         ax.grid(axis="y", alpha=0.3)
     # Title and legend above the panels, placed by hand (tight_layout leaves figure legends alone).
     h = fig.get_figheight()
-    fig.text(0.5, 1 - 0.08 / h, "The same DPDK virtio-user front-end (dpdk-testpmd) against three vhost-user backends\n"
+    fig.text(0.5, 1 - 0.08 / h, f"The same DPDK virtio-user front-end (dpdk-testpmd, {ring} rings) against three vhost-user "
+             "backends\n"
              "bottom, per-round ratios: bar = median, dots = rounds, line = min–max", ha="center", va="top", fontsize=11)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.55 / h), ncol=len(backends), fontsize=8,
@@ -268,7 +275,65 @@ def chart_vhost_user(results, out):
     m = doc.get("meta", {})
     extra = (f"DPDK {m.get('dpdk_version', '?')}; DPDK runs repeated after a lost tx-first burst: "
              f"{m.get('dpdk_retries', '?')}; n/a: no figure after 3 attempts")
-    return finish(fig, out, "dpdk-vhost-user.png", footnote(fig, [doc], extra), top=1 - 0.85 / fig.get_figheight())
+    return finish(fig, out, png, footnote(fig, [doc], extra), top=1 - 0.85 / fig.get_figheight())
+
+
+def chart_vhost_user_packed(results, out):
+    return chart_vhost_user(results, out, "vhost-user-side-by-side-packed.json", "dpdk-vhost-user-packed.png", "packed")
+
+
+def chart_ports(results, out):
+    """Network ports (issue 20): TX into a TAP, RX from it, and guest to guest (peer ports), each side's
+    per-round Mpps (dots) and median (bar), DPDK's anchor beside iotlbd with the IOTLB off and on."""
+    tap = load(results, "tap-side-by-side.json", required=False)
+    peer = load(results, "peer-side-by-side.json", required=False)
+    panels = []
+    if tap is not None:
+        for direction, key, what in [("tx", "ns_rx_mpps", "TX: virtio-user → back-end → TAP\n(frames counted on the TAP)"),
+                                     ("rx", "frontend_rx_mpps", "RX: trafgen → TAP → back-end → virtio-user\n"
+                                                                "(generator-bound)")]:
+            rows = [r for r in tap["rows"] if r.get("direction") == direction]
+            by = {}
+            for r in rows:
+                if r.get(key) is not None:
+                    by.setdefault(r["frame_size"], {}).setdefault(r["side"], []).append(r[key])
+            panels.append((what, by, ["dpdk", "iotlbd-off", "iotlbd-on"]))
+    if peer is not None:
+        by = {}
+        for r in peer["rows"]:
+            for side, key in [("dpdk", "dpdk_mpps"), ("iotlbd-off", "iotlbd_off_mpps"), ("iotlbd-on", "iotlbd_on_mpps")]:
+                if r.get(key):
+                    by.setdefault(r["frame_size"], {}).setdefault(side, []).append(r[key])
+        panels.append(("Guest to guest: two virtio-user ports\nwired by the back-end", by, ["dpdk", "iotlbd-off", "iotlbd-on"]))
+    if not panels:
+        return None
+    labels = {"dpdk": "DPDK 22.11 (net_vhost → net_tap / io-fwd)", "iotlbd-off": "iotlbd, IOTLB off",
+              "iotlbd-on": "iotlbd, IOTLB on"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.2), squeeze=False)
+    for ax, (title, by, sides) in zip(axes[0], panels):
+        frames = sorted(by)
+        w = 0.8 / len(sides)
+        for j, side in enumerate(sides):
+            for i, frame in enumerate(frames):
+                vals = by[frame].get(side, [])
+                if not vals:
+                    continue
+                x = i + (j - (len(sides) - 1) / 2) * w
+                ax.bar([x], [statistics.median(vals)], width=w * 0.9, color=COLORS[j],
+                       label=labels[side] if i == 0 else None, alpha=0.85)
+                ax.scatter([x] * len(vals), vals, s=10, color="#222222", zorder=3)
+                ax.annotate(f"{statistics.median(vals):.2f}", (x, statistics.median(vals)), xytext=(0, 2),
+                            textcoords="offset points", ha="center", fontsize=7)
+        ax.set_xticks(range(len(frames)), [f"{f} B" for f in frames])
+        ax.set_ylabel("Mpps")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles, lbls = axes[0][0].get_legend_handles_labels()
+    h = fig.get_figheight()
+    fig.legend(handles, lbls, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.08 / h), ncol=3, fontsize=8, frameon=False)
+    n = footnote(fig, [d for d in (tap, peer) if d is not None],
+                 "Bars: medians of the rounds (sides alternated within each round); dots: every round.")
+    return finish(fig, out, "network-ports.png", n, top=1 - 0.45 / h)
 
 
 def chart_dpdk_loopback(results, out):
@@ -343,7 +408,8 @@ def chart_iotlb_size(results, out):
     return finish(fig, out, "iotlb-size.png", n)
 
 
-CHARTS = [chart_on_off, chart_dynamic, chart_vhost_user, chart_dpdk_loopback, chart_iotlb_size]
+CHARTS = [chart_on_off, chart_dynamic, chart_vhost_user, chart_vhost_user_packed, chart_ports, chart_dpdk_loopback,
+          chart_iotlb_size]
 
 
 def main(argv=None):
