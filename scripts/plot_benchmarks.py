@@ -39,6 +39,8 @@ try:
 except ImportError:  # pragma: no cover - said plainly, with the fix
     sys.exit("plot_benchmarks: matplotlib is missing; `make charts-deps` (or `python3 -m pip install matplotlib`) installs it")
 
+import plot_network  # noqa: E402 (after the backend is chosen)
+
 PAGE_ORDER = {"4k": 0, "2m": 1, "1g": 2}
 PAGE_LABEL = {"4k": "4 KiB", "2m": "2 MiB", "1g": "1 GiB"}
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
@@ -283,57 +285,7 @@ def chart_vhost_user_packed(results, out):
 
 
 def chart_ports(results, out):
-    """Network ports (issue 20): TX into a TAP, RX from it, and guest to guest (peer ports), each side's
-    per-round Mpps (dots) and median (bar), DPDK's anchor beside iotlbd with the IOTLB off and on."""
-    tap = load(results, "tap-side-by-side.json", required=False)
-    peer = load(results, "peer-side-by-side.json", required=False)
-    panels = []
-    if tap is not None:
-        for direction, key, what in [("tx", "ns_rx_mpps", "TX: virtio-user → back-end → TAP\n(frames counted on the TAP)"),
-                                     ("rx", "frontend_rx_mpps", "RX: trafgen → TAP → back-end → virtio-user\n"
-                                                                "(generator-bound)")]:
-            rows = [r for r in tap["rows"] if r.get("direction") == direction]
-            by = {}
-            for r in rows:
-                if r.get(key) is not None:
-                    by.setdefault(r["frame_size"], {}).setdefault(r["side"], []).append(r[key])
-            panels.append((what, by, ["dpdk", "iotlbd-off", "iotlbd-on"]))
-    if peer is not None:
-        by = {}
-        for r in peer["rows"]:
-            for side, key in [("dpdk", "dpdk_mpps"), ("iotlbd-off", "iotlbd_off_mpps"), ("iotlbd-on", "iotlbd_on_mpps")]:
-                if r.get(key):
-                    by.setdefault(r["frame_size"], {}).setdefault(side, []).append(r[key])
-        panels.append(("Guest to guest: two virtio-user ports\nwired by the back-end", by, ["dpdk", "iotlbd-off", "iotlbd-on"]))
-    if not panels:
-        return None
-    labels = {"dpdk": "DPDK 22.11 (net_vhost → net_tap / io-fwd)", "iotlbd-off": "iotlbd, IOTLB off",
-              "iotlbd-on": "iotlbd, IOTLB on"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.2), squeeze=False)
-    for ax, (title, by, sides) in zip(axes[0], panels):
-        frames = sorted(by)
-        w = 0.8 / len(sides)
-        for j, side in enumerate(sides):
-            for i, frame in enumerate(frames):
-                vals = by[frame].get(side, [])
-                if not vals:
-                    continue
-                x = i + (j - (len(sides) - 1) / 2) * w
-                ax.bar([x], [statistics.median(vals)], width=w * 0.9, color=COLORS[j],
-                       label=labels[side] if i == 0 else None, alpha=0.85)
-                ax.scatter([x] * len(vals), vals, s=10, color="#222222", zorder=3)
-                ax.annotate(f"{statistics.median(vals):.2f}", (x, statistics.median(vals)), xytext=(0, 2),
-                            textcoords="offset points", ha="center", fontsize=7)
-        ax.set_xticks(range(len(frames)), [f"{f} B" for f in frames])
-        ax.set_ylabel("Mpps")
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    handles, lbls = axes[0][0].get_legend_handles_labels()
-    h = fig.get_figheight()
-    fig.legend(handles, lbls, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.08 / h), ncol=3, fontsize=8, frameon=False)
-    n = footnote(fig, [d for d in (tap, peer) if d is not None],
-                 "Bars: medians of the rounds (sides alternated within each round); dots: every round.")
-    return finish(fig, out, "network-ports.png", n, top=1 - 0.45 / h)
+    return plot_network.chart_ports(results, out, sys.modules[__name__])
 
 
 def chart_dpdk_loopback(results, out):

@@ -23,10 +23,8 @@ final class GuestRun {
     let table: MemoryTable
     let iotlb: Bool
     let iommu: GuestIOMMU?
-    let rx: SplitRingDriver
-    let tx: SplitRingDriver
-    let rxBuffers: GuestPhysAddr
-    let txBuffers: GuestPhysAddr
+    let rx: SplitRingDriver, tx: SplitRingDriver
+    let rxBuffers: GuestPhysAddr, txBuffers: GuestPhysAddr
     let slot: Int
 
     /// The loop's own state.
