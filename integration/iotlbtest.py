@@ -1,12 +1,14 @@
 """What the integration tests share: where the tree and the daemon are, a
-free port, waiting for a daemon to listen, and `Daemon` (iotlbd on a loopback
-port, driven over HTTP). The network tests add netns.py and nsdaemon.py, the
+free port, waiting for a daemon to listen, `Daemon` (iotlbd on a loopback
+port, driven over HTTP) and `GuestConsole` (a QEMU guest's output). The network tests add netns.py and nsdaemon.py, the
 TLS ones tlspki.py. Stdlib only."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,3 +82,44 @@ class Daemon:
                 return w
             time.sleep(0.05)
         raise AssertionError(f"workload on {device} not done: {w}")
+
+
+# The QG counters line scripts/qemu-guest/init prints while it sends.
+GUEST_COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")
+
+
+class GuestConsole:
+    """QEMU's output (serial console and stderr), read by a thread; each line
+    kept with the host's monotonic time of its arrival."""
+
+    def __init__(self, proc, path):
+        self.lines = []  # (arrival, text)
+        self.lock = threading.Lock()
+        self.log = open(path, "w")
+        self.thread = threading.Thread(target=self.read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def read(self, stream):
+        for raw in iter(stream.readline, b""):
+            text = raw.decode(errors="replace").rstrip("\r\n")
+            with self.lock:
+                self.lines.append((time.monotonic(), text))
+            self.log.write(text + "\n")
+            self.log.flush()
+
+    def counters(self):
+        """[(arrival, {counter: value, "up": float})] of the QG counters lines."""
+        out = []
+        with self.lock:
+            lines = list(self.lines)
+        for t, text in lines:
+            m = GUEST_COUNTERS.match(text.strip())
+            if m:
+                c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
+                c["up"] = float(m.group(1))
+                out.append((t, c))
+        return out
+
+    def text(self):
+        with self.lock:
+            return "\n".join(t for _, t in self.lines)

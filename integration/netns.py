@@ -63,7 +63,8 @@ def _run(argv, check=True, **kw):
     return p
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
+    """Whether process `pid` exists (ours or not)."""
     try:
         os.kill(pid, 0)
         return True
@@ -89,7 +90,7 @@ def sweep():
     for line in p.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.match(re.escape(PREFIX) + r"(\d+)-", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _kill_ns_pids(name)
             _run([IP, "netns", "del", name], check=False)
 

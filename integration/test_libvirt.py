@@ -66,7 +66,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from guestnet import parse_console  # noqa: E402
-from netns import Netns, qgdata  # noqa: E402
+from netns import Netns, pid_alive, qgdata  # noqa: E402
 from nsdaemon import NsDaemon  # noqa: E402
 from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
 from test_qemu_restart import ERROR_COUNTERS, QEMU_BENIGN, QEMU_DISCONNECT_MESSAGES  # noqa: E402
@@ -117,16 +117,6 @@ def counters(text):
             c["up"] = float(m.group(1))
             out.append(c)
     return out
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def libvirt_section():

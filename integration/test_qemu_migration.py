@@ -33,61 +33,24 @@ logging. Figures are printed on stderr. About 2.5 minutes here.
 Run by `make test-qemu-migration` (part of `make test`)."""
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
 MEM_MB = 256
 FRAMES = 100           # frames per pktgen burst
-COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")
 DAMAGE = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", "rx_length_errors", "ip_InHdrErrors",
           "ip_InAddrErrors", "udp_InErrors", "udp_InCsumErrors")
-
-
-class Console:
-    """A QEMU's output, read by a thread: (host arrival time, line)."""
-
-    def __init__(self, proc, path):
-        self.lines, self.lock = [], threading.Lock()
-        self.log = open(path, "w")
-        self.thread = threading.Thread(target=self.read, args=(proc.stdout,), daemon=True)
-        self.thread.start()
-
-    def read(self, stream):
-        for raw in iter(stream.readline, b""):
-            text = raw.decode(errors="replace").rstrip("\r\n")
-            with self.lock:
-                self.lines.append((time.monotonic(), text))
-            self.log.write(text + "\n")
-            self.log.flush()
-
-    def counters(self):
-        out = []
-        with self.lock:
-            lines = list(self.lines)
-        for t, text in lines:
-            m = COUNTERS.match(text.strip())
-            if m:
-                c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
-                c["up"] = float(m.group(1))
-                out.append((t, c))
-        return out
-
-    def text(self):
-        with self.lock:
-            return "\n".join(t for _, t in self.lines)
 
 
 class QMP:

@@ -21,7 +21,6 @@ serial console; the lines come every ~0.5 s). Printed per restart and as
 medians. QEMU and every daemon are bounded in time and killed on failure.
 QG_RESTARTS=N (default 3) kills N times (the guest sends longer). Takes ~45 s.
 Run by `make test-qemu-restart` (part of `make test`)."""
-import json
 import os
 import re
 import shutil
@@ -29,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 RESTARTS = int(os.environ.get("QG_RESTARTS", "3"))
@@ -42,7 +40,6 @@ FRAMES = 200          # frames per pktgen burst
 TRAFFIC_BEFORE = 2.5  # seconds of traffic seen before each kill
 GUEST_SECONDS = 12 + 7 * RESTARTS  # how long the guest sends (from its /init)
 QEMU_TIMEOUT = GUEST_SECONDS + 60  # boot, traffic, power-off, on a busy machine
-COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")
 # What QEMU prints when its vhost-user back-end goes away (kill -9): the
 # messages in flight fail, the rings' state cannot be read back (QEMU then
 # takes the guest's used index as the base), IOTLB updates (answers to the
@@ -60,43 +57,6 @@ ERROR_COUNTERS = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", 
                   "rx_over_errors", "rx_missed_errors", "rx_nohandler", "rx_dropped",
                   "ip_InHdrErrors", "ip_InAddrErrors", "ip_InUnknownProtos", "ip_InDiscards",
                   "udp_InErrors", "udp_InCsumErrors")
-
-
-class Console:
-    """QEMU's output (serial console and stderr), read by a thread; each line
-    kept with the host's monotonic time of its arrival."""
-
-    def __init__(self, proc, path):
-        self.lines = []  # (arrival, text)
-        self.lock = threading.Lock()
-        self.log = open(path, "w")
-        self.thread = threading.Thread(target=self.read, args=(proc.stdout,), daemon=True)
-        self.thread.start()
-
-    def read(self, stream):
-        for raw in iter(stream.readline, b""):
-            text = raw.decode(errors="replace").rstrip("\r\n")
-            with self.lock:
-                self.lines.append((time.monotonic(), text))
-            self.log.write(text + "\n")
-            self.log.flush()
-
-    def counters(self):
-        """[(arrival, {counter: value, "up": float})] of the QG counters lines."""
-        out = []
-        with self.lock:
-            lines = list(self.lines)
-        for t, text in lines:
-            m = COUNTERS.match(text.strip())
-            if m:
-                c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
-                c["up"] = float(m.group(1))
-                out.append((t, c))
-        return out
-
-    def text(self):
-        with self.lock:
-            return "\n".join(t for _, t in self.lines)
 
 
 class QemuRestart(unittest.TestCase):
