@@ -84,6 +84,19 @@ class Daemon:
         raise AssertionError(f"workload on {device} not done: {w}")
 
 
+
+def wait_until(predicate, timeout, poll, failed, stop=lambda: False):
+    """predicate()'s first true value, polled every `poll` s; after `timeout`
+    s (or once stop() is true) calls failed(), which raises (a test's fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline or stop():
+            failed()
+        time.sleep(poll)
+
 # The QG counters line scripts/qemu-guest/init prints while it sends.
 GUEST_COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")
 

@@ -35,8 +35,6 @@ import json
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -46,7 +44,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "scripts", "qemu-guest"))
-import qgdata  # noqa: E402
+import qgdata  # noqa: E402,F401 (tests take it from here)
+from nscapture import Capture  # noqa: E402
 
 PREFIX = "iotlbt-"
 TEN = ipaddress.ip_network("10.0.0.0/8")
@@ -130,83 +129,6 @@ def parse_proc_net_dev(text):
         out[name.strip()] = {**{"rx_" + n: v[i] for i, n in enumerate(names)},
                              **{"tx_" + n: v[8 + i] for i, n in enumerate(tx)}}
     return out
-
-
-def read_pcap(path):
-    """[(original length, captured bytes)] of a pcap file (tcpdump -w)."""
-    out = []
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24:
-            return out
-        magic = struct.unpack("<I", head[:4])[0]
-        end = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
-        while True:
-            h = f.read(16)
-            if len(h) < 16:
-                return out
-            _, _, incl, orig = struct.unpack(end + "IIII", h)
-            out.append((orig, f.read(incl)))
-
-
-def ipv4_src(frame):
-    """The IPv4 source address of an Ethernet frame (None when not IPv4)."""
-    if len(frame) >= 34 and frame[12:14] == b"\x08\x00":
-        return socket.inet_ntoa(frame[26:30])
-    return None
-
-
-class Capture:
-    """tcpdump on an interface of the namespace, into a pcap file; `lengths` and
-    `frames` once stopped (the context manager stops it)."""
-
-    def __init__(self, ns, ifname, path, snaplen=128, direction=None, bpf=None):
-        self.ns, self.path = ns, path
-        argv = ["tcpdump", "-i", ifname, "-n", "-s", str(snaplen), "-U", "-w", path, "-Z", "root", "--immediate-mode"]
-        if direction:
-            argv += ["-Q", direction]  # in: frames the interface received (for a TAP: what its fd wrote)
-        if bpf:
-            argv += bpf.split()
-        self.err_path = path + ".stderr"
-        self.err = open(self.err_path, "w")
-        self.proc = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.time() + 10
-        while "listening on" not in self.stderr():
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {self.stderr()}")
-            time.sleep(0.05)
-        self.lengths = None
-
-    def stderr(self):
-        with open(self.err_path) as f:
-            return f.read()
-
-    def lengths_from(self, src):
-        """Original lengths of the IPv4 frames from address `src`."""
-        return [orig for orig, data in self.frames if ipv4_src(data) == src]
-
-    def stop(self):
-        if self.lengths is not None:
-            return self.lengths
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.err.close()
-        self.frames = read_pcap(self.path)
-        self.lengths = [orig for orig, _ in self.frames]
-        m = re.search(r"(\d+) packets? dropped by kernel", self.stderr())
-        self.kernel_drops = int(m.group(1)) if m else None
-        return self.lengths
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class StreamEnd:
@@ -416,93 +338,7 @@ def exists(name):
     return name in [l.split()[0] for l in _run([IP, "netns", "list"], check=False).stdout.splitlines() if l.split()]
 
 
-# --- the namespace side of a TCP stream (run inside with ip netns exec) --------
-def _finish(total, h, t_first, t_last, mb):
-    secs = (t_last - t_first) if t_first else 0.0
-    out = {"bytes": total, "sha256": h.hexdigest(), "secs": round(secs, 4),
-           "mbytes_per_s": round(total / secs / 1e6, 3) if secs > 0 else None}
-    if mb is not None:
-        out["expected_bytes"] = mb << 20
-        out["expected_sha256"] = qgdata.stream_sha256(mb)
-        out["match"] = out["sha256"] == out["expected_sha256"] and total == mb << 20
-    return out
-
-
-def _recv(a):
-    import hashlib
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((a.bind, a.port))
-    s.listen(1)
-    s.settimeout(a.timeout)
-    print(f"listening on {a.bind}:{a.port}", file=sys.stderr, flush=True)
-    c, peer = s.accept()
-    c.settimeout(a.timeout)
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    total, t_first, t_last = 0, None, None
-    while True:
-        n = c.recv_into(buf)
-        if n == 0:
-            break
-        now = time.monotonic()
-        t_first = t_first or now
-        t_last = now
-        h.update(view[:n])
-        total += n
-    c.close()
-    out = _finish(total, h, t_first, t_last, a.mb)
-    out["peer"] = peer[0]
-    print(json.dumps(out), flush=True)
-    return 0 if out.get("match", True) else 1
-
-
-def _send(a):
-    import hashlib
-    deadline = time.time() + a.timeout
-    while True:
-        try:
-            c = socket.create_connection((a.to, a.port), timeout=5)
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
-    c.settimeout(a.timeout)
-    h = hashlib.sha256()
-    t_first = time.monotonic()
-    total = 0
-    for block in qgdata.blocks(a.mb):
-        c.sendall(block)
-        h.update(block)
-        total += len(block)
-    c.shutdown(socket.SHUT_WR)
-    while c.recv(65536):  # the guest closes once it has everything
-        pass
-    t_last = time.monotonic()
-    c.close()
-    print(json.dumps(_finish(total, h, t_first, t_last, a.mb)), flush=True)
-    return 0
-
-
-def main():
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("recv")
-    r.add_argument("--bind", required=True)
-    r.add_argument("--port", type=int, required=True)
-    r.add_argument("--mb", type=int)
-    r.add_argument("--timeout", type=float, default=120)
-    s = sub.add_parser("send")
-    s.add_argument("--to", required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--mb", type=int, required=True)
-    s.add_argument("--timeout", type=float, default=120)
-    a = ap.parse_args()
-    sys.exit(_recv(a) if a.cmd == "recv" else _send(a))
-
-
 if __name__ == "__main__":
-    main()
+    # The namespace side of a TCP stream (the usage above): integration/nsstream.py.
+    import nsstream
+    nsstream.main(__doc__)

@@ -43,7 +43,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port, wait_until  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
@@ -191,15 +191,8 @@ class QemuMigration(unittest.TestCase):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def wait_for(self, what, predicate, timeout, poll=0.05):
-        deadline = time.monotonic() + timeout
-        while True:
-            got = predicate()
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                tail = self.consoles[-1].text()[-3000:] if self.consoles else ""
-                self.fail(f"{what}: not within {timeout} s\n{tail}")
-            time.sleep(poll)
+        tail = lambda: self.consoles[-1].text()[-3000:] if self.consoles else ""  # noqa: E731
+        return wait_until(predicate, timeout, poll, lambda: self.fail(f"{what}: not within {timeout} s\n{tail()}"))
 
     def all_counters(self):
         return [c for con in self.consoles for c in con.counters()]

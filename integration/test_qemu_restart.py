@@ -32,7 +32,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port  # noqa: E402
+from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port, wait_until  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 RESTARTS = int(os.environ.get("QG_RESTARTS", "3"))
@@ -109,15 +109,10 @@ class QemuRestart(unittest.TestCase):
         return d.call("GET", "/v1/devices/q0/iotlb/stats", timeout=5)[1]
 
     def wait_for(self, what, predicate, timeout, poll=0.01):
-        deadline = time.monotonic() + timeout
-        while True:
-            got = predicate()
-            if got:
-                return got
-            if time.monotonic() > deadline or (self.qemu is not None and self.qemu.poll() is not None):
-                self.fail(f"{what}: not within {timeout} s (QEMU {'exited' if self.qemu.poll() is not None else 'runs'})"
-                          f"\n{self.console.text()[-3000:]}")
-            time.sleep(poll)
+        exited = lambda: self.qemu is not None and self.qemu.poll() is not None  # noqa: E731
+        return wait_until(predicate, timeout, poll, lambda: self.fail(
+            f"{what}: not within {timeout} s (QEMU {'exited' if exited() else 'runs'})\n{self.console.text()[-3000:]}"),
+            stop=exited)
 
     def check_lifetime(self, d, n):
         """What one daemon's lifetime must show: no access failure, no memory

@@ -6,7 +6,6 @@ certificates reloaded on SIGHUP under a long-poll, the audit log, the failure
 limit, refusals at start-up, the Unix socket staying plain, and the example
 orchestrator over TLS. Run by `make test-remote` (stdlib unittest, curl,
 openssl, PyYAML); fails, never skips, when one is missing."""
-import http.client
 import json
 import os
 import shutil
@@ -20,137 +19,17 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tlspki import PKI  # noqa: E402
-from iotlbtest import IOTLBD, ROOT, free_port, wait_listening  # noqa: E402
-
-TOKENS = {"read": "r3ad-t0ken-5ecret-0001", "translate": "tr4nslate-t0ken-5ecret-0002", "admin": "adm1n-t0ken-5ecret-0003"}
-SCOPES = ["read", "translate", "admin"]
-MEM = {"regions": [{"guest_phys_addr": 0, "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}]}
-RING = {"num": 256, "desc_addr": "0x800000", "avail_addr": "0x801000", "used_addr": "0x802000"}
+from iotlbtest import IOTLBD, ROOT, free_port  # noqa: E402
+from remoterig import (  # noqa: E402
+    Daemon, error_code, M, make_material, MEM, remove_material, RING, SCOPES, TOKENS)
 
 
 def setUpModule():
-    global TMP, P, CA, SERVER, CERTS, TOKEN_FILE, SCOPES_FILE
-    for tool in ("openssl", "curl"):
-        if shutil.which(tool) is None:
-            raise AssertionError(f"{tool} is missing")
-    TMP = tempfile.mkdtemp(prefix="iotlbd-remote-")
-    P = PKI(os.path.join(TMP, "pki"))
-    CA = P.ca("ca", "vhost-iotlb test CA")
-    other = P.ca("other", "another CA")
-    SERVER = P.server("server", CA)
-    CERTS = {
-        "orch1": P.client("orch1", CA, "orch1"),          # translate
-        "dashboard": P.client("dashboard", CA, "dashboard"),  # read
-        "ops": P.client("ops", CA, "ops"),                # admin
-        "stranger": P.client("stranger", CA, "stranger"),  # verified, in no scope line
-        "foreign": P.client("foreign", other, "orch1"),    # another CA
-        "expired": P.client("expired", CA, "orch1", days=-1),
-    }
-    TOKEN_FILE = os.path.join(TMP, "tokens")
-    with open(TOKEN_FILE, "w") as f:
-        f.write("# token scope name\n" + "".join(f"{TOKENS[s]} {s} {s}-token\n" for s in SCOPES))
-    SCOPES_FILE = os.path.join(TMP, "client-scopes")
-    with open(SCOPES_FILE, "w") as f:
-        f.write(f"{P.subject(CERTS['orch1'][0])} translate orch1\n"
-                f"{P.subject(CERTS['dashboard'][0])} read dashboard\n"
-                f"{P.subject(CERTS['ops'][0])} admin ops\n")
+    make_material()
 
 
 def tearDownModule():
-    shutil.rmtree(TMP, ignore_errors=True)
-
-
-def context(ca=None, cert=None):
-    """TLS as a client: trust `ca` (default the test CA), show `cert` (a name of CERTS, or a (pem, key) pair)."""
-    ctx = ssl.create_default_context(cafile=(ca or CA[0]))
-    if cert:
-        pem, key = CERTS[cert] if isinstance(cert, str) else cert
-        ctx.load_cert_chain(pem, key)
-    return ctx
-
-
-class Daemon:
-    """iotlbd on 127.0.0.1 with TLS (server certificate SERVER, client CA CA unless told otherwise)."""
-
-    def __init__(self, *extra, tls=True, cert=None, key=None, client_ca=True, directory=None):
-        self.port = free_port()
-        self.dir = directory or tempfile.mkdtemp(dir=TMP)
-        self.log_path = os.path.join(self.dir, "iotlbd.log")
-        argv = [IOTLBD, "--listen", f"127.0.0.1:{self.port}", "--log-level", "info", *extra]
-        if tls:
-            argv += ["--tls-cert", cert or SERVER[0], "--tls-key", key or SERVER[1]]
-            if client_ca:
-                argv += ["--tls-client-ca", CA[0]]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=self.log)
-        try:
-            wait_listening(self.port, self.proc, 15, self.log_text)
-        except RuntimeError as e:
-            raise AssertionError(str(e))
-        self.scheme = "https" if tls else "http"
-
-    def log_text(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def connection(self, cert="ops", ca=None, source=None):
-        src = (source, 0) if source else None
-        if self.scheme == "http":
-            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=src)
-        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=context(ca, cert),
-                                           source_address=src)
-
-    def call(self, method, path, body=None, cert="ops", token=None, conn=None, ca=None, source=None):
-        """(status, JSON or text, headers). `token`: a scope name of TOKENS, or a literal string."""
-        c = conn or self.connection(cert, ca, source)
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = "Bearer " + TOKENS.get(token, token)
-        try:
-            c.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
-            r = c.getresponse()
-            raw = r.read()
-        finally:
-            if conn is None:
-                c.close()
-        try:
-            value = json.loads(raw) if raw else None
-        except ValueError:
-            value = raw.decode(errors="replace")
-        return r.status, value, dict(r.getheaders())
-
-    def must(self, method, path, body=None, status=200, **kw):
-        got, value, _ = self.call(method, path, body, **kw)
-        assert got == status, f"{method} {path}: {got} {value}"
-        return value
-
-    def metric(self, name, **kw):
-        """The value of one sample of /metrics (as the admin certificate)."""
-        _, text, _ = self.call("GET", "/metrics", cert="ops", token=kw.pop("token", None))
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                labels = line[len(name):].split(" ")[0]
-                if all(f'{k}="{v}"' in labels for k, v in kw.items()):
-                    return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def curl(self, path, *args):
-        """curl's exit status, HTTP status and body."""
-        out = subprocess.run(["curl", "-s", "-m", "10", "-w", "\n%{http_code}", *args,
-                              f"https://127.0.0.1:{self.port}{path}"], capture_output=True, text=True, timeout=30)
-        body, _, code = out.stdout.rpartition("\n")
-        return out.returncode, int(code or 0), body
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        self.log.close()
-
-
-def error_code(value):
-    return value.get("error", {}).get("code") if isinstance(value, dict) else None
+    remove_material()
 
 
 class TLSListener(unittest.TestCase):
@@ -159,8 +38,8 @@ class TLSListener(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.audit = os.path.join(TMP, "audit.log")
-        cls.d = Daemon("--token-file", TOKEN_FILE, "--tls-client-scopes", SCOPES_FILE, "--metrics-auth",
+        cls.audit = os.path.join(M.TMP, "audit.log")
+        cls.d = Daemon("--token-file", M.TOKEN_FILE, "--tls-client-scopes", M.SCOPES_FILE, "--metrics-auth",
                        "--audit-log", cls.audit, "--auth-failure-limit", "100000/1")
 
     @classmethod
@@ -168,11 +47,11 @@ class TLSListener(unittest.TestCase):
         cls.d.stop()
 
     def test_curl_with_the_client_certificate_works(self):
-        pem, key = CERTS["dashboard"]
-        rc, status, body = self.d.curl("/v1/devices", "--cacert", CA[0], "--cert", pem, "--key", key)
+        pem, key = M.CERTS["dashboard"]
+        rc, status, body = self.d.curl("/v1/devices", "--cacert", M.CA[0], "--cert", pem, "--key", key)
         self.assertEqual((rc, status), (0, 200), body)
         self.assertIn("devices", json.loads(body))
-        rc, status, body = self.d.curl("/healthz", "--cacert", CA[0])  # open, no certificate
+        rc, status, body = self.d.curl("/healthz", "--cacert", M.CA[0])  # open, no certificate
         self.assertEqual((rc, status, json.loads(body)), (0, 200, {"status": "ok"}))
 
     def test_refused_with_the_right_error(self):
@@ -180,14 +59,14 @@ class TLSListener(unittest.TestCase):
                   for r in ("no_client_cert", "untrusted_cert", "expired_cert", "unknown_subject", "tls_handshake")}
         cases = {
             "no_client_cert": ([], "requires a client certificate"),
-            "untrusted_cert": (["--cert", CERTS["foreign"][0], "--key", CERTS["foreign"][1]], "not signed by a CA"),
-            "expired_cert": (["--cert", CERTS["expired"][0], "--key", CERTS["expired"][1]], "has expired"),
-            "unknown_subject": (["--cert", CERTS["stranger"][0], "--key", CERTS["stranger"][1]],
+            "untrusted_cert": (["--cert", M.CERTS["foreign"][0], "--key", M.CERTS["foreign"][1]], "not signed by a CA"),
+            "expired_cert": (["--cert", M.CERTS["expired"][0], "--key", M.CERTS["expired"][1]], "has expired"),
+            "unknown_subject": (["--cert", M.CERTS["stranger"][0], "--key", M.CERTS["stranger"][1]],
                                 "is not in --tls-client-scopes"),
         }
         for reason, (args, message) in cases.items():
             with self.subTest(reason=reason):
-                rc, status, body = self.d.curl("/v1/devices", "--cacert", CA[0], *args)
+                rc, status, body = self.d.curl("/v1/devices", "--cacert", M.CA[0], *args)
                 self.assertEqual((rc, status), (0, 401), body)
                 err = json.loads(body)["error"]
                 self.assertEqual(err["code"], "unauthorized")
@@ -198,7 +77,7 @@ class TLSListener(unittest.TestCase):
         self.assertIn(out.returncode, (52, 56), out)
         self.assertEqual(out.stdout, "000")
         # TLS 1.1 and older: refused in the handshake.
-        rc, status, _ = self.d.curl("/healthz", "--cacert", CA[0], "--tls-max", "1.1")
+        rc, status, _ = self.d.curl("/healthz", "--cacert", M.CA[0], "--tls-max", "1.1")
         self.assertEqual((rc, status), (35, 0))
         after = {r: self.d.metric("iotlbd_auth_failures_total", reason=r) for r in before}
         for r in cases:
@@ -337,9 +216,9 @@ class TLSListener(unittest.TestCase):
     def test_orchestrator_example_over_tls_with_translate_scope(self):
         d = self.d
         d.must("POST", "/v1/devices", {"id": "orc0", "translator": "external"}, status=201, token="admin")
-        pem, key = CERTS["orch1"]
+        pem, key = M.CERTS["orch1"]
         orch = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "orchestrator.py"), "--url",
-                                 f"https://127.0.0.1:{d.port}", "--device", "orc0", "--cacert", CA[0], "--cert", pem,
+                                 f"https://127.0.0.1:{d.port}", "--device", "orc0", "--cacert", M.CA[0], "--cert", pem,
                                  "--key", key, "--poll-ms", "200", "--log-level", "WARNING"])
         try:
             d.must("PUT", "/v1/devices/orc0/workload", {"packet_size": 64, "page_size": "4k", "mapping": "dynamic",
@@ -362,13 +241,13 @@ class TLSListener(unittest.TestCase):
 
 class Reload(unittest.TestCase):
     def test_sighup_new_certificate_while_a_long_poll_waits(self):
-        directory = tempfile.mkdtemp(dir=TMP)
+        directory = tempfile.mkdtemp(dir=M.TMP)
         cert, key = os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
-        shutil.copy(SERVER[0], cert)
-        shutil.copy(SERVER[1], key)
+        shutil.copy(M.SERVER[0], cert)
+        shutil.copy(M.SERVER[1], key)
         tokens = os.path.join(directory, "tokens")
-        shutil.copy(TOKEN_FILE, tokens)
-        d = Daemon("--token-file", tokens, "--tls-client-scopes", SCOPES_FILE, "--audit-log", "none",
+        shutil.copy(M.TOKEN_FILE, tokens)
+        d = Daemon("--token-file", tokens, "--tls-client-scopes", M.SCOPES_FILE, "--audit-log", "none",
                    cert=cert, key=key, directory=directory)
         try:
             d.must("POST", "/v1/devices", {"id": "lp", "translator": "external"}, status=201)
@@ -384,8 +263,8 @@ class Reload(unittest.TestCase):
             t.start()
             time.sleep(0.5)
             # A new server certificate from a new CA, moved into place, then SIGHUP.
-            new_ca = P.ca("ca-new", "the new CA")
-            new_cert, new_key = P.server("server-new", new_ca)
+            new_ca = M.P.ca("ca-new", "the new CA")
+            new_cert, new_key = M.P.server("server-new", new_ca)
             shutil.copy(new_cert, cert + ".tmp")
             shutil.copy(new_key, key + ".tmp")
             os.replace(key + ".tmp", key)
@@ -401,7 +280,7 @@ class Reload(unittest.TestCase):
                     time.sleep(0.1)
             self.assertEqual(status, 200)
             with self.assertRaises(ssl.SSLCertVerificationError):
-                d.call("GET", "/healthz", cert="orch1", ca=CA[0])
+                d.call("GET", "/healthz", cert="orch1", ca=M.CA[0])
             # The connection made before the reload goes on, on the same socket.
             self.assertEqual(d.call("GET", "/v1/devices", conn=kept)[0], 200)
             self.assertIs(kept.sock, sock)
@@ -415,7 +294,7 @@ class Reload(unittest.TestCase):
             self.assertEqual([(m["vq"], m["type"]) for m in value["misses"]], [(1, "miss")])
             self.assertEqual(self.metric(d, new_ca, "iotlbd_credential_reloads_total", result="ok"), 1)
             # A refused reload (the key of another certificate) keeps what is in force.
-            shutil.copy(CERTS["ops"][1], key)
+            shutil.copy(M.CERTS["ops"][1], key)
             d.proc.send_signal(signal.SIGHUP)
             deadline = time.time() + 10
             while self.metric(d, new_ca, "iotlbd_credential_reloads_total", result="failed") != 1:
@@ -447,7 +326,7 @@ class Reload(unittest.TestCase):
 
 class Limits(unittest.TestCase):
     def test_failures_are_rate_limited_per_peer_not_verified_certificates(self):
-        d = Daemon("--token-file", TOKEN_FILE, "--audit-log", "none", "--auth-failure-limit", "3/30")
+        d = Daemon("--token-file", M.TOKEN_FILE, "--audit-log", "none", "--auth-failure-limit", "3/30")
         try:
             for _ in range(3):
                 self.assertEqual(d.call("GET", "/v1/devices", token="guess")[0], 401)
@@ -466,19 +345,19 @@ class Limits(unittest.TestCase):
             d.stop()
 
     def test_start_refused_with_a_clear_message(self):
-        world = os.path.join(TMP, "world-readable.key")
-        shutil.copy(SERVER[1], world)
+        world = os.path.join(M.TMP, "world-readable.key")
+        shutil.copy(M.SERVER[1], world)
         os.chmod(world, 0o644)
-        bad_tokens = os.path.join(TMP, "bad-tokens")
+        bad_tokens = os.path.join(M.TMP, "bad-tokens")
         with open(bad_tokens, "w") as f:
             f.write("abc write someone\n")
         cases = [
-            (["--tls-cert", SERVER[0], "--tls-key", CERTS["ops"][1]], "does not match"),
-            (["--tls-cert", os.path.join(TMP, "missing.pem"), "--tls-key", SERVER[1]], "missing.pem: no such file"),
-            (["--tls-cert", SERVER[0], "--tls-key", world], "readable by others"),
-            (["--tls-cert", SERVER[0], "--tls-key", SERVER[1], "--tls-client-ca", SERVER[1]], "--tls-client-ca"),
+            (["--tls-cert", M.SERVER[0], "--tls-key", M.CERTS["ops"][1]], "does not match"),
+            (["--tls-cert", os.path.join(M.TMP, "missing.pem"), "--tls-key", M.SERVER[1]], "missing.pem: no such file"),
+            (["--tls-cert", M.SERVER[0], "--tls-key", world], "readable by others"),
+            (["--tls-cert", M.SERVER[0], "--tls-key", M.SERVER[1], "--tls-client-ca", M.SERVER[1]], "--tls-client-ca"),
             (["--token-file", bad_tokens], "unknown scope \"write\""),
-            (["--tls-client-ca", CA[0]], "need --tls-cert"),
+            (["--tls-client-ca", M.CA[0]], "need --tls-cert"),
         ]
         for args, message in cases:
             with self.subTest(args=args):
@@ -488,10 +367,10 @@ class Limits(unittest.TestCase):
                 self.assertIn(message, out.stderr)
 
     def test_unix_socket_stays_plain(self):
-        sock = os.path.join(TMP, "api.sock")
+        sock = os.path.join(M.TMP, "api.sock")
         port = free_port()
         proc = subprocess.Popen([IOTLBD, "--listen", f"unix:{sock}", "--also-listen", f"127.0.0.1:{port}",
-                                 "--tls-cert", SERVER[0], "--tls-key", SERVER[1], "--tls-client-ca", CA[0],
+                                 "--tls-cert", M.SERVER[0], "--tls-key", M.SERVER[1], "--tls-client-ca", M.CA[0],
                                  "--log-level", "warning", "--audit-log", "none"])
         try:
             deadline = time.time() + 10
@@ -501,8 +380,8 @@ class Limits(unittest.TestCase):
             out = subprocess.run(["curl", "-s", "--unix-socket", sock, "http://localhost/v1/devices"],
                                  capture_output=True, text=True, timeout=10)
             self.assertEqual(json.loads(out.stdout), {"devices": []})
-            pem, key = CERTS["ops"]
-            out = subprocess.run(["curl", "-s", "--cacert", CA[0], "--cert", pem, "--key", key,
+            pem, key = M.CERTS["ops"]
+            out = subprocess.run(["curl", "-s", "--cacert", M.CA[0], "--cert", pem, "--key", key,
                                   f"https://127.0.0.1:{port}/v1/devices"], capture_output=True, text=True, timeout=10)
             self.assertEqual(json.loads(out.stdout), {"devices": []})
         finally:
