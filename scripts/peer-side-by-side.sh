@@ -22,22 +22,9 @@ SECONDS_PER_RUN=${2:-6}
 FRAMES=${3:-"64 1518"}
 BACKENDS=${4:-"dpdk off on"}
 cd "$(dirname "$0")/.."
-command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
-HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
-if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
-[ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
-
-WORK=$(mktemp -d)
-PORT=$((20000 + $$ % 10000))
-taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
-DAEMON=$!
-cleanup() {
-  kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true
-  echo "$HUGE_BEFORE" > /proc/sys/vm/nr_hugepages
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-for i in $(seq 50); do curl -fs "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+. scripts/side-by-side-common.sh
+sbs_prepare
+sbs_start_iotlbd
 for side in on off; do
   iotlb=$([ $side = on ] && echo true || echo false)
   for pair in "a b" "b a"; do
@@ -53,30 +40,24 @@ front_end() { # SOCKET_A SOCKET_B FRAME -> median total Rx-pps in Mpps
     -- --forward-mode=io --tx-first --txpkts="$3" --nb-cores=1 --stats-period 1 --no-lsc-interrupt \
     >"$WORK/virtio.log" 2>&1 || true
   # Per second: the two ports' Rx-pps lines, summed.
-  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | paste - - | awk '{print $1 + $2}' |
-    tail -n +3 | sort -n | awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
+  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | paste - - | awk '{print $1 + $2}' | median_mpps
 }
 
-dpdk_run() { # FRAME
+dpdk_once() { # FRAME
   local a=$WORK/dpdk-a.sock b=$WORK/dpdk-b.sock r
-  for attempt in 1 2 3; do
-    rm -f "$a" "$b"
-    timeout $((SECONDS_PER_RUN + 6)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --in-memory -m 512 --file-prefix peer-be \
-      --vdev "net_vhost0,iface=$a,queues=1" --vdev "net_vhost1,iface=$b,queues=1" -- --forward-mode=io \
-      --nb-cores=1 --no-lsc-interrupt --stats-period 1 >"$WORK/vhost.log" 2>&1 &
-    local vh=$!
-    for i in $(seq 50); do [ -S "$a" ] && [ -S "$b" ] && break; sleep 0.1; done
-    sleep 1
-    r=$(front_end "$a" "$b" "$1")
-    kill "$vh" 2>/dev/null || true; wait "$vh" 2>/dev/null || true
-    [ "$r" != "0.00" ] && break
-    echo x >>"$WORK/dpdk-retries"
-  done
+  rm -f "$a" "$b"
+  timeout $((SECONDS_PER_RUN + 6)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --in-memory -m 512 --file-prefix peer-be \
+    --vdev "net_vhost0,iface=$a,queues=1" --vdev "net_vhost1,iface=$b,queues=1" -- --forward-mode=io \
+    --nb-cores=1 --no-lsc-interrupt --stats-period 1 >"$WORK/vhost.log" 2>&1 &
+  local vh=$!
+  for i in $(seq 50); do [ -S "$a" ] && [ -S "$b" ] && break; sleep 0.1; done
+  sleep 1
+  r=$(front_end "$a" "$b" "$1")
+  kill "$vh" 2>/dev/null || true; wait "$vh" 2>/dev/null || true
   echo "$r"
 }
+dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
 
-ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
-has() { case " $BACKENDS " in *" $1 "*) return 0;; esac; return 1; }
 echo "| frame B | round | DPDK 2 × net_vhost Mpps | iotlbd peers, IOTLB off Mpps | IOTLB on Mpps | off / DPDK | on / DPDK |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_dpdk\n' >"$WORK/rows.tsv"

@@ -26,23 +26,9 @@ BACKENDS=${4:-"dpdk off on"}
 RING=${RING:-split}
 case "$RING" in split) VQ="" ;; packed) VQ=",packed_vq=1" ;; *) echo "RING is split or packed, not $RING" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
-command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
-HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
-if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
-mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
-[ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
-
-WORK=$(mktemp -d)
-PORT=$((20000 + $$ % 10000))
-taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
-DAEMON=$!
-cleanup() {
-  kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true
-  echo "$HUGE_BEFORE" > /proc/sys/vm/nr_hugepages
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-for i in $(seq 50); do curl -fs "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+. scripts/side-by-side-common.sh
+sbs_prepare
+sbs_start_iotlbd
 for side in on off; do
   iotlb=$([ $side = on ] && echo true || echo false)
   curl -fs -XPOST "127.0.0.1:$PORT/v1/devices" \
@@ -53,8 +39,7 @@ front_end() { # SOCKET FRAME -> median Rx-pps in Mpps
   timeout -s INT $((SECONDS_PER_RUN + 2)) dpdk-testpmd -l 1,0 --main-lcore 1 --no-pci --single-file-segments --in-memory -m 512 \
     --vdev "net_virtio_user0,path=$1,queues=1$VQ" -- --forward-mode=mac --tx-first \
     --txpkts="$2" --nb-cores=1 --stats-period 1 --no-lsc-interrupt >"$WORK/virtio.log" 2>&1 || true
-  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | tail -n +3 | sort -n |
-    awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
+  grep -o 'Rx-pps: *[0-9]*' "$WORK/virtio.log" | awk '{print $2}' | median_mpps
 }
 
 dpdk_once() { # FRAME
@@ -73,19 +58,8 @@ dpdk_once() { # FRAME
 # DPDK's own pair sometimes loses the tx-first burst while its vhost side
 # starts (the loop then never runs: 0 pps); such a run is repeated, up to 3
 # times, and counted.
-dpdk_run() { # FRAME
-  local r
-  for attempt in 1 2 3; do
-    r=$(dpdk_once "$1")
-    [ "$r" != "0.00" ] && break
-    echo x >>"$WORK/dpdk-retries"
-  done
-  echo "$r"
-}
+dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
 
-ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
-
-has() { case " $BACKENDS " in *" $1 "*) return 0;; esac; return 1; }
 echo "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_off\n' >"$WORK/rows.tsv"

@@ -1,0 +1,53 @@
+# What scripts/vhost-user-side-by-side.sh and scripts/peer-side-by-side.sh
+# share; sourced, after `cd` to the tree's root and the arguments parsed:
+#   sbs_prepare        dpdk-testpmd (Debian's dpdk-dev, when missing), 1024
+#                      huge pages (given back at exit), a hugetlbfs mount, and
+#                      the release iotlbd
+#   sbs_start_iotlbd   iotlbd on core 1, its sockets in $WORK, API on $PORT;
+#                      stopped and $WORK removed at exit
+#   median_mpps        per-second pps figures on stdin → the median after a
+#                      2 s warm-up, in Mpps ("0.00" when none)
+#   dpdk_retried CMD   runs CMD (prints Mpps) up to 3 times while it gives
+#                      0.00 (DPDK's pair lost its tx-first burst); counts the
+#                      repeats in $WORK/dpdk-retries
+#   ratio A B, has BACKEND
+
+sbs_prepare() {
+  command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev; }
+  HUGE_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
+  if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
+  mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
+  [ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
+}
+
+sbs_start_iotlbd() {
+  WORK=$(mktemp -d)
+  PORT=$((20000 + $$ % 10000))
+  taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
+  DAEMON=$!
+  trap sbs_cleanup EXIT
+  for i in $(seq 50); do curl -fs "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+}
+
+sbs_cleanup() {
+  kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true
+  echo "$HUGE_BEFORE" > /proc/sys/vm/nr_hugepages
+  rm -rf "$WORK"
+}
+
+median_mpps() {
+  tail -n +3 | sort -n | awk '{a[NR]=$1} END {if (NR==0) print "0.00"; else printf "%.2f\n", a[int((NR+1)/2)]/1e6}'
+}
+
+dpdk_retried() {
+  local r
+  for attempt in 1 2 3; do
+    r=$("$@")
+    [ "$r" != "0.00" ] && break
+    echo x >>"$WORK/dpdk-retries"
+  done
+  echo "$r"
+}
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }
+has() { case " $BACKENDS " in *" $1 "*) return 0;; esac; return 1; }
