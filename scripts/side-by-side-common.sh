@@ -22,6 +22,7 @@ sbs_prepare() {
 
 sbs_start_iotlbd() {
   WORK=$(mktemp -d)
+  : >"$WORK/dpdk-retries"  # counted at the end even when nothing was repeated
   PORT=$((20000 + $$ % 10000))
   taskset -c 1 .build/release/iotlbd --listen 127.0.0.1:$PORT --vhost-user-dir "$WORK" --log-level warning >"$WORK/iotlbd.log" 2>&1 &
   DAEMON=$!
