@@ -5,6 +5,7 @@ TLS ones tlspki.py. Stdlib only."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,18 @@ def wait_until(predicate, timeout, poll, failed, stop=lambda: False):
         if time.monotonic() > deadline or stop():
             failed()
         time.sleep(poll)
+
+
+def build_test_guest(make_target=None):
+    """The QEMU test guest of scripts/qemu-guest (build.sh: cached after the
+    first run); with `make_target`, QEMU must be there too (that target
+    installs it). Raises AssertionError: a missing piece fails, never skips."""
+    if make_target and shutil.which("qemu-system-x86_64") is None:
+        raise AssertionError(f"qemu-system-x86_64 is missing: `make {make_target}` installs qemu-system-x86")
+    out = subprocess.run([os.path.join(ROOT, "scripts", "qemu-guest", "build.sh")], capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode != 0:
+        raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
 
 # The QG counters line scripts/qemu-guest/init prints while it sends.
 GUEST_COUNTERS = re.compile(r"^QG counters phase=run up=([\d.]+) (.*)$")

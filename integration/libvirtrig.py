@@ -17,13 +17,12 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns import pid_alive  # noqa: E402
-from iotlbtest import ROOT  # noqa: E402
+from iotlbtest import ROOT, build_test_guest  # noqa: E402
 from test_qemu_restart import QEMU_BENIGN, QEMU_DISCONNECT_MESSAGES  # noqa: E402
 
 
 EXAMPLES = os.path.join(ROOT, "examples", "libvirt")
 SCRIPT = os.path.join(EXAMPLES, "libvirt-guest.sh")
-GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 VIRSH = ["virsh", "-c", "qemu:///system"]
 DOMAIN = "iotlbd-guest"   # as in the example files and the script
 DEVICE = "vm1"
@@ -161,9 +160,7 @@ class LibvirtDaemons:
             pid = read_text(f"/run/{name}.pid").strip()
             if pid.isdigit() and pid_alive(int(pid)):
                 raise AssertionError(f"a {name} runs already (PID {pid}): this test starts and stops its own")
-        out = subprocess.run([os.path.join(GUEST, "build.sh")], capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
+        build_test_guest()  # QEMU checked above, with libvirt's tools
         self.tmp = tempfile.mkdtemp(prefix="iotlbd-libvirt-")
         self.procs = {}
         unittest.addModuleCleanup(self.cleanup)  # also when start() fails half-way

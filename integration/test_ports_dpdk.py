@@ -26,14 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from iotlbtest import wait_until  # noqa: E402
 from netns import Netns  # noqa: E402
 from nsdaemon import NsDaemon, iotlbd_path, tap_device_body  # noqa: E402
-from test_vhost_user_dpdk import TESTPMD, HugePages, make_frames, read_pcap, write_pcap  # noqa: E402
+from test_vhost_user_dpdk import TESTPMD, hold_huge_pages, make_frames, read_pcap, write_pcap  # noqa: E402
 
 # A packet socket in the namespace writes frames out of an interface (for a TAP:
 # into its fd, i.e. to iotlbd). Frames as hex on stdin, one per line.
@@ -62,13 +62,7 @@ class TapPortWithVirtioUser(unittest.TestCase):
             raise AssertionError("dpdk-testpmd is missing: `make tools` installs it (Debian's dpdk-dev)")
         if shutil.which("tcpdump") is None and shutil.which("tcpdump", path="/usr/sbin:/sbin") is None:
             raise AssertionError("tcpdump is missing: `make net-tools` installs it")
-        cls.huge = HugePages().__enter__()
-        if cls.huge.problem:
-            cls.huge.__exit__(None, None, None)
-            why = (f"huge pages cannot be had on this machine ({cls.huge.problem}); "
-                   "DPDK virtio-user needs them, so the TAP port tests with DPDK DID NOT RUN")
-            print("\n" + "!" * 78 + "\nSKIPPED: " + why + "\n" + "!" * 78, file=sys.stderr)
-            raise unittest.SkipTest(why)
+        cls.huge = hold_huge_pages("the TAP port tests with DPDK")
 
     @classmethod
     def tearDownClass(cls):
@@ -128,13 +122,7 @@ class TapPortWithVirtioUser(unittest.TestCase):
             return f.read()
 
     def wait_for(self, what, cond, timeout=30):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.05)
-        self.fail(f"timed out waiting for {what}")
+        return wait_until(cond, timeout, 0.05, lambda: self.fail(f"timed out waiting for {what}"))
 
     def inject(self, ifname, frames):
         """Writes `frames` out of `ifname` inside the namespace (into the TAP's fd)."""

@@ -26,7 +26,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon  # noqa: E402
+from iotlbtest import ROOT, Daemon, build_test_guest  # noqa: E402
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 QEMU_TIMEOUT = 60    # seconds per boot; one takes 8–30 s here
@@ -63,12 +63,8 @@ class QemuGuest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         # No skip: a missing QEMU or kernel is a failure of `make test`.
-        if shutil.which("qemu-system-x86_64") is None:
-            raise AssertionError("qemu-system-x86_64 is missing: `make test-qemu` installs qemu-system-x86")
         t0 = time.time()
-        out = subprocess.run([os.path.join(GUEST, "build.sh")], capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
+        build_test_guest("test-qemu")
         sys.stderr.write(f"\n[guest ready in {time.time() - t0:.1f} s] ")
         cls.tmp = tempfile.mkdtemp(prefix="iotlbd-qemu-")
         cls.daemon_log_path = os.path.join(cls.tmp, "iotlbd.log")

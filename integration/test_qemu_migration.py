@@ -43,7 +43,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port, wait_until  # noqa: E402
+from iotlbtest import (  # noqa: E402
+    ROOT, Daemon, GuestConsole as Console, build_test_guest, free_port, wait_until)
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
@@ -172,11 +173,7 @@ def differing_pages(a, b):
 class QemuMigration(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        if shutil.which("qemu-system-x86_64") is None:
-            raise AssertionError("qemu-system-x86_64 is missing: `make test-qemu-migration` installs qemu-system-x86")
-        out = subprocess.run([os.path.join(GUEST, "build.sh")], capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
+        build_test_guest("test-qemu-migration")
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="iotlbd-migration-")

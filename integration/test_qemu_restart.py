@@ -32,7 +32,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import ROOT, Daemon, GuestConsole as Console, free_port, wait_until  # noqa: E402
+from iotlbtest import (  # noqa: E402
+    ROOT, Daemon, GuestConsole as Console, build_test_guest, free_port, wait_until)
 
 GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 RESTARTS = int(os.environ.get("QG_RESTARTS", "3"))
@@ -62,11 +63,7 @@ ERROR_COUNTERS = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", 
 class QemuRestart(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        if shutil.which("qemu-system-x86_64") is None:
-            raise AssertionError("qemu-system-x86_64 is missing: `make test-qemu-restart` installs qemu-system-x86")
-        out = subprocess.run([os.path.join(GUEST, "build.sh")], capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise AssertionError(f"scripts/qemu-guest/build.sh failed:\n{out.stdout}{out.stderr}")
+        build_test_guest("test-qemu-restart")
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="iotlbd-qemu-restart-")

@@ -11,7 +11,6 @@ Needs root for 2 MiB huge pages and dpdk-testpmd (Debian's dpdk-dev; the
 Makefile installs it). A missing dpdk-testpmd is a failure; the test skips,
 with a banner on stderr, only where the machine cannot reserve huge pages. Restores the
 huge page count it found. Run by `make test`."""
-import json
 import os
 import random
 import shutil
@@ -71,6 +70,19 @@ def free_huge_pages():
         return int(next(l for l in f if l.startswith("HugePages_Free")).split()[1])
 
 
+def hold_huge_pages(tests):
+    """Entered HugePages, or a loud skip naming `tests`: the one case where the
+    machine itself cannot (no huge pages), said as such."""
+    huge = HugePages().__enter__()
+    if huge.problem:
+        huge.__exit__(None, None, None)
+        why = (f"huge pages cannot be had on this machine ({huge.problem}); "
+               f"DPDK virtio-user needs them, so {tests} DID NOT RUN")
+        print("\n" + "!" * 78 + "\nSKIPPED: " + why + "\n" + "!" * 78, file=sys.stderr)
+        raise unittest.SkipTest(why)
+    return huge
+
+
 class HugePages:
     """Reserves 2 MiB pages (testpmd runs --in-memory: its memory is memfd
     backed, no hugetlbfs mount or files involved); gives back what it took."""
@@ -110,13 +122,7 @@ class VirtioUserThroughIotlbd(unittest.TestCase):
     def setUpClass(cls):
         if TESTPMD is None:
             raise AssertionError("dpdk-testpmd is missing: `make tools` installs it (Debian's dpdk-dev)")
-        cls.huge = HugePages().__enter__()
-        if cls.huge.problem:
-            cls.huge.__exit__(None, None, None)
-            why = (f"huge pages cannot be had on this machine ({cls.huge.problem}); "
-                   "DPDK virtio-user needs them, so the DPDK tests DID NOT RUN")
-            print("\n" + "!" * 78 + "\nSKIPPED: " + why + "\n" + "!" * 78, file=sys.stderr)
-            raise unittest.SkipTest(why)
+        cls.huge = hold_huge_pages("the DPDK tests")
         cls.tmp = tempfile.mkdtemp(prefix="iotlbd-dpdk-")
         cls.daemon = Daemon("--vhost-user-dir", cls.tmp)  # socket paths must lie there
 

@@ -46,6 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "integration"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from iotlbtest import wait_until  # noqa: E402
 from netns import Netns  # noqa: E402
 from nsdaemon import NsDaemon, iotlbd_path, tap_device_body  # noqa: E402
 import bench_json  # noqa: E402
@@ -73,13 +74,9 @@ class HugePages:
 
 
 def wait_for(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
+    def failed():
+        raise RuntimeError(f"timed out waiting for {what}")
+    return wait_until(cond, timeout, 0.05, failed)
 
 
 # --- back-ends (sides) -----------------------------------------------------
