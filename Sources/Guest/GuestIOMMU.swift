@@ -2,7 +2,8 @@
 // vIOMMU knows. Pages are 4 KiB, 2 MiB or 1 GiB. A page stays mapped while
 // any buffer in it is mapped (a count per page); its permission is the union
 // of what its buffers asked. Thread-safe: the guest maps and unmaps, a
-// translator reads.
+// translator reads on a datapath thread; the lock spins before it sleeps, as
+// both hold it for microseconds and a futex wake-up costs more.
 import Platform
 import Synchronization
 import Vhost
@@ -83,7 +84,7 @@ public final class GuestIOMMU: Sendable {
     /// Maps every request in one critical section (a driver refilling a ring),
     /// appending to `fresh` the pages a device IOTLB does not know yet.
     public func map(_ requests: some Collection<MapRequest>, fresh: inout [GuestPageMapping]) {
-        table.withLock { t in
+        table.withLockSpinning { t in
             for r in requests { map(r, in: &t, fresh: &fresh) }
         }
     }
@@ -120,7 +121,7 @@ public final class GuestIOMMU: Sendable {
     /// Unmaps every `(iova, size)` buffer in one critical section, appending to
     /// `gone` the pages no longer mapped.
     public func unmap(_ buffers: some Collection<(IOVA, UInt64)>, gone: inout [AddressRange<IOVA>]) {
-        table.withLock { t in
+        table.withLockSpinning { t in
             for (iova, size) in buffers {
                 let first = iova.raw >> shift, last = (iova.raw + size - 1) >> shift
                 for n in first...last {
@@ -140,7 +141,7 @@ public final class GuestIOMMU: Sendable {
     /// The page holding `iova`, if mapped.
     public func translate(_ iova: IOVA) -> GuestPageMapping? {
         let n = iova.raw >> shift
-        return table.withLock { t in t.pages[n].map { mapping(n, $0) } }
+        return table.withLockSpinning { t in t.pages[n].map { mapping(n, $0) } }
     }
 
     /// Pages mapped now.
@@ -159,14 +160,20 @@ public final class GuestIOMMU: Sendable {
     }
 
     /// The same pages, each given to `body` under the table's lock (a translator
-    /// on a datapath thread: nothing allocated).
-    public func forEachMapping(after iova: IOVA, limit: Int, _ body: (GuestPageMapping) -> Void) {
-        table.withLock { t in
-            guard limit > 0, let missed = t.pages[iova.raw >> shift] else { return }
+    /// on a datapath thread: nothing allocated), skipping the log positions in
+    /// `sent` (what the caller read ahead already). Returns the positions now
+    /// known sent: the missed page's and the walk's, joined to `sent` when
+    /// they touch (the next call's `sent`).
+    @discardableResult
+    public func forEachMapping(after iova: IOVA, skipping sent: Range<UInt64> = 0..<0, limit: Int,
+                               _ body: (GuestPageMapping) -> Void) -> Range<UInt64> {
+        table.withLockSpinning { t in
+            guard limit > 0, let missed = t.pages[iova.raw >> shift] else { return sent }
             let cap = UInt64(GuestIOMMU.recentCapacity)
             var at = max(missed.logged + 1, t.recentCount > cap ? t.recentCount - cap : 0)
             var given = 0
             while at < t.recentCount && given < limit {
+                if sent.contains(at) { at = sent.upperBound; continue }
                 let n = t.recent[Int(at % cap)]
                 // A page logged twice is sent once, at its latest place.
                 if let p = t.pages[n], p.logged == at {
@@ -175,6 +182,9 @@ public final class GuestIOMMU: Sendable {
                 }
                 at += 1
             }
+            let walked = missed.logged..<at
+            guard !sent.isEmpty, walked.lowerBound <= sent.upperBound, sent.lowerBound <= walked.upperBound else { return walked }
+            return min(walked.lowerBound, sent.lowerBound)..<max(walked.upperBound, sent.upperBound)
         }
     }
 

@@ -140,9 +140,14 @@ final class GuestRun {
     /// Sends the invalidation of what the guest unmapped (adjacent ranges
     /// merged) without waiting; `invalidated` reaches `ticket` once the
     /// device IOTLB has dropped them. The buffers stay out of use until then.
-    private func submitInvalidation(_ ranges: inout [AddressRange<IOVA>], ticket: UInt64) {
-        ranges.sort { $0.first < $1.first }
-        var merged: [AddressRange<IOVA>] = []
+    /// `merged` is the caller's reused buffer.
+    private func submitInvalidation(_ ranges: inout [AddressRange<IOVA>], merged: inout [AddressRange<IOVA>],
+                                    ticket: UInt64) {
+        // Reaped in ring order, the ranges usually arrive sorted already.
+        var sorted = true
+        for i in ranges.indices.dropFirst() where ranges[i - 1].first > ranges[i].first { sorted = false; break }
+        if !sorted { ranges.sort { $0.first < $1.first } }
+        merged.removeAll(keepingCapacity: true)
         for r in ranges {
             if let last = merged.last, last.last.raw != .max, last.last.raw + 1 >= r.first.raw {
                 merged[merged.count - 1] = AddressRange(first: last.first, last: max(last.last, r.last))
@@ -153,7 +158,7 @@ final class GuestRun {
         ranges.removeAll(keepingCapacity: true)
         if !merged.isEmpty { stats.invalidations &+= 1 }
         // The mailbox costs the worker no command (no allocation, no reference counting).
-        if let mailbox, mailbox.post(merged, ticket: ticket) { return }
+        if let mailbox, merged.withUnsafeBufferPointer({ mailbox.post($0, ticket: ticket) }) { return }
         let invalidations = merged, invalidated = self.invalidated, refused = self.invalidationsRefused
         workload.handle.submit { d in
             if !invalidations.isEmpty, let d {
@@ -230,7 +235,7 @@ final class GuestRun {
         let rxHost = (0..<config.ringSize).map { memory.at(rxGPA(UInt16($0)), slot) }
         let txHost = (0..<config.ringSize).map { memory.at(txGPA(UInt16($0)), slot) }
         var push: [IOTLBEntry] = []
-        var unmapped: [AddressRange<IOVA>] = []
+        var unmapped: [AddressRange<IOVA>] = [], merged: [AddressRange<IOVA>] = []
         // Dynamic: the buffers of one round, mapped and unmapped in one critical
         // section each (as a driver batches a refill), not one per buffer.
         var toUnmap: [(IOVA, UInt64)] = []
@@ -238,6 +243,7 @@ final class GuestRun {
         var fresh: [GuestPageMapping] = []
         push.reserveCapacity(config.ringSize)
         unmapped.reserveCapacity(2 * config.ringSize)
+        merged.reserveCapacity(2 * config.ringSize)
         toUnmap.reserveCapacity(2 * config.ringSize)
         toMap.reserveCapacity(2 * config.ringSize)
         fresh.reserveCapacity(2 * config.ringSize)
@@ -297,7 +303,7 @@ final class GuestRun {
                     && (rxUnmapped.count >= quarter || txUnmapped.count >= quarter || txInFlight == 0) {
                     tickets &+= 1
                     awaited = tickets
-                    submitInvalidation(&unmapped, ticket: awaited)
+                    submitInvalidation(&unmapped, merged: &merged, ticket: awaited)
                     swap(&rxQuarantined, &rxUnmapped); swap(&txQuarantined, &txUnmapped)
                     progress = true
                 }

@@ -45,12 +45,14 @@ public final class InvalidationMailbox: @unchecked Sendable {
 
     /// Posts `batch` with `ticket`; false when every slot is taken or the batch
     /// is larger than `capacity` (then the caller sends a command instead).
-    public func post(_ batch: some Collection<AddressRange<IOVA>>, ticket: UInt64) -> Bool {
+    /// (Concrete, not generic: across modules a generic would run unspecialized,
+    /// asking the runtime for metadata per element.)
+    public func post(_ batch: UnsafeBufferPointer<AddressRange<IOVA>>, ticket: UInt64) -> Bool {
         let h = head.load(ordering: .relaxed)
         guard batch.count <= capacity, h - tail.load(ordering: .acquiring) < UInt64(Self.slots) else { return false }
         let slot = Int(h % UInt64(Self.slots))
         let at = ranges + slot * capacity
-        for (i, r) in batch.enumerated() { (at + i).initialize(to: r) }
+        if let base = batch.baseAddress { (at).initialize(from: base, count: batch.count) }
         counts[slot] = batch.count
         tickets[slot] = ticket
         head.store(h + 1, ordering: .releasing)

@@ -46,6 +46,32 @@ import Testing
         #expect(m.mappings(after: IOVA(9 << 12), limit: 10).isEmpty)   // not mapped: no answer
     }
 
+    @Test("read-ahead skips what an earlier answer sent, and sends a page mapped again")
+    func readAheadSkipsWhatWasSent() {
+        let m = GuestIOMMU(pageSize: .k4)
+        func map(_ page: UInt64) { m.map(iova: IOVA(page << 12), gpa: GuestPhysAddr(page << 12), size: 1, perm: .read) }
+        func ahead(_ page: UInt64, _ sent: inout Range<UInt64>) -> [UInt64] {
+            var out: [UInt64] = []
+            sent = m.forEachMapping(after: IOVA(page << 12), skipping: sent, limit: 100) { out.append($0.iova.first.raw >> 12) }
+            return out
+        }
+        for p: UInt64 in 1...8 { map(p) }   // log positions 0...7
+        var sent: Range<UInt64> = 0..<0
+        // A miss on page 5 (a TX buffer posted after the RX ones) reads 6...8 ahead.
+        #expect(ahead(5, &sent) == [6, 7, 8] && sent == 4..<8)
+        // A miss on page 1 then reads 2...4 ahead and skips what went already.
+        #expect(ahead(1, &sent) == [2, 3, 4] && sent == 0..<8)
+        #expect(ahead(2, &sent).isEmpty)
+        // Unmapped and mapped again: logged anew, so read ahead again.
+        m.unmap(iova: IOVA(3 << 12), size: 1)
+        map(3)
+        map(9)
+        #expect(ahead(1, &sent) == [3, 9] && sent == 0..<10)
+        // A walk that does not reach the stretch sent before forgets it (nothing is lost but a skip).
+        sent = 20..<30
+        #expect(ahead(8, &sent) == [3, 9] && sent == 7..<10)
+    }
+
     @Test("the page table agrees with a Dictionary under random map/unmap churn")
     func pageTableMatchesDictionary() {
         var table = PageTable<Int>()
