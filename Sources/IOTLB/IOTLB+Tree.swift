@@ -272,10 +272,17 @@ extension IOTLB {
     /// The deepest an AVL tree of `entriesCeiling` nodes gets is ~1.44 log2(n) < 32.
     static let maxDepth = 64
 
+    /// What `linkIfFree` did.
+    enum Link { case linked, overlaps, held }
+
     /// Links a new node for `e` when no entry overlaps its range, in one
     /// descent: the search for overlaps is the walk to the insertion point.
     /// Returns false, having changed nothing, otherwise.
-    func linkIfFree(_ e: IOTLBEntry) -> Bool {
+    @inline(__always)
+    func linkIfFree(_ e: IOTLBEntry) -> Bool { link(e) == .linked }
+
+    /// `linkIfFree`, telling an overlap apart from the very same entry held already.
+    func link(_ e: IOTLBEntry) -> Link {
         let lo = e.range.first.raw, hi = e.range.last.raw
         let hot = self.hot
         var parent: Int32 = -1
@@ -289,17 +296,21 @@ extension IOTLB {
             above = right ? above : t
             t = right ? h.right : h.left
         }
-        if below >= 0 && cold[node(below)].last >= lo { return false }
-        if above >= 0 && hot[node(above)].first <= hi { return false }
+        if below >= 0 && cold[node(below)].last >= lo {
+            let c = cold[node(below)]
+            let same = hot[node(below)].first == lo && c.last == hi && c.uaddr == e.uaddr.raw && c.perm == e.perm.rawValue
+            return same ? .held : .overlaps
+        }
+        if above >= 0 && hot[node(above)].first <= hi { return .overlaps }
         let n = newNode(e, parent: parent)  // may move the node arrays: `hot` is stale from here
         let nodes = self.nodes
-        guard parent >= 0 else { root = n; return true }
+        guard parent >= 0 else { root = n; return .linked }
         // The parent is the node found last, `below` or `above`.
         if parent == above { nodes.hot[nodes.at(parent)].left = n } else { nodes.hot[nodes.at(parent)].right = n }
         // The parent had no child on this side: if it has one on the other,
         // its height holds and nothing above changes.
         if nodes.hot[nodes.at(parent)].left < 0 || nodes.hot[nodes.at(parent)].right < 0 { nodes.retrace(from: parent) }
-        return true
+        return .linked
     }
 
     /// Unlinks node `n` from the tree.

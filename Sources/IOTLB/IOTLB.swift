@@ -267,12 +267,41 @@ public final class IOTLB {
             let relinked = linkIfFree(e)
             precondition(relinked, "an entry still overlaps after removeOverlapping")
         }
+        didLink(e)
+        return outcome
+    }
+
+    /// `update`, unless the very same entry (range, user address, permission)
+    /// is held already: then nothing changes, not its place in the FIFO order
+    /// nor its pin, and the answer is nil. A translator's read-ahead offers
+    /// pages the table may hold; this tells in the one descent an insertion
+    /// makes anyway, where a look-up first would make two.
+    public func updateUnlessHeld(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome? {
+        if count < maxEntries {
+            switch link(e) {
+            case .linked:
+                didLink(e)
+                return UpdateOutcome()
+            case .held:
+                return nil
+            case .overlaps:
+                break
+            }
+        } else {
+            let n = floor(e.range.first.raw)
+            if n >= 0 && entry(n) == e { return nil }
+        }
+        return update(e, onRemove: onRemove)
+    }
+
+    /// The bookkeeping after `e` was linked as the newest node.
+    @inline(__always)
+    private func didLink(_ e: IOTLBEntry) {
         state.pointee.count += 1
         mutated()
         // A new mapping is about to be used: cached now, its first look-up
         // (and an invalidation soon after) needs no descent.
         fill(cacheSet(e.range.first.raw), newest)
-        return outcome
     }
 
     /// A node for `e`, newest in the FIFO list, to be linked below `parent`.

@@ -133,20 +133,11 @@ extension Device {
         let since = monotonicNanos()
         let buffer = m.pointee.resolveBuffer
         let budget = max(1, iotlb.maxEntries - iotlb.pinnedCount)
-        var n = resolver._withUnsafeGuaranteedRef { $0.resolve(iova, perm, budget, buffer) }
+        let n = resolver._withUnsafeGuaranteedRef { $0.resolve(iova, perm, budget, buffer) }
         guard n > 0 && n <= buffer.count else { return false }
         // What the IOTLB holds already stays (a re-insert would unpin it and cost
-        // an eviction): compacted in place, the missed entry kept last.
-        if n > 1 {
-            var kept = 0
-            for i in 0..<(n - 1) where iotlb.entry(containing: buffer[i].range.first) != buffer[i] {
-                buffer[kept] = buffer[i]
-                kept += 1
-            }
-            buffer[kept] = buffer[n - 1]
-            n = kept + 1
-        }
-        guard (try? updateIOTLB(buffer[..<n])) != nil else { return false }
+        // an eviction); the missed entry comes last.
+        guard (try? updateIOTLB(buffer[..<n], unlessHeld: true)) != nil else { return false }
         switch iotlb.translate(iova, access: perm, size: 1) {
         case .mapped:
             recordResolution(since: since, now: monotonicNanos())

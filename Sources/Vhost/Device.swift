@@ -253,15 +253,17 @@ public final class Device {
         try updateIOTLB(entries[...])
     }
 
-    /// The same for any collection of entries (the worker's own answers: a buffer, nothing allocated).
-    func updateIOTLB<C: Collection<IOTLBEntry>>(_ entries: C) throws(EngineError) -> UpdateReport {
+    /// The same for any collection of entries (the worker's own answers: a
+    /// buffer, nothing allocated); `unlessHeld`: an entry the IOTLB holds
+    /// already, the very same, stays as it is (a read-ahead answer's).
+    func updateIOTLB<C: Collection<IOTLBEntry>>(_ entries: C, unlessHeld: Bool = false) throws(EngineError) -> UpdateReport {
         for (i, e) in entries.enumerated() where e.uaddrRange == nil { throw .uaddrRangeOverflow(index: i) }
         try requireIOTLB()
         guard let table = memTable else { throw .noMemTable }
         for (i, e) in entries.enumerated() where !table.isBacked(e.uaddrRange!) { throw .uaddrNotMapped(index: i) }
         var report = UpdateReport()
         for e in entries {
-            let out = iotlb.update(e)
+            guard let out = unlessHeld ? iotlb.updateUnlessHeld(e) : iotlb.update(e) else { continue }
             report.applied += 1
             report.evicted += out.evicted
             report.replaced += out.replaced

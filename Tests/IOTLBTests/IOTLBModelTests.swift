@@ -27,6 +27,10 @@ struct NaiveIOTLB {
         return out
     }
 
+    mutating func updateUnlessHeld(_ e: IOTLBEntry) -> UpdateOutcome? {
+        entries.contains(e) ? nil : update(e)
+    }
+
     mutating func invalidate(_ r: AddressRange<IOVA>) -> Int {
         let before = entries.count
         entries.removeAll { $0.range.overlaps(r) }
@@ -80,10 +84,21 @@ func randomRange(_ g: inout SplitMix) -> AddressRange<IOVA> {
                 let e = IOTLBEntry(range: r, uaddr: UserAddr(g.next() % (1 << 40)),
                                    perm: Permissions(rawValue: UInt8(1 + g.next() % 3)))
                 var removed: [IOTLBEntry] = []
-                let got = tlb.update(e) { r, _ in removed.append(r) }
-                let want = model.update(e)
-                #expect(got == want, "step \(step)")
-                #expect(removed.count == want.replaced + want.evicted)
+                // Now and then the very same entry again, as a read-ahead answer offers it.
+                let held = g.next() % 4 == 0 ? tlb.entriesByAge() : []
+                let again = !held.isEmpty
+                if again || g.next() % 3 == 0 {
+                    let offered = again ? held[Int(g.next() % UInt64(held.count))] : e
+                    let got = tlb.updateUnlessHeld(offered) { r, _ in removed.append(r) }
+                    let want = model.updateUnlessHeld(offered)
+                    #expect(got == want, "step \(step)")
+                    #expect(removed.count == (want.map { $0.replaced + $0.evicted } ?? 0))
+                } else {
+                    let got = tlb.update(e) { r, _ in removed.append(r) }
+                    let want = model.update(e)
+                    #expect(got == want, "step \(step)")
+                    #expect(removed.count == want.replaced + want.evicted)
+                }
             case 5, 6:
                 let r = randomRange(&g)
                 #expect(tlb.invalidate(r) == model.invalidate(r), "step \(step)")
