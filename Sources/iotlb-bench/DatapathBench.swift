@@ -93,14 +93,18 @@ struct RunResult {
     /// Heap allocations and retain/release calls on the datapath thread per frame, net of the measurement's own.
     var allocationsPerFrame: Double
     var refcountsPerFrame: Double
+    /// A cache line's round trip between two threads just before and after the run (`HostPhase`).
+    var roundTripBefore = 0.0, roundTripAfter = 0.0
     var hitRate: Double { hits + misses == 0 ? 0 : Double(hits) / Double(hits + misses) }
+    var phase: HostPhase { HostPhase(before: roundTripBefore, after: roundTripAfter) }
 
     /// Its figures as report fields.
     var fields: [(String, JSON)] {
         [("mpps", .double(mpps)), ("gbps", .double(gbps)), ("frames", .count(frames)), ("hits", .count(hits)),
          ("misses", .count(misses)), ("hit_rate", hits + misses == 0 ? .null : .double(hitRate)), ("invalidations", .count(invalidations)),
          ("verify_errors", .count(verifyErrors)), ("allocations_per_frame", .double(allocationsPerFrame)),
-         ("retains_per_frame", .double(refcountsPerFrame))]
+         ("retains_per_frame", .double(refcountsPerFrame)), ("host_round_trip_ns_before", .double(roundTripBefore)),
+         ("host_round_trip_ns_after", .double(roundTripAfter)), ("host_phase", .string(phase.rawValue))]
     }
 }
 
@@ -111,6 +115,15 @@ struct RunResult {
 /// as QEMU's migration does each time it syncs and copies the dirty pages.
 func measure(_ c: WorkloadConfig, iotlb: Bool, dirtyLog: Bool = false, warmup: Double, seconds: Double,
              maxEntries: Int = 2048) throws -> RunResult {
+    let before = cacheLineRoundTripNanos()
+    var r = try measureRun(c, iotlb: iotlb, dirtyLog: dirtyLog, warmup: warmup, seconds: seconds, maxEntries: maxEntries)
+    (r.roundTripBefore, r.roundTripAfter) = (before, cacheLineRoundTripNanos())
+    return r
+}
+
+/// `measure` without the host's phase.
+private func measureRun(_ c: WorkloadConfig, iotlb: Bool, dirtyLog: Bool, warmup: Double, seconds: Double,
+                        maxEntries: Int) throws -> RunResult {
     var limits = EngineLimits()
     limits.hugePages = true
     let engine = Engine(datapathThreads: 1, limits: limits)

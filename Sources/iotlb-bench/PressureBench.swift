@@ -11,7 +11,9 @@ struct PressureBench: ParsableCommand {
         discussion: """
             Each round runs, for each payload size, static mappings at 2048 entries, then dynamic \
             mappings at every size in --entries. Ratios are taken within a round (side by side) and \
-            their medians reported: size / 2048 entries, and dynamic / static.
+            their medians reported: size / 2048 entries, and dynamic / static, also per host phase \
+            (a cache line's round trip between two threads, timed around every run: fast below \
+            200 ns, slow above; rounds whose runs saw different phases count in neither).
             """)
 
     @Option(help: "Payload sizes in bytes.") var sizes = "64,1500"
@@ -57,24 +59,37 @@ struct PressureBench: ParsableCommand {
                                 ("frames", .count(r.frames)), ("misses", .count(r.misses)), ("hit_rate", .double(r.hitRate)),
                                 ("verify_errors", .count(r.verifyErrors)),
                                 ("allocations_per_frame", .double(r.allocationsPerFrame)),
-                                ("retains_per_frame", .double(r.refcountsPerFrame))])
+                                ("retains_per_frame", .double(r.refcountsPerFrame)),
+                                ("host_round_trip_ns_before", .double(r.roundTripBefore)),
+                                ("host_round_trip_ns_after", .double(r.roundTripAfter)),
+                                ("host_phase", .string(r.phase.rawValue))])
                 }
             }
             let reference = dynamicRuns[2048]
             for e in entryList {
                 let runs = dynamicRuns[e] ?? []
                 let perRound = zip(runs, staticRuns).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 }
+                // The same ratios, kept apart by the host's phase when both runs of a round saw the same one.
+                func inPhase(_ phase: HostPhase) -> [Double] {
+                    zip(runs, staticRuns).filter { $0.phase == phase && $1.phase == phase }
+                        .map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 }
+                }
+                let fast = inPhase(.fast), slow = inPhase(.slow)
+                func phaseCell(_ xs: [Double]) -> String { xs.isEmpty ? "-" : "\(fmt(median(xs), 3)) (\(xs.count))" }
                 let vs2048 = reference.map { ref in zip(runs, ref).map { $1.mpps > 0 ? $0.mpps / $1.mpps : 0 } } ?? []
                 let misses = runs.reduce(0) { $0 + $1.misses }, frames = runs.reduce(0) { $0 + $1.frames }
                 let verify = runs.reduce(0) { $0 + $1.verifyErrors }
                 rows.append(["\(size)", "\(e)", fmt(median(runs.map(\.mpps)), 3), fmt(median(staticRuns.map(\.mpps)), 3),
-                             fmt(median(perRound), 3), vs2048.isEmpty ? "-" : fmt(median(vs2048), 3),
+                             fmt(median(perRound), 3), phaseCell(fast), phaseCell(slow),
+                             vs2048.isEmpty ? "-" : fmt(median(vs2048), 3),
                              fmt(Double(misses) / Double(max(frames, 1)), 3), "\(verify)"])
                 report.summary([("packet_size", .count(size)), ("iotlb_max_entries", .count(e)),
                                 ("dynamic_mpps_median", .double(median(runs.map(\.mpps)))),
                                 ("static_mpps_median", .double(median(staticRuns.map(\.mpps)))),
                                 ("dynamic_over_static", .array(perRound.map { .double($0) })),
                                 ("dynamic_over_static_median", .double(median(perRound))),
+                                ("dynamic_over_static_fast_phase", .array(fast.map { .double($0) })),
+                                ("dynamic_over_static_slow_phase", .array(slow.map { .double($0) })),
                                 ("over_2048", .array(vs2048.map { .double($0) })),
                                 ("over_2048_median", vs2048.isEmpty ? .null : .double(median(vs2048))),
                                 ("misses_per_frame", .double(Double(misses) / Double(max(frames, 1)))),
@@ -83,6 +98,7 @@ struct PressureBench: ParsableCommand {
         }
         progressDone()
         try report.emit(table: table(["bytes", "iotlb_max_entries", "dynamic Mpps", "static Mpps (2048)", "dynamic / static",
-                                      "× at 2048", "misses/frame", "verify errors"], rows), to: output)
+                                      "fast phase (rounds)", "slow phase (rounds)", "× at 2048", "misses/frame",
+                                      "verify errors"], rows), to: output)
     }
 }
