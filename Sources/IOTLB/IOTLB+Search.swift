@@ -51,7 +51,7 @@ extension IOTLB {
                 next = hot[node(n)].right
                 return n
             }
-            let total = count
+            let total = count + state.pointee.tombstones  // every node in the tree
             func fill(_ k: Int) {
                 guard k <= total else { return }
                 fill(2 * k)

@@ -45,7 +45,8 @@ extension IOTLB {
         // invalidation (one page, one entry) costs one search and one removal,
         // and the search is a cache probe when the datapath used the entry.
         var removed = 0
-        let lo = range.first.raw, hi = range.last.raw
+        var lo = range.first.raw
+        let hi = range.last.raw
         while true {
             var n = cachedNode(lo)
             if n < 0 {
@@ -63,9 +64,17 @@ extension IOTLB {
                 guard n >= 0, hot[node(n)].first <= hi else { return removed }
             }
             let end = cold[node(n)].last
-            onRemove(remove(n), reason)
-            removed += 1
+            if cold[node(n)].dead {
+                // Gone for look-ups already; an entry coming in over it takes its place in the tree.
+                if reason != .invalidated { purge(n) }
+            } else {
+                // An invalidated entry's node stays in the tree as a tombstone, for
+                // the same range mapped again to come back without a rebalance.
+                onRemove(reason == .invalidated ? bury(n) : remove(n), reason)
+                removed += 1
+            }
             if end >= hi { return removed }
+            lo = end + 1  // entries never overlap: nothing else holds [lo, end]
         }
     }
 
@@ -94,7 +103,7 @@ extension IOTLB {
                 if top == 0 { return }
                 top -= 1
                 let v = stack[top]
-                body(v)
+                if !cold[node(v)].dead { body(v) }
                 n = hot[node(v)].right
             }
         }
@@ -106,7 +115,7 @@ extension IOTLB {
         let h = hot[node(n)]
         if h.first > hi { return visitUntil(h.left, lo, hi, body) }
         if cold[node(n)].last < lo { return visitUntil(h.right, lo, hi, body) }
-        return visitUntil(h.left, lo, hi, body) && body(n) && visitUntil(h.right, lo, hi, body)
+        return visitUntil(h.left, lo, hi, body) && (cold[node(n)].dead || body(n)) && visitUntil(h.right, lo, hi, body)
     }
 
     @inline(__always)
@@ -272,8 +281,10 @@ extension IOTLB {
     /// The deepest an AVL tree of `entriesCeiling` nodes gets is ~1.44 log2(n) < 32.
     static let maxDepth = 64
 
-    /// What `linkIfFree` did.
-    enum Link { case linked, overlaps, held }
+    /// What `link` did: linked a new node, brought back a tombstone of the
+    /// same range as the newest node, or nothing (an overlap, or the very
+    /// same entry held already).
+    enum Link { case linked, revived, overlaps, held }
 
     /// Links a new node for `e` when no entry overlaps its range, in one
     /// descent: the search for overlaps is the walk to the insertion point.
@@ -281,9 +292,17 @@ extension IOTLB {
     @inline(__always)
     func linkIfFree(_ e: IOTLBEntry) -> Bool { link(e) == .linked }
 
-    /// `linkIfFree`, telling an overlap apart from the very same entry held already.
+    /// `linkIfFree`, telling an overlap apart from the very same entry held
+    /// already, and bringing back a tombstone of exactly `e`'s range.
     func link(_ e: IOTLBEntry) -> Link {
         let lo = e.range.first.raw, hi = e.range.last.raw
+        // When tombstones hold the pool's last nodes, the oldest gives its node
+        // up first (unless it is the one coming back), before the descent.
+        let oldestTomb = state.pointee.oldestTombstone
+        if freeList < 0 && used == maxEntries && oldestTomb >= 0
+            && (hot[node(oldestTomb)].first != lo || cold[node(oldestTomb)].last != hi) {
+            purge(oldestTomb)
+        }
         let hot = self.hot
         var parent: Int32 = -1
         var t = root
@@ -298,8 +317,13 @@ extension IOTLB {
         }
         if below >= 0 && cold[node(below)].last >= lo {
             let c = cold[node(below)]
-            let same = hot[node(below)].first == lo && c.last == hi && c.uaddr == e.uaddr.raw && c.perm == e.perm.rawValue
-            return same ? .held : .overlaps
+            let sameRange = hot[node(below)].first == lo && c.last == hi
+            if c.dead {
+                guard sameRange else { return .overlaps }
+                revive(below, e)
+                return .revived
+            }
+            return sameRange && c.uaddr == e.uaddr.raw && c.perm == e.perm.rawValue ? .held : .overlaps
         }
         if above >= 0 && hot[node(above)].first <= hi { return .overlaps }
         let n = newNode(e, parent: parent)  // may move the node arrays: `hot` is stale from here
@@ -348,7 +372,8 @@ extension IOTLB {
     }
 
     /// Whether the tree is sound: keys in order, stored heights and parents
-    /// right, every node balanced, and exactly `count` nodes reachable (for tests).
+    /// right, every node balanced, and exactly the live nodes and the
+    /// tombstones reachable (for tests).
     func treeIsValid() -> Bool {
         var reached = 0
         var previous: UInt64? = nil
@@ -362,6 +387,6 @@ extension IOTLB {
                   cold[node(t)].height == max(lh, rh) + 1 else { return nil }
             return cold[node(t)].height
         }
-        return check(root, -1) != nil && reached == count
+        return check(root, -1) != nil && reached == count + state.pointee.tombstones
     }
 }

@@ -49,6 +49,7 @@ public final class IOTLB {
         var height: Int8
         var perm: UInt8
         var pinned: Bool
+        var dead: Bool       // a tombstone (IOTLB+Tombstones.swift)
     }
 
     /// Everything the table mutates, in one struct behind a pointer.
@@ -83,6 +84,11 @@ public final class IOTLB {
         var root: Int32 = -1
         var oldest: Int32 = -1
         var newest: Int32 = -1
+        // Tombstones: invalidated nodes left in the tree, oldest first, linked
+        // through `older`/`newer` (they are out of the FIFO list).
+        var tombstones = 0
+        var oldestTombstone: Int32 = -1
+        var newestTombstone: Int32 = -1
         // The translation cache (IOTLB+Cache.swift): each node's stamp (capacity
         // long), the next stamp to hand out, the slots, `cacheSets` sets of `ways`.
         var stamps: UnsafeMutablePointer<UInt32>
@@ -178,7 +184,8 @@ public final class IOTLB {
         state.pointee.windowMisses += 1
         if state.pointee.windowMisses == IOTLB.cacheWindow { stepAsideIfUseless() }
         let n = lookupFloor(key)
-        guard n >= 0, cold[node(n)].last >= key else { return nil }
+        // A tombstone as the floor means no live entry holds `key` (IOTLB+Tombstones.swift).
+        guard n >= 0, cold[node(n)].last >= key, !cold[node(n)].dead else { return nil }
         fill(set, n)
         return set[0]
     }
@@ -187,7 +194,7 @@ public final class IOTLB {
     @inline(__always)
     func liveInTree(_ key: UInt64) -> CacheSlot? {
         let n = lookupFloor(key)
-        guard n >= 0, cold[node(n)].last >= key else { return nil }
+        guard n >= 0, cold[node(n)].last >= key, !cold[node(n)].dead else { return nil }
         let c = cold[node(n)]
         return CacheSlot(first: hot[node(n)].first, last: c.last, uaddr: c.uaddr, stamp: 0,
                          nodePerm: UInt32(truncatingIfNeeded: n) << 2 | UInt32(c.perm))
@@ -252,8 +259,12 @@ public final class IOTLB {
     public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
         var outcome = UpdateOutcome()
         // The common case, room and no overlap, takes one descent.
-        let linked = count < maxEntries && linkIfFree(e)
-        if !linked {
+        let linked = count < maxEntries ? link(e) : .overlaps
+        if linked == .revived {
+            didRevive(e)
+            return outcome
+        }
+        if linked != .linked {
             outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
             if count == maxEntries, oldest >= 0 {
                 // A pinned entry goes to the back of the line instead, unless every entry is pinned.
@@ -263,7 +274,7 @@ public final class IOTLB {
                 onRemove(remove(oldest), .evicted)
                 outcome.evicted = 1
             }
-            // Nothing overlaps `e` any more: this links it, in the same one descent.
+            // Nothing overlaps `e` any more, not even a tombstone: this links it, in the same one descent.
             let relinked = linkIfFree(e)
             precondition(relinked, "an entry still overlaps after removeOverlapping")
         }
@@ -282,6 +293,9 @@ public final class IOTLB {
             case .linked:
                 didLink(e)
                 return UpdateOutcome()
+            case .revived:
+                didRevive(e)
+                return UpdateOutcome()
             case .held:
                 return nil
             case .overlaps:
@@ -289,9 +303,17 @@ public final class IOTLB {
             }
         } else {
             let n = floor(e.range.first.raw)
-            if n >= 0 && entry(n) == e { return nil }
+            if n >= 0 && !cold[node(n)].dead && entry(n) == e { return nil }
         }
         return update(e, onRemove: onRemove)
+    }
+
+    /// The bookkeeping after a tombstone came back as `e`, the newest node:
+    /// the tree's keys did not change, so the search arrays stay current.
+    @inline(__always)
+    private func didRevive(_ e: IOTLBEntry) {
+        state.pointee.count += 1
+        fill(cacheSet(e.range.first.raw), newest)
     }
 
     /// The bookkeeping after `e` was linked as the newest node.
@@ -311,7 +333,7 @@ public final class IOTLB {
         stamp(n)
         hot[node(n)] = Hot(first: e.range.first.raw, left: -1, right: -1)
         cold[node(n)] = Cold(last: e.range.last.raw, uaddr: e.uaddr.raw, older: newest, newer: -1, parent: parent, height: 1,
-                            perm: e.perm.rawValue, pinned: false)
+                            perm: e.perm.rawValue, pinned: false, dead: false)
         if newest >= 0 { cold[node(newest)].newer = n } else { oldest = n }
         newest = n
         return n
@@ -334,6 +356,7 @@ public final class IOTLB {
             n = cold[node(n)].newer
         }
         root = -1; oldest = -1; newest = -1; freeList = -1; used = 0
+        state.pointee.tombstones = 0; state.pointee.oldestTombstone = -1; state.pointee.newestTombstone = -1
         state.pointee.count = 0
         state.pointee.pinnedCount = 0
         if removed > 0 { state.pointee.generation &+= 1 }

@@ -73,13 +73,17 @@ import TestSupport
         var cachedThenRemoved = 0
         var removed: [IOTLBEntry] = []
         let noteRemoval: (IOTLBEntry, RemovalReason) -> Void = { e, _ in removed.append(e) }
+        // Invalidated ranges, mapped again now and then to another address and
+        // permission: a tombstone comes back, and its old translation must not.
+        var gone: [AddressRange<IOVA>] = []
         for step in 0..<3000 {
             removed.removeAll(keepingCapacity: true)
             let cachedBefore = watched.filter { tlb.cacheAnswers($0) }
             let what: String
             switch g.next() % 20 {
             case 0...8:
-                let e = IOTLBStaleTests.randomEntry(&g)
+                var e = IOTLBStaleTests.randomEntry(&g)
+                if !gone.isEmpty && g.next() % 3 == 0 { e.range = gone.removeLast() }
                 #expect(tlb.update(e, onRemove: noteRemoval) == model.update(e), "step \(step)")
                 watch(e)
                 what = "update \(e.range)"
@@ -88,6 +92,8 @@ import TestSupport
                 let at = watched.isEmpty ? 0x4000_0000 : watched[Int(g.next() % UInt64(watched.count))].raw
                 let r = AddressRange(first: IOVA(at), last: IOVA(at &+ min(g.next() % 0x3000, UInt64.max - at)))
                 #expect(tlb.invalidate(r, onRemove: noteRemoval) == model.invalidate(r), "step \(step)")
+                gone += removed.map(\.range)
+                if gone.count > 32 { gone.removeFirst(gone.count - 32) }
                 what = "invalidate \(r)"
             case 13 where g.next() % 8 == 0:
                 model.entries.removeAll()
