@@ -55,18 +55,11 @@ final class GuestRun {
     }()
     var rxFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.rxFree)!) } unsafeMutableAddress { m.pointer(to: \.rxFree)! } }
     var txFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.txFree)!) } unsafeMutableAddress { m.pointer(to: \.txFree)! } }
-    var rxUnmapped: [UInt16] {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.rxUnmapped)!) } unsafeMutableAddress { m.pointer(to: \.rxUnmapped)! }
-    }
-    var txUnmapped: [UInt16] {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.txUnmapped)!) } unsafeMutableAddress { m.pointer(to: \.txUnmapped)! }
-    }
-    var rxQuarantined: [UInt16] {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.rxQuarantined)!) } unsafeMutableAddress { m.pointer(to: \.rxQuarantined)! }
-    }
-    var txQuarantined: [UInt16] {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.txQuarantined)!) } unsafeMutableAddress { m.pointer(to: \.txQuarantined)! }
-    }
+    var rxUnmapped: [UInt16] { unsafeAddress { at(\.rxUnmapped) } unsafeMutableAddress { m.pointer(to: \.rxUnmapped)! } }
+    var txUnmapped: [UInt16] { unsafeAddress { at(\.txUnmapped) } unsafeMutableAddress { m.pointer(to: \.txUnmapped)! } }
+    var rxQuarantined: [UInt16] { unsafeAddress { at(\.rxQuarantined) } unsafeMutableAddress { m.pointer(to: \.rxQuarantined)! } }
+    var txQuarantined: [UInt16] { unsafeAddress { at(\.txQuarantined) } unsafeMutableAddress { m.pointer(to: \.txQuarantined)! } }
+    @inline(__always) private func at<T>(_ k: WritableKeyPath<Mutable, T>) -> UnsafePointer<T> { UnsafePointer(m.pointer(to: k)!) }
     var awaited: UInt64 { get { m.pointee.awaited } set { m.pointee.awaited = newValue } }
     var tickets: UInt64 { get { m.pointee.tickets } set { m.pointee.tickets = newValue } }
     var stats: WorkloadStats {

@@ -4,6 +4,7 @@
 // its guest, a front-end and its back-end) follows, by up to 3×. A ping-pong
 // of one cache line between two threads, timed before and after a run, tells
 // which phase the run saw, so ratios can be taken within one phase.
+import ArgumentParser
 import Glibc
 import Platform
 import Synchronization
@@ -63,4 +64,22 @@ func cacheLineRoundTripNanos(rounds: Int = 5000) -> Double {
         series.append(Double(elapsed) / Double(max(done, 1)))
     }
     return median(series)
+}
+
+/// `iotlb-bench phase`: the round trip and the phase it means, for the
+/// side-by-side scripts, which time it around every run of other programs.
+struct PhaseProbe: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "phase",
+        abstract: "The host's phase now: a cache line's round trip between two threads (ns), fast or slow.",
+        discussion: """
+            Prints "<ns> <fast|slow>". This VM's vCPUs flip between a placement where a cache line \
+            crosses in ~30 ns one way and one where it takes ~170 ns; every figure of two threads \
+            talking through memory follows. Runs for a few milliseconds.
+            """)
+
+    func run() {
+        let ns = cacheLineRoundTripNanos()
+        print("\(Int(ns.rounded())) \(ns >= HostPhase.slowFromNanos ? "slow" : "fast")")
+    }
 }
