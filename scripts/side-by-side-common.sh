@@ -10,6 +10,9 @@
 #   dpdk_retried CMD   runs CMD (prints Mpps) up to 3 times while it gives
 #                      0.00 (DPDK's pair lost its tx-first burst); counts the
 #                      repeats in $WORK/dpdk-retries
+#   phased CMD         runs CMD (prints Mpps) and prints "Mpps PHASE": the
+#                      host's phase (iotlb-bench phase) before and after it,
+#                      fast, slow, or mixed when they differ
 #   ratio A B, has BACKEND
 
 sbs_prepare() {
@@ -18,6 +21,7 @@ sbs_prepare() {
   if [ "$HUGE_BEFORE" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
   mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; }
   [ -x .build/release/iotlbd ] || swift build -c release --product iotlbd >/dev/null
+  [ -x .build/release/iotlb-bench ] || swift build -c release --product iotlb-bench >/dev/null
 }
 
 sbs_start_iotlbd() {
@@ -48,6 +52,16 @@ dpdk_retried() {
     echo x >>"$WORK/dpdk-retries"
   done
   echo "$r"
+}
+
+phase_now() { .build/release/iotlb-bench phase | awk '{print $2}'; }
+
+phased() {
+  local before after r
+  before=$(phase_now)
+  r=$("$@")
+  after=$(phase_now)
+  echo "$r $([ "$before" = "$after" ] && echo "$before" || echo mixed)"
 }
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }

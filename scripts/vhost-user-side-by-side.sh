@@ -5,7 +5,10 @@
 # device IOTLB off, and iotlbd with it on (identity translator: IOVA = GPA,
 # 2 MiB entries). Every backend gets one pinned core, the front-end the other.
 # Prints a Markdown table of Mpps (median of the per-second figures after a
-# 2 s warm-up). Needs root (huge pages) and Debian's dpdk-dev (dpdk-testpmd;
+# 2 s warm-up), each with the host's phase around its run (f: fast, s: slow,
+# m: mixed; `iotlb-bench phase`), and medians per phase at the end: this VM
+# flips between two phases that change every figure by up to 3x, so sides
+# compare within one phase. Needs root (huge pages) and Debian's dpdk-dev (dpdk-testpmd;
 # installed when missing). Nothing of DPDK is built or kept here.
 #   scripts/vhost-user-side-by-side.sh [--json FILE] [ROUNDS] [SECONDS] [FRAMES] [BACKENDS]
 # BACKENDS: any of "dpdk off on" (default all three), e.g. "off on" for a
@@ -62,21 +65,23 @@ dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
 
 echo "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
-printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_off\n' >"$WORK/rows.tsv"
+printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_off\tdpdk_phase\toff_phase\ton_phase\n' >"$WORK/rows.tsv"
 for frame in $FRAMES; do
   for r in $(seq 1 "$ROUNDS"); do
-    d=-; off=-; on=-
-    has dpdk && d=$(dpdk_run "$frame")
-    has off && off=$(front_end "$WORK/vu-off.sock" "$frame")
-    has on && on=$(front_end "$WORK/vu-on.sock" "$frame")
+    d=-; off=-; on=-; dp=-; offp=-; onp=-
+    has dpdk && read -r d dp < <(phased dpdk_run "$frame")
+    has off && read -r off offp < <(phased front_end "$WORK/vu-off.sock" "$frame")
+    has on && read -r on onp < <(phased front_end "$WORK/vu-on.sock" "$frame")
     r1=-; r2=-
     [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
     [ "$off" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$off")
-    echo "| $frame | $r | $d | $off | $on | $r1 | $r2 |"
+    echo "| $frame | $r | $d (${dp:0:1}) | $off (${offp:0:1}) | $on (${onp:0:1}) | $r1 | $r2 |"
     if [ "$d" = 0.00 ]; then d=-; r1=-; fi  # no figure: null in the JSON
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" >>"$WORK/rows.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" "$dp" "$offp" "$onp" >>"$WORK/rows.tsv"
   done
 done
+echo
+python3 scripts/phase_medians.py "$WORK/rows.tsv" dpdk iotlbd_off iotlbd_on
 RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
 if has dpdk; then
   echo
