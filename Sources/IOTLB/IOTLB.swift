@@ -9,7 +9,9 @@
 // kernel keeps those translations in a per-queue cache beside its IOTLB).
 //
 // Storage is an AVL tree laid out in one node pool addressed by Int32 indices,
-// threaded by a FIFO list (IOTLB+Tree.swift). Look-up and update are
+// threaded by a FIFO list (IOTLB+Tree.swift); an invalidated entry's node
+// stays in the tree as a tombstone until the same range comes back or room
+// is needed (IOTLB+Tombstones.swift). Look-up and update are
 // O(log n); a look-up touches no reference-counted object and allocates
 // nothing (not even when it rebuilds the search array, IOTLB+Search.swift).
 // In front of the tree, a cache of recent look-ups' entries by 4 KiB page
