@@ -8,7 +8,8 @@
 #               device IOTLB off / on (the identity translator answers).
 # Frames go port 0 → back-end → port 1 → front-end → port 0 … in a loop: the
 # figure is the front-end's Rx-pps over both ports (median of the per-second
-# figures after a 2 s warm-up). The back-end gets core 1, the front-end core 0.
+# figures after a 2 s warm-up), with the host's phase around each run and
+# medians per phase at the end (see vhost-user-side-by-side.sh). The back-end gets core 1, the front-end core 0.
 # Needs root (huge pages) and Debian's dpdk-dev (installed when missing).
 #   scripts/peer-side-by-side.sh [--json FILE] [ROUNDS] [SECONDS] [FRAMES] [BACKENDS]
 # BACKENDS: any of "dpdk off on" (default all three).
@@ -58,23 +59,11 @@ dpdk_once() { # FRAME
 }
 dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
 
-echo "| frame B | round | DPDK 2 × net_vhost Mpps | iotlbd peers, IOTLB off Mpps | IOTLB on Mpps | off / DPDK | on / DPDK |"
-echo "|---:|---:|---:|---:|---:|---:|---:|"
-printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_dpdk\n' >"$WORK/rows.tsv"
-for frame in $FRAMES; do
-  for r in $(seq 1 "$ROUNDS"); do
-    d=-; off=-; on=-
-    has dpdk && d=$(dpdk_run "$frame")
-    has off && off=$(front_end "$WORK/off-a.sock" "$WORK/off-b.sock" "$frame")
-    has on && on=$(front_end "$WORK/on-a.sock" "$WORK/on-b.sock" "$frame")
-    r1=-; r2=-
-    [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
-    [ "$d" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$d")
-    echo "| $frame | $r | $d | $off | $on | $r1 | $r2 |"
-    if [ "$d" = 0.00 ]; then d=-; r1=-; r2=-; fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" >>"$WORK/rows.tsv"
-  done
-done
+run_dpdk() { dpdk_run "$1"; }
+run_off() { front_end "$WORK/off-a.sock" "$WORK/off-b.sock" "$1"; }
+run_on() { front_end "$WORK/on-a.sock" "$WORK/on-b.sock" "$1"; }
+sbs_rounds "| frame B | round | DPDK 2 × net_vhost Mpps | iotlbd peers, IOTLB off Mpps | IOTLB on Mpps | off / DPDK | on / DPDK |" \
+  on_over_dpdk
 RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
 has dpdk && { echo; echo "DPDK runs repeated because the tx-first burst was lost: $RETRIES"; }
 if [ -n "$JSON_OUT" ]; then

@@ -13,6 +13,13 @@
 #   phased CMD         runs CMD (prints Mpps) and prints "Mpps PHASE": the
 #                      host's phase (iotlb-bench phase) before and after it,
 #                      fast, slow, or mixed when they differ
+#   sbs_rounds HEADER SECOND
+#                      for every frame in $FRAMES, $ROUNDS rounds of the
+#                      script's run_dpdk, run_off, run_on FRAME (each prints
+#                      Mpps; as `has` allows), each with its phase: Markdown
+#                      rows (HEADER: the first line), $WORK/rows.tsv, then
+#                      medians per phase. Ratios: off / DPDK, and SECOND
+#                      (on_over_off or on_over_dpdk)
 #   ratio A B, has BACKEND
 
 sbs_prepare() {
@@ -62,6 +69,34 @@ phased() {
   r=$("$@")
   after=$(phase_now)
   echo "$r $([ "$before" = "$after" ] && echo "$before" || echo mixed)"
+}
+
+sbs_rounds() {
+  local header=$1 second=$2 frame r d off on dp offp onp r1 r2
+  echo "$header"
+  echo "|---:|---:|---:|---:|---:|---:|---:|"
+  printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\t%s\tdpdk_phase\toff_phase\ton_phase\n' \
+    "$second" >"$WORK/rows.tsv"
+  for frame in $FRAMES; do
+    for r in $(seq 1 "$ROUNDS"); do
+      d=-; off=-; on=-; dp=-; offp=-; onp=-
+      if has dpdk; then read -r d dp < <(phased run_dpdk "$frame"); fi
+      if has off; then read -r off offp < <(phased run_off "$frame"); fi
+      if has on; then read -r on onp < <(phased run_on "$frame"); fi
+      if [ "$d" = 0.00 ]; then d=-; fi  # DPDK's pair lost its burst 3 times: no figure (null in the JSON)
+      r1=-; r2=-
+      [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
+      case $second in
+        on_over_off) [ "$off" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$off") ;;
+        *) [ "$d" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$d") ;;
+      esac
+      echo "| $frame | $r | $d (${dp:0:1}) | $off (${offp:0:1}) | $on (${onp:0:1}) | $r1 | $r2 |"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" "$dp" "$offp" "$onp" \
+        >>"$WORK/rows.tsv"
+    done
+  done
+  echo
+  python3 scripts/phase_medians.py "$WORK/rows.tsv" dpdk iotlbd_off iotlbd_on
 }
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }

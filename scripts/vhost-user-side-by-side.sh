@@ -63,25 +63,11 @@ dpdk_once() { # FRAME
 # times, and counted.
 dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
 
-echo "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |"
-echo "|---:|---:|---:|---:|---:|---:|---:|"
-printf 'frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\toff_over_dpdk\ton_over_off\tdpdk_phase\toff_phase\ton_phase\n' >"$WORK/rows.tsv"
-for frame in $FRAMES; do
-  for r in $(seq 1 "$ROUNDS"); do
-    d=-; off=-; on=-; dp=-; offp=-; onp=-
-    has dpdk && read -r d dp < <(phased dpdk_run "$frame")
-    has off && read -r off offp < <(phased front_end "$WORK/vu-off.sock" "$frame")
-    has on && read -r on onp < <(phased front_end "$WORK/vu-on.sock" "$frame")
-    r1=-; r2=-
-    [ "$d" != - ] && [ "$off" != - ] && r1=$(ratio "$off" "$d")
-    [ "$off" != - ] && [ "$on" != - ] && r2=$(ratio "$on" "$off")
-    echo "| $frame | $r | $d (${dp:0:1}) | $off (${offp:0:1}) | $on (${onp:0:1}) | $r1 | $r2 |"
-    if [ "$d" = 0.00 ]; then d=-; r1=-; fi  # no figure: null in the JSON
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$frame" "$r" "$d" "$off" "$on" "$r1" "$r2" "$dp" "$offp" "$onp" >>"$WORK/rows.tsv"
-  done
-done
-echo
-python3 scripts/phase_medians.py "$WORK/rows.tsv" dpdk iotlbd_off iotlbd_on
+run_dpdk() { dpdk_run "$1"; }
+run_off() { front_end "$WORK/vu-off.sock" "$1"; }
+run_on() { front_end "$WORK/vu-on.sock" "$1"; }
+sbs_rounds "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |" \
+  on_over_off
 RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
 if has dpdk; then
   echo
