@@ -23,7 +23,9 @@ Sides (--sides, alternated in this order every round):
 Cores (2 here): the back-end's forwarding on core 1, the front-end's on core 0
 (iotlbd pinned to core 1); trafgen runs with one process (it, the back-end and
 the front-end share the 2 cores: RX figures are the noisier). Runs vary 2-4x
-with how the host schedules: compare sides within a round only.
+with how the host schedules: compare sides within a round only. Each run
+records the host's phase around it (`iotlb-bench phase`: fast, slow, or mixed
+when it changed; the row's host_phase, and (f)/(s)/(m) in the table).
 
     scripts/tap-side-by-side.py [--rounds 3] [--seconds 5] [--frames "64 1518"]
         [--rx-frames "64 1514"] [--directions "tx rx"] [--sides "dpdk iotlbd-off iotlbd-on"]
@@ -31,7 +33,8 @@ with how the host schedules: compare sides within a round only.
 
 Root (namespaces, 2 MiB huge pages: reserved as needed, the count restored).
 Needs dpdk-testpmd (Debian's dpdk-dev), trafgen (netsniff-ng) for RX, and
-.build/release/iotlbd for the iotlbd sides (`make net-tools tools release`).
+.build/release/iotlbd for the iotlbd sides and .build/release/iotlb-bench
+(`make net-tools tools release`).
 """
 import argparse
 import datetime
@@ -153,6 +156,14 @@ def pps_median(path, key, skip):
     return round(statistics.median(vals) / 1e6, 3) if vals else None
 
 
+BENCH = os.path.join(ROOT, ".build", "release", "iotlb-bench")
+
+
+def host_phase():
+    """The host's phase now (`iotlb-bench phase`: a cache line's round trip between two threads): fast or slow."""
+    return subprocess.run([BENCH, "phase"], capture_output=True, text=True, check=True).stdout.split()[1]
+
+
 def tx_run(side, frame, seconds):
     with Netns("tapbench") as ns:
         sock, tap = side.start(ns)
@@ -223,6 +234,8 @@ def main():
             ap.error(f"unknown side {s}")
     if any(s.startswith("iotlbd") for s in sides) and not os.access(iotlbd_path("release"), os.X_OK):
         ap.error(f"{iotlbd_path('release')} is missing: make release")
+    if not os.access(BENCH, os.X_OK):
+        ap.error(f"{BENCH} is missing (it tells the host's phase): make release")
     rows = []
     with HugePages():
         for direction in a.directions.split():
@@ -231,13 +244,16 @@ def main():
                 for rnd in range(1, a.rounds + 1):
                     for s in sides:
                         side = known[s]()
+                        before = host_phase()
                         r = (tx_run if direction == "tx" else rx_run)(side, frame, a.seconds)
-                        row = {"direction": direction, "frame_size": frame, "round": rnd, "side": s, **r}
+                        after = host_phase()
+                        row = {"direction": direction, "frame_size": frame, "round": rnd, "side": s, **r,
+                               "host_phase": before if before == after else "mixed"}
                         rows.append(row)
                         log("  " + " ".join(f"{k}={v}" for k, v in row.items()))
     key = {"tx": "ns_rx_mpps", "rx": "frontend_rx_mpps"}
     summary = []
-    print("| direction | frame B | side | Mpps (median) | per round | / dpdk (per round) |")
+    print("| direction | frame B | side | Mpps (median) | per round (host phase) | / dpdk (per round) |")
     print("|---|---:|---|---:|---|---|")
     for direction in a.directions.split():
         for frame in dict.fromkeys(r["frame_size"] for r in rows if r["direction"] == direction):
@@ -254,7 +270,8 @@ def main():
                 if ratios:
                     line["over_dpdk_median"] = round(statistics.median(ratios), 3)
                 summary.append(line)
-                print(f"| {direction} | {frame} | {s} | {med} | {', '.join(str(v) for v in vals)} | "
+                runs = ", ".join(f"{r[key[direction]]} ({r['host_phase'][0]})" for r in g if r[key[direction]] is not None)
+                print(f"| {direction} | {frame} | {s} | {med} | {runs} | "
                       f"{', '.join('%.2f' % x for x in ratios) or '-'} |")
     if a.json:
         dpdk = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], capture_output=True, text=True).stdout
