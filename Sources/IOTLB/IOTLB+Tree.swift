@@ -287,13 +287,9 @@ extension IOTLB {
     enum Link { case linked, revived, overlaps, held }
 
     /// Links a new node for `e` when no entry overlaps its range, in one
-    /// descent: the search for overlaps is the walk to the insertion point.
-    /// Returns false, having changed nothing, otherwise.
-    @inline(__always)
-    func linkIfFree(_ e: IOTLBEntry) -> Bool { link(e) == .linked }
-
-    /// `linkIfFree`, telling an overlap apart from the very same entry held
-    /// already, and bringing back a tombstone of exactly `e`'s range.
+    /// descent: the search for overlaps is the walk to the insertion point;
+    /// brings back a tombstone of exactly `e`'s range instead. Otherwise
+    /// changes nothing, and tells an overlap from the very same entry held.
     func link(_ e: IOTLBEntry) -> Link {
         let lo = e.range.first.raw, hi = e.range.last.raw
         // When tombstones hold the pool's last nodes, the oldest gives its node

@@ -259,14 +259,39 @@ public final class IOTLB {
     /// oldest entry first when the table is full.
     @discardableResult
     public func update(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome {
-        var outcome = UpdateOutcome()
         // The common case, room and no overlap, takes one descent.
-        let linked = count < maxEntries ? link(e) : .overlaps
-        if linked == .revived {
+        insert(e, after: count < maxEntries ? link(e) : .overlaps, onRemove)
+    }
+
+    /// `update`, unless the very same entry (range, user address, permission)
+    /// is held already: then nothing changes, not its place in the FIFO order
+    /// nor its pin, and the answer is nil. A translator's read-ahead offers
+    /// pages the table may hold; this tells in the one descent an insertion
+    /// makes anyway, where a look-up first would make two.
+    public func updateUnlessHeld(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome? {
+        let first: Link
+        if count < maxEntries {
+            first = link(e)
+        } else {
+            let n = floor(e.range.first.raw)
+            first = n >= 0 && !cold[node(n)].dead && entry(n) == e ? .held : .overlaps
+        }
+        return first == .held ? nil : insert(e, after: first, onRemove)
+    }
+
+    /// Finishes an update whose first `link` gave `first`: a linked or revived
+    /// node needs only its bookkeeping; otherwise (an overlap, or the same
+    /// entry, which `update` replaces) what overlaps goes, the oldest entry
+    /// too when the table is full, and `e` is linked.
+    private func insert(_ e: IOTLBEntry, after first: Link, _ onRemove: (IOTLBEntry, RemovalReason) -> Void) -> UpdateOutcome {
+        var outcome = UpdateOutcome()
+        switch first {
+        case .revived:
             didRevive(e)
             return outcome
-        }
-        if linked != .linked {
+        case .linked:
+            break
+        case .overlaps, .held:
             outcome.replaced = removeOverlapping(e.range, reason: .replaced, onRemove)
             if count == maxEntries, oldest >= 0 {
                 // A pinned entry goes to the back of the line instead, unless every entry is pinned.
@@ -277,37 +302,11 @@ public final class IOTLB {
                 outcome.evicted = 1
             }
             // Nothing overlaps `e` any more, not even a tombstone: this links it, in the same one descent.
-            let relinked = linkIfFree(e)
-            precondition(relinked, "an entry still overlaps after removeOverlapping")
+            let relinked = link(e)
+            precondition(relinked == .linked, "an entry still overlaps after removeOverlapping")
         }
         didLink(e)
         return outcome
-    }
-
-    /// `update`, unless the very same entry (range, user address, permission)
-    /// is held already: then nothing changes, not its place in the FIFO order
-    /// nor its pin, and the answer is nil. A translator's read-ahead offers
-    /// pages the table may hold; this tells in the one descent an insertion
-    /// makes anyway, where a look-up first would make two.
-    public func updateUnlessHeld(_ e: IOTLBEntry, onRemove: (IOTLBEntry, RemovalReason) -> Void = { _, _ in }) -> UpdateOutcome? {
-        if count < maxEntries {
-            switch link(e) {
-            case .linked:
-                didLink(e)
-                return UpdateOutcome()
-            case .revived:
-                didRevive(e)
-                return UpdateOutcome()
-            case .held:
-                return nil
-            case .overlaps:
-                break
-            }
-        } else {
-            let n = floor(e.range.first.raw)
-            if n >= 0 && !cold[node(n)].dead && entry(n) == e { return nil }
-        }
-        return update(e, onRemove: onRemove)
     }
 
     /// The bookkeeping after a tombstone came back as `e`, the newest node:
