@@ -1,9 +1,9 @@
 // The host's phase. This VM's two vCPUs are sometimes placed where a cache
-// line crosses between them in ~30 ns and sometimes where it takes ~170 ns,
-// and every figure of two threads talking through memory (the datapath and
-// its guest, a front-end and its back-end) follows, by up to 3×. A ping-pong
-// of one cache line between two threads, timed before and after a run, tells
-// which phase the run saw, so ratios can be taken within one phase.
+// line goes between them and back in 55-85 ns and sometimes where it takes
+// 310-350 ns, and every figure of two threads talking through memory (the
+// datapath and its guest, a front-end and its back-end) follows, by up to 3×.
+// A ping-pong of one cache line between two threads, timed before and after
+// a run, tells which phase the run saw, so ratios can be taken within one.
 import ArgumentParser
 import Glibc
 import Platform
@@ -13,13 +13,16 @@ enum HostPhase: String {
     case fast, slow, mixed
 
     /// Round trips at or above this are the slow phase (measured here: fast
-    /// 55–85 ns, slow 330–350 ns).
+    /// 55–85 ns, slow 310–350 ns).
     static let slowFromNanos = 200.0
+
+    /// The phase one round trip (ns) means.
+    init(roundTrip: Double) { self = roundTrip >= HostPhase.slowFromNanos ? .slow : .fast }
 
     /// The phase a run saw, from the round trips timed before and after it.
     init(before: Double, after: Double) {
-        let slowBefore = before >= HostPhase.slowFromNanos, slowAfter = after >= HostPhase.slowFromNanos
-        self = slowBefore != slowAfter ? .mixed : (slowBefore ? .slow : .fast)
+        let a = HostPhase(roundTrip: before), b = HostPhase(roundTrip: after)
+        self = a == b ? a : .mixed
     }
 }
 
@@ -74,12 +77,13 @@ struct PhaseProbe: ParsableCommand {
         abstract: "The host's phase now: a cache line's round trip between two threads (ns), fast or slow.",
         discussion: """
             Prints "<ns> <fast|slow>". This VM's vCPUs flip between a placement where a cache line \
-            crosses in ~30 ns one way and one where it takes ~170 ns; every figure of two threads \
-            talking through memory follows. Runs for a few milliseconds.
+            goes between them and back in 55-85 ns and one where it takes 310-350 ns (slow from \
+            200 ns); every figure of two threads talking through memory follows. Runs for a few \
+            milliseconds.
             """)
 
     func run() {
         let ns = cacheLineRoundTripNanos()
-        print("\(Int(ns.rounded())) \(ns >= HostPhase.slowFromNanos ? "slow" : "fast")")
+        print("\(Int(ns.rounded())) \(HostPhase(roundTrip: ns).rawValue)")
     }
 }
