@@ -53,21 +53,18 @@ final class GuestRun {
         p.initialize(to: Mutable())
         return p
     }()
-    var rxFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.rxFree)!) } unsafeMutableAddress { m.pointer(to: \.rxFree)! } }
-    var txFree: [UInt16] { unsafeAddress { UnsafePointer(m.pointer(to: \.txFree)!) } unsafeMutableAddress { m.pointer(to: \.txFree)! } }
-    var rxUnmapped: [UInt16] { unsafeAddress { at(\.rxUnmapped) } unsafeMutableAddress { m.pointer(to: \.rxUnmapped)! } }
-    var txUnmapped: [UInt16] { unsafeAddress { at(\.txUnmapped) } unsafeMutableAddress { m.pointer(to: \.txUnmapped)! } }
-    var rxQuarantined: [UInt16] { unsafeAddress { at(\.rxQuarantined) } unsafeMutableAddress { m.pointer(to: \.rxQuarantined)! } }
-    var txQuarantined: [UInt16] { unsafeAddress { at(\.txQuarantined) } unsafeMutableAddress { m.pointer(to: \.txQuarantined)! } }
-    @inline(__always) private func at<T>(_ k: WritableKeyPath<Mutable, T>) -> UnsafePointer<T> { UnsafePointer(m.pointer(to: k)!) }
+    var rxFree: [UInt16] { unsafeAddress { at(\.rxFree) } unsafeMutableAddress { mut(\.rxFree) } }
+    var txFree: [UInt16] { unsafeAddress { at(\.txFree) } unsafeMutableAddress { mut(\.txFree) } }
+    var rxUnmapped: [UInt16] { unsafeAddress { at(\.rxUnmapped) } unsafeMutableAddress { mut(\.rxUnmapped) } }
+    var txUnmapped: [UInt16] { unsafeAddress { at(\.txUnmapped) } unsafeMutableAddress { mut(\.txUnmapped) } }
+    var rxQuarantined: [UInt16] { unsafeAddress { at(\.rxQuarantined) } unsafeMutableAddress { mut(\.rxQuarantined) } }
+    var txQuarantined: [UInt16] { unsafeAddress { at(\.txQuarantined) } unsafeMutableAddress { mut(\.txQuarantined) } }
+    var stats: WorkloadStats { unsafeAddress { at(\.stats) } unsafeMutableAddress { mut(\.stats) } }
+    var window: [(UInt64, UInt64)] { unsafeAddress { at(\.window) } unsafeMutableAddress { mut(\.window) } }
+    @inline(__always) private func mut<T>(_ k: WritableKeyPath<Mutable, T>) -> UnsafeMutablePointer<T> { m.pointer(to: k)! }
+    @inline(__always) private func at<T>(_ k: WritableKeyPath<Mutable, T>) -> UnsafePointer<T> { UnsafePointer(mut(k)) }
     var awaited: UInt64 { get { m.pointee.awaited } set { m.pointee.awaited = newValue } }
     var tickets: UInt64 { get { m.pointee.tickets } set { m.pointee.tickets = newValue } }
-    var stats: WorkloadStats {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.stats)!) } unsafeMutableAddress { m.pointer(to: \.stats)! }
-    }
-    var window: [(UInt64, UInt64)] {
-        unsafeAddress { UnsafePointer(m.pointer(to: \.window)!) } unsafeMutableAddress { m.pointer(to: \.window)! }
-    }
     /// The last ticket whose invalidation the device has applied (set on the worker).
     let invalidated = TicketCounter()
     /// Invalidations the device refused (counted on the worker).
