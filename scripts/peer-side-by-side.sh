@@ -57,19 +57,9 @@ dpdk_once() { # FRAME
   kill "$vh" 2>/dev/null || true; wait "$vh" 2>/dev/null || true
   echo "$r"
 }
-dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
-
-run_dpdk() { dpdk_run "$1"; }
+run_dpdk() { dpdk_retried dpdk_once "$1"; }  # FRAME
 run_off() { front_end "$WORK/off-a.sock" "$WORK/off-b.sock" "$1"; }
 run_on() { front_end "$WORK/on-a.sock" "$WORK/on-b.sock" "$1"; }
 sbs_rounds "| frame B | round | DPDK 2 × net_vhost Mpps | iotlbd peers, IOTLB off Mpps | IOTLB on Mpps | off / DPDK | on / DPDK |" \
   on_over_dpdk
-RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
-has dpdk && { echo; echo "DPDK runs repeated because the tx-first burst was lost: $RETRIES"; }
-if [ -n "$JSON_OUT" ]; then
-  python3 scripts/bench_json.py --benchmark peer-side-by-side --out "$JSON_OUT" --started "$STARTED" \
-    --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
-    --param-list "backends=$BACKENDS" --meta "dpdk_retries=$RETRIES" --group-by frame_size --median dpdk_mpps \
-    --median iotlbd_off_mpps --median iotlbd_on_mpps --median off_over_dpdk --median on_over_dpdk -- "${ARGV[@]}" \
-    <"$WORK/rows.tsv"
-fi
+sbs_report peer-side-by-side on_over_dpdk

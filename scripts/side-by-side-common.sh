@@ -20,6 +20,10 @@
 #                      rows (HEADER: the first line), $WORK/rows.tsv, then
 #                      medians per phase. Ratios: off / DPDK, and SECOND
 #                      (on_over_off or on_over_dpdk)
+#   sbs_report NAME SECOND [--meta k=v …]
+#                      how many DPDK runs were repeated, and with --json FILE
+#                      the rows as JSON (scripts/bench_json.py), medians by
+#                      frame size
 #   ratio A B, has BACKEND
 
 sbs_prepare() {
@@ -97,6 +101,22 @@ sbs_rounds() {
   done
   echo
   python3 scripts/phase_medians.py "$WORK/rows.tsv" dpdk iotlbd_off iotlbd_on
+}
+
+sbs_report() {
+  local name=$1 second=$2 retries
+  shift 2
+  retries=$(wc -l <"$WORK/dpdk-retries")
+  if has dpdk; then
+    echo
+    echo "DPDK runs repeated because the tx-first burst was lost: $retries"
+  fi
+  [ -n "$JSON_OUT" ] || return 0
+  python3 scripts/bench_json.py --benchmark "$name" --out "$JSON_OUT" --started "$STARTED" \
+    --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
+    --param-list "backends=$BACKENDS" --meta "dpdk_retries=$retries" "$@" --group-by frame_size --median dpdk_mpps \
+    --median iotlbd_off_mpps --median iotlbd_on_mpps --median off_over_dpdk --median "$second" -- "${ARGV[@]}" \
+    <"$WORK/rows.tsv"
 }
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2 if $2 else 0))"; }

@@ -61,22 +61,10 @@ dpdk_once() { # FRAME
 # DPDK's own pair sometimes loses the tx-first burst while its vhost side
 # starts (the loop then never runs: 0 pps); such a run is repeated, up to 3
 # times, and counted.
-dpdk_run() { dpdk_retried dpdk_once "$1"; }  # FRAME
-
-run_dpdk() { dpdk_run "$1"; }
+run_dpdk() { dpdk_retried dpdk_once "$1"; }  # FRAME
 run_off() { front_end "$WORK/vu-off.sock" "$1"; }
 run_on() { front_end "$WORK/vu-on.sock" "$1"; }
 sbs_rounds "| frame B | round | DPDK net_vhost Mpps | iotlbd IOTLB off Mpps | iotlbd IOTLB on Mpps | iotlbd off / DPDK | on / off |" \
   on_over_off
-RETRIES=$(cat "$WORK/dpdk-retries" 2>/dev/null | wc -l)
-if has dpdk; then
-  echo
-  echo "DPDK runs repeated because the tx-first burst was lost: $RETRIES"
-fi
-if [ -n "$JSON_OUT" ]; then
-  python3 scripts/bench_json.py --benchmark vhost-user-side-by-side --out "$JSON_OUT" --started "$STARTED" \
-    --param "rounds=$ROUNDS" --param "seconds=$SECONDS_PER_RUN" --param-list "frames=$FRAMES" \
-    --param-list "backends=$BACKENDS" --meta "dpdk_version=$(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo unknown)" \
-    --meta "dpdk_retries=$RETRIES" --meta "ring=$RING" --group-by frame_size --median dpdk_mpps --median iotlbd_off_mpps \
-    --median iotlbd_on_mpps --median off_over_dpdk --median on_over_off -- "${ARGV[@]}" <"$WORK/rows.tsv"
-fi
+sbs_report vhost-user-side-by-side on_over_off --meta "ring=$RING" \
+  --meta "dpdk_version=$(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo unknown)"
