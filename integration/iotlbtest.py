@@ -86,6 +86,19 @@ class Daemon:
 
 
 
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Sends `sig` to `proc` if it still runs, waits up to `timeout` s for it
+    to exit, then kills it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until(predicate, timeout, poll, failed, stop=lambda: False):
     """predicate()'s first true value, polled every `poll` s; after `timeout`
     s (or once stop() is true) calls failed(), which raises (a test's fail)."""

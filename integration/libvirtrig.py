@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns import pid_alive  # noqa: E402
-from iotlbtest import ROOT, build_test_guest  # noqa: E402
+from iotlbtest import ROOT, build_test_guest, stop_process  # noqa: E402
 from test_qemu_restart import QEMU_BENIGN, QEMU_DISCONNECT_MESSAGES  # noqa: E402
 
 
@@ -191,14 +191,8 @@ class LibvirtDaemons:
     def stop(self, name):
         """SIGTERM to the PID the test started, SIGKILL after 20 s."""
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout=20)
 
     def running(self):
         libvirtd = self.procs.get("libvirtd")

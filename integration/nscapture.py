@@ -8,6 +8,8 @@ import struct
 import subprocess
 import time
 
+from iotlbtest import stop_process
+
 
 def read_pcap(path):
     """[(original length, captured bytes)] of a pcap file (tcpdump -w)."""
@@ -65,13 +67,7 @@ class Capture:
     def stop(self):
         if self.lengths is not None:
             return self.lengths
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT)
         self.err.close()
         self.frames = read_pcap(self.path)
         self.lengths = [orig for orig, _ in self.frames]

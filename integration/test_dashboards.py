@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from iotlbtest import IOTLBD, ROOT, free_port  # noqa: E402
+from iotlbtest import IOTLBD, ROOT, free_port, stop_process  # noqa: E402
 from dashboardfiles import (  # noqa: E402,F401 (Dashboard, Rules: run with these tests)
     Dashboard, DEVICE_FORMS, load_dashboard, MACROS, PORT_DEVICE_FORMS, query_panels, RULES, Rules,
     tool)
@@ -91,15 +90,7 @@ class Live(unittest.TestCase):
         cls.wait_for(lambda: cls.query('count_over_time(up{job="iotlbd"}[1m]) >= 12'), 30,
                      "prometheus gathered too few samples")
 
-    @staticmethod
-    def stop(proc):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    stop = staticmethod(stop_process)
 
     @classmethod
     def wait_for(cls, predicate, timeout, message):

@@ -49,7 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "integration"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from iotlbtest import wait_until  # noqa: E402
+from iotlbtest import stop_process, wait_until  # noqa: E402
 from netns import Netns  # noqa: E402
 from nsdaemon import NsDaemon, iotlbd_path, tap_device_body  # noqa: E402
 import bench_json  # noqa: E402
@@ -105,13 +105,7 @@ class DpdkSide:
         return self.sock, self.tap
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
