@@ -44,7 +44,7 @@ extension ControlPlane {
         }
     }
 
-    /// `{"num","desc_addr","avail_addr","used_addr","enabled"?,"event_idx"?,"last_avail_idx"?,"packed"?}`;
+    /// `{"num","desc_addr","avail_addr","used_addr","enabled"?,"event_idx"?,"last_avail_idx"?,"packed"?,"in_order"?}`;
     /// `path` prefixes the fields named in refusals; members in `ignoring` are left to the caller.
     static func parseVring(_ body: JSON, path: String = "", ignoring: [String] = []) throws(APIError) -> VringConfig {
         var f = try FieldReader(body, path: path)
@@ -58,6 +58,7 @@ extension ControlPlane {
         c.enabled = try f.bool("enabled", default: true)
         c.eventIdx = try f.bool("event_idx", default: false)
         c.packed = try f.bool("packed", default: false)
+        c.inOrder = try f.bool("in_order", default: false)
         if let base = try f.optionalNumber("last_avail_idx") {
             guard base <= UInt64(UInt16.max) else { throw .invalidField(f.pathOf("last_avail_idx"), "must be 0...65535") }
             c.lastAvailIdx = UInt16(base)
@@ -98,6 +99,7 @@ extension JSON {
             ("desc_addr", .hex(c?.descAddr ?? 0)), ("avail_addr", .hex(c?.availAddr ?? 0)),
             ("used_addr", .hex(c?.usedAddr ?? 0)), ("enabled", .bool(c?.enabled ?? false)),
             ("event_idx", .bool(c?.eventIdx ?? false)), ("packed", .bool(c?.packed ?? false)),
+            ("in_order", .bool(c?.inOrder ?? false)),
             ("state", .string(v.state.rawValue)), ("last_avail_idx", .count(v.lastAvailIdx)),
             ("used_idx", .count(v.usedIdx)),
         ]

@@ -129,6 +129,7 @@ public final class ConfigStore: Sendable {
                                        ("enabled", .bool(v.enabled)), ("event_idx", .bool(v.eventIdx))]
             if let b = v.lastAvailIdx { p.append(("last_avail_idx", .count(b))) }
             if v.packed { p.append(("packed", .bool(true))) }
+            if v.inOrder { p.append(("in_order", .bool(true))) }
             return .object(p)
         })))
         if let w = d.workload {

@@ -91,6 +91,8 @@ public final class Device {
         var counters = IOTLBStats()
         /// Frames cut short because the RX chain was smaller than the TX frame.
         var truncatedFrames: UInt64 = 0
+        /// Frames the packed loopback moved four at a time (`copyPackedBatch`).
+        var batchedFrames: UInt64 = 0
         /// The worker that owns the device. Unmanaged: read on the datapath,
         /// where a reference count would cost per batch. SAFETY: a worker
         /// outlives every device it owns (the engine stops devices first).
@@ -132,6 +134,7 @@ public final class Device {
     var regions: RegionIndex { get { m.pointee.regions } set { m.pointee.regions = newValue } }
     var counters: IOTLBStats { get { m.pointee.counters } set { m.pointee.counters = newValue } }
     var truncatedFrames: UInt64 { get { m.pointee.truncatedFrames } set { m.pointee.truncatedFrames = newValue } }
+    var batchedFrames: UInt64 { get { m.pointee.batchedFrames } set { m.pointee.batchedFrames = newValue } }
     var owner: Unmanaged<DatapathWorker>? { get { m.pointee.owner } set { m.pointee.owner = newValue } }
     /// The in-process vIOMMU answering misses on the worker, if any.
     public var missResolver: MissResolver? {

@@ -26,6 +26,11 @@ public struct VringConfig: Sendable, Equatable {
     public var lastAvailIdx: UInt16?
     /// VIRTIO_F_RING_PACKED: the ring is packed.
     public var packed: Bool
+    /// VIRTIO_F_IN_ORDER: the driver takes buffers back in the order it made
+    /// them available, so buffers the device only read may go back a run at a
+    /// time, one used descriptor naming the run's last (virtio 2.8.9); packed
+    /// TX rings do.
+    public var inOrder: Bool
     /// VHOST_VRING_F_LOG: while dirty logging, writes to the used area are
     /// logged at this address (vhost's log_guest_addr): an IOVA with the IOTLB
     /// on (QEMU's used_phys under ACCESS_PLATFORM), else guest-physical. Nil:
@@ -33,8 +38,10 @@ public struct VringConfig: Sendable, Equatable {
     public var logAddr: UInt64?
 
     public init(num: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64, enabled: Bool = true,
-                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil, packed: Bool = false, logAddr: UInt64? = nil) {
+                eventIdx: Bool = false, lastAvailIdx: UInt16? = nil, packed: Bool = false, logAddr: UInt64? = nil,
+                inOrder: Bool = false) {
         self.packed = packed
+        self.inOrder = inOrder
         self.logAddr = logAddr
         self.num = num
         self.descAddr = descAddr

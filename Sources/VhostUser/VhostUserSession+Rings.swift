@@ -23,7 +23,8 @@ extension VhostUserSession {
                             usedAddr: ringAddress(r.used), enabled: true,
                             eventIdx: features & VhostUserFeature.eventIdx != 0,
                             lastAvailIdx: r.baseFresh ? r.base : nil,
-                            packed: features & VhostUserFeature.ringPacked != 0, logAddr: r.logAddr)
+                            packed: features & VhostUserFeature.ringPacked != 0, logAddr: r.logAddr,
+                            inOrder: features & VhostUserFeature.inOrder != 0)
         let call = r.callFD, kicks = r.kickFD >= 0
         let result = handle.performSync { d -> Result<VringSnapshot, EngineError> in
             guard let d else { return .failure(.notFound("device gone")) }

@@ -17,6 +17,7 @@ final class PackedDriver: @unchecked Sendable {
     private var next = 0, wrap = true          // where the next buffer goes
     private var usedNext = 0, usedWrap = true  // where the next used one appears
     private var slotsOf: [UInt16: Int] = [:]   // a buffer's descriptors, by id
+    private var inFlight: [UInt16] = []        // ids offered and not yet used, in ring order
 
     init(memory: GuestPhysicalMemory, at base: GuestPhysAddr, num: Int) {
         self.num = num
@@ -44,6 +45,7 @@ final class PackedDriver: @unchecked Sendable {
         }
         CRingAtomics_store_release_u16(desc + 16 * next + 14, headFlags.littleEndian)
         slotsOf[id] = descs.count
+        inFlight.append(id)
         next = slot
         wrap = w
     }
@@ -57,7 +59,31 @@ final class PackedDriver: @unchecked Sendable {
         let len = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
         usedNext += slotsOf[id] ?? 1
         if usedNext >= num { usedNext -= num; usedWrap.toggle() }
+        if let k = inFlight.firstIndex(of: id) { inFlight.remove(at: k) }
         return (id, len, flags)
+    }
+
+    /// Under VIRTIO_F_IN_ORDER (2.8.9): the buffers the next used descriptor
+    /// hands back, oldest first: every one in flight up to the one it names.
+    /// Nil when none is used yet; a name no buffer in flight has is recorded.
+    func takeUsedInOrder() -> [UInt16]? {
+        let p = desc + 16 * usedNext
+        let flags = UInt16(littleEndian: CRingAtomics_load_acquire_u16(p + 14))
+        guard (flags & PackedDriver.avail != 0) == usedWrap, (flags & PackedDriver.used != 0) == usedWrap else { return nil }
+        let id = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+        guard inFlight.contains(id) else {
+            Issue.record("used descriptor at slot \(usedNext) names \(id), not a buffer in flight")
+            return nil
+        }
+        var ids: [UInt16] = []
+        while let first = inFlight.first {
+            inFlight.removeFirst()
+            ids.append(first)
+            usedNext += slotsOf[first] ?? 1
+            if usedNext >= num { usedNext -= num; usedWrap.toggle() }
+            if first == id { break }
+        }
+        return ids
     }
 
     func waitUsed(timeout: Double = 2) -> (id: UInt16, len: UInt32, flags: UInt16)? {
@@ -72,9 +98,9 @@ final class PackedDriver: @unchecked Sendable {
 
 extension FakeGuest {
     @discardableResult
-    func setPackedVring(_ n: Int, _ d: PackedDriver, base: UInt16? = nil) throws -> VringSnapshot {
+    func setPackedVring(_ n: Int, _ d: PackedDriver, base: UInt16? = nil, inOrder: Bool = false) throws -> VringSnapshot {
         let c = VringConfig(num: d.num, descAddr: ringAddr(d.layout.desc), availAddr: ringAddr(d.layout.driverEvent),
-                            usedAddr: ringAddr(d.layout.deviceEvent), lastAvailIdx: base, packed: true)
+                            usedAddr: ringAddr(d.layout.deviceEvent), lastAvailIdx: base, packed: true, inOrder: inOrder)
         return try handle.performSync { dev -> Result<VringSnapshot, EngineError> in
             do throws(EngineError) { return .success(try dev!.setVring(n, c)) } catch { return .failure(error) }
         }.get()
