@@ -2,7 +2,6 @@
 // for split rings, through the same accessors, IOTLB and chain copier; only
 // how a buffer is found and handed back differs.
 import CRingAtomics
-import IOTLB
 
 extension Device {
     /// Ring descriptor `slot` of a packed queue.
@@ -169,24 +168,10 @@ extension Device {
         if d.flags & Descriptor.write != 0 { CRingAtomics_prefetch_write(p) } else { CRingAtomics_prefetch(p) }
     }
 
-    /// Host memory for all `length` bytes at `addr` if the queue's cached
-    /// translation holds them with `access`; nil otherwise (nothing counted).
-    @inline(__always)
-    func cachedHost(_ vq: VirtQueue, _ addr: UInt64, _ length: UInt32, _ access: Permissions) -> UnsafeMutableRawPointer? {
-        let cache = vq.bufferCache(addr)
-        guard addr >= cache.pointee.first, addr <= cache.pointee.last, UInt64(length &- 1) <= cache.pointee.last &- addr,
-              cache.pointee.generation == translationGeneration, cache.pointee.perm.contains(access),
-              let host = cache.pointee.host else { return nil }
-        return host + Int(addr &- cache.pointee.first)
-    }
-
-    /// Loops four frames back at once, as DPDK's packed batch does: four
-    /// single-descriptor TX buffers and four single-descriptor RX buffers in
-    /// consecutive slots, every translation already cached. Their descriptors
-    /// are read together, their buffers asked for together (the misses to the
-    /// driver's core overlap instead of following one another), then copied.
-    /// False, with nothing read or counted, when anything is less simple: the
-    /// one-by-one path takes it then, with every check and fault.
+    /// Loops four frames back at once when the next four TX and RX slots hold
+    /// plain buffers (`admit`, FrameBatch.swift): flags and descriptors read
+    /// together, then the frames copied and handed back. False, with nothing
+    /// read or counted, otherwise: the one-by-one path takes it then.
     @inline(__always)
     func copyPackedBatch<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, num: Int, rxNum: Int, inOrder: Bool,
                                           txRun: inout InOrderRun, txStaged: inout Int, rxStaged: inout Int,
@@ -194,76 +179,33 @@ extension Device {
         guard !S.Ring.logs, let td = tx.descHost, let rd = rx.descHost else { return false }
         let t = Int(tx.lastAvailIdx), r = Int(rx.lastAvailIdx)
         guard t + 4 <= num, r + 4 <= rxNum else { return false }
-        let plain = Descriptor.next | Descriptor.indirect
-        for k in 0..<4 {
-            // SAFETY (all ring reads below): t+k < num and r+k < rxNum, slots of rings mapped whole at td and rd.
+        for k in 0..<FrameBatch.size {
+            // SAFETY (all ring reads here): t+k < num and r+k < rxNum, slots of rings mapped whole at td and rd.
             let tf = UInt16(littleEndian: CRingAtomics_load_acquire_u16(td + PackedRing.descriptor(t + k) + PackedRing.flagsOffset))
             let rf = UInt16(littleEndian: CRingAtomics_load_acquire_u16(rd + PackedRing.descriptor(r + k) + PackedRing.flagsOffset))
-            guard PackedRing.isAvailable(tf, wrap: tx.availWrap), tf & (plain | Descriptor.write) == 0,
-                  PackedRing.isAvailable(rf, wrap: rx.availWrap), rf & plain == 0, rf & Descriptor.write != 0
-            else { return false }
+            guard PackedRing.isAvailable(tf, wrap: tx.availWrap), PackedRing.isAvailable(rf, wrap: rx.availWrap) else { return false }
         }
-        var src = (UnsafeMutableRawPointer?.none, UnsafeMutableRawPointer?.none, UnsafeMutableRawPointer?.none,
-                   UnsafeMutableRawPointer?.none)
-        var dst = src
-        var lens: (UInt32, UInt32, UInt32, UInt32) = (0, 0, 0, 0)
-        var ids: (UInt16, UInt16, UInt16, UInt16) = (0, 0, 0, 0)
-        var txIDs = ids
-        for k in 0..<4 {
+        var b = FrameBatch()
+        for k in 0..<FrameBatch.size {
             let d = PackedDescriptor.decode(td + PackedRing.descriptor(t + k))
             let e = PackedDescriptor.decode(rd + PackedRing.descriptor(r + k))
-            guard d.len > 0, d.len <= e.len, let s = cachedHost(tx, d.addr, d.len, .read),
-                  let w = cachedHost(rx, e.addr, d.len, .write) else { return false }
-            CRingAtomics_prefetch(s)
-            CRingAtomics_prefetch_write(w)
-            withUnsafeMutableBytes(of: &src) { $0.storeBytes(of: s, toByteOffset: k * 8, as: UnsafeMutableRawPointer.self) }
-            withUnsafeMutableBytes(of: &dst) { $0.storeBytes(of: w, toByteOffset: k * 8, as: UnsafeMutableRawPointer.self) }
-            withUnsafeMutableBytes(of: &lens) { $0.storeBytes(of: d.len, toByteOffset: k * 4, as: UInt32.self) }
-            withUnsafeMutableBytes(of: &ids) { $0.storeBytes(of: e.id, toByteOffset: k * 2, as: UInt16.self) }
-            withUnsafeMutableBytes(of: &txIDs) { $0.storeBytes(of: d.id, toByteOffset: k * 2, as: UInt16.self) }
+            guard admit(&b, k, from: tx, (d.addr, d.len, d.flags), into: rx, (e.addr, e.len, e.flags)) else { return false }
+            b.txID[k] = d.id
+            b.rxID[k] = e.id
         }
-        // Committed: nothing below can refuse.
-        var bytes: UInt64 = 0
-        let numBuffers = rxNetHeaderNumBuffers
-        withUnsafeBytes(of: &src) { s in
-            withUnsafeBytes(of: &dst) { w in
-                withUnsafeBytes(of: &lens) { l in
-                    withUnsafeBytes(of: &ids) { i in
-                        for k in 0..<4 {
-                            let len = l.load(fromByteOffset: k * 4, as: UInt32.self)
-                            let to = w.load(fromByteOffset: k * 8, as: UnsafeMutableRawPointer.self)
-                            // SAFETY: both translations cover `len` bytes (cachedHost), and len <= the RX buffer.
-                            to.copyMemory(from: s.load(fromByteOffset: k * 8, as: UnsafeMutableRawPointer.self),
-                                          byteCount: Int(len))
-                            // One RX buffer per frame: num_buffers = 1 (virtio-net, 5.1.6.4).
-                            if numBuffers && len >= 12 { (to + 10).storeBytes(of: UInt16(1).littleEndian, as: UInt16.self) }
-                            bytes &+= UInt64(len)
-                            stageUsedPacked(rx, DevicePort.UsedBuffer(id: i.load(fromByteOffset: k * 2, as: UInt16.self),
-                                                                      len: len, slots: 1),
-                                            staged: &rxStaged, num: rxNum, S.Ring.self)
-                        }
-                    }
-                }
-            }
-        }
-        withUnsafeBytes(of: &txIDs) { i in
-            for k in 0..<4 {
-                let id = i.load(fromByteOffset: k * 2, as: UInt16.self)
-                if inOrder {
-                    addInOrderUsed(tx, &txRun, id: id, slots: 1, num: num)
-                } else {
-                    stageUsedPacked(tx, DevicePort.UsedBuffer(id: id, len: 0, slots: 1), staged: &txStaged, num: num, S.Ring.self)
-                }
+        copyFrames(b, tx, rx, S.Buffer.self)
+        for k in 0..<FrameBatch.size {
+            stageUsedPacked(rx, DevicePort.UsedBuffer(id: b.rxID[k], len: b.len[k], slots: 1), staged: &rxStaged,
+                            num: rxNum, S.Ring.self)
+            if inOrder {
+                addInOrderUsed(tx, &txRun, id: b.txID[k], slots: 1, num: num)
+            } else {
+                stageUsedPacked(tx, DevicePort.UsedBuffer(id: b.txID[k], len: 0, slots: 1), staged: &txStaged, num: num,
+                                S.Ring.self)
             }
         }
         consumePacked(tx, slots: 4, num: num)
         consumePacked(rx, slots: 4, num: rxNum)
-        if S.Buffer.space == .iova {
-            counters.hits &+= 8; tx.hits &+= 4; rx.hits &+= 4
-        }
-        tx.chains &+= 4; rx.chains &+= 4
-        batchedFrames &+= 4
-        tx.bytes &+= bytes; rx.bytes &+= bytes
         return true
     }
 

@@ -207,6 +207,15 @@ extension Device {
         var done = 0
         let mask = c.num - 1
         while tx.lastAvailIdx != availIdx && done < Device.batch {
+            if loopback && copySplitBatch(tx, rx, txAvail: availIdx, rxAvail: rxAvail, S.self) {
+                done += 4
+                publishUsed(tx, from: txOld, S.Ring.self)
+                publishUsed(rx, from: rxOld, S.Ring.self)
+                txOld = tx.usedIdx
+                rxOld = rx.usedIdx
+                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+                continue
+            }
             prefetchAhead(tx, avail: availIdx)
             if loopback { prefetchAhead(rx, avail: rxAvail) }
             let head = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
