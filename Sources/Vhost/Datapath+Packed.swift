@@ -170,26 +170,28 @@ extension Device {
 
     /// Loops four frames back at once when the next four TX and RX slots hold
     /// plain buffers (`admit`, FrameBatch.swift): flags and descriptors read
-    /// together, then the frames copied and handed back. False, with nothing
-    /// read or counted, otherwise: the one-by-one path takes it then.
+    /// together, then the frames copied and handed back. Otherwise nothing is
+    /// read or counted, and the one-by-one path takes the frames.
     @inline(__always)
     func copyPackedBatch<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, num: Int, rxNum: Int, inOrder: Bool,
                                           txRun: inout InOrderRun, txStaged: inout Int, rxStaged: inout Int,
-                                          _: S.Type) -> Bool {
-        guard !S.Ring.logs, let td = tx.descHost, let rd = rx.descHost else { return false }
+                                          _: S.Type) -> BatchOutcome {
+        guard !S.Ring.logs, let td = tx.descHost, let rd = rx.descHost else { return .refused }
         let t = Int(tx.lastAvailIdx), r = Int(rx.lastAvailIdx)
-        guard t + 4 <= num, r + 4 <= rxNum else { return false }
+        guard t + 4 <= num, r + 4 <= rxNum else { return .short }
         for k in 0..<FrameBatch.size {
             // SAFETY (all ring reads here): t+k < num and r+k < rxNum, slots of rings mapped whole at td and rd.
             let tf = UInt16(littleEndian: CRingAtomics_load_acquire_u16(td + PackedRing.descriptor(t + k) + PackedRing.flagsOffset))
             let rf = UInt16(littleEndian: CRingAtomics_load_acquire_u16(rd + PackedRing.descriptor(r + k) + PackedRing.flagsOffset))
-            guard PackedRing.isAvailable(tf, wrap: tx.availWrap), PackedRing.isAvailable(rf, wrap: rx.availWrap) else { return false }
+            guard PackedRing.isAvailable(tf, wrap: tx.availWrap), PackedRing.isAvailable(rf, wrap: rx.availWrap) else {
+                return .short
+            }
         }
         var b = FrameBatch()
         for k in 0..<FrameBatch.size {
             let d = PackedDescriptor.decode(td + PackedRing.descriptor(t + k))
             let e = PackedDescriptor.decode(rd + PackedRing.descriptor(r + k))
-            guard admit(&b, k, from: tx, (d.addr, d.len, d.flags), into: rx, (e.addr, e.len, e.flags)) else { return false }
+            guard admit(&b, k, from: tx, (d.addr, d.len, d.flags), into: rx, (e.addr, e.len, e.flags)) else { return .refused }
             b.txID[k] = d.id
             b.rxID[k] = e.id
         }
@@ -206,7 +208,7 @@ extension Device {
         }
         consumePacked(tx, slots: 4, num: num)
         consumePacked(rx, slots: 4, num: rxNum)
-        return true
+        return .moved
     }
 
     /// Up to `batch` TX buffers of a packed queue, into `rx` (loopback) or consumed.
@@ -220,13 +222,21 @@ extension Device {
         }
         var done = 0, txStaged = 0, rxStaged = 0
         var txRun = InOrderRun(slot: 0, wrap: false)
-        while done < Device.batch && packedAvailable(tx, S.Ring.self) {
-            if loopback && copyPackedBatch(tx, rx, num: c.num, rxNum: rc.num, inOrder: c.inOrder, txRun: &txRun,
-                                           txStaged: &txStaged, rxStaged: &rxStaged, S.self) {
-                done += 4
-                if c.inOrder && txRun.count >= InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
-                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
-                continue
+        frames: while done < Device.batch && packedAvailable(tx, S.Ring.self) {
+            if loopback && tx.batchHoldoff == 0 {
+                switch copyPackedBatch(tx, rx, num: c.num, rxNum: rc.num, inOrder: c.inOrder, txRun: &txRun,
+                                       txStaged: &txStaged, rxStaged: &rxStaged, S.self) {
+                case .moved:
+                    done += 4
+                    tx.batchBackoff >>= 1
+                    if c.inOrder && txRun.count >= InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
+                    if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break frames }
+                    continue
+                case .refused: tx.batchRefused()
+                case .short: break
+                }
+            } else if tx.batchHoldoff > 0 {
+                tx.batchHoldoff -= 1
             }
             prefetchPacked(tx, num: c.num)
             if loopback { prefetchPacked(rx, num: rc.num) }

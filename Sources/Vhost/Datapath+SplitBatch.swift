@@ -4,14 +4,14 @@ import CRingAtomics
 extension Device {
     /// Loops four frames back at once when the next four TX and RX heads are
     /// plain (`admit`): avail entries and descriptors read together, then the
-    /// frames copied and the used elements written. False, with nothing read
-    /// or counted, otherwise: the one-by-one path takes it then.
+    /// frames copied and the used elements written. Otherwise nothing is read
+    /// or counted, and the one-by-one path takes the frames.
     @inline(__always)
     func copySplitBatch<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, txAvail: UInt16, rxAvail: UInt16,
-                                         _: S.Type) -> Bool {
-        guard !S.Ring.logs, txAvail &- tx.lastAvailIdx >= 4, rxAvail &- rx.lastAvailIdx >= 4,
-              let tAvail = tx.availHost, let rAvail = rx.availHost, let td = tx.descHost, let rd = rx.descHost,
-              let tc = tx.config, let rc = rx.config else { return false }
+                                         _: S.Type) -> BatchOutcome {
+        guard txAvail &- tx.lastAvailIdx >= 4, rxAvail &- rx.lastAvailIdx >= 4 else { return .short }
+        guard !S.Ring.logs, let tAvail = tx.availHost, let rAvail = rx.availHost, let td = tx.descHost,
+              let rd = rx.descHost, let tc = tx.config, let rc = rx.config else { return .refused }
         @inline(__always) func head(_ ring: UnsafeMutableRawPointer, _ vq: VirtQueue, _ num: Int, _ k: Int) -> UInt16 {
             // SAFETY: the entry is masked below num; the avail ring's 4+2·num bytes are mapped at `ring`.
             UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ UInt16(k)) & (num - 1)))
@@ -20,11 +20,11 @@ extension Device {
         var b = FrameBatch()
         for k in 0..<FrameBatch.size {
             let th = head(tAvail, tx, tc.num, k), rh = head(rAvail, rx, rc.num, k)
-            guard Int(th) < tc.num, Int(rh) < rc.num else { return false }
+            guard Int(th) < tc.num, Int(rh) < rc.num else { return .refused }
             // SAFETY: heads checked below num; both tables' 16·num bytes are mapped at td and rd.
             let d = Descriptor.decode(td + SplitRing.descriptor(Int(th)))
             let e = Descriptor.decode(rd + SplitRing.descriptor(Int(rh)))
-            guard admit(&b, k, from: tx, (d.addr, d.len, d.flags), into: rx, (e.addr, e.len, e.flags)) else { return false }
+            guard admit(&b, k, from: tx, (d.addr, d.len, d.flags), into: rx, (e.addr, e.len, e.flags)) else { return .refused }
             b.txID[k] = th
             b.rxID[k] = rh
         }
@@ -33,6 +33,6 @@ extension Device {
         for k in 0..<FrameBatch.size { putUsed(tx, id: b.txID[k], len: 0, S.Ring.self) }
         tx.lastAvailIdx &+= 4
         rx.lastAvailIdx &+= 4
-        return true
+        return .moved
     }
 }

@@ -186,6 +186,10 @@ public final class VirtQueue {
         // whether it kicks (then the used ring's flags tell it when to).
         var callFD: Int32 = -1
         var driverKicks = false
+        /// Frames to go one by one before the next four-at-a-time try, after
+        /// a batch was refused for what its frames are (see FrameBatch.swift).
+        var batchHoldoff = 0
+        var batchBackoff = 0
     }
     private let storage: UnsafeMutablePointer<Mutable>
     /// The state, for the accessors below: checks the owner thread in debug
@@ -224,6 +228,8 @@ public final class VirtQueue {
     var notifications: UInt64 { get { m.pointee.notifications } set { m.pointee.notifications = newValue } }
     var callFD: Int32 { get { m.pointee.callFD } set { m.pointee.callFD = newValue } }
     var driverKicks: Bool { get { m.pointee.driverKicks } set { m.pointee.driverKicks = newValue } }
+    var batchHoldoff: Int { get { m.pointee.batchHoldoff } set { m.pointee.batchHoldoff = newValue } }
+    var batchBackoff: Int { get { m.pointee.batchBackoff } set { m.pointee.batchBackoff = newValue } }
 
     /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
     /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep
