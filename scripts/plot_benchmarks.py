@@ -52,10 +52,10 @@ MAKES = {
     "datapath-eager.json": ".build/release/iotlb-bench datapath --mappings dynamic --eager --repeats 3 "
                            "--json bench/results/datapath-eager.json",
     "vhost-user-side-by-side.json": "scripts/vhost-user-side-by-side.sh --json bench/results/vhost-user-side-by-side.json "
-                                    "4 5 \"64 1518\"",
+                                    "6 5 \"64 1518\"",
     "dpdk-side-by-side.json": "scripts/dpdk-side-by-side.sh --json bench/results/dpdk-side-by-side.json 3 5 \"64 1500\"",
     "vhost-user-side-by-side-packed.json": "RING=packed scripts/vhost-user-side-by-side.sh --json "
-                                           "bench/results/vhost-user-side-by-side-packed.json 4 5 \"64 1518\"",
+                                           "bench/results/vhost-user-side-by-side-packed.json 6 5 \"64 1518\"",
     "tap-side-by-side.json": "scripts/tap-side-by-side.py --rounds 3 --seconds 4 --json bench/results/tap-side-by-side.json",
     "peer-side-by-side.json": "scripts/peer-side-by-side.sh --json bench/results/peer-side-by-side.json 3 4 \"64 1518\"",
     "pressure.json": ".build/release/iotlb-bench pressure --repeats 3 --json bench/results/pressure.json",
