@@ -222,21 +222,14 @@ extension Device {
         }
         var done = 0, txStaged = 0, rxStaged = 0
         var txRun = InOrderRun(slot: 0, wrap: false)
-        frames: while done < Device.batch && packedAvailable(tx, S.Ring.self) {
-            if loopback && tx.batchHoldoff == 0 {
-                switch copyPackedBatch(tx, rx, num: c.num, rxNum: rc.num, inOrder: c.inOrder, txRun: &txRun,
-                                       txStaged: &txStaged, rxStaged: &rxStaged, S.self) {
-                case .moved:
-                    done += 4
-                    tx.batchBackoff >>= 1
-                    if c.inOrder && txRun.count >= InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
-                    if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break frames }
-                    continue
-                case .refused: tx.batchRefused()
-                case .short: break
-                }
-            } else if tx.batchHoldoff > 0 {
-                tx.batchHoldoff -= 1
+        while done < Device.batch && packedAvailable(tx, S.Ring.self) {
+            if loopback && tx.batchDue()
+                && tx.batchMoved(copyPackedBatch(tx, rx, num: c.num, rxNum: rc.num, inOrder: c.inOrder, txRun: &txRun,
+                                                 txStaged: &txStaged, rxStaged: &rxStaged, S.self)) {
+                done += 4
+                if c.inOrder && txRun.count >= InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
+                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+                continue
             }
             prefetchPacked(tx, num: c.num)
             if loopback { prefetchPacked(rx, num: rc.num) }

@@ -206,23 +206,15 @@ extension Device {
         var txOld = tx.usedIdx, rxOld = rx.usedIdx
         var done = 0
         let mask = c.num - 1
-        frames: while tx.lastAvailIdx != availIdx && done < Device.batch {
-            if loopback && tx.batchHoldoff == 0 {
-                switch copySplitBatch(tx, rx, txAvail: availIdx, rxAvail: rxAvail, S.self) {
-                case .moved:
-                    done += 4
-                    tx.batchBackoff >>= 1
-                    publishUsed(tx, from: txOld, S.Ring.self)
-                    publishUsed(rx, from: rxOld, S.Ring.self)
-                    txOld = tx.usedIdx
-                    rxOld = rx.usedIdx
-                    if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break frames }
-                    continue
-                case .refused: tx.batchRefused()
-                case .short: break
-                }
-            } else if tx.batchHoldoff > 0 {
-                tx.batchHoldoff -= 1
+        while tx.lastAvailIdx != availIdx && done < Device.batch {
+            if loopback && tx.batchDue() && tx.batchMoved(copySplitBatch(tx, rx, txAvail: availIdx, rxAvail: rxAvail, S.self)) {
+                done += 4
+                publishUsed(tx, from: txOld, S.Ring.self)
+                publishUsed(rx, from: rxOld, S.Ring.self)
+                txOld = tx.usedIdx
+                rxOld = rx.usedIdx
+                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+                continue
             }
             prefetchAhead(tx, avail: availIdx)
             if loopback { prefetchAhead(rx, avail: rxAvail) }

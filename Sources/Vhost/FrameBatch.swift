@@ -15,22 +15,39 @@ enum BatchOutcome {
     /// Fewer than four buffers wait on a ring (or they meet its end): try again next time.
     case short
     /// The frames are not plain (a chain, a translation not cached, …): the
-    /// queue goes one by one for a while before trying again (`batchRefused`).
+    /// queue goes one by one for a while before trying again (`batchMoved`).
     case refused
 }
 
 extension VirtQueue {
-    /// After a refused batch: go one by one for 4 frames (a cold translation
-    /// is warm then), twice as many after every further refusal, up to 4096;
-    /// every batch that moves halves the wait. A guest whose frames rarely
-    /// qualify (4 KiB mappings, chains) then tries about once every 4096
-    /// frames: at one try per 33 frames, the tries cost it a quarter of its
-    /// throughput (iotlb-bench datapath, 4 KiB static), for reasons `perf`
-    /// did not show.
+    /// Whether to try four at a time now; if not, one frame of the wait is counted off.
     @inline(__always)
-    func batchRefused() {
-        batchBackoff = min(max(batchBackoff &* 2, 4), 4096)
-        batchHoldoff = batchBackoff
+    func batchDue() -> Bool {
+        if batchHoldoff == 0 { return true }
+        batchHoldoff -= 1
+        return false
+    }
+
+    /// Takes a try's outcome; true when four frames moved. After a refusal
+    /// the queue goes one by one for 4 frames (a cold translation is warm
+    /// then), twice as long after every further refusal, up to 4096; every
+    /// batch that moves halves the wait. A guest whose frames rarely qualify
+    /// (4 KiB mappings, chains) then tries about once every 4096 frames: at
+    /// one try per 33 frames, the tries cost it a quarter of its throughput
+    /// (iotlb-bench datapath, 4 KiB static), for reasons `perf` did not show.
+    @inline(__always)
+    func batchMoved(_ outcome: BatchOutcome) -> Bool {
+        switch outcome {
+        case .moved:
+            batchBackoff >>= 1
+            return true
+        case .refused:
+            batchBackoff = min(max(batchBackoff &* 2, 4), 4096)
+            batchHoldoff = batchBackoff
+            return false
+        case .short:
+            return false
+        }
     }
 }
 
