@@ -23,7 +23,7 @@ extension VhostUserTests {
         try d.expect(200, "PUT", "/v1/devices/h/vrings/1",
                      #"{"num":256,"desc_addr":"0x800000","avail_addr":"0x801000","used_addr":"0x802000"}"#)
         try d.expect(200, "PUT", "/v1/devices/h/vrings/2",
-                     #"{"num":64,"desc_addr":"0x900000","avail_addr":"0x901000","used_addr":"0x902000","enabled":false,"event_idx":true}"#)
+                     #"{"num":64,"desc_addr":"0x900000","avail_addr":"0x901000","used_addr":"0x902000","enabled":false,"event_idx":true,"in_order":true}"#)
         try d.expect(200, "POST", "/v1/devices/h/iotlb/updates", #"{"iova":"0x800000","size":"0x3000","uaddr":"0x7f0000800000","perm":"rw"}"#)
         try d.expect(201, "POST", "/v1/devices", #"{"id":"vs","iotlb":false,"vhost_user":{"socket":"state-s.sock"}}"#)
         try d.expect(201, "POST", "/v1/devices", #"{"id":"vc","vhost_user":{"socket":"state-c.sock","mode":"client"}}"#)
@@ -40,7 +40,7 @@ extension VhostUserTests {
         out.append(h["mem_table"]!.text)
         for n in 0..<4 {
             let v = h["vrings"]![n]!
-            out.append(["num", "desc_addr", "avail_addr", "used_addr", "enabled", "event_idx"].map { v[$0]!.text }.joined(separator: ","))
+            out.append(["num", "desc_addr", "avail_addr", "used_addr", "enabled", "event_idx", "in_order"].map { v[$0]!.text }.joined(separator: ","))
         }
         out.append(try d.expect(200, "GET", "/v1/devices").text)
         return out
@@ -59,6 +59,8 @@ extension VhostUserTests {
             #expect(doc["format"] == .string("iotlbd-config"))
             #expect(doc["version"] == .int(1))
             #expect(doc["devices"]?[0]?["vrings"]?[1]?["event_idx"] == .bool(true))
+            #expect(doc["devices"]?[0]?["vrings"]?[1]?["in_order"] == .bool(true))
+            #expect(doc["devices"]?[0]?["vrings"]?[0]?["in_order"] == nil, "written only when set")
             #expect(doc["devices"]?[3]?["workload"]?["mapping"] == .string("dynamic"))
             // The file is the document, written before the answers came.
             let file = try JSON.parse(Self.fileBytes(dir + "/config.json") ?? [])

@@ -113,6 +113,7 @@ import JSON
         try d.expectError(400, "invalid_field", field: "used_addr", "PUT", "/v1/devices/v/vrings/0",
                           #"{"num":8,"desc_addr":4096,"avail_addr":8192,"used_addr":"0xfffffffffffffff0"}"#)
         try d.expectError(400, "invalid_field", field: "enabled", "PUT", "/v1/devices/v/vrings/0", #"{"num":8,\#(ok),"enabled":"yes"}"#)
+        try d.expectError(400, "invalid_field", field: "in_order", "PUT", "/v1/devices/v/vrings/0", #"{"num":8,\#(ok),"in_order":1}"#)
         try d.expectError(400, "unknown_field", field: "size", "PUT", "/v1/devices/v/vrings/0", #"{"num":8,\#(ok),"size":1}"#)
         try d.expectError(404, "not_found", "PUT", "/v1/devices/v/vrings/2", #"{"num":8,\#(ok)}"#)
         try d.expectError(404, "not_found", "GET", "/v1/devices/v/vrings/x")
@@ -121,7 +122,8 @@ import JSON
         let v = try d.expect(200, "GET", "/v1/devices/v/vrings/1")
         #expect(v["state"] == "disabled" && v["index"] == 1 && v["num"] == 0)
         let set = try d.expect(200, "PUT", "/v1/devices/v/vrings/0", #"{"num":8,\#(ok),"enabled":false}"#)
-        #expect(set["state"] == "disabled" && set["num"] == 8 && set["desc_addr"] == "0x1000")
+        #expect(set["state"] == "disabled" && set["num"] == 8 && set["desc_addr"] == "0x1000" && set["in_order"] == false)
+        #expect(try d.expect(200, "PUT", "/v1/devices/v/vrings/0", #"{"num":8,\#(ok),"enabled":false,"in_order":true}"#)["in_order"] == true)
     }
 
     @Test func missesResolvedByUpdatesThroughHTTP() throws {
