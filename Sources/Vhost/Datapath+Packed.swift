@@ -37,6 +37,12 @@ extension Device {
     @inline(__always)
     func putUsedPacked<R: TranslatedAddress>(_ vq: VirtQueue, id: UInt16, len: UInt32, slots: Int, num: Int, _: R.Type) {
         writeUsedPacked(vq, at: Int(vq.usedIdx), wrap: vq.usedWrap, DevicePort.UsedBuffer(id: id, len: len, slots: slots), R.self)
+        advanceUsedPacked(vq, slots: slots, num: num)
+    }
+
+    /// Moves the used position past a buffer of `slots` descriptors.
+    @inline(__always)
+    func advanceUsedPacked(_ vq: VirtQueue, slots: Int, num: Int) {
         var next = Int(vq.usedIdx) + slots
         if next >= num { next -= num; vq.usedWrap.toggle() }
         vq.usedIdx = UInt16(next)
@@ -103,15 +109,16 @@ extension Device {
     /// Hands back a run of TX buffers under VIRTIO_F_IN_ORDER (2.8.9): one used
     /// descriptor at the run's first slot, with the last buffer's id, stands
     /// for all of them; the ring's other lines stay the driver's. Starts a
-    /// run at the queue's used position when `run` is empty.
+    /// run at the queue's used position when `run` is empty, and writes it
+    /// once it holds `InOrderRun.most` buffers.
     @inline(__always)
-    func addInOrderUsed(_ vq: VirtQueue, _ run: inout InOrderRun, id: UInt16, slots: Int, num: Int) {
+    func addInOrderUsed<R: TranslatedAddress>(_ vq: VirtQueue, _ run: inout InOrderRun, id: UInt16, slots: Int, num: Int,
+                                              _: R.Type) {
         if run.count == 0 { run = InOrderRun(slot: Int(vq.usedIdx), wrap: vq.usedWrap) }
         run.id = id
         run.count += 1
-        var next = Int(vq.usedIdx) + slots
-        if next >= num { next -= num; vq.usedWrap.toggle() }
-        vq.usedIdx = UInt16(next)
+        advanceUsedPacked(vq, slots: slots, num: num)
+        if run.count == InOrderRun.most { finishInOrderUsed(vq, &run, R.self) }
     }
 
     /// Writes the used descriptor of a run `addInOrderUsed` gathered, if any.
@@ -200,7 +207,7 @@ extension Device {
             stageUsedPacked(rx, DevicePort.UsedBuffer(id: b.rxID[k], len: b.len[k], slots: 1), staged: &rxStaged,
                             num: rxNum, S.Ring.self)
             if inOrder {
-                addInOrderUsed(tx, &txRun, id: b.txID[k], slots: 1, num: num)
+                addInOrderUsed(tx, &txRun, id: b.txID[k], slots: 1, num: num, S.Ring.self)
             } else {
                 stageUsedPacked(tx, DevicePort.UsedBuffer(id: b.txID[k], len: 0, slots: 1), staged: &txStaged, num: num,
                                 S.Ring.self)
@@ -227,7 +234,6 @@ extension Device {
                 && tx.batchMoved(copyPackedBatch(tx, rx, num: c.num, rxNum: rc.num, inOrder: c.inOrder, txRun: &txRun,
                                                  txStaged: &txStaged, rxStaged: &rxStaged, S.self)) {
                 done += 4
-                if c.inOrder && txRun.count >= InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
                 if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
                 continue
             }
@@ -257,8 +263,7 @@ extension Device {
                 sent = read
             }
             if c.inOrder {
-                addInOrderUsed(tx, &txRun, id: txChain.id, slots: txChain.slots, num: c.num)
-                if txRun.count == InOrderRun.most { finishInOrderUsed(tx, &txRun, S.Ring.self) }
+                addInOrderUsed(tx, &txRun, id: txChain.id, slots: txChain.slots, num: c.num, S.Ring.self)
             } else {
                 stageUsedPacked(tx, DevicePort.UsedBuffer(id: txChain.id, len: 0, slots: txChain.slots),
                                 staged: &txStaged, num: c.num, S.Ring.self)

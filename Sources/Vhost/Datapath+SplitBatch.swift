@@ -12,14 +12,11 @@ extension Device {
         guard txAvail &- tx.lastAvailIdx >= 4, rxAvail &- rx.lastAvailIdx >= 4 else { return .short }
         guard !S.Ring.logs, let tAvail = tx.availHost, let rAvail = rx.availHost, let td = tx.descHost,
               let rd = rx.descHost, let tc = tx.config, let rc = rx.config else { return .refused }
-        @inline(__always) func head(_ ring: UnsafeMutableRawPointer, _ vq: VirtQueue, _ num: Int, _ k: Int) -> UInt16 {
-            // SAFETY: the entry is masked below num; the avail ring's 4+2·num bytes are mapped at `ring`.
-            UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ UInt16(k)) & (num - 1)))
-                .loadUnaligned(as: UInt16.self))
-        }
         var b = FrameBatch()
         for k in 0..<FrameBatch.size {
-            let th = head(tAvail, tx, tc.num, k), rh = head(rAvail, rx, rc.num, k)
+            // Both avail rings' 4+2·num bytes are mapped at tAvail and rAvail (prepareRings).
+            let th = SplitRing.head(inAvail: tAvail, tx.lastAvailIdx &+ UInt16(k), num: tc.num)
+            let rh = SplitRing.head(inAvail: rAvail, rx.lastAvailIdx &+ UInt16(k), num: rc.num)
             guard Int(th) < tc.num, Int(rh) < rc.num else { return .refused }
             // SAFETY: heads checked below num; both tables' 16·num bytes are mapped at td and rd.
             let d = Descriptor.decode(td + SplitRing.descriptor(Int(th)))

@@ -267,8 +267,8 @@ extension Device {
         let pending = avail &- vq.lastAvailIdx
         let mask = c.num - 1
         @inline(__always) func headAt(_ ahead: UInt16) -> Int {
-            // SAFETY: the entry index is masked below num; the avail ring's 4+2·num bytes are mapped at `ring`.
-            Int(UInt16(littleEndian: (ring + SplitRing.availEntry(Int(vq.lastAvailIdx &+ ahead) & mask)).loadUnaligned(as: UInt16.self))) & mask
+            // The avail ring's 4+2·num bytes are mapped at `ring`; the head is masked for the table too.
+            Int(SplitRing.head(inAvail: ring, vq.lastAvailIdx &+ ahead, num: c.num)) & mask
         }
         if pending > 8 { CRingAtomics_prefetch(desc + SplitRing.descriptor(headAt(8))) }
         guard pending > 4 else { return }

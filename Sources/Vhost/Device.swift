@@ -91,7 +91,7 @@ public final class Device {
         var counters = IOTLBStats()
         /// Frames cut short because the RX chain was smaller than the TX frame.
         var truncatedFrames: UInt64 = 0
-        /// Frames the packed loopback moved four at a time (`copyPackedBatch`).
+        /// Frames the loopback moved four at a time (FrameBatch.swift).
         var batchedFrames: UInt64 = 0
         /// The worker that owns the device. Unmanaged: read on the datapath,
         /// where a reference count would cost per batch. SAFETY: a worker

@@ -68,11 +68,10 @@ extension Device {
     /// translation holds them with `access`; nil otherwise (nothing counted).
     @inline(__always)
     func cachedHost(_ vq: VirtQueue, _ addr: UInt64, _ length: UInt32, _ access: Permissions) -> UnsafeMutableRawPointer? {
-        let cache = vq.bufferCache(addr)
-        guard addr >= cache.pointee.first, addr <= cache.pointee.last, UInt64(length &- 1) <= cache.pointee.last &- addr,
-              cache.pointee.generation == translationGeneration, cache.pointee.perm.contains(access),
-              let host = cache.pointee.host else { return nil }
-        return host + Int(addr &- cache.pointee.first)
+        let cache = vq.bufferCache(addr).pointee
+        guard cache.answers(addr, access, generation: translationGeneration), UInt64(length &- 1) <= cache.last &- addr,
+              let host = cache.host else { return nil }
+        return host + Int(addr &- cache.first)
     }
 
     /// Admits frame `k` of a batch: a TX buffer (`from`, not NEXT, INDIRECT or
@@ -94,7 +93,7 @@ extension Device {
     }
 
     /// Copies an admitted batch (one RX buffer per frame: num_buffers = 1,
-    /// virtio-net 5.1.6.4) and counts it; returns the bytes moved.
+    /// virtio-net 5.1.6.4) and counts its frames, bytes and hits.
     @inline(__always)
     func copyFrames<B: TranslatedAddress>(_ b: FrameBatch, _ tx: VirtQueue, _ rx: VirtQueue, _: B.Type) {
         let numBuffers = rxNetHeaderNumBuffers

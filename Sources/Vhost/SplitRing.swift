@@ -12,6 +12,12 @@ public enum SplitRing {
     public static let availFlags = 0
     public static let availIdx = 2
     @inlinable public static func availEntry(_ slot: Int) -> Int { 4 &+ 2 &* slot }
+    /// The head in avail ring entry `i` (masked below `num`, a power of 2) of
+    /// the avail ring at `ring`, which holds at least 4+2·num bytes.
+    @inlinable public static func head(inAvail ring: UnsafeRawPointer, _ i: UInt16, num: Int) -> UInt16 {
+        // SAFETY: the entry is masked below num: inside the 4+2·num bytes the caller vouches for.
+        UInt16(littleEndian: (ring + availEntry(Int(i) & (num &- 1))).loadUnaligned(as: UInt16.self))
+    }
     @inlinable public static func usedEvent(num: Int) -> Int { 4 &+ 2 &* num }
     @inlinable public static func availBytes(num: Int, eventIdx: Bool) -> Int { 4 &+ 2 &* num &+ (eventIdx ? 2 : 0) }
 

@@ -85,6 +85,13 @@ struct TranslationCache {
     var generation: UInt64 = .max
 
     mutating func clear() { first = 1; last = 0 }
+
+    /// Whether this translation answers for `a` with `access` while the
+    /// device's translation generation is `generation`.
+    @inline(__always)
+    func answers(_ a: UInt64, _ access: Permissions, generation now: UInt64) -> Bool {
+        a >= first && a <= last && generation == now && perm.contains(access)
+    }
 }
 
 /// A segment or a fault: what one translation step gives.
@@ -212,8 +219,7 @@ extension Device {
     func segment<A: TranslatedAddress>(_ addr: A, _ length: Int, _ access: Permissions,
                                        _ cache: inout TranslationCache, _ vq: VirtQueue) -> SegmentResult {
         let a = addr.raw
-        if a >= cache.first && a <= cache.last && cache.generation == translationGeneration
-            && cache.perm.contains(access) {
+        if cache.answers(a, access, generation: translationGeneration) {
             if A.space == .iova { counters.hits &+= 1; vq.hits &+= 1 }
             let leftMinusOne = cache.last &- a
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)
