@@ -2,6 +2,24 @@
 import CRingAtomics
 
 extension Device {
+    /// Four-at-a-time tries while they move, up to `room` frames; each moved
+    /// batch is published at once. Stops early when commands wait. Returns
+    /// the frames moved; a refusal sets the queue's wait (`batchMoved`).
+    @inline(never)
+    func copySplitBatches<S: DeviceSpaces>(_ tx: VirtQueue, _ rx: VirtQueue, txAvail: UInt16, rxAvail: UInt16, room: Int,
+                                           txOld: inout UInt16, rxOld: inout UInt16, _: S.Type) -> Int {
+        var moved = 0
+        while moved + 4 <= room, tx.batchMoved(copySplitBatch(tx, rx, txAvail: txAvail, rxAvail: rxAvail, S.self)) {
+            moved += 4
+            publishUsed(tx, from: txOld, S.Ring.self)
+            publishUsed(rx, from: rxOld, S.Ring.self)
+            txOld = tx.usedIdx
+            rxOld = rx.usedIdx
+            if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+        }
+        return moved
+    }
+
     /// Loops four frames back at once when the next four TX and RX heads are
     /// plain (`admit`): avail entries and descriptors read together, then the
     /// frames copied and the used elements written. Otherwise nothing is read

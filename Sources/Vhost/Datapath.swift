@@ -206,49 +206,59 @@ extension Device {
         var txOld = tx.usedIdx, rxOld = rx.usedIdx
         var done = 0
         let mask = c.num - 1
-        while tx.lastAvailIdx != availIdx && done < Device.batch {
-            if loopback && tx.batchDue() && tx.batchMoved(copySplitBatch(tx, rx, txAvail: availIdx, rxAvail: rxAvail, S.self)) {
-                done += 4
-                publishUsed(tx, from: txOld, S.Ring.self)
-                publishUsed(rx, from: rxOld, S.Ring.self)
-                txOld = tx.usedIdx
-                rxOld = rx.usedIdx
-                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
-                continue
-            }
-            prefetchAhead(tx, avail: availIdx)
-            if loopback { prefetchAhead(rx, avail: rxAvail) }
-            let head = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
-            var sent = 0
+        // Batches first while they move, then frames one by one until the next
+        // try is due: the one-by-one loop stays as tight as without batches (a
+        // per-frame check in it cost 4 KiB-mapped guests 15-30 %).
+        rounds: while tx.lastAvailIdx != availIdx && done < Device.batch {
+            var limit = Device.batch
             if loopback {
-                guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break }  // no RX buffer: wait
-                let rxHead = ringLoad16(rx, rx.availHost, rxRing, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
-                var src = ChainCursor(DescriptorChain<S>(head: head, num: c.num))
-                var dst = ChainCursor(DescriptorChain<S>(head: rxHead, num: rc.num))
-                guard let (read, written) = copyChain(from: tx, &src, head, to: rx, &dst, rxHead) else { break }
-                putUsed(rx, id: rxHead, len: UInt32(written), S.Ring.self)
-                rx.lastAvailIdx &+= 1
-                rx.chains &+= 1
-                rx.bytes &+= UInt64(written)
-                sent = read
-            } else {
-                var chain = DescriptorChain<S>(head: head, num: c.num)
-                guard let read = consumeChain(tx, &chain, head) else { break }
-                sent = read
+                if tx.batchHoldoff == 0 {
+                    let moved = copySplitBatches(tx, rx, txAvail: availIdx, rxAvail: rxAvail, room: Device.batch - done,
+                                                 txOld: &txOld, rxOld: &rxOld, S.self)
+                    done += moved
+                    if tx.lastAvailIdx == availIdx || done >= Device.batch { break }
+                    if moved > 0, let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+                }
+                // One frame after a short try; the wait's length after a refusal.
+                let wait = max(tx.batchHoldoff, 1)
+                tx.batchHoldoff -= min(wait, tx.batchHoldoff)
+                limit = min(Device.batch, done + wait)
             }
-            putUsed(tx, id: head, len: 0, S.Ring.self)
-            tx.lastAvailIdx &+= 1
-            tx.chains &+= 1
-            tx.bytes &+= UInt64(sent)
-            done += 1
-            // Hand buffers back in small groups, so the driver refills while we go on.
-            if done & (Device.publishEvery - 1) == 0 {
-                publishUsed(tx, from: txOld, S.Ring.self)
-                if loopback { publishUsed(rx, from: rxOld, S.Ring.self) }
-                txOld = tx.usedIdx
-                rxOld = rx.usedIdx
-                // Commands wait (a guest's invalidation, an API call): let them in.
-                if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
+            while tx.lastAvailIdx != availIdx && done < limit {
+                prefetchAhead(tx, avail: availIdx)
+                if loopback { prefetchAhead(rx, avail: rxAvail) }
+                let head = ringLoad16(tx, tx.availHost, txAvail, SplitRing.availEntry(Int(tx.lastAvailIdx) & mask))
+                var sent = 0
+                if loopback {
+                    guard let rc = rx.config, rx.lastAvailIdx != rxAvail else { break rounds }  // no RX buffer: wait
+                    let rxHead = ringLoad16(rx, rx.availHost, rxRing, SplitRing.availEntry(Int(rx.lastAvailIdx) & (rc.num - 1)))
+                    var src = ChainCursor(DescriptorChain<S>(head: head, num: c.num))
+                    var dst = ChainCursor(DescriptorChain<S>(head: rxHead, num: rc.num))
+                    guard let (read, written) = copyChain(from: tx, &src, head, to: rx, &dst, rxHead) else { break rounds }
+                    putUsed(rx, id: rxHead, len: UInt32(written), S.Ring.self)
+                    rx.lastAvailIdx &+= 1
+                    rx.chains &+= 1
+                    rx.bytes &+= UInt64(written)
+                    sent = read
+                } else {
+                    var chain = DescriptorChain<S>(head: head, num: c.num)
+                    guard let read = consumeChain(tx, &chain, head) else { break rounds }
+                    sent = read
+                }
+                putUsed(tx, id: head, len: 0, S.Ring.self)
+                tx.lastAvailIdx &+= 1
+                tx.chains &+= 1
+                tx.bytes &+= UInt64(sent)
+                done += 1
+                // Hand buffers back in small groups, so the driver refills while we go on.
+                if done & (Device.publishEvery - 1) == 0 {
+                    publishUsed(tx, from: txOld, S.Ring.self)
+                    if loopback { publishUsed(rx, from: rxOld, S.Ring.self) }
+                    txOld = tx.usedIdx
+                    rxOld = rx.usedIdx
+                    // Commands wait (a guest's invalidation, an API call): let them in.
+                    if let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break rounds }
+                }
             }
         }
         if tx.usedIdx != txOld { publishUsed(tx, from: txOld, S.Ring.self) }
