@@ -245,10 +245,7 @@ extension Device {
                     guard let read = consumeChain(tx, &chain, head) else { break rounds }
                     sent = read
                 }
-                putUsed(tx, id: head, len: 0, S.Ring.self)
-                tx.lastAvailIdx &+= 1
-                tx.chains &+= 1
-                tx.bytes &+= UInt64(sent)
+                handBackTX(tx, head: head, sent: sent, S.Ring.self)
                 done += 1
                 // Hand buffers back in small groups, so the driver refills while we go on.
                 if done & (Device.publishEvery - 1) == 0 {

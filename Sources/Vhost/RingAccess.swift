@@ -64,6 +64,16 @@ extension Device {
         return (try? readDescriptor(at, &vq.ringCache.pointee, vq, Descriptor.decode).get()) ?? Descriptor(addr: 0, len: 0)
     }
 
+    /// A TX chain at `head` sent (`sent` bytes): its used element written (not
+    /// yet published), the avail position moved past it, the queue's figures counted.
+    @inline(__always)
+    func handBackTX<R: TranslatedAddress>(_ tx: VirtQueue, head: UInt16, sent: Int, _: R.Type) {
+        putUsed(tx, id: head, len: 0, R.self)
+        tx.lastAvailIdx &+= 1
+        tx.chains &+= 1
+        tx.bytes &+= UInt64(sent)
+    }
+
     /// Writes used element `(id, len)` at the queue's current used index (not yet published).
     @inline(__always)
     func putUsed<R: TranslatedAddress>(_ vq: VirtQueue, id: UInt16, len: UInt32, _: R.Type) {

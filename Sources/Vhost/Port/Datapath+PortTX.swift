@@ -206,10 +206,7 @@ extension Device {
             case .backPressure, .stopped: break chains
             case .consumed(let bytes): sent = bytes
             }
-            putUsed(tx, id: head, len: 0, S.Ring.self)
-            tx.lastAvailIdx &+= 1
-            tx.chains &+= 1
-            tx.bytes &+= UInt64(sent)
+            handBackTX(tx, head: head, sent: sent, S.Ring.self)
             done += 1
             if done & (Device.publishEvery - 1) == 0 {
                 publishUsed(tx, from: txOld, S.Ring.self)
