@@ -31,7 +31,8 @@ IOTLBD_TEST_UNLOGGED_RX_BUFFERS=1 (RX buffers not logged) for one hop and
 passes only if the memory comparison FAILS: the comparison catches missing
 logging. That case sends one endless burst with lazy invalidation, so the
 device outruns the guest and frames it has not taken yet are in RX buffers
-when its vCPU stops (the guest rewrites a buffer's page as it takes a frame). Figures are printed on stderr. About 2.5 minutes here.
+when its vCPU stops (the guest rewrites a buffer's page as it takes a
+frame). Figures are printed on stderr. About 2.5 minutes here.
 Run by `make test-qemu-migration` (part of `make test`)."""
 import json
 import os

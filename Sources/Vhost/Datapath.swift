@@ -219,10 +219,7 @@ extension Device {
                     if tx.lastAvailIdx == availIdx || done >= Device.batch { break }
                     if moved > 0, let o = owner, o._withUnsafeGuaranteedRef({ $0.hasWaitingCommands }) { break }
                 }
-                // One frame after a short try; the wait's length after a refusal.
-                let wait = max(tx.batchHoldoff, 1)
-                tx.batchHoldoff -= min(wait, tx.batchHoldoff)
-                limit = min(Device.batch, done + wait)
+                limit = min(Device.batch, done + tx.takeBatchWait())
             }
             while tx.lastAvailIdx != availIdx && done < limit {
                 prefetchAhead(tx, avail: availIdx)

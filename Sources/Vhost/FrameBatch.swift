@@ -20,7 +20,8 @@ enum BatchOutcome {
 }
 
 extension VirtQueue {
-    /// Whether to try four at a time now; if not, one frame of the wait is counted off.
+    /// Whether to try four at a time now; if not, one frame of the wait is
+    /// counted off (the packed loop asks once per frame).
     @inline(__always)
     func batchDue() -> Bool {
         if batchHoldoff == 0 { return true }
@@ -28,13 +29,24 @@ extension VirtQueue {
         return false
     }
 
+    /// Takes the whole wait at once: the frames to go one by one before the
+    /// next try, at least one (after a short try). The split loop runs them
+    /// in its plain one-by-one loop, with no check per frame.
+    @inline(__always)
+    func takeBatchWait() -> Int {
+        let wait = max(batchHoldoff, 1)
+        batchHoldoff = 0
+        return wait
+    }
+
     /// Takes a try's outcome; true when four frames moved. After a refusal
     /// the queue goes one by one for 4 frames (a cold translation is warm
     /// then), twice as long after every further refusal, up to 4096; every
     /// batch that moves halves the wait. A guest whose frames rarely qualify
-    /// (4 KiB mappings, chains) then tries about once every 4096 frames: at
-    /// one try per 33 frames, the tries cost it a quarter of its throughput
-    /// (iotlb-bench datapath, 4 KiB static), for reasons `perf` did not show.
+    /// (chains, translations not cached) then tries about once every 4096
+    /// frames: at one try per 33 frames, the tries cost it a quarter of its
+    /// throughput (iotlb-bench datapath, 4 KiB static, before 4 KiB pages had
+    /// their own translation slots).
     @inline(__always)
     func batchMoved(_ outcome: BatchOutcome) -> Bool {
         switch outcome {

@@ -86,11 +86,15 @@ struct TranslationCache {
 
     mutating func clear() { first = 1; last = 0 }
 
+    /// Whether `a` lies in this translation's range (current or not).
+    @inline(__always)
+    func holds(_ a: UInt64) -> Bool { a >= first && a <= last }
+
     /// Whether this translation answers for `a` with `access` while the
     /// device's translation generation is `generation`.
     @inline(__always)
     func answers(_ a: UInt64, _ access: Permissions, generation now: UInt64) -> Bool {
-        a >= first && a <= last && generation == now && perm.contains(access)
+        holds(a) && generation == now && perm.contains(access)
     }
 }
 

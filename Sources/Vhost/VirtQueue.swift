@@ -258,9 +258,15 @@ public final class VirtQueue {
     /// holds `addr`, else the small one.
     @inline(__always)
     func bufferCache(_ addr: UInt64) -> UnsafeMutablePointer<TranslationCache> {
-        let large = bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.largeSlots - 1))
-        if addr >= large.pointee.first && addr <= large.pointee.last { return large }
+        let large = largeSlot(addr)
+        if large.pointee.holds(addr) { return large }
         return bufferCaches + VirtQueue.largeSlots + Int(truncatingIfNeeded: (addr >> 12) & UInt64(VirtQueue.smallSlots - 1))
+    }
+
+    /// The large-translation slot for `addr`.
+    @inline(__always)
+    private func largeSlot(_ addr: UInt64) -> UnsafeMutablePointer<TranslationCache> {
+        bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.largeSlots - 1))
     }
 
     /// Keeps a translation of 2 MiB or more that was just looked up for
@@ -268,7 +274,7 @@ public final class VirtQueue {
     @inline(__always)
     func promote(_ t: TranslationCache, for addr: UInt64) {
         guard t.last &- t.first >= (1 << 21) - 1 else { return }
-        bufferCaches[Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.largeSlots - 1))] = t
+        largeSlot(addr).pointee = t
     }
 
     init(index: Int) {
