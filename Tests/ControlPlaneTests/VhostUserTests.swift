@@ -114,6 +114,9 @@ struct VhostUserTests {
     static func startOtherTenant(_ d: LiveDaemon) throws {
         try d.expect(201, "POST", "/v1/devices", #"{"id":"other"}"#)
         try d.expect(200, "PUT", "/v1/devices/other/workload", #"{"packet_size":64,"page_size":"2m","mapping":"static"}"#)
+        // Moving before anything hostile starts: a slow start (TSan, a loaded
+        // machine) must not read as harm done by what comes next.
+        #expect(try eventually { try otherMoves(d) }, "the other tenant never started moving frames")
     }
 
     /// Whether "other" received frames within `seconds`, every one verified.
