@@ -247,7 +247,6 @@ extension Device {
         case .piece(let lo, let hi, let host, let gpa, let perm):
             cache = TranslationCache(first: lo.raw, last: hi.raw, host: host, gpa: gpa, perm: perm,
                                      generation: translationGeneration)
-            vq.promote(cache, for: addr.raw)
             // addr lies in [lo, hi]: piece() found it there.
             let leftMinusOne = hi.uncheckedOffset(from: addr)
             let n = UInt64(length &- 1) <= leftMinusOne ? length : Int(leftMinusOne &+ 1)

@@ -231,21 +231,12 @@ public final class VirtQueue {
     var batchHoldoff: Int { get { m.pointee.batchHoldoff } set { m.pointee.batchHoldoff = newValue } }
     var batchBackoff: Int { get { m.pointee.batchBackoff } set { m.pointee.batchBackoff = newValue } }
 
-    /// Buffer translations, in two direct-mapped sets. Large ones (2 MiB or
-    /// more: hugepage-backed guests, a DPDK mbuf pool) by address bits 21-24,
-    /// so buffers spread over a few mappings each keep theirs in one slot;
-    /// the rest (a Linux guest's 4 KiB IOMMU pages) by bits 12-19, so a
-    /// ring's worth of buffers (256 at 2 KiB: 128 pages) stays cached
-    /// instead of evicting one another in one slot. A lookup takes the large
-    /// slot if its range holds the address, else the small one; a miss fills
-    /// the small one and promotes a large translation (`promote`). Which slot
-    /// holds what never matters for safety: every slot answers only while its
-    /// generation is current. SAFETY: allocated and initialized in init,
-    /// freed in deinit; touched by the worker only.
+    /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
+    /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep
+    /// theirs instead of evicting one another's. SAFETY: allocated and
+    /// initialized in init, freed in deinit; touched by the worker only.
     let bufferCaches = UnsafeMutablePointer<TranslationCache>.allocate(capacity: VirtQueue.bufferCacheSlots)
-    static let largeSlots = 16
-    static let smallSlots = 256
-    static let bufferCacheSlots = largeSlots + smallSlots
+    static let bufferCacheSlots = 16
 
     /// Packed rings: used descriptors held back to be written four at a time (a
     /// cache line of the ring), so the line the driver polls moves between the
@@ -254,27 +245,10 @@ public final class VirtQueue {
     let usedStage = UnsafeMutablePointer<DevicePort.UsedBuffer>.allocate(capacity: VirtQueue.usedGroup)
     static let usedGroup = 4
 
-    /// The buffer translation slot for `addr`: the large one if its range
-    /// holds `addr`, else the small one.
+    /// The buffer translation slot for `addr`.
     @inline(__always)
     func bufferCache(_ addr: UInt64) -> UnsafeMutablePointer<TranslationCache> {
-        let large = largeSlot(addr)
-        if large.pointee.holds(addr) { return large }
-        return bufferCaches + VirtQueue.largeSlots + Int(truncatingIfNeeded: (addr >> 12) & UInt64(VirtQueue.smallSlots - 1))
-    }
-
-    /// The large-translation slot for `addr`.
-    @inline(__always)
-    private func largeSlot(_ addr: UInt64) -> UnsafeMutablePointer<TranslationCache> {
-        bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.largeSlots - 1))
-    }
-
-    /// Keeps a translation of 2 MiB or more that was just looked up for
-    /// `addr` in the large slot too, where `bufferCache` looks first.
-    @inline(__always)
-    func promote(_ t: TranslationCache, for addr: UInt64) {
-        guard t.last &- t.first >= (1 << 21) - 1 else { return }
-        largeSlot(addr).pointee = t
+        bufferCaches + Int(truncatingIfNeeded: (addr >> 21) & UInt64(VirtQueue.bufferCacheSlots - 1))
     }
 
     init(index: Int) {

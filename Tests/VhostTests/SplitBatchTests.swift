@@ -50,55 +50,6 @@ import Testing
         if iotlb { #expect(g.stats().misses == 0) }
     }
 
-    @Test("4 KiB mappings, a buffer a page: the buffers stay cached, so batches move; a remapped page is read anew")
-    func pageMappedBuffers() throws {
-        let g = try FakeGuest(iotlb: true)
-        let page: UInt64 = 0x1000
-        func txPage(_ k: Int) -> UInt64 { 0x100000 + page * UInt64(k) }
-        func rxPage(_ k: Int) -> UInt64 { 0x200000 + page * UInt64(k) }
-        try g.map(0x10000, 0x20000)  // both rings
-        for k in 0..<g.num {
-            try g.map(txPage(k), page, .read)
-            try g.map(rxPage(k), page, .write)
-        }
-        try g.setVring(0, g.rx)
-        try g.setVring(1, g.tx)
-        // What TX page 5 names after the remap below: other memory, the same length.
-        let moved = FakeGuest.pattern(65, seed: 0xEE)
-        func round(_ r: Int, remapped: Bool = false) throws {
-            let bodies = (0..<12).map { FakeGuest.pattern(60 + $0, seed: UInt8(r * 16 + $0)) }
-            for (k, b) in bodies.enumerated() {
-                g.write(txPage(k), b)
-                g.rx.setDescriptor(k, addr: g.dma(rxPage(k)), len: UInt32(page), flags: Descriptor.write)
-                g.tx.setDescriptor(k, addr: g.dma(txPage(k)), len: UInt32(b.count))
-                g.rx.stage(UInt16(k))
-                g.tx.stage(UInt16(k))
-            }
-            g.rx.publish()
-            g.tx.publish()
-            for (k, u) in try used(g, g.rx, 12).enumerated() {
-                let want = remapped && k == 5 ? moved : bodies[k]
-                #expect(u.len == UInt32(want.count) && g.read(rxPage(k), want.count) == want, "round \(r), frame \(k)")
-            }
-            _ = try used(g, g.tx, 12)
-        }
-        for r in 0..<8 { try round(r) }
-        // Sixteen 4 KiB translations per queue in one 2 MiB region: with one slot
-        // per 2 MiB they evicted one another and no four were ever cached together.
-        let batched = g.handle.performSync { $0!.batchedFrames }
-        #expect(batched >= 12, "batched \(batched) of 96")
-        #expect(g.stats().misses == 0)
-        // TX page 5 now names other memory: the frame carries what is there, not the cached page.
-        g.write(0x300000, moved)
-        try g.unmap(txPage(5), page)
-        let e = IOTLBEntry(range: AddressRange(start: IOVA(g.dma(txPage(5))), size: page)!,
-                           uaddr: UserAddr(FakeGuest.uaddrBase + 0x300000), perm: .read)
-        _ = try g.handle.performSync { d -> Result<UpdateReport, EngineError> in
-            do throws(EngineError) { return .success(try d!.updateIOTLB([e])) } catch { return .failure(error) }
-        }.get()
-        try round(8, remapped: true)
-    }
-
     @Test("a chain of two and a short RX buffer inside a run of four go one by one, as before")
     func unplainBuffersFallBack() throws {
         let g = try FakeGuest(iotlb: true)
