@@ -29,7 +29,7 @@ QG_MIGRATION_HOPS (default 3: there, back, there again) per ring layout,
 split and packed. A third case runs both daemons with the test-only
 IOTLBD_TEST_UNLOGGED_RX_BUFFERS=1 (RX buffers not logged) for one hop and
 passes only if the memory comparison FAILS: the comparison catches missing
-logging. That case sends one endless burst with lazy invalidation, so the
+logging (up to 3 attempts). That case sends one endless burst with lazy invalidation, so the
 device outruns the guest and frames it has not taken yet are in RX buffers
 when its vCPU stops (the guest rewrites a buffer's page as it takes a
 frame). Figures are printed on stderr. About 2.5 minutes here.
@@ -341,10 +341,22 @@ class QemuMigration(unittest.TestCase):
         self.run_migrations(packed=True, hops=HOPS)
 
     def test_unlogged_rx_buffers_break_the_memory_compare(self):
-        f = self.run_migrations(packed=False, hops=1, unlogged=True)[0]
-        self.assertGreater(f["rx_during"], 0, "the device wrote no RX buffer while migrating: the control tests nothing")
-        self.assertGreater(len(f["differing_pages"]), 0,
-                           "with RX buffers unlogged the memories should differ: the comparison would catch nothing")
+        # A page differs only if the guest has not taken a frame when its vCPU
+        # stops: likely, not certain (1 run in ~20 had none). Up to 3 attempts,
+        # each with a fresh guest and daemons; one that differs shows the
+        # comparison catches missing logging.
+        found = []
+        for attempt in range(3):
+            if attempt:
+                self.tearDown()
+                self.setUp()
+            f = self.run_migrations(packed=False, hops=1, unlogged=True)[0]
+            self.assertGreater(f["rx_during"], 0, "the device wrote no RX buffer while migrating: the control tests nothing")
+            found.append(len(f["differing_pages"]))
+            if found[-1] > 0:
+                break
+        self.assertGreater(found[-1], 0, "with RX buffers unlogged the memories should differ: the comparison would "
+                                         f"catch nothing (differing pages per attempt: {found})")
 
 
 if __name__ == "__main__":
