@@ -11,11 +11,17 @@ extension VhostUserSession {
         let enabled = r.enabled ?? (features & VhostUserFeature.protocolFeatures == 0)
         guard r.started, enabled, r.addressed, r.num > 0, memory != nil else {
             if r.applied {
-                handle.performSync { d in
+                let stopped = handle.performSync { d -> UInt32? in
                     d?.setNotifiers(i, call: -1, kicks: false)
-                    d?.disableVring(i)
+                    return d?.disableVring(i)
                 }
                 rings[i].applied = false
+                // Where it stopped is the ring's base now: GET_VRING_BASE
+                // answers it, and enabling the ring again resumes there.
+                if let stopped {
+                    rings[i].base = UInt16(truncatingIfNeeded: stopped)
+                    rings[i].baseFresh = true
+                }
             }
             return
         }

@@ -204,6 +204,26 @@ struct VhostUserTests {
         // SET_VRING_BASE belongs to a stopped ring: a running one reports where it stopped.
         try fe.state(.setVringBase, 0, 7)
         #expect(try fe.vringBase(0) == 64)
+
+        // A ring disabled before GET_VRING_BASE (SET_VRING_ENABLE 0, as DPDK's
+        // virtio-user stops its device) reports where it stopped, not the base
+        // it was last given (64): a front-end restarting from the answer would
+        // hand the device buffers it already used.
+        try fe.set64(.setVringKick, 0, fds: [fe.eventFD()])
+        var enableRX = PayloadWriter()
+        enableRX.u32(0); enableRX.u32(1)
+        #expect(try fe.acked(.setVringEnable, enableRX.bytes) == 0)
+        let more = Self.frames(8, seed: 3)
+        #expect(try t.loop(more) == more)
+        var disable = PayloadWriter()
+        disable.u32(1); disable.u32(0)
+        #expect(try fe.acked(.setVringEnable, disable.bytes) == 0)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/vrings/1")["state"] == .string("disabled"))
+        #expect(try fe.vringBase(1) == 72)
+        // Enabled again, it carries on from there.
+        try fe.set64(.setVringKick, 1, fds: [fe.eventFD()])
+        #expect(try fe.acked(.setVringEnable, enable.bytes) == 0)
+        #expect(try d.expect(200, "GET", "/v1/devices/vu/vrings/1")["last_avail_idx"] == .int(72))
     }
 
     @Test("IOTLB on without a vIOMMU (DPDK virtio-user): identity translation, 2 MiB clipped to the region")
