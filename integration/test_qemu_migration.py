@@ -6,7 +6,11 @@ vhost-user sockets, as on two hosts) while it sends and receives, and back.
 Each daemon serves device m0 (server mode, IOTLB on, loopback port). The guest
 (scripts/qemu-guest/init, qg_mode=continuous) sends pktgen bursts of UDP frames
 with checksums to its own address; the loopback returns each one on RX, so the
-device writes RX buffers, headers and used rings all along. Per hop:
+device writes RX buffers, headers and used rings all along. The first hop
+waits until the guest's clock reads SETTLED_UP seconds, and a ping-pong that
+fails runs again from a fresh guest (3 tries): QEMU 7.2 under TCG now and then
+loses a page the guest's CPU wrote while migrating (see QEMU_TCG_LOSS). Per
+hop:
 
   1. the destination QEMU starts on the other daemon with `-incoming
      tcp:127.0.0.1:P -S` (paused when migration completes);
@@ -53,6 +57,19 @@ GUEST = os.path.join(ROOT, "scripts", "qemu-guest")
 HOPS = int(os.environ.get("QG_MIGRATION_HOPS", "3"))
 MEM_MB = 256
 FRAMES = 100           # frames per pktgen burst
+# QEMU_TCG_LOSS: QEMU 7.2 under TCG now and then loses a page the guest's CPU
+# wrote while it migrates: the destination gets an older copy, and the guest
+# may crash there (slab, timer-list, stack corruption). Measured here without
+# iotlbd (QEMU's own virtio-net on its user-mode network, pmemsave of both
+# sides at every hop): hops every ~0.8 s from boot on left differing pages
+# in 4 guests of 6 at their first or second hop, pages of kernel data
+# (0x4f57000-0x4f79000), and crashed 7 guests of ~50, all at guest uptimes
+# below 3.5 s; single-threaded TCG and -cpu qemu64 alike. With iotlbd and
+# traffic, 2-4 % of steady-state hops crashed, the build before issue 22's
+# batches (296ed7e) alike; the differing pages seen there held kernel data,
+# no frame. So the first hop waits for a settled guest (SETTLED_UP, its own
+# clock), and a ping-pong that fails runs again from a fresh guest (3 tries).
+SETTLED_UP = 10
 DAMAGE = ("rx_errors", "tx_errors", "rx_crc_errors", "rx_frame_errors", "rx_length_errors", "ip_InHdrErrors",
           "ip_InAddrErrors", "udp_InErrors", "udp_InCsumErrors")
 
@@ -239,6 +256,9 @@ class QemuMigration(unittest.TestCase):
                    "rx_during": src.stats()["vqs"][0]["chains"] - rx_before}
         if compare_only:
             return figures
+        # Checked before the destination runs: a guest that crashes there
+        # (see QEMU_TCG_LOSS) still shows whether its memory arrived whole.
+        self.assertEqual(diff, [], f"hop {hop}: guest memory differs after migration ({len(diff)} pages)")
         # The destination runs: traffic goes on there, its IOTLB refills by misses.
         t_cont = time.monotonic()
         mark = max((c["rx_packets"] for t, c in self.all_counters()), default=0)
@@ -262,7 +282,7 @@ class QemuMigration(unittest.TestCase):
 
     def run_migrations(self, packed, hops, unlogged=False):
         env = dict(os.environ, QG_FRAMES=str(FRAMES), QG_MODE="continuous", QG_MEM=f"{MEM_MB}M",
-                   QG_SECONDS=str(6 + 9 * hops))
+                   QG_SECONDS=str(SETTLED_UP + 9 * hops))
         if packed:
             env["QG_PACKED"] = "1"
         if unlogged:
@@ -285,7 +305,10 @@ class QemuMigration(unittest.TestCase):
                       lambda: any(c["rx_packets"] > 0 for _, c in a.console.counters()), 120, poll=0.1)
         blockers = a.qmp.run("query-migrate")
         self.assertNotIn("blocked-reasons", blockers, blockers)
-        time.sleep(1)  # some traffic before the first hop
+        # The first hop waits for a settled guest (see SETTLED_UP).
+        self.wait_for(f"the guest's clock at {SETTLED_UP} s, sending",
+                      lambda: any(c["up"] >= SETTLED_UP and c["rx_packets"] > 0 for _, c in a.console.counters()),
+                      120, poll=0.1)
         figures, src, dst = [], a, b
         for hop in range(1, hops + 1):
             f = self.migrate(src, dst, env, hop, compare_only=unlogged)
@@ -297,7 +320,6 @@ class QemuMigration(unittest.TestCase):
                              f"frames into RX buffers meanwhile {f['rx_during']}, destination misses {f['dst_misses']}] ")
             if unlogged:
                 return figures
-            self.assertEqual(f["differing_pages"], [], f"hop {hop}: guest memory differs after migration")
             src, dst = dst, src
         # The guest stops sending and powers off; its last counters.
         try:
@@ -334,11 +356,29 @@ class QemuMigration(unittest.TestCase):
             self.assertEqual(bad, [], f"daemon {s.name} refused requests of QEMU")
         return figures
 
+    def ping_pong(self, packed):
+        """HOPS hops there and back; up to 3 attempts, each from a fresh guest
+        (QEMU_TCG_LOSS: ~2-4 % of hops). A device that misses log writes fails
+        every attempt: the unlogged control loses pages on every hop."""
+        kind = "packed" if packed else "split"
+        for attempt in range(1, 4):
+            if attempt > 1:
+                self.tearDown()
+                self.setUp()
+            try:
+                return self.run_migrations(packed=packed, hops=HOPS)
+            except self.failureException as e:
+                if attempt == 3:
+                    raise
+                why = str(e)
+                sys.stderr.write(f"\n[{kind}: attempt {attempt} failed (QEMU_TCG_LOSS?); again from a fresh guest. "
+                                 f"It failed with: {why[:400]}{' ...' if len(why) > 400 else ''}] ")
+
     def test_split_ping_pong(self):
-        self.run_migrations(packed=False, hops=HOPS)
+        self.ping_pong(packed=False)
 
     def test_packed_ping_pong(self):
-        self.run_migrations(packed=True, hops=HOPS)
+        self.ping_pong(packed=True)
 
     def test_unlogged_rx_buffers_break_the_memory_compare(self):
         # A page differs only if the guest has not taken a frame when its vCPU
