@@ -153,10 +153,11 @@ class GuestConsole:
             lines = list(self.lines)
         for t, text in lines:
             m = GUEST_COUNTERS.match(text.strip())
+            pairs = m.group(2).split() if m else []
             # A line whose counters did not all print (the guest's read of
             # /proc raced pktgen: "pktgen_sent=") is skipped, not a failure.
-            if m and all(re.fullmatch(r"\w+=\d+", kv) for kv in m.group(2).split()):
-                c = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
+            if m and all(re.fullmatch(r"\w+=\d+", kv) for kv in pairs):
+                c = {k: int(v) for k, v in (kv.split("=") for kv in pairs)}
                 c["up"] = float(m.group(1))
                 out.append((t, c))
         return out

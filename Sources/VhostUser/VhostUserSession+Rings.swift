@@ -10,19 +10,7 @@ extension VhostUserSession {
         let r = rings[i]
         let enabled = r.enabled ?? (features & VhostUserFeature.protocolFeatures == 0)
         guard r.started, enabled, r.addressed, r.num > 0, memory != nil else {
-            if r.applied {
-                let stopped = handle.performSync { d -> UInt32? in
-                    d?.setNotifiers(i, call: -1, kicks: false)
-                    return d?.disableVring(i)
-                }
-                rings[i].applied = false
-                // Where it stopped is the ring's base now: GET_VRING_BASE
-                // answers it, and enabling the ring again resumes there.
-                if let stopped {
-                    rings[i].base = UInt16(truncatingIfNeeded: stopped)
-                    rings[i].baseFresh = true
-                }
-            }
+            stopRing(i)
             return
         }
         let c = VringConfig(num: r.num, descAddr: ringAddress(r.desc), availAddr: ringAddress(r.avail),
@@ -43,6 +31,25 @@ extension VhostUserSession {
         rings[i].baseFresh = false
         if case .failure(let e) = result { throw Refused("vring \(i): \(e)") }
         rings[i].applied = true
+    }
+
+    /// Stops ring `i` on the device if it runs there (GET_VRING_BASE, a ring
+    /// disabled or made incomplete). Where it stopped becomes its base:
+    /// GET_VRING_BASE answers it, and a restart resumes there. Returns that
+    /// position (`vringBase`; 0 when the device is gone), nil when the ring
+    /// did not run.
+    @discardableResult
+    func stopRing(_ i: Int) -> UInt32? {
+        guard rings[i].applied else { return nil }
+        let stopped = handle.performSync { d -> UInt32? in
+            d?.setNotifiers(i, call: -1, kicks: false)
+            return d?.disableVring(i)
+        }
+        rings[i].applied = false
+        guard let stopped else { return 0 }
+        rings[i].base = UInt16(truncatingIfNeeded: stopped)
+        rings[i].baseFresh = true
+        return stopped
     }
 
     /// The device's address for a ring address from the front-end. Without a

@@ -246,15 +246,10 @@ final class VhostUserSession {
             rings[i].baseFresh = true
         case .getVringBase:
             let i = try ringIndex(UInt64(try u32()))
-            let wasRunning = rings[i].applied, base = rings[i].base
-            let stopped = handle.performSync { d -> UInt32 in
-                d?.setNotifiers(i, call: -1, kicks: false)
-                return d?.disableVring(i) ?? 0
-            }
-            // A ring that never ran reports the base it was given.
-            let last = wasRunning ? stopped : neverRunBase(base)
+            // A ring that is not running reports its base: the one it was
+            // given, or where it stopped when it was disabled.
+            let last = stopRing(i) ?? neverRunBase(rings[i].base)
             rings[i].baseFresh = true
-            rings[i].applied = false
             rings[i].started = false
             rings[i].base = UInt16(truncatingIfNeeded: last)
             closeFD(&rings[i].kickFD)
