@@ -1,6 +1,7 @@
 import Guest
 import IOTLB
 import Platform
+import Ports
 import Testing
 @testable import Vhost
 
@@ -69,6 +70,54 @@ import Testing
         // In order, one used descriptor hands back a whole run; else one each.
         if inOrder { #expect(txDescriptors <= rounds * 2) } else { #expect(txDescriptors == frames) }
         if iotlb { #expect(g.stats().misses == 0) }
+    }
+
+    @Test("12-byte headers: the RX buffer ends as the TX frame with num_buffers 1, whatever it held before",
+          arguments: [Permissions.readWrite, .write])
+    func rxHeaderAsSent(rxPerm: Permissions) throws {
+        let g = try FakeGuest(iotlb: true)
+        try g.map(0, 0x200000)
+        try g.map(0x200000, 0x10000, rxPerm)  // RX buffers: write-only as a Linux guest maps them, or not
+        g.handle.performSync { $0!.setNet(NetSettings(headerBytes: 12, mergeableRX: true)) }
+        let (rx, tx) = rings(g)
+        try g.setPackedVring(0, rx)
+        try g.setPackedVring(1, tx, inOrder: true)
+        let zero = [UInt8](repeating: 0, count: 10)
+        for round in 0..<3 {
+            var expected: [[UInt8]] = []
+            for k in 0..<12 {
+                // TX headers: all zero (DPDK's, num_buffers left 0 or 1), or with flags and checksum fields.
+                var header = k % 3 == 2 ? [1, 0, 0, 0, 0, 0, 34, 0, 16, 0] : zero
+                header += [UInt8(k % 2), 0]
+                let body = header + FakeGuest.pattern(52 + k, seed: UInt8(round * 16 + k))
+                g.write(0x100000 + 0x800 * UInt64(k), body)
+                // What the RX buffer held: the header it would get (left alone then), its
+                // first ten bytes with num_buffers 0, another header, or garbage.
+                var before = Array(body.prefix(10)) + [1, 0]
+                switch k % 4 {
+                case 1: before[10] = 0
+                case 2: before[6] = 99
+                case 3: before = FakeGuest.pattern(12, seed: 0xa5)
+                default: break
+                }
+                g.write(0x200000 + 0x800 * UInt64(k), before + FakeGuest.pattern(80, seed: 0x5a))
+                expected.append(Array(body.prefix(10)) + [1, 0] + body.dropFirst(12))
+            }
+            let lengths = expected.map { UInt32($0.count) }
+            atOnce(g) {
+                for k in 0..<12 {
+                    rx.offer([(g.dma(0x200000 + 0x800 * UInt64(k)), 2048, PackedDriver.write)], id: UInt16(100 + k))
+                    tx.offer([(g.dma(0x100000 + 0x800 * UInt64(k)), lengths[k], 0)], id: UInt16(k))
+                }
+            }
+            for k in 0..<12 {
+                let r = try #require(rx.waitUsed(), "round \(round), frame \(k)")
+                #expect(r.id == UInt16(100 + k) && r.len == UInt32(expected[k].count), "round \(round), frame \(k)")
+                #expect(g.read(0x200000 + 0x800 * UInt64(k), expected[k].count) == expected[k], "round \(round), frame \(k)")
+            }
+            _ = try txBack(tx, count: 12, inOrder: true)
+        }
+        #expect(g.handle.performSync { $0!.batchedFrames } >= 16, "the header rule is the batches'")
     }
 
     @Test("a chain of two and a short RX buffer inside a run of four go one by one, as before")
