@@ -57,6 +57,7 @@ extension Device {
     /// none); with `kicks`, the driver kicks while the worker sleeps and is asked
     /// not to while it polls (VRING_USED_F_NO_NOTIFY, as vhost_disable_notify).
     public func setNotifiers(_ index: Int, call: Int32, kicks: Bool) {
+        sendOwedNotifications(pairOf: index)
         let vq = queues[index]
         vq.callFD = call
         vq.driverKicks = kicks

@@ -190,6 +190,9 @@ public final class VirtQueue {
         /// a batch was refused for what its frames are (see FrameBatch.swift).
         var batchHoldoff = 0
         var batchBackoff = 0
+        /// Frames handed back on a packed TX queue (and its loopback RX)
+        /// since the drivers' event suppression was last read.
+        var unnotified = 0
     }
     private let storage: UnsafeMutablePointer<Mutable>
     /// The state, for the accessors below: checks the owner thread in debug
@@ -230,6 +233,7 @@ public final class VirtQueue {
     var driverKicks: Bool { get { m.pointee.driverKicks } set { m.pointee.driverKicks = newValue } }
     var batchHoldoff: Int { get { m.pointee.batchHoldoff } set { m.pointee.batchHoldoff = newValue } }
     var batchBackoff: Int { get { m.pointee.batchBackoff } set { m.pointee.batchBackoff = newValue } }
+    var unnotified: Int { get { m.pointee.unnotified } set { m.pointee.unnotified = newValue } }
 
     /// Buffer translations, direct-mapped by address bits 21-24: buffers spread
     /// over several mappings (a DPDK mbuf pool over a few 2 MiB pages) each keep

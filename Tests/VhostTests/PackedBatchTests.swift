@@ -1,3 +1,4 @@
+import Glibc
 import Guest
 import IOTLB
 import Platform
@@ -118,6 +119,43 @@ import Testing
             _ = try txBack(tx, count: 12, inOrder: true)
         }
         #expect(g.handle.performSync { $0!.batchedFrames } >= 16, "the header rule is the batches'")
+    }
+
+    @Test("event suppression: a driver that asks hears of every burst once the worker has nothing left; one that declines does not")
+    func notificationsAfterEachBurst() throws {
+        let g = try FakeGuest(iotlb: true)
+        try g.map(0, FakeGuest.memSize)
+        let (rx, tx) = rings(g)
+        try g.setPackedVring(0, rx)
+        try g.setPackedVring(1, tx, inOrder: true)
+        func burst(_ frames: Int, seed: Int) throws {
+            let bodies = (0..<frames).map { FakeGuest.pattern(60 + $0, seed: UInt8(seed + $0)) }
+            for (k, b) in bodies.enumerated() { g.write(0x100000 + 0x800 * UInt64(k), b) }
+            let lengths = bodies.map { UInt32($0.count) }
+            atOnce(g) {
+                for k in 0..<frames {
+                    rx.offer([(g.dma(0x200000 + 0x800 * UInt64(k)), 2048, PackedDriver.write)], id: UInt16(k))
+                    tx.offer([(g.dma(0x100000 + 0x800 * UInt64(k)), lengths[k], 0)], id: UInt16(k))
+                }
+            }
+            for k in 0..<frames { _ = try #require(rx.waitUsed(), "frame \(k) of \(frames)") }
+            _ = try txBack(tx, count: frames, inOrder: true)
+        }
+        // Bursts shorter and longer than the frames between two checks while busy.
+        for (round, frames) in [1, 5, 12, 3, 12, 12].enumerated() {
+            let before = (g.vring(0).notifications, g.vring(1).notifications)
+            try burst(frames, seed: round * 16)
+            #expect(g.waitFor("notifications after a burst of \(frames)") { d in
+                let (r, t) = ((try? d.vring(0).notifications) ?? 0, (try? d.vring(1).notifications) ?? 0)
+                return r > before.0 && t > before.1
+            })
+        }
+        // Both drivers decline (driver event flags: disable): nothing more, however long.
+        for ring in [rx, tx] { g.write(ring.layout.driverEvent.raw + 2, [1, 0]) }
+        let declined = (g.vring(0).notifications, g.vring(1).notifications)
+        for round in 0..<3 { try burst(12, seed: 100 + round) }
+        usleep(20_000)
+        #expect(g.vring(0).notifications == declined.0 && g.vring(1).notifications == declined.1)
     }
 
     @Test("a chain of two and a short RX buffer inside a run of four go one by one, as before")
