@@ -214,6 +214,7 @@ extension Device {
                 CRingAtomics_prefetch_write(p + 12)
             } else {
                 CRingAtomics_prefetch(p)
+                CRingAtomics_prefetch(p + Int(min(d.len, 12)))
                 CRingAtomics_prefetch(p + Int(d.len &- 1))
             }
         }

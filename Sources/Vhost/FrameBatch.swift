@@ -103,6 +103,7 @@ extension Device {
         // 12 bytes before the frame's line): ask for both. The RX header's line
         // is read first (`copyFrames` may leave it alone), the frame's written.
         CRingAtomics_prefetch(s)
+        CRingAtomics_prefetch(s + Int(min(t.len, 12)))  // the frame's first line: the one the driver wrote
         CRingAtomics_prefetch(s + Int(t.len &- 1))
         CRingAtomics_prefetch(w)
         CRingAtomics_prefetch_write(w + Int(min(t.len, 12)))
