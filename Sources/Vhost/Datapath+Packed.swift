@@ -195,14 +195,14 @@ extension Device {
     /// 300 ns here; asked one batch ahead, it overlaps a whole batch's copies.
     /// Only hints: nothing read here is used.
     @inline(__always)
-    func prefetchBatchAhead(_ vq: VirtQueue, _ desc: UnsafeMutableRawPointer, _ slot: Int, _ num: Int, write: Bool) {
+    func prefetchBatchAhead(_ vq: VirtQueue, _ desc: UnsafeMutableRawPointer, _ slot: Int, _ num: Int, write: Bool,
+                            generation: UInt64) {
         var far = slot + 2 * FrameBatch.size
         if far >= num { far -= num }
         // SAFETY (all reads here): slots wrapped below num, in the ring mapped whole at `desc`.
         if write { CRingAtomics_prefetch_write(desc + PackedRing.descriptor(far)) } else { CRingAtomics_prefetch(desc + PackedRing.descriptor(far)) }
         var next = slot + FrameBatch.size
         if next >= num { next -= num }
-        let generation = translationGeneration
         for k in 0..<FrameBatch.size {
             let d = PackedDescriptor.decode(desc + PackedRing.descriptor(next + k < num ? next + k : next + k - num))
             let cache = vq.bufferCache(d.addr).pointee
@@ -243,9 +243,9 @@ extension Device {
                 return .short
             }
         }
-        prefetchBatchAhead(tx, td, t, num, write: false)
-        prefetchBatchAhead(rx, rd, r, rxNum, write: true)
-        var b = FrameBatch()
+        var b = FrameBatch(generation: translationGeneration)
+        prefetchBatchAhead(tx, td, t, num, write: false, generation: b.generation)
+        prefetchBatchAhead(rx, rd, r, rxNum, write: true, generation: b.generation)
         for k in 0..<FrameBatch.size {
             let d = PackedDescriptor.decode(td + PackedRing.descriptor(t + k))
             let e = PackedDescriptor.decode(rd + PackedRing.descriptor(r + k))
@@ -253,7 +253,7 @@ extension Device {
             b.txID[k] = d.id
             b.rxID[k] = e.id
         }
-        copyFrames(b, tx, rx, S.Buffer.self)
+        copyFrames(&b, tx, rx, S.Buffer.self)
         for k in 0..<FrameBatch.size {
             stageUsedPacked(rx, DevicePort.UsedBuffer(id: b.rxID[k], len: b.len[k], slots: 1), staged: &rxStaged,
                             num: rxNum, S.Ring.self)

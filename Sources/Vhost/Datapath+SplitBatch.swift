@@ -30,7 +30,7 @@ extension Device {
         guard txAvail &- tx.lastAvailIdx >= 4, rxAvail &- rx.lastAvailIdx >= 4 else { return .short }
         guard !S.Ring.logs, let tAvail = tx.availHost, let rAvail = rx.availHost, let td = tx.descHost,
               let rd = rx.descHost, let tc = tx.config, let rc = rx.config else { return .refused }
-        var b = FrameBatch()
+        var b = FrameBatch(generation: translationGeneration)
         for k in 0..<FrameBatch.size {
             // Both avail rings' 4+2·num bytes are mapped at tAvail and rAvail (prepareRings).
             let th = SplitRing.head(inAvail: tAvail, tx.lastAvailIdx &+ UInt16(k), num: tc.num)
@@ -43,7 +43,7 @@ extension Device {
             b.txID[k] = th
             b.rxID[k] = rh
         }
-        copyFrames(b, tx, rx, S.Buffer.self)
+        copyFrames(&b, tx, rx, S.Buffer.self)
         for k in 0..<FrameBatch.size { putUsed(rx, id: b.rxID[k], len: b.len[k], S.Ring.self) }
         for k in 0..<FrameBatch.size { putUsed(tx, id: b.txID[k], len: 0, S.Ring.self) }
         tx.lastAvailIdx &+= 4

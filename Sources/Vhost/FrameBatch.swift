@@ -67,6 +67,9 @@ extension VirtQueue {
 /// storage: nothing is allocated.
 struct FrameBatch {
     static let size = 4
+    /// The device's translation generation, read once for the whole batch
+    /// (nothing changes the translations while a batch moves).
+    let generation: UInt64
     var src = InlineArray<4, UnsafeMutableRawPointer?>(repeating: nil)
     var dst = InlineArray<4, UnsafeMutableRawPointer?>(repeating: nil)
     var len = InlineArray<4, UInt32>(repeating: 0)
@@ -82,9 +85,10 @@ extension Device {
     /// Host memory for all `length` bytes at `addr` if the queue's cached
     /// translation holds them with `access`; nil otherwise (nothing counted).
     @inline(__always)
-    func cachedHost(_ vq: VirtQueue, _ addr: UInt64, _ length: UInt32, _ access: Permissions) -> UnsafeMutableRawPointer? {
+    func cachedHost(_ vq: VirtQueue, _ addr: UInt64, _ length: UInt32, _ access: Permissions,
+                    generation: UInt64) -> UnsafeMutableRawPointer? {
         let cache = vq.bufferCache(addr).pointee
-        guard cache.answers(addr, access, generation: translationGeneration), UInt64(length &- 1) <= cache.last &- addr,
+        guard cache.answers(addr, access, generation: generation), UInt64(length &- 1) <= cache.last &- addr,
               let host = cache.host else { return nil }
         return host + Int(addr &- cache.first)
     }
@@ -97,8 +101,8 @@ extension Device {
                into rx: VirtQueue, _ r: (addr: UInt64, len: UInt32, flags: UInt16)) -> Bool {
         let plain = Descriptor.next | Descriptor.indirect
         guard t.flags & (plain | Descriptor.write) == 0, r.flags & plain == 0, r.flags & Descriptor.write != 0,
-              t.len > 0, t.len <= r.len, let s = cachedHost(tx, t.addr, t.len, .read),
-              let w = cachedHost(rx, r.addr, t.len, .write) else { return false }
+              t.len > 0, t.len <= r.len, let s = cachedHost(tx, t.addr, t.len, .read, generation: b.generation),
+              let w = cachedHost(rx, r.addr, t.len, .write, generation: b.generation) else { return false }
         // A frame and its header often straddle two lines (DPDK's header sits
         // 12 bytes before the frame's line): ask for both. The RX header's line
         // is read first (`copyFrames` may leave it alone), the frame's written.
@@ -130,7 +134,7 @@ extension Device {
     /// Copies an admitted batch (one RX buffer per frame: num_buffers = 1,
     /// virtio-net 5.1.6.4) and counts its frames, bytes and hits.
     @inline(__always)
-    func copyFrames<B: TranslatedAddress>(_ b: FrameBatch, _ tx: VirtQueue, _ rx: VirtQueue, _: B.Type) {
+    func copyFrames<B: TranslatedAddress>(_ b: inout FrameBatch, _ tx: VirtQueue, _ rx: VirtQueue, _: B.Type) {
         let numBuffers = rxNetHeaderNumBuffers
         var bytes: UInt64 = 0
         for k in 0..<FrameBatch.size {
