@@ -18,6 +18,16 @@ import Testing
          PackedDriver(memory: g.memory, at: GuestPhysAddr(0x50000), num: 13))
     }
 
+    /// A guest with all its memory mapped and both rings set, TX in order.
+    func mappedInOrder() throws -> (FakeGuest, rx: PackedDriver, tx: PackedDriver) {
+        let g = try FakeGuest(iotlb: true)
+        try g.map(0, FakeGuest.memSize)
+        let (rx, tx) = rings(g)
+        try g.setPackedVring(0, rx)
+        try g.setPackedVring(1, tx, inOrder: true)
+        return (g, rx, tx)
+    }
+
     /// Runs `offers` on the device's worker, so the datapath finds every
     /// buffer it makes available at once, as after a driver's burst.
     func atOnce(_ g: FakeGuest, _ offers: @escaping @Sendable () -> Void) {
@@ -123,11 +133,7 @@ import Testing
 
     @Test("event suppression: a driver that asks hears of every burst once the worker has nothing left; one that declines does not")
     func notificationsAfterEachBurst() throws {
-        let g = try FakeGuest(iotlb: true)
-        try g.map(0, FakeGuest.memSize)
-        let (rx, tx) = rings(g)
-        try g.setPackedVring(0, rx)
-        try g.setPackedVring(1, tx, inOrder: true)
+        let (g, rx, tx) = try mappedInOrder()
         func burst(_ frames: Int, seed: Int) throws {
             let bodies = (0..<frames).map { FakeGuest.pattern(60 + $0, seed: UInt8(seed + $0)) }
             for (k, b) in bodies.enumerated() { g.write(0x100000 + 0x800 * UInt64(k), b) }
@@ -160,11 +166,7 @@ import Testing
 
     @Test("a chain of two and a short RX buffer inside a run of four go one by one, as before")
     func unplainBuffersFallBack() throws {
-        let g = try FakeGuest(iotlb: true)
-        try g.map(0, FakeGuest.memSize)
-        let (rx, tx) = rings(g)
-        try g.setPackedVring(0, rx)
-        try g.setPackedVring(1, tx, inOrder: true)
+        let (g, rx, tx) = try mappedInOrder()
         // Warm both queues' translations, so the batches below are refused for
         // their buffers only.
         g.write(0x100000, FakeGuest.pattern(50, seed: 1))
