@@ -189,16 +189,19 @@ extension Device {
     }
 
     /// Asks, while a batch at `slot` moves, for what the next two need: the
-    /// descriptor line two batches ahead, and the buffers of the next batch
-    /// (its line was asked for one batch ago), both lines of each, for writing
-    /// on the RX ring. A cache line's round trip to the driver's core can take
-    /// 300 ns here; asked one batch ahead, it overlaps a whole batch's copies.
-    /// Only hints: nothing read here is used.
+    /// descriptor line two batches ahead (for writing on the RX ring, whose
+    /// used descriptors go there), and the buffers of the next batch, whose
+    /// line was asked for one batch ago: every line a frame touches (TX: the
+    /// header's, the frame's first and last; RX: the header's to read, the
+    /// frame's to write). A line's round trip to the driver's core takes
+    /// 300 ns in this host's slow phase; asked one batch ahead, it overlaps a
+    /// batch's copies. Only hints: nothing read here is used. `num` >= 4 (a
+    /// batch was admitted).
     @inline(__always)
     func prefetchBatchAhead(_ vq: VirtQueue, _ desc: UnsafeMutableRawPointer, _ slot: Int, _ num: Int, write: Bool,
                             generation: UInt64) {
         var far = slot + 2 * FrameBatch.size
-        if far >= num { far -= num }
+        while far >= num { far -= num }  // at most twice: num >= 4
         // SAFETY (all reads here): slots wrapped below num, in the ring mapped whole at `desc`.
         if write { CRingAtomics_prefetch_write(desc + PackedRing.descriptor(far)) } else { CRingAtomics_prefetch(desc + PackedRing.descriptor(far)) }
         var next = slot + FrameBatch.size
