@@ -208,10 +208,7 @@ extension Device {
         if next >= num { next -= num }
         for k in 0..<FrameBatch.size {
             let d = PackedDescriptor.decode(desc + PackedRing.descriptor(next + k < num ? next + k : next + k - num))
-            let cache = vq.bufferCache(d.addr).pointee
-            guard d.addr >= cache.first, d.addr < cache.last, let host = cache.host, cache.generation == generation,
-                  d.len > 0, UInt64(d.len &- 1) <= cache.last &- d.addr else { return }
-            let p = host + Int(d.addr &- cache.first)
+            guard d.len > 0, let p = cachedHost(vq, d.addr, d.len, write ? .write : .read, generation: generation) else { return }
             if write {
                 CRingAtomics_prefetch(p)  // the header: maybe only read (`copyFrames`)
                 CRingAtomics_prefetch_write(p + 12)
