@@ -108,6 +108,28 @@ class Charts(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(json.loads(p.stdout)["rows"][0]["entries"], 64)
 
+    def test_phase_medians_per_phase_and_all(self):
+        """scripts/phase_medians.py (the side-by-side scripts' summary): a phase's
+        row takes only the runs that saw it; "all" takes every run with a
+        figure, mixed ones too; a run with no figure ("-") counts nowhere."""
+        rows = ["frame_size\tround\tdpdk_mpps\tiotlbd_off_mpps\tiotlbd_on_mpps\tdpdk_phase\toff_phase\ton_phase",
+                "64\t1\t8.00\t12.00\t11.00\tfast\tmixed\tfast",
+                "64\t2\t4.00\t6.00\t7.00\tslow\tslow\tslow",
+                "64\t3\t-\t10.00\t9.00\tmixed\tfast\tmixed"]
+        with tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False) as f:
+            f.write("\n".join(rows) + "\n")
+        try:
+            p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "phase_medians.py"), f.name,
+                                "dpdk", "iotlbd_off", "iotlbd_on"], capture_output=True, text=True, timeout=60)
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        table = {tuple(c.strip() for c in l.split("|")[1:3]): [c.strip() for c in l.split("|")[3:-1]]
+                 for l in p.stdout.splitlines()[2:]}
+        self.assertEqual(table[("64", "fast")], ["8.00 (1)", "10.00 (1)", "11.00 (1)", "1.25", "1.38"])
+        self.assertEqual(table[("64", "slow")], ["4.00 (1)", "6.00 (1)", "7.00 (1)", "1.50", "1.75"])
+        self.assertEqual(table[("64", "all")], ["6.00 (2)", "10.00 (3)", "9.00 (3)", "1.67", "1.50"])
+
     def test_committed_datapath_report_has_the_plotted_keys(self):
         with open(os.path.join(RESULTS, "datapath.json")) as f:
             doc = json.load(f)

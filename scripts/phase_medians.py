@@ -2,8 +2,11 @@
 """Medians of a side-by-side script's Mpps columns per host phase, as a
 Markdown table: for each frame size and each phase (fast, slow), every
 side's median over the runs that saw that phase, with their count, and each
-side's ratio to the first side's. Runs whose phase changed (mixed) or that
-gave no figure count nowhere.
+side's ratio to the first side's. Runs whose phase changed (mixed) count
+there nowhere. A third row, "all", takes every run with a figure whatever
+its phase: on a host whose probe hovers near the threshold the labels say
+little, and that row is the one to read. Runs that gave no figure count
+nowhere.
 
   phase_medians.py ROWS.tsv SIDE [SIDE …]
 
@@ -30,11 +33,11 @@ def main():
           + " | ".join(f"{s} / {sides[0]}" for s in sides[1:]) + " |")
     print("|---:|---|" + "---:|" * (2 * len(sides) - 1))
     for frame in dict.fromkeys(r["frame_size"] for r in rows):
-        for phase in ("fast", "slow"):
+        for phase in ("fast", "slow", "all"):
             meds = []
             for s in sides:
                 vals = [float(r[s + "_mpps"]) for r in rows if r["frame_size"] == frame
-                        and r.get(phase_col(s)) == phase and r.get(s + "_mpps") not in (None, "", "-", "0.00")]
+                        and phase in ("all", r.get(phase_col(s))) and r.get(s + "_mpps") not in (None, "", "-", "0.00")]
                 meds.append((statistics.median(vals), len(vals)) if vals else (None, 0))
             cells = [f"{m:.2f} ({n})" if m is not None else "- (0)" for m, n in meds]
             base = meds[0][0]
