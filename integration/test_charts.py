@@ -59,6 +59,24 @@ class Charts(unittest.TestCase):
                 # A chart with axes, dots and text compresses to tens of kB; a blank one to a few.
                 self.assertGreater(os.path.getsize(path), 20_000, f"{name} looks empty")
 
+    def test_footnote_names_the_ring(self):
+        """A side-by-side report says its ring in meta (the scripts read RING from
+        the environment, so argv lacks it): the footnote's command starts with
+        it, so the command shown reproduces the data."""
+        sys.path.insert(0, os.path.dirname(PLOT))
+        try:
+            import plot_benchmarks
+        finally:
+            sys.path.pop(0)
+        doc = {"meta": {"command": "scripts/vhost-user-side-by-side.sh 8 5 '64 1518'", "ring": "packed",
+                        "date": "2026-12-05T14:52:27Z", "host": {"cores": 2, "cpu": "x"}}, "_path": "r.json"}
+        fig = plot_benchmarks.plt.figure()
+        plot_benchmarks.footnote(fig, [doc, {"meta": {"command": "iotlb-bench lookup"}, "_path": "l.json"}])
+        text = fig.texts[-1].get_text()
+        plot_benchmarks.plt.close(fig)
+        self.assertIn("$ RING=packed scripts/vhost-user-side-by-side.sh 8 5 '64 1518'", text)
+        self.assertIn("$ iotlb-bench lookup", text)
+
     def test_missing_report_is_named(self):
         with tempfile.TemporaryDirectory() as results, tempfile.TemporaryDirectory() as out:
             for name in ("datapath.json", "datapath-eager.json"):

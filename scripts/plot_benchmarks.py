@@ -96,8 +96,10 @@ def footnote(fig, docs, extra=""):
         where = f"{m.get('date', '?')}, {host.get('cores', '?')} cores ({host.get('cpu') or '?'})"
         if m.get("build"):
             where += f", {m['build']} build"
-        lines += textwrap.wrap(f"$ {m.get('command', '?')}", width, subsequent_indent="    ",
-                               break_on_hyphens=False)
+        command = m.get("command", "?")
+        if m.get("ring") and not command.startswith("RING="):
+            command = f"RING={m['ring']} {command}"  # the side-by-side scripts read the ring from the environment
+        lines += textwrap.wrap(f"$ {command}", width, subsequent_indent="    ", break_on_hyphens=False)
         lines.append(f"  {where}, {d['_path']}")
     if extra:
         lines += textwrap.wrap(extra, width)
