@@ -67,18 +67,18 @@ extension IOTLB {
         staleLookups = 0
     }
 
-    /// The node with the greatest first <= key, or -1. The descent is written
-    /// to compile to conditional moves: random look-ups would otherwise pay a
+    /// The node with the greatest first <= key, or -1. The descent compiles
+    /// to conditional moves (`descend`): random look-ups would otherwise pay a
     /// mispredicted branch per level.
     @inline(__always)
     func floor(_ key: UInt64) -> Int32 {
         var n = root
         var best: Int32 = -1
+        let hot = self.hot
         while n >= 0 {
-            let h = hot[node(n)]
-            let right = h.first <= key
+            let (right, child) = descend(hot, n, toward: key)
             best = right ? n : best
-            n = right ? h.right : h.left
+            n = child
         }
         return best
     }

@@ -133,6 +133,7 @@ public final class IOTLB {
     /// A table holding at most `maxEntries` (1 ... `entriesCeiling`) entries.
     public init(maxEntries: Int) {
         precondition(maxEntries >= 1 && maxEntries <= IOTLB.entriesCeiling, "maxEntries out of range")
+        IOTLB.checkNodeLayout()  // the node layout `descend` reads, checked before any node exists
         self.maxEntries = maxEntries
         let capacity = min(maxEntries, 64)
         let sets = IOTLB.cacheSets(maxEntries: maxEntries)
