@@ -18,38 +18,6 @@ extension IOTLB {
         return Int(n)
     }
 
-    /// One level of a descent toward `key` from node `n`: whether `key` lies
-    /// on n's right (n's first <= key) and n's child on that side. Both
-    /// children come in one 8-byte load (`Hot` keeps `right` just after
-    /// `left`: `childrenOffset`) and a conditional move picks one, so a level
-    /// waits for one load. Written `right ? h.right : h.left`, it compiled to
-    /// picking the child's address and then loading it: two loads in a row
-    /// per level, 15 % of an update+invalidate pair (`iotlb-bench lookup`).
-    @inline(__always)
-    func descend(_ hot: UnsafeMutablePointer<Hot>, _ n: Int32, toward key: UInt64) -> (right: Bool, child: Int32) {
-        let p = UnsafeRawPointer(hot + node(n))
-        let children = p.load(fromByteOffset: IOTLB.childrenOffset, as: UInt64.self)
-        let right = p.load(as: UInt64.self) <= key  // `first`, at offset 0
-        let left = Int32(truncatingIfNeeded: children), rightChild = Int32(truncatingIfNeeded: children &>> 32)
-        return (right, right ? rightChild : left)
-    }
-
-    /// Where `Hot`'s two children sit, as one little-endian 8-byte word: left
-    /// in its low half. `checkNodeLayout` holds the compiler to it.
-    static let childrenOffset = 8
-
-    /// Traps if `Hot` is not laid out as `descend` reads it (first at 0, the
-    /// children as one word at `childrenOffset`); run when an IOTLB is made.
-    static func checkNodeLayout() {
-        #if _endian(big)
-        #error("descend(_:_:toward:) reads both children as one little-endian word")
-        #endif
-        precondition(MemoryLayout<Hot>.offset(of: \Hot.first) == 0
-                     && MemoryLayout<Hot>.offset(of: \Hot.left) == childrenOffset
-                     && MemoryLayout<Hot>.offset(of: \Hot.right) == childrenOffset + 4,
-                     "Hot's layout changed: descend(_:_:toward:) reads first at 0 and both children as one word")
-    }
-
     /// Moves node `n` to the newest end of the FIFO list.
     func makeNewest(_ n: Int32) {
         guard n != newest else { return }
@@ -82,15 +50,7 @@ extension IOTLB {
         while true {
             var n = cachedNode(lo)
             if n < 0 {
-                let hot = self.hot
-                var t = root
-                var below: Int32 = -1, above: Int32 = -1
-                while t >= 0 {
-                    let (right, child) = descend(hot, t, toward: lo)
-                    below = right ? t : below
-                    above = right ? above : t
-                    t = child
-                }
+                let (below, above, _) = bracket(lo)
                 n = below >= 0 && cold[node(below)].last >= lo ? below : above
                 guard n >= 0, hot[node(n)].first <= hi else { return removed }
             }
@@ -331,16 +291,7 @@ extension IOTLB {
             purge(oldestTomb)
         }
         let hot = self.hot
-        var parent: Int32 = -1
-        var t = root
-        var below: Int32 = -1, above: Int32 = -1
-        while t >= 0 {
-            parent = t
-            let (right, child) = descend(hot, t, toward: lo)
-            below = right ? t : below
-            above = right ? above : t
-            t = child
-        }
+        let (below, above, parent) = bracket(lo)
         if below >= 0 && cold[node(below)].last >= lo {
             let c = cold[node(below)]
             let sameRange = hot[node(below)].first == lo && c.last == hi
