@@ -45,8 +45,16 @@ struct NaiveIOTLB {
     /// Pins die with their entries.
     mutating func forgetPins() { pinned = pinned.filter { p in entries.contains { $0.range.first.raw == p } } }
 
+    /// The entry holding `iova`, if any.
+    func entry(containing iova: IOVA) -> IOTLBEntry? { entries.first { $0.range.contains(iova) } }
+
     func translate(_ iova: IOVA, _ access: Permissions, _ size: UInt64) -> Translation {
-        guard let e = entries.first(where: { $0.range.contains(iova) }) else { return .miss }
+        NaiveIOTLB.translate(iova, access, size, through: entry(containing: iova))
+    }
+
+    /// `translate` once the entry holding `iova` (or none) is known.
+    static func translate(_ iova: IOVA, _ access: Permissions, _ size: UInt64, through held: IOTLBEntry?) -> Translation {
+        guard let e = held else { return .miss }
         guard e.perm.contains(access) else { return .denied(perm: e.perm) }
         let left = UInt128(e.range.last.raw) - UInt128(iova.raw) + 1
         return .mapped(uaddr: UserAddr(e.uaddr.raw &+ (iova.raw - e.range.first.raw)),
