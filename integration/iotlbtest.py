@@ -139,12 +139,14 @@ class GuestConsole:
         self.thread.start()
 
     def read(self, stream):
-        for raw in iter(stream.readline, b""):
-            text = raw.decode(errors="replace").rstrip("\r\n")
-            with self.lock:
-                self.lines.append((time.monotonic(), text))
-            self.log.write(text + "\n")
-            self.log.flush()
+        # QEMU's end closes both: nothing reads the pipe or writes the log after it.
+        with stream, self.log:
+            for raw in iter(stream.readline, b""):
+                text = raw.decode(errors="replace").rstrip("\r\n")
+                with self.lock:
+                    self.lines.append((time.monotonic(), text))
+                self.log.write(text + "\n")
+                self.log.flush()
 
     def counters(self):
         """[(arrival, {counter: value, "up": float})] of the QG counters lines."""

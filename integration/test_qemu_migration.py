@@ -172,6 +172,10 @@ class Side:
         if self.qemu is not None and self.qemu.poll() is None:
             self.qemu.kill()
             self.qemu.wait()
+        if self.console is not None:
+            self.console.thread.join(5)  # it closes QEMU's pipe and the console log at their end
+        if self.qmp is not None:
+            self.qmp.close()
         if self.daemon.proc.poll() is None:
             self.daemon.proc.kill()
             self.daemon.proc.wait()
