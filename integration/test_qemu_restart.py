@@ -79,9 +79,7 @@ class QemuRestart(unittest.TestCase):
             if self.qemu.poll() is None:
                 self.qemu.kill()
                 self.qemu.wait()
-            self.console.thread.join(5)
-            self.qemu.stdout.close()
-            self.console.log.close()
+            self.console.thread.join(5)  # it closes QEMU's pipe and the console log at their end
         for d, _ in self.daemons:
             if d.proc.poll() is None:
                 d.proc.kill()
