@@ -172,11 +172,12 @@ import HTTP
             } }
             return resident * 4096
         }
+        let pairsPerRound = 10_000  // updates, and as many invalidations
         func churn(_ rounds: Int) {
             for r in 0..<rounds {
                 _ = h.performSync { d -> Int in
                     var g = SplitMix(state: UInt64(r))
-                    for _ in 0..<10_000 {
+                    for _ in 0..<pairsPerRound {
                         let iova = (g.next() % (1 << 18)) << 12
                         let e = IOTLBEntry(range: AddressRange(start: IOVA(iova), size: 4096 * (1 + g.next() % 4))!,
                                            uaddr: UserAddr(0x7f00_0000_0000 + (g.next() % (1 << 17)) << 12), perm: .readWrite)
@@ -207,7 +208,7 @@ import HTTP
         }
         #expect(h.performSync { $0!.iotlb.count } <= 2048)
         #expect(Sanitizers.any || after - before < 8 << 20, "RSS grew from \(before) to \(after)")
-        print("bounded memory: RSS \(before >> 10) KiB before, \(after >> 10) KiB after \(rounds * 10_000) updates + \(rounds * 10_000) invalidations"
+        print("bounded memory: RSS \(before >> 10) KiB before, \(after >> 10) KiB after \(rounds * pairsPerRound) updates + \(rounds * pairsPerRound) invalidations"
               + (Sanitizers.any ? " (under a sanitizer: not checked)" : ""))
         #expect(h.missLog.outstandingCount == 0)
     }
