@@ -48,8 +48,11 @@ extension VhostUserTests {
             received.append(.hex(miss.iova))
         }
         #expect(received == outstanding.map { $0["iova"] ?? .null })
-        let status = try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]
-        #expect(status?["misses_forwarded"] == .int(Int64(outstanding.count)))
+        // The session counts its sends after the batch (one status update), so
+        // the messages can be read here before the count moves: wait for it.
+        let forwarded = { try d.expect(200, "GET", "/v1/devices/vu")["vhost_user"]?["misses_forwarded"] }
+        let counted = try eventually { try forwarded() == .int(Int64(outstanding.count)) }
+        #expect(counted, "misses_forwarded is \(String(describing: try? forwarded())), not \(outstanding.count)")
         #expect(try failures() == 1, "one failed send: the broken channel was dropped, not retried")
     }
 }
